@@ -1,0 +1,61 @@
+"""Validated settings shared by the CLI, the job spec and the Ray stages (pydantic)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from retrack.methods import method_class, validate_params
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class MethodConfig(StrictModel):
+    """Which unlearning method to run and its hyperparameters."""
+
+    name: str = Field("retrack", description="Registered method: retrack, vanilla, neggrad, erasediff or siss.")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Method hyperparameters, e.g. {lambda: 0.005, k: 10} for retrack; validated by the method's own schema.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "MethodConfig":
+        method_class(self.name)
+        validate_params(self.name, self.params)
+        return self
+
+    @property
+    def needs_neighbours(self) -> bool:
+        return method_class(self.name).requirements.neighbours
+
+    @property
+    def k(self) -> int:
+        return int(getattr(validate_params(self.name, self.params), "k", 0))
+
+
+class TrainConfig(StrictModel):
+    """Optimisation settings (the same budget is given to every method being compared)."""
+
+    steps: int = Field(50, ge=1, description="Optimiser updates.")
+    batch_size: int = Field(128, ge=1, description="Global batch per branch (forget and retain) per update.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per update; batch_size must divide by it times the workers.")
+    lr: float = Field(5e-5, gt=0.0, description="Constant AdamW learning rate.")
+    betas: tuple[float, float] = Field((0.95, 0.999), description="AdamW betas.")
+    weight_decay: float = Field(1e-6, ge=0.0, description="AdamW weight decay.")
+    seed: int = Field(0, description="Seed of every random draw (t, eps, batches).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype on GPU; weights stay fp32.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory on large UNets.")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N updates (0: only at the end).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        for b in self.betas:
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"AdamW betas must lie in [0, 1), got {self.betas}")
+        return self

@@ -1,0 +1,197 @@
+"""The corpus format: parquet shards of (id, image bytes[, label][, caption]) and the forget-id list.
+
+The same format serves the embedded benchmark and a production corpus. This module reads small
+corpora into memory (the embedded benchmark, the forget items and their neighbours); the index
+stage streams large ones with Ray Data using the same decoding and checks.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from retrack.errors import CorpusError, ForgetSetError
+
+SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("label", pa.int64()),
+        pa.field("caption", pa.string()),
+    ]
+)
+SHARD_PATTERN = "part-{:05d}.parquet"
+COMPLETE_MARKER = "_SUCCESS"
+
+
+def encode_image(pixels: np.ndarray) -> bytes:
+    """uint8 HxW (grey) or HxWx3 (RGB) -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_image(data: bytes, item_id: str = "?") -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 array HxWxC. Raises CorpusError naming the item on corrupt bytes."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            arr = np.asarray(img)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise CorpusError(f"item {item_id!r}: image bytes cannot be decoded ({type(exc).__name__}: {exc})") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def to_model_space(images_u8: np.ndarray) -> np.ndarray:
+    """uint8 NxHxWxC -> float32 NxCxHxW in [-1, 1], the space pixel DDPMs denoise."""
+    return (images_u8.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
+
+
+def to_unit_range(x: np.ndarray) -> np.ndarray:
+    """Model space [-1, 1] -> [0, 1] (where forget frequency distances are measured)."""
+    return np.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+@dataclass
+class Corpus:
+    ids: list[str]
+    images: np.ndarray  # float32 NxCxHxW in [-1, 1]
+    labels: np.ndarray | None
+    captions: list[str] | None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index_of(self, ids: Sequence[str]) -> np.ndarray:
+        pos = {i: n for n, i in enumerate(self.ids)}
+        return np.array([pos[i] for i in ids], dtype=np.int64)
+
+    def subset(self, rows: np.ndarray) -> "Corpus":
+        return Corpus(
+            ids=[self.ids[r] for r in rows],
+            images=self.images[rows],
+            labels=None if self.labels is None else self.labels[rows],
+            captions=None if self.captions is None else [self.captions[r] for r in rows],
+        )
+
+
+def write_shards(out_dir: str | Path, rows: Iterable[dict], shard_size: int = 512) -> list[Path]:
+    """Write rows as parquet shards into `out_dir`, atomically: a reader never sees a partial corpus."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        batch: list[dict] = []
+        n = 0
+        for row in rows:
+            batch.append(row)
+            if len(batch) == shard_size:
+                _write_shard(tmp / SHARD_PATTERN.format(n), batch)
+                batch, n = [], n + 1
+        if batch:
+            _write_shard(tmp / SHARD_PATTERN.format(n), batch)
+        (tmp / COMPLETE_MARKER).write_text("")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sorted(out.glob("part-*.parquet"))
+
+
+def _write_shard(path: Path, rows: list[dict]) -> None:
+    cols = {f.name: [r.get(f.name) for r in rows] for f in SCHEMA}
+    pq.write_table(pa.Table.from_pydict(cols, schema=SCHEMA), path)
+
+
+def shard_paths(corpus_dir: str | Path) -> list[Path]:
+    root = Path(corpus_dir)
+    if not root.is_dir():
+        raise CorpusError(f"corpus directory {root} does not exist")
+    shards = sorted(root.glob("*.parquet"))
+    if not shards:
+        raise CorpusError(f"corpus directory {root} holds no parquet shards")
+    return shards
+
+
+def iter_rows(corpus_dir: str | Path) -> Iterator[dict]:
+    for shard in shard_paths(corpus_dir):
+        try:
+            table = pq.read_table(shard)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CorpusError(f"shard {shard.name} cannot be read as parquet: {exc}") from None
+        missing = {"id", "image"} - set(table.column_names)
+        if missing:
+            raise CorpusError(f"shard {shard.name} lacks column(s) {sorted(missing)}; a corpus needs 'id' and 'image'")
+        if table.num_rows == 0:
+            raise CorpusError(f"shard {shard.name} is empty")
+        yield from table.to_pylist()
+
+
+def read_corpus(corpus_dir: str | Path) -> Corpus:
+    """Read and check a small corpus into memory: unique non-empty ids, decodable images of one size."""
+    ids: list[str] = []
+    pixels: list[np.ndarray] = []
+    labels: list[int | None] = []
+    captions: list[str | None] = []
+    shape = None
+    for row in iter_rows(corpus_dir):
+        item_id = row["id"]
+        if not item_id:
+            raise CorpusError(f"row {len(ids)}: empty id")
+        if row["image"] is None:
+            raise CorpusError(f"item {item_id!r}: no image bytes")
+        img = decode_image(row["image"], item_id)
+        if shape is None:
+            shape = img.shape
+        elif img.shape != shape:
+            raise CorpusError(f"item {item_id!r}: image is {img.shape[1]}x{img.shape[0]}x{img.shape[2]}, the corpus is {shape[1]}x{shape[0]}x{shape[2]}")
+        ids.append(item_id)
+        pixels.append(img)
+        labels.append(row.get("label"))
+        captions.append(row.get("caption"))
+    dupes = [i for i, c in Counter(ids).items() if c > 1]
+    if dupes:
+        raise CorpusError(f"{len(dupes)} id(s) occur more than once in the corpus, e.g. {dupes[:3]}")
+    return Corpus(
+        ids=ids,
+        images=to_model_space(np.stack(pixels)),
+        labels=None if all(v is None for v in labels) else np.array([-1 if v is None else v for v in labels]),
+        captions=None if all(c is None for c in captions) else [c or "" for c in captions],
+    )
+
+
+def read_forget_ids(path: str | Path) -> list[str]:
+    """One id a line; blank lines and '#' comments ignored."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ForgetSetError(f"forget-id file {path} does not exist") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def check_forget_ids(forget_ids: Sequence[str], corpus_ids: Iterable[str]) -> None:
+    """An empty set, a repeated id or an id the corpus lacks is an error (nothing is guessed)."""
+    if not forget_ids:
+        raise ForgetSetError("the forget set is empty: nothing to unlearn")
+    counts = Counter(forget_ids)
+    repeated = sum(1 for c in counts.values() if c > 1)
+    if repeated:
+        # Positions, not the ids: forget ids may themselves be personal data.
+        lines = [n + 1 for n, i in enumerate(forget_ids) if counts[i] > 1][:6]
+        raise ForgetSetError(f"{repeated} forget id(s) are listed more than once (entries {lines})")
+    unknown = set(forget_ids) - set(corpus_ids)
+    if unknown:
+        raise ForgetSetError(f"{len(unknown)} of {len(forget_ids)} forget id(s) are not in the corpus, e.g. {sorted(unknown)[:3]}")

@@ -1,0 +1,81 @@
+"""One optimiser update of any method: per-loss gradients, optional cross-worker averaging, combine, clip."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Callable, Sequence
+
+import torch
+
+from retrack.errors import TrainingDivergedError
+from retrack.methods import Denoiser, Method, UnlearnBatch
+
+# Sums a tensor across data-parallel workers (absent in a single process).
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+MAX_GRAD_NORM = 1.0
+
+
+def make_optimizer(params, lr: float, betas: tuple[float, float] = (0.95, 0.999), weight_decay: float = 1e-6) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def _flat_grads(loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)])
+
+
+def unlearning_step(
+    method: Method,
+    params: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    denoise: Denoiser,
+    microbatches: Sequence[UnlearnBatch],
+    generators: Sequence[torch.Generator | None],
+    *,
+    step: int,
+    total_microbatches: int | None = None,
+    all_reduce: AllReduce | None = None,
+    autocast: Callable[[], object] = nullcontext,
+) -> dict[str, float]:
+    """Accumulate each named loss's gradient over the micro-batches, sum it over workers, let the
+    method combine the global gradients (EraseDiff's projection and SISS's rescaling then give the
+    single-process update whatever the worker count), clip at 1.0 and step.
+
+    Every worker divides by `total_microbatches` (all workers' micro-batches together) and
+    `all_reduce` SUMS across workers, so the result is the mean over every micro-batch."""
+    total = total_microbatches or len(microbatches)
+    sums: dict[str, torch.Tensor] = {}
+    logs: dict[str, float] = {}
+    for mb, gen in zip(microbatches, generators, strict=True):
+        with autocast():
+            terms = method.losses(denoise, mb, gen)
+        names = list(terms.losses)
+        for i, name in enumerate(names):
+            loss = terms.losses[name].float() / total
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(step, f"loss {name!r}")
+            g = _flat_grads(loss, params, retain_graph=i < len(names) - 1)
+            sums[name] = g if name not in sums else sums[name] + g
+        for key, value in terms.logs.items():
+            logs[key] = logs.get(key, 0.0) + value / total
+    if all_reduce is not None:
+        sums = {name: all_reduce(g) for name, g in sums.items()}
+        keys = sorted(logs)
+        reduced = all_reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64))
+        logs = dict(zip(keys, reduced.tolist()))
+    combined = method.combine(sums)
+    if not torch.isfinite(combined).all():
+        raise TrainingDivergedError(step, "gradient")
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = combined[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
+    logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not all(math.isfinite(v) for v in logs.values()):
+        raise TrainingDivergedError(step, "metric")
+    return logs

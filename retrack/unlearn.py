@@ -1,0 +1,120 @@
+"""Single-process unlearning: assemble the method's data, draw deterministic micro-batches, train.
+
+Randomness is keyed by (seed, step, micro-batch), never by worker: the distributed trainer hands
+micro-batch m of a step to worker m % W and gets the same update as one process running them all.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from retrack.config import MethodConfig, TrainConfig
+from retrack.corpus import Corpus, check_forget_ids
+from retrack.diffusion import NoiseSchedule
+from retrack.errors import InputError
+from retrack.knn import exact_knn
+from retrack.methods import DataRequirements, Method, UnlearnBatch, build_method
+from retrack.models import PixelDiffusion
+from retrack.step import make_optimizer, unlearning_step
+
+
+@dataclass
+class UnlearnData:
+    """Everything a method may consume, in the space the model denoises."""
+
+    retain: torch.Tensor  # [N_r, C, H, W]
+    forget: torch.Tensor  # [N_u, C, H, W]
+    neighbours: torch.Tensor | None = None  # [N_u, K, C, H, W]
+    retain_cond: torch.Tensor | None = None
+    forget_cond: torch.Tensor | None = None
+
+
+def check_k(k: int, retain_size: int) -> None:
+    if k > retain_size:
+        raise InputError(f"method.params.k = {k} is larger than the retained set ({retain_size} items)")
+
+
+def split_for_unlearning(corpus: Corpus, forget_ids: Sequence[str], method: MethodConfig) -> UnlearnData:
+    """Check the forget ids, split the corpus and look up each forget item's K nearest retained items."""
+    check_forget_ids(forget_ids, corpus.ids)
+    forget_rows = corpus.index_of(forget_ids)
+    retain_rows = np.setdiff1d(np.arange(len(corpus)), forget_rows)
+    if len(retain_rows) == 0:
+        raise InputError("the forget set covers the whole corpus: nothing is left to retain")
+    retain = torch.from_numpy(corpus.images[retain_rows])
+    forget = torch.from_numpy(corpus.images[forget_rows])
+    neighbours = None
+    if method.needs_neighbours:
+        check_k(method.k, len(retain_rows))
+        _, idx = exact_knn(corpus.images[forget_rows], corpus.images[retain_rows], method.k)
+        neighbours = retain[torch.from_numpy(idx)]
+    return UnlearnData(retain=retain, forget=forget, neighbours=neighbours)
+
+
+def micro_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, step, micro]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class BatchDrawer:
+    """Draws step `s`'s global batch from (seed, s) and serves it as `grad_accum` micro-batches."""
+
+    def __init__(self, data: UnlearnData, needs: DataRequirements, train: TrainConfig):
+        self.data, self.needs, self.train = data, needs, train
+        self.micro_size = train.batch_size // train.grad_accum
+
+    def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.train.seed, step])
+        b = self.train.batch_size
+        return rng.integers(0, len(self.data.forget), b), rng.integers(0, len(self.data.retain), b)
+
+    def microbatch(self, step: int, micro: int) -> tuple[UnlearnBatch, torch.Generator]:
+        f_rows, r_rows = self.rows(step)
+        sl = slice(micro * self.micro_size, (micro + 1) * self.micro_size)
+        f, r = torch.from_numpy(f_rows[sl]), torch.from_numpy(r_rows[sl])
+        d, needs = self.data, self.needs
+        pick = lambda x, rows: None if x is None else x[rows]  # noqa: E731
+        batch = UnlearnBatch(
+            retain=pick(d.retain, r) if needs.retain else None,
+            forget=pick(d.forget, f) if needs.forget else None,
+            neighbours=pick(d.neighbours, f) if needs.neighbours else None,
+            retain_cond=pick(d.retain_cond, r) if needs.retain else None,
+            forget_cond=pick(d.forget_cond, f) if needs.forget else None,
+        )
+        return batch, micro_generator(self.train.seed, step, micro)
+
+
+def pixel_denoiser(unet):
+    return lambda x, t, cond=None: unet(x, t).sample
+
+
+def run_unlearning(
+    model: PixelDiffusion,
+    data: UnlearnData,
+    method_cfg: MethodConfig,
+    train: TrainConfig,
+    progress: Callable[[int, dict], None] | None = None,
+) -> tuple[list[dict], float]:
+    """Unlearn in place; returns the per-step logs and wall seconds."""
+    device = next(model.unet.parameters()).device
+    method: Method = build_method(method_cfg.name, NoiseSchedule.from_scheduler(model.scheduler, device), method_cfg.params)
+    drawer = BatchDrawer(data, method.requirements, train)
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    opt = make_optimizer(params, train.lr, train.betas, train.weight_decay)
+    denoise = pixel_denoiser(model.unet)
+    model.unet.train()
+    history = []
+    start = time.perf_counter()
+    for step in range(train.steps):
+        pairs = [drawer.microbatch(step, m) for m in range(train.grad_accum)]
+        logs = unlearning_step(method, params, opt, denoise, [b for b, _ in pairs], [g for _, g in pairs], step=step)
+        history.append({"step": step + 1, **logs})
+        if progress is not None:
+            progress(step + 1, logs)
+    model.unet.eval()
+    return history, time.perf_counter() - start
