@@ -32,3 +32,13 @@ class TrainingDivergedError(RetrackError):
         super().__init__(f"non-finite {what} at step {step}: training stopped, nothing was saved as final")
         self.step = step
         self.what = what
+
+
+def describe_validation_error(exc, prefix: str = "") -> str:
+    """One line per problem of a pydantic ValidationError, each naming its field path."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc or '<root>'}: {msg}")
+    return "; ".join(lines)

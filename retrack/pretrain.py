@@ -3,16 +3,23 @@ gold standard (retained data only). Plain DDPM training with an EMA of the weigh
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 
+from retrack.benchmark import ensure_benchmark
+from retrack.corpus import read_corpus, read_forget_ids
 from retrack.diffusion import NoiseSchedule
-from retrack.models import PixelDiffusion, default_scheduler, tiny_pixel_unet
+from retrack.digest import config_digest, directory_digest
+from retrack.errors import InputError
+from retrack.models import DIGEST_FILE, PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+from retrack.workspace import Workspace
 
 
 @dataclass
@@ -60,3 +67,72 @@ def pretrain(
     ema.copy_to(unet.parameters())
     unet.eval()
     return PixelDiffusion(unet=unet, scheduler=scheduler), time.perf_counter() - start
+
+
+# Pretraining presets of the embedded default. "quick" still memorises the planted image.
+PRESETS = {
+    "full": PretrainConfig(steps=3000),
+    "quick": PretrainConfig(steps=1500),
+}
+
+
+@dataclass
+class PretrainedSet:
+    original: Path
+    retrained: Path
+    classifier: Path
+    original_seconds: float
+    retrained_seconds: float
+
+
+def _cached_seconds(model_dir: Path, key: str) -> float | None:
+    marker = model_dir / DIGEST_FILE
+    if not marker.is_file():
+        return None
+    meta = json.loads(marker.read_text())
+    return float(meta["train_seconds"]) if meta.get("config_key") == key else None
+
+
+def ensure_pretrained(
+    ws: Workspace,
+    preset: str = "full",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> PretrainedSet:
+    """Build the benchmark and train (or reuse) the original, the retrained gold standard and the
+    feature classifier. A cached model is reused only if it was made from the same corpus and config."""
+    from retrack.metrics import save_classifier, train_classifier
+
+    if preset not in PRESETS:
+        raise InputError(f"unknown pretraining preset {preset!r}; known: {sorted(PRESETS)}")
+    cfg = PRESETS[preset]
+    ensure_benchmark(ws.benchmark.root, ws.scenario)
+    corpus = read_corpus(ws.benchmark.corpus)
+    forget_rows = corpus.index_of(read_forget_ids(ws.benchmark.forget_ids))
+    keep = np.setdiff1d(np.arange(len(corpus)), forget_rows)
+    data_key = directory_digest(ws.benchmark.corpus)
+    seconds = {}
+    for which, images in (("original", corpus.images), ("retrained", corpus.images[keep])):
+        out = ws.model_dir(which, preset)
+        key = config_digest({"data": data_key, "which": which, "config": asdict(cfg)})
+        cached = _cached_seconds(out, key)
+        if cached is not None:
+            seconds[which] = cached
+            continue
+        report = None if progress is None else (lambda s, _l, w=which: progress(w, s, cfg.steps))
+        model, secs = pretrain(images, cfg, progress=report)
+        save_pixel_model(model, out, metadata={"config_key": key, "train_seconds": secs, "train_items": len(images)})
+        seconds[which] = secs
+    clf_dir = ws.model_dir("classifier", preset)
+    clf_key = config_digest({"data": data_key, "which": "classifier", "seed": cfg.seed})
+    key_file = clf_dir / "retrack_key.txt"
+    if not (key_file.is_file() and key_file.read_text() == clf_key):
+        clf, _acc = train_classifier(corpus.images[keep], corpus.labels[keep], seed=cfg.seed)
+        save_classifier(clf, clf_dir)
+        key_file.write_text(clf_key)
+    return PretrainedSet(
+        original=ws.model_dir("original", preset),
+        retrained=ws.model_dir("retrained", preset),
+        classifier=clf_dir,
+        original_seconds=seconds["original"],
+        retrained_seconds=seconds["retrained"],
+    )

@@ -113,13 +113,12 @@ def validate_params(name: str, params: dict | MethodParams | None) -> MethodPara
         return params
     from pydantic import ValidationError
 
+    from retrack.errors import describe_validation_error
+
     try:
         return cls.Params.model_validate(dict(params or {}))
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<params>'}: {err['msg']}" for err in exc.errors()
-        )
-        raise InputError(f"invalid parameters for method {name!r}: {problems}") from None
+        raise InputError(f"invalid parameters for method {name!r}: {describe_validation_error(exc)}") from None
 
 
 def build_method(name: str, schedule: NoiseSchedule, params: dict | MethodParams | None = None) -> Method:

@@ -1,0 +1,149 @@
+"""The `retrack` command line. Stage modules are imported inside commands so `--help` stays fast."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    help="Make a trained diffusion model forget specific training data (ReTrack and baselines, on Ray).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def refusing_bad_input(fn):
+    """Turn retrack's own errors into a one-line message and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pydantic import ValidationError
+
+        from retrack.errors import RetrackError, describe_validation_error
+
+        try:
+            return fn(*args, **kwargs)
+        except RetrackError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        except ValidationError as exc:
+            typer.secho(f"error: invalid settings: {describe_validation_error(exc)}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _params(text: str) -> dict:
+    from retrack.errors import InputError
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--params is not JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise InputError("--params must be a JSON object, e.g. '{\"lambda\": 0.05, \"k\": 10}'")
+    return value
+
+
+@app.command()
+@refusing_bad_input
+def pretrain(
+    preset: str = typer.Option("full", help="Pretraining preset: full or quick."),
+    scenario: str = typer.Option("digits", help="Embedded scenario: digits, or fashion-mnist when its files exist."),
+) -> None:
+    """Build the embedded benchmark and pretrain the original and retrained DDPMs (cached)."""
+    from pipelines.progress import console, stage_bar
+    from retrack.pretrain import PRESETS, ensure_pretrained
+    from retrack.workspace import Workspace
+
+    ws = Workspace.default(scenario)
+    steps = PRESETS[preset].steps if preset in PRESETS else 0
+    with stage_bar("pretrain", 2 * steps) as advance:
+        off = {"original": 0, "retrained": steps}
+        pre = ensure_pretrained(ws, preset, progress=lambda w, s, _n: advance(off[w] + s, w))
+    console.print(f"original: {pre.original} ({pre.original_seconds:.0f} s)\nretrained: {pre.retrained} ({pre.retrained_seconds:.0f} s)")
+
+
+@app.command()
+@refusing_bad_input
+def unlearn(
+    model: Path = typer.Option(..., help="Original model directory (diffusers DDPM pipeline layout)."),
+    corpus: Path = typer.Option(..., help="Corpus directory: parquet shards of (id, image[, label][, caption])."),
+    forget_ids: Path = typer.Option(..., help="File with one id to forget per line."),
+    out: Path = typer.Option(..., help="Where the unlearned model is written (diffusers layout)."),
+    method: str = typer.Option("retrack", help="retrack, vanilla, neggrad, erasediff or siss."),
+    params: str = typer.Option("{}", help='Method parameters as JSON, e.g. \'{"lambda": 0.05, "k": 10}\'.'),
+    steps: int = typer.Option(50, help="Optimiser updates."),
+    batch_size: int = typer.Option(128, help="Batch per branch."),
+    lr: float = typer.Option(5e-5, help="AdamW learning rate."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Unlearn the forget set from a pixel DDPM in this process (every input checked first)."""
+    from pipelines.progress import console, stage_bar
+    from retrack.config import MethodConfig, TrainConfig
+    from retrack.corpus import read_corpus, read_forget_ids
+    from retrack.models import check_pixel_model_dir, load_pixel_model, save_pixel_model
+    from retrack.unlearn import run_unlearning, split_for_unlearning
+
+    method_cfg = MethodConfig.model_validate({"name": method, "params": _params(params)})
+    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    check_pixel_model_dir(model)
+    data = split_for_unlearning(read_corpus(corpus), read_forget_ids(forget_ids), method_cfg)
+    pixel = load_pixel_model(model)
+    if tuple(data.retain.shape[1:]) != pixel.image_shape:
+        from retrack.errors import InputError
+
+        raise InputError(f"corpus images are {tuple(data.retain.shape[1:])}, the model expects {pixel.image_shape}")
+    with stage_bar(f"unlearn ({method})", steps) as advance:
+        _, secs = run_unlearning(pixel, data, method_cfg, train, progress=lambda s, logs: advance(s, f"loss {logs['loss']:.3g}"))
+    digest = save_pixel_model(pixel, out, metadata={"method": method_cfg.model_dump(), "wall_seconds": secs})
+    console.print(f"unlearned model: {out} (sha256 {digest[:12]}, {secs:.1f} s)")
+
+
+@app.command()
+@refusing_bad_input
+def evaluate(
+    model: Path = typer.Argument(..., help="Unlearned model directory (diffusers layout)."),
+    preset: str = typer.Option("full", help="Pretraining preset whose original model is the reference."),
+    samples: int = typer.Option(2000, min=1, help="Samples drawn per model."),
+    scenario: str = typer.Option("digits"),
+) -> None:
+    """Score a model on the embedded benchmark against the original (same-seed samples)."""
+    from pipelines.demo import print_table
+    from retrack.benchmark import BenchmarkInfo
+    from retrack.corpus import read_corpus, read_forget_ids
+    from retrack.evaluation import build_reference, evaluate_model
+    from retrack.metrics import load_classifier
+    from retrack.models import check_pixel_model_dir, load_pixel_model
+    from retrack.pretrain import ensure_pretrained
+    from retrack.workspace import Workspace
+
+    check_pixel_model_dir(model)
+    ws = Workspace.default(scenario)
+    pre = ensure_pretrained(ws, preset)
+    corpus = read_corpus(ws.benchmark.corpus)
+    ref = build_reference(corpus, read_forget_ids(ws.benchmark.forget_ids), BenchmarkInfo.load(ws.benchmark.root).forget_threshold, load_classifier(pre.classifier))
+    rows = {}
+    rows["original"], before = evaluate_model(load_pixel_model(pre.original), ref, samples)
+    rows[str(model)], _ = evaluate_model(load_pixel_model(model), ref, samples, original_samples01=before)
+    print_table(rows)
+
+
+@app.command()
+@refusing_bad_input
+def demo(
+    quick: bool = typer.Option(False, "--quick", help="A few minutes on 2 cores: smaller pretraining and fewer samples."),
+    out: Path = typer.Option(Path("retrack-demo"), help="Where the report goes."),
+) -> None:
+    """Run the embedded default end to end: pretrain (cached), unlearn with ReTrack, evaluate."""
+    from pipelines.demo import DemoSettings, run_demo
+
+    run_demo(DemoSettings(quick=quick, out=out))
+
+
+def main() -> None:
+    app()

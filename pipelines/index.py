@@ -1,0 +1,378 @@
+"""The index stage on Ray: a streaming Ray Data encode and parallel shard tasks, plus its CLI.
+
+    retrack index build CORPUS INDEX [--encoder pixels|vae] [--index-type auto|flat|ivf|ivfpq]
+    retrack index neighbours INDEX --forget IDS.txt -k 8 --out neighbours.json
+    retrack index duplicates INDEX --forget IDS.txt --threshold 2.0 --policy fail|warn|add
+
+The plan (what to reuse, what to redo) is `retrack.index.build_index`; this module only supplies
+the `RayExecutor` that does the work on a cluster:
+
+- encode: per chunk, `ray.data.read_parquet` (or `read_binary_files` for an image folder) from a
+  local path or S3, `map_batches` to decode, check, normalise and encode, `write_parquet` of
+  (id, vector). Streaming: the driver never holds the corpus, memory stays bounded by Ray Data's
+  backpressure. The pixel encoder runs as a plain function (fused with the read: no actor hop);
+  the VAE runs in an actor pool (the model is loaded once per actor, on a GPU when the cluster
+  has GPUs), every actor taking a fraction of a CPU so that the read tasks can always run.
+- shards: one Ray task per shard, each with one faiss thread per CPU it holds.
+
+Ray is imported inside functions so that `retrack --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from retrack.errors import InputError, RetrackError
+
+log = logging.getLogger(__name__)
+
+cli = typer.Typer(help="Encode a corpus, build its sharded kNN index, find neighbours and near-duplicates.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None):
+    """Connect to RAY_ADDRESS / `address`, or start a local instance (quiet, no auth, no telemetry)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
+    return ray
+
+
+def unwrap_ray_error(exc: BaseException) -> BaseException:
+    """The retrack error a Ray task raised, without Ray's wrapping (RayTaskError, UserCodeException).
+
+    Ray Data keeps the worker's exception only as traceback text, so the error is re-created
+    from its `retrack.errors.<Class>: <message>` line.
+    """
+    import re
+
+    from retrack import errors
+
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RetrackError) and type(e).__module__.startswith("retrack"):
+            return e
+        cause = getattr(e, "cause", None)
+        stack.extend([cause if isinstance(cause, BaseException) else None, e.__cause__])
+    found = re.findall(r"retrack\.errors\.(\w+): (.+)", str(exc))
+    for name, message in reversed(found):
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, RetrackError) and name != "TrainingDivergedError":
+            return cls(message.strip())
+    return exc
+
+
+class _EncodeBatch:
+    """map_batches UDF: decode + check + encode one batch; rows skipped under on_bad=skip are
+    reported to `<chunk>/_bad/` (never to logs)."""
+
+    def __init__(self, spec, image_shape, on_bad, dest, id_column, image_column):
+        from retrack.index.encoders import build_encoder
+
+        self.encoder = build_encoder(spec)
+        self.image_shape, self.on_bad, self.dest = tuple(image_shape), on_bad, dest
+        self.id_column, self.image_column = id_column, image_column
+        import numpy as np
+
+        self.dim = self.encoder(np.zeros((1, *self.image_shape), np.uint8), ["_probe"]).shape[1]
+
+    def __call__(self, batch):
+        import numpy as np
+        import pyarrow as pa
+
+        from retrack.index.shards import write_bad_rows
+        from retrack.index.source import decode_batch, image_id, vectors_table
+
+        sources = [str(p) for p in batch.column("path").to_pylist()]
+        if self.id_column is None:
+            root = self.dest_root_prefix
+            ids = [image_id(s[len(root):] if s.startswith(root) else s) for s in sources]
+        else:
+            ids = batch.column(self.id_column).to_pylist()
+        blobs = batch.column(self.image_column).to_pylist()
+        keep, pixels, bad = decode_batch(ids, blobs, sources, self.image_shape, self.on_bad)
+        if bad:
+            write_bad_rows(self.dest, uuid.uuid4().hex, bad)
+        if not keep:
+            return pa.table({"id": pa.array([], pa.string()),
+                             "vector": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), self.dim)})
+        return vectors_table(keep, np.asarray(self.encoder(pixels, keep), dtype=np.float32))
+
+    dest_root_prefix = ""
+
+
+def _encode_fn(batch, spec, image_shape, on_bad, dest, id_column, image_column, root_prefix):
+    udf = _encode_fn_cache.get((spec, tuple(image_shape)))
+    if udf is None:
+        udf = _EncodeBatch(spec, image_shape, on_bad, dest, id_column, image_column)
+        _encode_fn_cache[(spec, tuple(image_shape))] = udf
+    udf.on_bad, udf.dest, udf.id_column, udf.image_column, udf.dest_root_prefix = on_bad, dest, id_column, image_column, root_prefix
+    return udf(batch)
+
+
+_encode_fn_cache: dict = {}
+
+
+class RayExecutor:
+    """Runs `build_index`'s work on Ray: streaming encode with Ray Data, shards as parallel tasks."""
+
+    def __init__(self, batch_size: int = 256, actor_cpus: float = 0.5, shard_cpus: float = 1.0,
+                 concurrency: int | None = None, show_progress: bool = False):
+        self.batch_size, self.actor_cpus, self.shard_cpus = batch_size, actor_cpus, shard_cpus
+        self.concurrency, self.show_progress = concurrency, show_progress
+
+    @property
+    def threads(self) -> int:
+        import ray
+
+        return max(1, int(ray.available_resources().get("CPU", 1)))
+
+    def encode(self, plan, jobs, encoder, on_bad, progress=None):
+        import ray
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = self.show_progress
+        ctx.enable_operator_progress_bars = self.show_progress
+        fs = plan.root.fs
+        root_prefix = plan.root.path.rstrip("/") + "/"
+        cpus = ray.cluster_resources().get("CPU", 1)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        for n, job in enumerate(jobs):
+            paths = [plan.location_of(f).path for f in job.chunk.files]
+            if plan.kind == "parquet":
+                ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image"], include_paths=True)
+                id_col, img_col = "id", "image"
+            else:
+                ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
+                id_col, img_col = None, "bytes"
+            kwargs = dict(spec=encoder, image_shape=plan.image_shape, on_bad=on_bad, dest=job.dest,
+                          id_column=id_col, image_column=img_col)
+            if encoder.kind == "pixels":
+                ds = ds.map_batches(_encode_fn, batch_format="pyarrow", batch_size=self.batch_size,
+                                    fn_kwargs={**kwargs, "root_prefix": root_prefix})
+            else:
+                use_gpu = gpus >= 1 and encoder.device != "cpu"
+                spec = encoder if use_gpu else type(encoder)(**{**encoder.to_dict(), "device": "cpu"})
+                size = self.concurrency or (int(gpus) if use_gpu else max(1, int(cpus // 1)))
+                udf_kwargs = {**kwargs, "spec": spec}
+
+                class _Udf(_EncodeBatch):
+                    dest_root_prefix = root_prefix
+
+                ds = ds.map_batches(_Udf, fn_constructor_kwargs=udf_kwargs, batch_format="pyarrow",
+                                    batch_size=self.batch_size, concurrency=size,
+                                    num_gpus=1 if use_gpu else 0, num_cpus=self.actor_cpus)
+            try:
+                ds.write_parquet(job.dest.path, filesystem=job.dest.fs)
+            except Exception as exc:  # noqa: BLE001 - re-raised as the retrack error inside, if any
+                raise unwrap_ray_error(exc) from None
+            if progress:
+                progress("encode", n + 1, len(jobs))
+
+    def build_shards(self, root, jobs, params, quantizer, progress=None):
+        import ray
+
+        from retrack.index.shards import build_shard
+
+        task = ray.remote(num_cpus=self.shard_cpus, max_retries=1)(build_shard)
+        threads = max(1, int(self.shard_cpus))
+        pending = [task.remote(root, j.number, j.key, params, quantizer, threads) for j in jobs]
+        out = []
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                out.extend(ray.get(done))
+            except Exception as exc:  # noqa: BLE001
+                raise unwrap_ray_error(exc) from None
+            if progress:
+                progress("shards", len(out), len(jobs))
+        return out
+
+
+def build(corpus: str, out: str, encoder=None, params=None, on_bad: str = "fail", rows_per_chunk: int = 200_000,
+          force: bool = False, endpoint: str | None = None, ray_address: str | None = None, num_cpus: int | None = None,
+          progress=None, executor: RayExecutor | None = None):
+    """Build (or reuse / repair) the index with Ray; see `retrack.index.build_index`."""
+    from retrack.index import EncoderSpec, IndexParams, build_index
+
+    ensure_ray(ray_address, num_cpus)
+    return build_index(corpus, out, encoder or EncoderSpec(), params or IndexParams(), executor or RayExecutor(),
+                       on_bad=on_bad, rows_per_chunk=rows_per_chunk, force=force, endpoint=endpoint, progress=progress)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def _fail(exc: RetrackError) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+    raise typer.Exit(2)
+
+
+def _read_ids(uri: str, endpoint: str | None) -> list[str]:
+    from retrack.storage import Location
+
+    text = Location.parse(uri, endpoint=endpoint).read_text()
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def _write(uri: str, text: str, endpoint: str | None) -> None:
+    from retrack.storage import Location
+
+    Location.parse(uri, endpoint=endpoint).write_text(text)
+
+
+@cli.command("build")
+def build_cmd(
+    corpus: str = typer.Argument(..., help="Corpus: parquet shards or an image folder (path or s3://bucket/prefix)."),
+    out: str = typer.Argument(..., help="Index folder (path or s3://bucket/prefix)."),
+    encoder: str = typer.Option("pixels", help="pixels (pixel DDPMs) or vae (Stable Diffusion latents)."),
+    vae_dir: Optional[str] = typer.Option(None, help="vae: a diffusers AutoencoderKL folder."),
+    device: str = typer.Option("cuda", help="vae: device of the encoding actors when the cluster has GPUs."),
+    index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq"),
+    nlist: Optional[int] = typer.Option(None), nprobe: Optional[int] = typer.Option(None),
+    pq_m: Optional[int] = typer.Option(None),
+    rows_per_chunk: int = typer.Option(200_000, help="Rows per encode chunk / index shard."),
+    on_bad: str = typer.Option("fail", help="fail, or skip bad rows and report them in bad_rows.jsonl."),
+    force: bool = typer.Option(False, help="Rebuild even if the manifest matches."),
+    endpoint: Optional[str] = typer.Option(None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint."),
+    local: bool = typer.Option(False, help="Run in this process (no Ray)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or local)."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs of a locally started Ray instance."),
+) -> None:
+    """Encode the corpus (streaming) and build, reuse or repair its sharded index."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from retrack.index import EncoderSpec, IndexParams, LocalExecutor, build_index
+
+    console = Console(stderr=True)
+    try:
+        spec = EncoderSpec(kind=encoder, model_dir=vae_dir, device=device if encoder == "vae" else "cpu")
+        params = IndexParams(type=index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=False) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task({"encode": "encoding", "shards": "index shards"}.get(phase, phase), total=total)
+                bar.update(tasks[phase], completed=done, total=total)
+
+            if local:
+                res = build_index(corpus, out, spec, params, LocalExecutor(threads=os.cpu_count() or 1),
+                                  on_bad=on_bad, rows_per_chunk=rows_per_chunk, force=force, endpoint=endpoint,
+                                  progress=progress)
+            else:
+                res = build(corpus, out, spec, params, on_bad, rows_per_chunk, force, endpoint, ray_address, num_cpus,
+                            progress, RayExecutor(show_progress=True))
+    except RetrackError as exc:
+        _fail(exc)
+    m = res.manifest
+    console.print(f"index {res.status}: {m.count} vectors of dim {m.dim}, {m.index_type}, {len(m.shards)} shard(s), "
+                  f"{res.encoded_chunks} chunk(s) encoded, {res.built_shards} shard(s) built, {res.seconds:.1f} s"
+                  + (f"; {m.skipped} bad row(s) skipped (bad_rows.jsonl)" if m.skipped else ""), highlight=False)
+
+
+@cli.command("neighbours")
+def neighbours_cmd(
+    index: str = typer.Argument(..., help="Index folder (path or s3://)."),
+    forget: str = typer.Option(..., help="Forget-id file: one id a line."),
+    k: int = typer.Option(8, "-k", help="Neighbours per forget item."),
+    margin: Optional[int] = typer.Option(None, help="Extra candidates searched before re-ranking (default max(k, 16))."),
+    out: str = typer.Option(..., help="Where to write the neighbours (JSON; path or s3://)."),
+    vectors_out: Optional[str] = typer.Option(None, help="Also write the neighbour vectors [U, K, D] (.npy, local)."),
+    nprobe: Optional[int] = typer.Option(None), endpoint: Optional[str] = typer.Option(None, envvar="AWS_ENDPOINT_URL"),
+) -> None:
+    """The K nearest retained items of each forget item (forget ids dropped, exact re-rank)."""
+    from rich.console import Console
+
+    from retrack.index import find_neighbours, open_index
+
+    console = Console(stderr=True)
+    try:
+        with console.status("loading the index"):
+            idx = open_index(index, endpoint=endpoint, nprobe=nprobe)
+        forget_ids = _read_ids(forget, endpoint)
+        with console.status(f"searching neighbours of {len(forget_ids)} forget item(s)"):
+            nb = find_neighbours(idx, forget_ids, k, margin)
+        _write(out, json.dumps({"k": k, "neighbours": [
+            {"forget_position": i, "ids": nb.ids[i], "distances": nb.distances[i].round(6).tolist()} for i in range(len(forget_ids))
+        ]}, indent=1), endpoint)
+        if vectors_out:
+            import numpy as np
+
+            np.save(Path(vectors_out), nb.vectors)
+    except RetrackError as exc:
+        _fail(exc)
+    console.print(f"{len(forget_ids)} forget item(s) x {k} neighbours written to {out}", highlight=False)
+
+
+@cli.command("duplicates")
+def duplicates_cmd(
+    index: str = typer.Argument(..., help="Index folder (path or s3://)."),
+    forget: str = typer.Option(..., help="Forget-id file: one id a line."),
+    threshold: float = typer.Option(..., help="Euclidean distance in the index space under which an item is a copy."),
+    policy: str = typer.Option("fail", help="fail | warn | add"),
+    out: Optional[str] = typer.Option(None, help="Report (JSON): the duplicates with their distances."),
+    forget_out: Optional[str] = typer.Option(None, help="policy add: write the enlarged forget-id list here."),
+    nprobe: Optional[int] = typer.Option(None), endpoint: Optional[str] = typer.Option(None, envvar="AWS_ENDPOINT_URL"),
+) -> None:
+    """Report every retained item within the threshold of a forget item; fail, warn, or add them."""
+    from rich.console import Console
+
+    from retrack.index import find_duplicates, open_index
+    from retrack.index.search import DuplicatesFound
+
+    console = Console(stderr=True)
+    if policy == "add" and not forget_out:
+        _fail(InputError("policy 'add' needs --forget-out for the enlarged forget-id list"))
+    report = None
+    try:
+        idx = open_index(index, endpoint=endpoint, nprobe=nprobe)
+        report = find_duplicates(idx, _read_ids(forget, endpoint), threshold, policy)
+    except DuplicatesFound as exc:
+        report = exc.report
+        if out:
+            _write(out, _report_json(report), endpoint)
+        _fail(exc)
+    except RetrackError as exc:
+        _fail(exc)
+    if out:
+        _write(out, _report_json(report), endpoint)
+    if policy == "add" and forget_out:
+        _write(forget_out, "\n".join(report.forget_ids) + "\n", endpoint)
+    console.print(f"{report.count} near-duplicate(s) within {threshold:g} (policy {policy})"
+                  + (f"; forget set now {len(report.forget_ids)} item(s)" if policy == "add" else ""), highlight=False)
+
+
+def _report_json(report) -> str:
+    return json.dumps({**report.summary(), "duplicates": [
+        {"id": i, "forget_position": m, "distance": round(d, 6)}
+        for i, m, d in zip(report.duplicate_ids, report.matched, report.distances)]}, indent=1)

@@ -1,0 +1,28 @@
+"""Nearest-neighbour index of a corpus in the space the model denoises (no Ray in here).
+
+Build (streaming, sharded, cached by a manifest) with `build_index`; the Ray stage in
+`pipelines.index` runs the same plan with a Ray Data encode and parallel shard tasks. Serve with
+`open_index` (or `VectorIndex.from_arrays` for an in-memory corpus), then ask for a deletion
+request's neighbours (`find_neighbours`) and for near-duplicates of the forget items
+(`find_duplicates`, policy fail | warn | add).
+"""
+
+from retrack.index.build import BuildResult, LocalExecutor, build_index
+from retrack.index.encoders import EncoderSpec, PixelEncoder, build_encoder, vae_latents
+from retrack.index.manifest import IndexParams, Manifest
+from retrack.index.search import (
+    DuplicateReport,
+    DuplicatesFound,
+    Neighbours,
+    VectorIndex,
+    find_duplicates,
+    find_neighbours,
+    open_index,
+)
+from retrack.index.source import CorpusPlan, scan_corpus
+
+__all__ = [
+    "BuildResult", "CorpusPlan", "DuplicateReport", "DuplicatesFound", "EncoderSpec", "IndexParams", "LocalExecutor",
+    "Manifest", "Neighbours", "PixelEncoder", "VectorIndex", "build_encoder", "build_index", "find_duplicates",
+    "find_neighbours", "open_index", "scan_corpus", "vae_latents",
+]

@@ -1,0 +1,170 @@
+"""The index manifest and the index parameters.
+
+The manifest is written last, atomically: an index folder without one is unfinished. It records
+what the index was built from (corpus digest, encoder spec and digest), what it holds (dimension,
+count, shards with sizes and sha256 digests) and how (index type and parameters), and when.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from retrack.digest import config_digest
+from retrack.errors import InputError, StorageError
+from retrack.storage import Location
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+INDEX_TYPES = ("auto", "flat", "ivf", "ivfpq")
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """How to index. `auto`: exact (flat) up to `flat_max` vectors, IVF above.
+
+    nlist (IVF lists) defaults to ~4*sqrt(n) rounded to a power of two; nprobe (lists searched) to
+    nlist/16 (at least 16); the quantizer is trained on `train_size` sampled vectors (default 64 per
+    list, at most 256k). ivfpq stores `pq_m` sub-quantizer codes of `pq_bits` bits per vector;
+    neighbours are always re-ranked on the full vectors, so PQ only affects candidate recall.
+    """
+
+    type: str = "auto"
+    flat_max: int = 100_000
+    nlist: int | None = None
+    nprobe: int | None = None
+    pq_m: int | None = None
+    pq_bits: int = 8
+    train_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.type not in INDEX_TYPES:
+            raise InputError(f"index type {self.type!r} is not one of {INDEX_TYPES}")
+
+    def resolve(self, n: int, dim: int) -> "IndexParams":
+        """Concrete parameters for n vectors of dimension dim (what the manifest records)."""
+        kind = self.type
+        if kind == "auto":
+            kind = "flat" if n <= self.flat_max else "ivf"
+        if kind == "flat":
+            return IndexParams(type="flat", flat_max=self.flat_max, seed=self.seed)
+        nlist = self.nlist or max(16, 2 ** round(math.log2(max(4 * math.sqrt(n), 1))))
+        nlist = min(nlist, max(1, n // 39))  # faiss wants >= 39 training points per list
+        nprobe = min(nlist, self.nprobe or max(16, nlist // 16))
+        train = min(n, self.train_size or min(256 * nlist, max(64 * nlist, 20_000), 256_000))
+        pq_m = None
+        if kind == "ivfpq":
+            pq_m = self.pq_m or next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim)
+            if dim % pq_m:
+                raise InputError(f"pq_m = {pq_m} does not divide the dimension {dim}")
+        # PQ codebooks of 2**bits centroids want >= 39 training points each.
+        pq_bits = min(self.pq_bits, max(1, int(math.log2(max(train // 39, 2))))) if kind == "ivfpq" else self.pq_bits
+        return IndexParams(type=kind, flat_max=self.flat_max, nlist=nlist, nprobe=nprobe, pq_m=pq_m,
+                           pq_bits=pq_bits, train_size=train, seed=self.seed)
+
+    def build_digest(self) -> str:
+        """What decides the stored shards (nprobe is a search-time setting and is left out)."""
+        d = asdict(self)
+        d.pop("nprobe")
+        d.pop("flat_max")
+        return config_digest(d)
+
+
+@dataclass
+class FileRecord:
+    name: str  # relative to the index root
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, root: Location, name: str, data: bytes) -> "FileRecord":
+        from retrack.digest import sha256_bytes
+
+        return cls(name, len(data), sha256_bytes(data))
+
+    def valid_size(self, root: Location) -> bool:
+        loc = root / self.name
+        try:
+            return loc.is_file() and loc.size() == self.size
+        except StorageError:
+            return False
+
+
+@dataclass
+class ShardRecord:
+    number: int
+    chunk_key: str
+    config: str  # digest of (index params, quantizer): a shard built otherwise is stale
+    count: int
+    dim: int
+    faiss: FileRecord
+    ids: FileRecord
+    vectors: FileRecord
+
+    def files(self) -> list[FileRecord]:
+        return [self.faiss, self.ids, self.vectors]
+
+    def valid(self, root: Location) -> bool:
+        return all(f.valid_size(root) for f in self.files())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardRecord":
+        d = dict(d)
+        for k in ("faiss", "ids", "vectors"):
+            d[k] = FileRecord(**d[k])
+        return cls(**d)
+
+
+@dataclass
+class Manifest:
+    corpus: dict  # uri, kind, digest, files, rows, image_shape
+    encoder: dict  # spec, digest
+    dim: int
+    count: int
+    skipped: int
+    index_type: str
+    params: dict
+    quantizer: FileRecord | None
+    shards: list[ShardRecord]
+    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    build_seconds: float = 0.0
+    format: int = FORMAT
+
+    def key(self) -> dict:
+        return {"corpus": self.corpus["digest"], "encoder": self.encoder["digest"], "build": IndexParams(**self.params).build_digest()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        d = dict(d)
+        if d.get("format") != FORMAT:
+            raise StorageError(f"index manifest format {d.get('format')} is not {FORMAT}: rebuild the index")
+        d["quantizer"] = FileRecord(**d["quantizer"]) if d.get("quantizer") else None
+        d["shards"] = [ShardRecord.from_dict(s) for s in d["shards"]]
+        return cls(**d)
+
+    @property
+    def index_params(self) -> IndexParams:
+        return IndexParams(**self.params)
+
+    def write(self, root: Location) -> None:
+        (root / MANIFEST).write_json(self.to_dict())
+
+    @classmethod
+    def read(cls, root: Location) -> "Manifest | None":
+        loc = root / MANIFEST
+        if not loc.exists():
+            return None
+        try:
+            return cls.from_dict(loc.read_json())
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StorageError(f"index manifest {loc.uri} is unreadable ({exc}): delete it or rebuild") from None
+
+
+def with_nprobe(params: IndexParams, nprobe: int | None) -> IndexParams:
+    return params if nprobe is None else replace(params, nprobe=nprobe)

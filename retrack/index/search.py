@@ -1,0 +1,339 @@
+"""Serving an index: neighbours for a deletion request, and near-duplicates of the forget items.
+
+    index = open_index("s3://bucket/idx")            # or VectorIndex.from_arrays(ids, vectors)
+    nb = find_neighbours(index, forget_ids, k=8)      # K nearest retained items per forget item
+    rep = find_duplicates(index, forget_ids, threshold=0.5, policy="add")
+    forget_ids = rep.forget_ids                        # with policy "add": the copies join the set
+
+Candidates come from the (possibly approximate) faiss index; every forget id is dropped from
+them, and the rest are re-ranked exactly on the full vectors (float64). Distances are Euclidean
+in the index's space (model space, flattened, for the pixel encoder).
+
+Forget ids are personal data: messages and logs carry counts and positions, never the ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from retrack.errors import ForgetSetError, InputError, StorageError
+from retrack.index.manifest import Manifest
+from retrack.index.shards import load_shard_ids, load_shard_index
+from retrack.storage import Location
+
+log = logging.getLogger(__name__)
+POLICIES = ("fail", "warn", "add")
+
+
+class VectorIndex:
+    """A faiss index over rows 0..n-1, the ids of those rows, and their full vectors."""
+
+    def __init__(self, index, ids: pa.Array, dim: int, vectors: Callable[[np.ndarray], np.ndarray],
+                 manifest: Manifest | None = None, threads: int | None = None):
+        self.index = index
+        self.ids = ids
+        self.dim = dim
+        self._vectors = vectors
+        self.manifest = manifest
+        self.threads = threads
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @classmethod
+    def from_arrays(cls, ids: Sequence[str], vectors: np.ndarray, threads: int | None = None) -> "VectorIndex":
+        """An exact in-memory index (small corpora, tests): vectors NxD or NxCxHxW."""
+        import faiss
+
+        x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1))
+        if len(set(ids)) != len(ids):
+            raise InputError("ids must be unique")
+        index = faiss.IndexFlatL2(x.shape[1])
+        index.add(x)
+        return cls(index, pa.array(list(ids), type=pa.string()), x.shape[1], lambda rows: x[rows], threads=threads)
+
+    def set_nprobe(self, nprobe: int | None) -> None:
+        import faiss
+
+        if nprobe is not None and hasattr(faiss, "extract_index_ivf"):
+            try:
+                faiss.extract_index_ivf(self.index).nprobe = int(nprobe)
+            except RuntimeError:
+                pass  # not an IVF index
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        return self._vectors(rows) if len(rows) else np.zeros((0, self.dim), np.float32)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        if self.threads:
+            faiss.omp_set_num_threads(self.threads)
+        k = min(int(k), len(self))
+        return self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+
+    def rows_of(self, forget_ids: Sequence[str]) -> np.ndarray:
+        """Rows of the forget ids, in their order; refuses empty, repeated or unknown ids."""
+        if not forget_ids:
+            raise ForgetSetError("the forget set is empty: nothing to unlearn")
+        counts = Counter(forget_ids)
+        if len(counts) != len(forget_ids):
+            entries = [n + 1 for n, v in enumerate(forget_ids) if counts[v] > 1]
+            raise ForgetSetError(f"{len(forget_ids) - len(counts)} forget id(s) are listed more than once (entries {entries[:6]})")
+        pos = pc.index_in(pa.array(list(forget_ids), type=pa.string()), value_set=self.ids)
+        if pos.null_count:
+            entries = (np.flatnonzero(pos.is_null().to_numpy(zero_copy_only=False)) + 1).tolist()
+            raise ForgetSetError(f"{pos.null_count} of {len(forget_ids)} forget id(s) are not in the index (entries {entries[:6]})")
+        return pos.to_numpy().astype(np.int64)
+
+    def ids_of(self, rows: np.ndarray) -> list[str]:
+        return self.ids.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
+
+
+# --------------------------------------------------------------------------------------------
+# Opening a built index
+# --------------------------------------------------------------------------------------------
+
+
+class _ShardVectors:
+    """Full vectors read from the shards' raw .vec files (memory-mapped locally, ranged reads on S3)."""
+
+    def __init__(self, root: Location, manifest: Manifest):
+        self.root = root
+        self.dim = manifest.dim
+        self.offsets = np.cumsum([0] + [s.count for s in manifest.shards])
+        self.files = [root / s.vectors.name for s in manifest.shards]
+        self._open: dict[int, object] = {}
+
+    def _reader(self, shard: int):
+        if shard not in self._open:
+            loc = self.files[shard]
+            if loc.is_s3:
+                self._open[shard] = loc.open_input()
+            else:
+                self._open[shard] = np.memmap(loc.path, dtype=np.float32, mode="r").reshape(-1, self.dim)
+        return self._open[shard]
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.dim), np.float32)
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        width = self.dim * 4
+        for i, (row, s) in enumerate(zip(rows, shard_of)):
+            local = int(row - self.offsets[s])
+            r = self._reader(int(s))
+            if isinstance(r, np.memmap):
+                out[i] = r[local]
+            else:
+                out[i] = np.frombuffer(r.read_at(width, local * width), dtype=np.float32)
+        return out
+
+
+def open_index(uri: "str | Location", endpoint: str | None = None, nprobe: int | None = None,
+               threads: int | None = None, serve: str = "merged") -> VectorIndex:
+    """Load a built index: every shard checked against its sha256, served as one faiss index.
+
+    serve="merged" merges the shards into one in-memory index (one search pass); "shards" keeps
+    them apart behind a faiss IndexShards (the layout for shards served from several nodes).
+    """
+    import faiss
+
+    root = Location.parse(uri, endpoint=endpoint)
+    root.check_reachable()
+    manifest = Manifest.read(root)
+    if manifest is None:
+        raise StorageError(f"no index at {root.uri} ({root.where()}): build it first (retrack index build)")
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    subs = [load_shard_index(root, s) for s in manifest.shards]
+    if serve == "shards":
+        index = faiss.IndexShards(manifest.dim, False, True)
+        for s in subs:
+            index.add_shard(s)
+    else:
+        index = subs[0]
+        for s in subs[1:]:
+            # IVF lists take the shard's row offset; a flat index appends rows in order.
+            index.merge_from(s, 0 if manifest.index_type == "flat" else index.ntotal)
+    ids = pa.concat_arrays([load_shard_ids(root, s) for s in manifest.shards])
+    if len(ids) != index.ntotal:
+        raise StorageError(f"index {root.uri}: {index.ntotal} vectors but {len(ids)} ids; rebuild it")
+    vi = VectorIndex(index, ids, manifest.dim, _ShardVectors(root, manifest), manifest, threads)
+    vi._shards = subs  # the IndexShards refers to these without owning them
+    vi.set_nprobe(nprobe if nprobe is not None else manifest.params.get("nprobe"))
+    return vi
+
+
+# --------------------------------------------------------------------------------------------
+# Neighbours
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Neighbours:
+    """For forget item i (in request order): its K nearest retained items, nearest first."""
+
+    forget_ids: list[str]
+    forget_vectors: np.ndarray  # [U, D]
+    ids: list[list[str]]  # [U][K]
+    rows: np.ndarray  # [U, K] rows in the index
+    distances: np.ndarray  # [U, K] Euclidean, exact
+    vectors: np.ndarray  # [U, K, D]
+
+    @property
+    def k(self) -> int:
+        return self.rows.shape[1]
+
+
+def _candidates(index: VectorIndex, q: np.ndarray, exclude: np.ndarray, need: int, start: int) -> list[np.ndarray]:
+    """Per query, at least `need` candidate rows not in `exclude` (searching wider until found)."""
+    n = len(index)
+    out: list[np.ndarray | None] = [None] * len(q)
+    pending = np.arange(len(q))
+    k = min(start, n)
+    while len(pending):
+        _, labels = index.search(q[pending], k)
+        still = []
+        for j, qi in enumerate(pending):
+            lab = labels[j][labels[j] >= 0]
+            lab = lab[~np.isin(lab, exclude)]
+            if len(lab) >= need or k >= n:
+                out[qi] = lab
+            else:
+                still.append(qi)
+        pending = np.array(still, dtype=np.int64)
+        k = min(2 * k, n)
+    return out  # type: ignore[return-value]
+
+
+def exact_rerank(q: np.ndarray, cand_vectors: np.ndarray) -> np.ndarray:
+    diff = cand_vectors.astype(np.float64) - q.astype(np.float64)[None, :]
+    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+
+def find_neighbours(index: VectorIndex, forget_ids: Sequence[str], k: int, margin: int | None = None,
+                    vectors_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> Neighbours:
+    """K nearest retained items of every forget item, re-ranked exactly in the full space.
+
+    Searches K + margin candidates (margin defaults to max(K, 16), or max(4K, 64) when the index
+    holds PQ codes, whose approximate distances need a deeper candidate list), widening the search for a
+    query whose candidates are mostly forget items (e.g. many copies of it are being forgotten).
+    `vectors_fn(rows)` overrides where the full vectors come from (e.g. re-encoding candidates
+    when the index stores a compact embedding).
+    """
+    if k < 1:
+        raise InputError(f"k must be at least 1, not {k}")
+    rows = index.rows_of(forget_ids)
+    retained = len(index) - len(rows)
+    if k > retained:
+        raise InputError(f"k = {k} is larger than the retained set ({retained} items)")
+    vec = vectors_fn or index.vectors
+    q = vec(rows)
+    if margin is None:
+        pq = index.manifest is not None and index.manifest.index_type == "ivfpq"
+        margin = max(4 * k, 64) if pq else max(k, 16)
+    cands = _candidates(index, q, rows, k, k + margin + 0)
+    out_rows = np.empty((len(rows), k), np.int64)
+    out_dist = np.empty((len(rows), k), np.float64)
+    out_vec = np.empty((len(rows), k, index.dim), np.float32)
+    for i, c in enumerate(cands):
+        cv = vec(c)
+        d = exact_rerank(q[i], cv)
+        order = np.lexsort((c, d))[:k]  # ties broken by row, like a stable brute-force search
+        out_rows[i], out_dist[i], out_vec[i] = c[order], d[order], cv[order]
+    ids = [index.ids_of(r) for r in out_rows]
+    return Neighbours(list(forget_ids), q, ids, out_rows, out_dist, out_vec)
+
+
+# --------------------------------------------------------------------------------------------
+# Near-duplicates
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DuplicateReport:
+    """Retained items within `threshold` of some forget item, and the forget set after the policy."""
+
+    threshold: float
+    policy: str
+    forget_ids: list[str]  # after the policy ("add": the request's ids, then the duplicates)
+    duplicate_ids: list[str] = field(default_factory=list)
+    matched: list[int] = field(default_factory=list)  # per duplicate: position of its forget item
+    distances: list[float] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.duplicate_ids)
+
+    def summary(self) -> dict:
+        """What may be logged: counts and the threshold, never ids."""
+        return {"threshold": self.threshold, "policy": self.policy, "duplicates": self.count,
+                "forget_items_with_duplicates": len(set(self.matched)), "forget_set_size": len(self.forget_ids)}
+
+
+class DuplicatesFound(ForgetSetError):
+    def __init__(self, report: DuplicateReport):
+        self.report = report
+        super().__init__(
+            f"{report.count} retained item(s) lie within distance {report.threshold:g} of "
+            f"{len(set(report.matched))} forget item(s): near-duplicates of data to forget. "
+            "Add them to the forget set (duplicates policy 'add') or raise the threshold"
+        )
+
+
+def find_duplicates(index: VectorIndex, forget_ids: Sequence[str], threshold: float, policy: str = "fail",
+                    vectors_fn: Callable[[np.ndarray], np.ndarray] | None = None, start_k: int = 32) -> DuplicateReport:
+    """Every retained item within Euclidean `threshold` of a forget item (exact on full vectors)."""
+    if policy not in POLICIES:
+        raise InputError(f"duplicates policy must be one of {POLICIES}, not {policy!r}")
+    if not threshold >= 0:
+        raise InputError(f"the duplicate threshold must be >= 0, not {threshold}")
+    rows = index.rows_of(forget_ids)
+    vec = vectors_fn or index.vectors
+    q = vec(rows)
+    n = len(index)
+    # Approximate (PQ) distances may over-estimate: search a little wider than the threshold.
+    slack = 1.0 if index.manifest is None or index.manifest.index_type != "ivfpq" else 1.5
+    radius2 = (threshold * slack) ** 2
+    found: dict[int, tuple[int, float]] = {}
+    forget_set = set(rows.tolist())
+    for i in range(len(rows)):
+        k = min(start_k + len(rows), n)
+        while True:
+            d2, labels = index.search(q[i : i + 1], k)
+            d2, labels = d2[0], labels[0]
+            if k >= n or (len(d2) and (labels[-1] < 0 or d2[-1] > radius2)):
+                break
+            k = min(2 * k, n)
+        cand = np.array([r for r, dd in zip(labels, d2) if r >= 0 and dd <= radius2 * (1 + 1e-6) and r not in forget_set], dtype=np.int64)
+        if len(cand) == 0:
+            continue
+        exact = exact_rerank(q[i], vec(cand))
+        for r, dist in zip(cand, exact):
+            if dist <= threshold and (int(r) not in found or dist < found[int(r)][1]):
+                found[int(r)] = (i, float(dist))
+    dup_rows = sorted(found)
+    report = DuplicateReport(
+        threshold=float(threshold),
+        policy=policy,
+        forget_ids=list(forget_ids),
+        duplicate_ids=index.ids_of(np.array(dup_rows, dtype=np.int64)) if dup_rows else [],
+        matched=[found[r][0] for r in dup_rows],
+        distances=[found[r][1] for r in dup_rows],
+    )
+    if report.count:
+        if policy == "fail":
+            raise DuplicatesFound(report)
+        if policy == "warn":
+            log.warning("near-duplicates of the forget set are retained: %s", report.summary())
+        else:
+            report.forget_ids = list(forget_ids) + report.duplicate_ids
+            log.info("near-duplicates added to the forget set: %s", report.summary())
+    return report

@@ -1,0 +1,256 @@
+"""Embedding chunks and index shards on storage (faiss I/O only, never pickle).
+
+Layout under an index root:
+
+    embeddings/<chunk-key>/*.parquet     (id, vector) written by the encode stage
+    embeddings/<chunk-key>/_SUCCESS.json  files with sizes and rows, skipped rows: written last
+    quantizer.faiss                       the trained, empty IVF index (IVF types only)
+    shards/shard-NNNNN.faiss              faiss.serialize_index of one chunk's vectors
+    shards/shard-NNNNN.ids.parquet        the ids, in index order
+    shards/shard-NNNNN.vec                the full vectors, raw float32 row-major (random access)
+    shards/shard-NNNNN.json               the shard's record: written last, sizes and sha256
+    manifest.json                         written last of all
+
+A chunk folder without its `_SUCCESS.json`, or whose files differ in size from it, is unfinished
+and encoded again; a shard whose record is missing or whose files differ in size is built again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrack.digest import config_digest, sha256_bytes
+from retrack.errors import StorageError
+from retrack.index.manifest import FileRecord, IndexParams, ShardRecord
+from retrack.index.source import BadRow, table_vectors
+from retrack.storage import Location
+
+SUCCESS = "_SUCCESS.json"
+BAD_DIR = "_bad"
+
+
+def chunk_key(chunk_digest: str, encoder_digest: str, image_shape: Sequence[int], on_bad: str) -> str:
+    return config_digest([chunk_digest, encoder_digest, list(image_shape), on_bad])[:24]
+
+
+def embeddings_dir(root: Location, key: str) -> Location:
+    return root / "embeddings" / key
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding chunks
+# --------------------------------------------------------------------------------------------
+
+
+def write_bad_rows(dest: Location, name: str, bad: list[BadRow]) -> None:
+    if bad:
+        (dest / BAD_DIR / f"{name}.jsonl").write_text("".join(json.dumps(asdict(b)) + "\n" for b in bad))
+
+
+def finish_chunk(dest: Location) -> dict:
+    """Record a fully written chunk: its parquet parts (name, size, rows), dim and skipped rows."""
+    parts = []
+    dim = None
+    for e in dest.list(suffixes=(".parquet",)):
+        with e.location.open_input() as f:
+            meta = pq.ParquetFile(f)
+            rows = meta.metadata.num_rows
+            t = meta.schema_arrow.field("vector").type
+            dim = t.list_size if dim is None else dim
+        parts.append({"name": e.location.relative_to(dest), "size": e.size, "rows": rows})
+    bad: list[dict] = []
+    for e in dest.list(hidden=True):
+        if e.location.relative_to(dest).startswith(BAD_DIR + "/"):
+            bad.extend(json.loads(line) for line in e.location.read_text().splitlines() if line)
+    info = {"parts": parts, "rows": sum(p["rows"] for p in parts), "dim": dim, "bad": bad}
+    (dest / SUCCESS).write_json(info)
+    return info
+
+
+def chunk_info(dest: Location) -> dict | None:
+    """The chunk's record if it is complete and its files are intact, else None."""
+    marker = dest / SUCCESS
+    if not marker.exists():
+        return None
+    try:
+        info = marker.read_json()
+        sizes = {e.location.relative_to(dest): e.size for e in dest.list(suffixes=(".parquet",))}
+    except (StorageError, ValueError):
+        return None
+    if sizes != {p["name"]: p["size"] for p in info["parts"]}:
+        return None
+    return info
+
+
+def iter_chunk_tables(dest: Location, info: dict, batch_size: int = 8192) -> Iterator[pa.Table]:
+    for p in sorted(info["parts"], key=lambda p: p["name"]):
+        with (dest / p["name"]).open_input() as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["id", "vector"]):
+                yield pa.Table.from_batches([batch])
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizer
+# --------------------------------------------------------------------------------------------
+
+
+def sample_vectors(chunks: list[tuple[Location, dict]], size: int, seed: int) -> np.ndarray:
+    """`size` rows drawn uniformly without replacement across the chunks, streamed."""
+    total = sum(info["rows"] for _, info in chunks)
+    size = min(size, total)
+    rng = np.random.default_rng(seed)
+    wanted = np.sort(rng.choice(total, size=size, replace=False))
+    out, offset, w = [], 0, 0
+    for dest, info in chunks:
+        for table in iter_chunk_tables(dest, info):
+            n = table.num_rows
+            hi = np.searchsorted(wanted, offset + n, side="left")
+            if hi > w:
+                out.append(table_vectors(table)[wanted[w:hi] - offset])
+                w = hi
+            offset += n
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def new_index(params: IndexParams, dim: int):
+    import faiss
+
+    if params.type == "flat":
+        return faiss.IndexFlatL2(dim)
+    quantizer = faiss.IndexFlatL2(dim)
+    if params.type == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, params.nlist, faiss.METRIC_L2)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, dim, params.nlist, params.pq_m, params.pq_bits)
+    index.own_fields = True
+    quantizer.this.disown()
+    index.cp.seed = params.seed
+    return index
+
+
+def train_quantizer(params: IndexParams, sample: np.ndarray, threads: int | None = None) -> bytes:
+    """An empty IVF(-PQ) index trained on `sample`, serialised with faiss."""
+    import faiss
+
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    index = new_index(params, sample.shape[1])
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return faiss.serialize_index(index).tobytes()
+
+
+def shard_config(params: IndexParams, quantizer: FileRecord | None) -> str:
+    return config_digest([params.build_digest(), quantizer.sha256 if quantizer else None])
+
+
+# --------------------------------------------------------------------------------------------
+# Shards
+# --------------------------------------------------------------------------------------------
+
+
+def shard_name(number: int) -> str:
+    return f"shards/shard-{number:05d}"
+
+
+def build_shard(
+    root: Location,
+    number: int,
+    key: str,
+    params: IndexParams,
+    quantizer: FileRecord | None,
+    threads: int = 1,
+) -> ShardRecord:
+    """Add one encoded chunk to a copy of the trained quantizer (or a flat index) and write it.
+
+    Streams the chunk: memory is the index's own (the full vectors for flat, codes for IVF-PQ) plus
+    one batch. The record is written last, so a crash leaves a shard that the next build redoes.
+    """
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, int(threads)))
+    dest = embeddings_dir(root, key)
+    info = chunk_info(dest)
+    if info is None:
+        raise StorageError(f"embedding chunk {dest.uri} is incomplete; encode it before building shard {number}")
+    dim = int(info["dim"] or 0)
+    if quantizer is not None:
+        raw = (root / quantizer.name).read_bytes()
+        if sha256_bytes(raw) != quantizer.sha256:
+            raise StorageError(f"{(root / quantizer.name).uri} does not match its recorded sha256")
+        index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
+    else:
+        index = new_index(params, dim)
+    base = shard_name(number)
+    (root / f"{base}.json").remove()
+    vec_loc = root / f"{base}.vec"
+    ids: list[str] = []
+    import hashlib
+
+    vec_hash = hashlib.sha256()
+    vec_size = 0
+    with vec_loc.open_output() as vf:
+        for table in iter_chunk_tables(dest, info):
+            x = table_vectors(table)
+            if len(x) == 0:
+                continue
+            index.add(x)
+            data = x.tobytes()
+            vf.write(data)
+            vec_hash.update(data)
+            vec_size += len(data)
+            ids.extend(table.column("id").to_pylist())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"id": pa.array(ids, type=pa.string())}), sink)
+    ids_bytes = sink.getvalue().to_pybytes()
+    (root / f"{base}.ids.parquet").write_bytes(ids_bytes)
+    index_bytes = faiss.serialize_index(index).tobytes()
+    (root / f"{base}.faiss").write_bytes(index_bytes)
+    record = ShardRecord(
+        number=number,
+        chunk_key=key,
+        config=shard_config(params, quantizer),
+        count=len(ids),
+        dim=dim,
+        faiss=FileRecord.of(root, f"{base}.faiss", index_bytes),
+        ids=FileRecord.of(root, f"{base}.ids.parquet", ids_bytes),
+        vectors=FileRecord(f"{base}.vec", vec_size, vec_hash.hexdigest()),
+    )
+    (root / f"{base}.json").write_json(asdict(record))
+    return record
+
+
+def read_shard_record(root: Location, number: int) -> ShardRecord | None:
+    loc = root / f"{shard_name(number)}.json"
+    try:
+        if not loc.exists():
+            return None
+        return ShardRecord.from_dict(loc.read_json())
+    except (StorageError, ValueError, TypeError, KeyError):
+        return None
+
+
+def read_verified(root: Location, rec: FileRecord) -> bytes:
+    data = (root / rec.name).read_bytes()
+    if len(data) != rec.size or sha256_bytes(data) != rec.sha256:
+        raise StorageError(
+            f"{(root / rec.name).uri} is damaged ({len(data)} bytes, recorded {rec.size}; sha256 differs): "
+            "run the index build again to redo this shard"
+        )
+    return data
+
+
+def load_shard_index(root: Location, rec: ShardRecord):
+    import faiss
+
+    return faiss.deserialize_index(np.frombuffer(read_verified(root, rec.faiss), dtype=np.uint8))
+
+
+def load_shard_ids(root: Location, rec: ShardRecord) -> pa.Array:
+    data = read_verified(root, rec.ids)
+    return pq.read_table(pa.BufferReader(data)).column("id").combine_chunks()

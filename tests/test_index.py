@@ -1,0 +1,482 @@
+"""The index without Ray: exactness, IVF recall, reuse / rebuild / repair, duplicates, bad input, CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from retrack.benchmark import BenchmarkPaths, ensure_benchmark
+from retrack.corpus import encode_image, read_corpus, read_forget_ids, write_shards
+from retrack.errors import CorpusError, ForgetSetError, InputError, StorageError
+from retrack.index import (
+    DuplicatesFound,
+    EncoderSpec,
+    IndexParams,
+    VectorIndex,
+    build_index,
+    find_duplicates,
+    find_neighbours,
+    open_index,
+)
+from retrack.knn import exact_knn
+from retrack.storage import Location, S3Options
+from tests.index_helpers import clustered_images, recall_at, write_corpus
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    info = ensure_benchmark(root)
+    paths = BenchmarkPaths(root)
+    return info, paths, read_corpus(paths.corpus), read_forget_ids(paths.forget_ids)
+
+
+@pytest.fixture(scope="module")
+def bench_index(bench, tmp_path_factory):
+    """The digits benchmark in a flat index of 4 shards."""
+    _, paths, _, _ = bench
+    out = tmp_path_factory.mktemp("idx")
+    res = build_index(paths.corpus, out, rows_per_chunk=500)
+    return out, res
+
+
+def brute_force(corpus, forget_ids, k):
+    fr = corpus.index_of(forget_ids)
+    keep = np.setdiff1d(np.arange(len(corpus)), fr)
+    d, ix = exact_knn(corpus.images[fr], corpus.images[keep], k)
+    return d, [[corpus.ids[keep[j]] for j in row] for row in ix]
+
+
+def assert_same_neighbours(nb, d_ref, ids_ref):
+    np.testing.assert_allclose(nb.distances, d_ref, rtol=1e-4, atol=1e-4)
+    for got, want, d in zip(nb.ids, ids_ref, d_ref):
+        # Where distances tie, either order is an exact answer: compare ids only between ties.
+        untied = [j for j in range(len(d)) if np.sum(np.isclose(d, d[j], atol=1e-5)) == 1]
+        assert [got[j] for j in untied] == [want[j] for j in untied]
+        assert set(got) == set(want) or len(untied) < len(d)
+
+
+# --------------------------------------------------------------------------------------------
+# Exactness and recall
+# --------------------------------------------------------------------------------------------
+
+
+def test_built_index_is_sharded_flat_and_complete(bench, bench_index):
+    _, _, corpus, _ = bench
+    out, res = bench_index
+    m = res.manifest
+    assert res.status == "built" and m.index_type == "flat"
+    assert m.count == len(corpus) and len(m.shards) == 4 and m.dim == 64
+    assert m.corpus["digest"] and m.encoder["digest"] and m.created_at
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved["count"] == len(corpus) and all(s["faiss"]["sha256"] for s in saved["shards"])
+    idx = open_index(out)
+    assert idx.ids.to_pylist() == corpus.ids  # index order is corpus order
+    np.testing.assert_array_equal(idx.vectors(np.array([0, 700, len(corpus) - 1])),
+                                  corpus.images[[0, 700, len(corpus) - 1]].reshape(3, -1))
+
+
+@pytest.mark.parametrize("which", ["all_copies", "random_items"])
+@pytest.mark.parametrize("serve", ["merged", "shards"])
+def test_neighbours_equal_exact_brute_force(bench, bench_index, which, serve):
+    _, _, corpus, forget_all = bench
+    forget = forget_all if which == "all_copies" else [corpus.ids[i] for i in (3, 99, 512, 1200, 1600)]
+    idx = open_index(bench_index[0], serve=serve)
+    nb = find_neighbours(idx, forget, k=7)
+    d_ref, ids_ref = brute_force(corpus, forget, 7)
+    assert_same_neighbours(nb, d_ref, ids_ref)
+    assert not set(sum(nb.ids, [])) & set(forget)
+    np.testing.assert_array_equal(nb.vectors, corpus.images[[corpus.index_of(r) for r in nb.ids]].reshape(len(forget), 7, -1))
+    np.testing.assert_array_equal(nb.forget_vectors, corpus.images[corpus.index_of(forget)].reshape(len(forget), -1))
+
+
+def test_in_memory_index_gives_the_same_neighbours(bench):
+    _, _, corpus, forget = bench
+    nb = find_neighbours(VectorIndex.from_arrays(corpus.ids, corpus.images), forget, k=5)
+    assert_same_neighbours(nb, *brute_force(corpus, forget, 5))
+
+
+def test_one_copy_listed_widens_the_search_past_the_other_forget_items(bench):
+    """49 exact copies of the item are retained: with all 50 in the forget set, no copy comes back."""
+    _, _, corpus, forget = bench
+    idx = VectorIndex.from_arrays(corpus.ids, corpus.images)
+    nb = find_neighbours(idx, forget[:1], k=3, margin=0)
+    assert np.allclose(nb.distances, 0)  # the other copies ARE its nearest neighbours
+    nb = find_neighbours(idx, forget, k=3, margin=0)  # K + 0 candidates are all forget items at first
+    assert nb.distances.min() > 1.0 and not set(sum(nb.ids, [])) & set(forget)
+
+
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clustered")
+    images = clustered_images(6000, size=8, seed=1)
+    ids = write_corpus(root / "corpus", images, shard_size=1000)
+    return root, images, ids
+
+
+@pytest.mark.parametrize("kind,min_recall", [("ivf", 0.95), ("ivfpq", 0.9)])
+def test_ivf_recall_at_10_against_exact_search(clustered, kind, min_recall):
+    root, images, ids = clustered
+    res = build_index(root / "corpus", root / kind, params=IndexParams(type=kind, nlist=32, nprobe=6, pq_m=16),
+                      rows_per_chunk=2000)
+    assert res.manifest.index_type == kind and len(res.manifest.shards) == 3 and res.manifest.quantizer
+    idx = open_index(root / kind)
+    rng = np.random.default_rng(0)
+    forget = [ids[i] for i in rng.choice(len(ids), 40, replace=False)]
+    nb = find_neighbours(idx, forget, k=10)
+    x = images.reshape(len(images), -1).astype(np.float32) / 127.5 - 1
+    fr = np.array([ids.index(f) for f in forget])
+    keep = np.setdiff1d(np.arange(len(ids)), fr)
+    d_ref, ix = exact_knn(x[fr], x[keep], 10)
+    recall = recall_at(nb.ids, [[ids[keep[j]] for j in row] for row in ix])
+    assert recall >= min_recall, recall
+    # Re-ranked on full vectors: every distance returned is the exact one, sorted.
+    np.testing.assert_allclose(nb.distances, np.linalg.norm(nb.vectors - x[fr][:, None, :], axis=2), rtol=1e-5)
+    assert (np.diff(nb.distances, axis=1) >= 0).all()
+    # More probes, better recall; all lists probed is exact.
+    idx.set_nprobe(32)
+    exact = find_neighbours(idx, forget, k=10)
+    assert recall_at(exact.ids, [[ids[keep[j]] for j in row] for row in ix]) >= (0.99 if kind == "ivf" else min_recall)
+
+
+# --------------------------------------------------------------------------------------------
+# Reuse, rebuild, repair
+# --------------------------------------------------------------------------------------------
+
+
+def test_reuse_rebuild_after_change_and_repair_of_a_truncated_shard(tmp_path):
+    images = clustered_images(900, seed=2)
+    corpus = tmp_path / "corpus"
+    ids = write_corpus(corpus, images, shard_size=300)
+    out = tmp_path / "idx"
+    first = build_index(corpus, out, rows_per_chunk=300)
+    assert first.status == "built" and first.encoded_chunks == 3 and first.built_shards == 3
+
+    again = build_index(corpus, out, rows_per_chunk=300)
+    assert again.status == "reused" and again.encoded_chunks == 0 and again.built_shards == 0
+    assert again.manifest.created_at == first.manifest.created_at
+
+    # A crash left shard 1 half-written: detected from its recorded size, only it is redone.
+    shard = out / "shards" / "shard-00001.faiss"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(StorageError, match="damaged"):
+        open_index(out)
+    fixed = build_index(corpus, out, rows_per_chunk=300)
+    assert fixed.status == "repaired" and fixed.built_shards == 1 and fixed.encoded_chunks == 0
+    assert len(open_index(out)) == 900
+
+    # A half-written embedding chunk (no _SUCCESS) is encoded again.
+    vec = out / "shards" / "shard-00002.vec"
+    vec.write_bytes(vec.read_bytes()[:100])
+    chunk = out / "embeddings" / fixed.manifest.shards[2].chunk_key
+    (chunk / "_SUCCESS.json").unlink()
+    fixed = build_index(corpus, out, rows_per_chunk=300)
+    assert fixed.status == "repaired" and fixed.encoded_chunks == 1 and fixed.built_shards == 1
+
+    # The corpus changes (one shard rewritten): only its chunk is encoded again, the rest reused.
+    time.sleep(0.01)
+    changed = images[300:600].copy()
+    changed[0] = 255 - changed[0]
+    write_shards(tmp_path / "tmp", ({"id": i, "image": encode_image(im)} for i, im in zip(ids[300:600], changed)), 300)
+    (tmp_path / "tmp" / "part-00000.parquet").replace(corpus / "part-00001.parquet")
+    rebuilt = build_index(corpus, out, rows_per_chunk=300)
+    assert rebuilt.status == "repaired" and rebuilt.encoded_chunks == 1 and rebuilt.built_shards == 1
+    assert rebuilt.manifest.corpus["digest"] != first.manifest.corpus["digest"]
+    idx = open_index(out)
+    np.testing.assert_allclose(idx.vectors(np.array([300]))[0], changed[0].reshape(-1) / 127.5 - 1, atol=1e-6)
+    # Stale embedding folders are removed.
+    assert len(list((out / "embeddings").iterdir())) == 3
+
+    # Another index type for the same corpus is a rebuild, not a reuse.
+    ivf = build_index(corpus, out, params=IndexParams(type="ivf", nlist=8), rows_per_chunk=300)
+    assert ivf.status == "built" and ivf.manifest.index_type == "ivf" and ivf.encoded_chunks == 0
+
+
+def test_corrupt_shard_of_the_right_size_is_caught_by_its_checksum(tmp_path):
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, clustered_images(200, seed=3), shard_size=100)
+    build_index(corpus, tmp_path / "idx")
+    ids = tmp_path / "idx" / "shards" / "shard-00000.ids.parquet"
+    data = bytearray(ids.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ids.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match="sha256"):
+        open_index(tmp_path / "idx")
+
+
+# --------------------------------------------------------------------------------------------
+# Near-duplicates
+# --------------------------------------------------------------------------------------------
+
+
+def test_duplicates_fail_warn_add_on_the_planted_copies(bench, bench_index, caplog):
+    info, _, _, forget = bench
+    idx = open_index(bench_index[0])
+    threshold = 2 * info.forget_threshold  # [0, 1] pixels -> model space [-1, 1]
+    one = forget[:1]
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(DuplicatesFound) as err:
+            find_duplicates(idx, one, threshold, "fail")
+        assert err.value.report.count == len(forget) - 1
+        assert one[0] not in str(err.value)
+        warned = find_duplicates(idx, one, threshold, "warn")
+        assert warned.forget_ids == one and set(warned.duplicate_ids) == set(forget[1:])
+        added = find_duplicates(idx, one, threshold, "add")
+        assert added.forget_ids[0] == one[0] and sorted(added.forget_ids) == sorted(forget)
+        assert added.distances == pytest.approx([0.0] * (len(forget) - 1), abs=1e-5)
+        # Once every copy is in the forget set, nothing retained is that close.
+        assert find_duplicates(idx, forget, threshold, "fail").count == 0
+    for rec in caplog.records:  # the data to forget never reaches the logs
+        assert not any(f in rec.getMessage() for f in forget)
+
+
+def test_duplicates_on_an_ivfpq_index_are_exact(clustered):
+    root, images, ids = clustered
+    if not (root / "ivfpq" / "manifest.json").exists():
+        build_index(root / "corpus", root / "ivfpq", params=IndexParams(type="ivfpq", nlist=32, nprobe=6, pq_m=16), rows_per_chunk=2000)
+    idx = open_index(root / "ivfpq")
+    x = images.reshape(len(images), -1).astype(np.float32) / 127.5 - 1
+    d = np.linalg.norm(x - x[5], axis=1)
+    threshold = float(np.sort(d)[12])  # 12 items within the threshold, the query excluded
+    rep = find_duplicates(idx, [ids[5]], threshold, "warn")
+    truth = {ids[i] for i in np.flatnonzero(d <= threshold) if i != 5}
+    assert len(truth & set(rep.duplicate_ids)) >= len(truth) - 1 and set(rep.duplicate_ids) <= truth
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+def _rows(images, ids):
+    return ({"id": i, "image": encode_image(im)} for i, im in zip(ids, images))
+
+
+def test_duplicate_ids_across_shards_are_refused_before_encoding(tmp_path):
+    images = clustered_images(20)
+    ids = [f"a{i}" for i in range(20)]
+    ids[17] = ids[3]
+    write_shards(tmp_path / "c", _rows(images, ids), shard_size=10)
+    with pytest.raises(CorpusError, match="1 id\\(s\\) occur more than once"):
+        build_index(tmp_path / "c", tmp_path / "idx")
+    assert not (tmp_path / "idx" / "embeddings").exists()
+
+
+@pytest.mark.parametrize("bad_id", [None, ""])
+def test_missing_ids_are_refused(tmp_path, bad_id):
+    images = clustered_images(4)
+    table = pa.table({"id": pa.array(["a", bad_id, "c", "d"], pa.string()),
+                      "image": pa.array([encode_image(i) for i in images], pa.binary())})
+    (tmp_path / "c").mkdir()
+    pq.write_table(table, tmp_path / "c" / "part-0.parquet")
+    with pytest.raises(CorpusError, match="no id|empty id"):
+        build_index(tmp_path / "c", tmp_path / "idx")
+
+
+def test_missing_image_column_and_garbage_shard_are_refused(tmp_path):
+    (tmp_path / "c").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "pixels": [b"x"]}), tmp_path / "c" / "part-0.parquet")
+    with pytest.raises(CorpusError, match="lacks column"):
+        build_index(tmp_path / "c", tmp_path / "idx")
+    (tmp_path / "c" / "part-0.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(CorpusError, match="part-0.parquet cannot be read as parquet"):
+        build_index(tmp_path / "c", tmp_path / "idx")
+    with pytest.raises(CorpusError, match="does not exist"):
+        build_index(tmp_path / "nothing", tmp_path / "idx")
+
+
+def test_mixed_image_sizes_fail_or_are_skipped_and_reported(tmp_path):
+    images = list(clustered_images(30))
+    images[11] = np.zeros((9, 8), np.uint8)
+    ids = [f"m{i}" for i in range(30)]
+    write_shards(tmp_path / "c", _rows(images, ids), shard_size=10)
+    with pytest.raises(CorpusError, match="item 'm11' in part-00001.parquet: image is 8x9x1, the corpus is 8x8x1"):
+        build_index(tmp_path / "c", tmp_path / "idx")
+    res = build_index(tmp_path / "c", tmp_path / "idx", on_bad="skip")
+    assert res.manifest.count == 29 and res.manifest.skipped == 1
+    report = [json.loads(line) for line in (tmp_path / "idx" / "bad_rows.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in report] == ["m11"] and "8x9x1" in report[0]["reason"]
+    assert "m11" not in open_index(tmp_path / "idx").ids.to_pylist()
+
+
+def test_unreadable_image_bytes_in_parquet(tmp_path):
+    images = clustered_images(6)
+    rows = list(_rows(images, [f"u{i}" for i in range(6)]))
+    rows[4]["image"] = b"\x89PNG broken"
+    write_shards(tmp_path / "c", rows)
+    with pytest.raises(CorpusError, match="item 'u4'.*cannot be decoded"):
+        build_index(tmp_path / "c", tmp_path / "idx")
+
+
+def test_image_folder_with_an_unreadable_file(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs" / "sub"
+    folder.mkdir(parents=True)
+    images = clustered_images(12, seed=4)
+    for n, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"i{n:02d}.png")
+    (folder / "i99.png").write_bytes(b"not an image")
+    with pytest.raises(CorpusError, match="item 'sub/i99'.*cannot be decoded"):
+        build_index(tmp_path / "imgs", tmp_path / "idx")
+    res = build_index(tmp_path / "imgs", tmp_path / "idx", on_bad="skip")
+    assert res.manifest.count == 12 and res.manifest.skipped == 1
+    idx = open_index(tmp_path / "idx")
+    assert idx.ids.to_pylist()[:2] == ["sub/i00", "sub/i01"]
+    np.testing.assert_allclose(idx.vectors(np.array([3]))[0], images[3].reshape(-1) / 127.5 - 1, atol=1e-6)
+    (folder / "i00.jpg").write_bytes((folder / "i00.png").read_bytes())
+    with pytest.raises(CorpusError, match="more than once"):
+        build_index(tmp_path / "imgs", tmp_path / "idx2")
+
+
+def test_unreachable_bucket_is_a_quick_storage_error(tmp_path):
+    from tests.services import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    start = time.perf_counter()
+    with pytest.raises(StorageError, match=f"bucket 'nowhere' at {endpoint}"):
+        build_index("s3://nowhere/corpus", tmp_path / "idx", endpoint=endpoint)
+    with pytest.raises(StorageError, match="nowhere"):
+        open_index("s3://nowhere/idx", endpoint=endpoint)
+    assert time.perf_counter() - start < 20
+    opts = S3Options(endpoint=endpoint, access_key="k", secret_key="s3cret")
+    assert "s3cret" not in repr(Location.parse("s3://b/x", s3=opts))
+
+
+def test_forget_set_errors_name_positions_not_ids(bench, bench_index):
+    _, _, corpus, forget = bench
+    idx = open_index(bench_index[0])
+    with pytest.raises(ForgetSetError, match="empty"):
+        find_neighbours(idx, [], k=3)
+    with pytest.raises(ForgetSetError, match=r"entries \[1, 3\]") as err:
+        find_neighbours(idx, [forget[0], forget[1], forget[0]], k=3)
+    assert forget[0] not in str(err.value)
+    with pytest.raises(ForgetSetError, match=r"1 of 2 forget id\(s\) are not in the index \(entries \[2\]\)") as err:
+        find_neighbours(idx, [forget[0], "secret-person-42"], k=3)
+    assert "secret-person-42" not in str(err.value)
+    with pytest.raises(InputError, match="larger than the retained set"):
+        find_neighbours(idx, forget, k=len(corpus))
+    with pytest.raises(InputError, match="policy"):
+        find_duplicates(idx, forget, 1.0, "ignore")
+
+
+# --------------------------------------------------------------------------------------------
+# Encoders
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=16)
+    out = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(out)
+    return out
+
+
+def test_vae_encoder_is_latent_dist_sample_times_scaling_and_batch_independent(tiny_vae_dir):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from retrack.index.encoders import build_encoder, item_seed, vae_latents
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 16, 16, 3), dtype=np.uint8)
+    ids = [f"v{i}" for i in range(5)]
+    enc = build_encoder(EncoderSpec(kind="vae", model_dir=str(tiny_vae_dir), batch_size=2))
+    z = enc(images, ids)
+    assert z.shape == (5, 4 * 8 * 8)
+    z_again = build_encoder(EncoderSpec(kind="vae", model_dir=str(tiny_vae_dir), batch_size=5))(images[::-1], ids[::-1])
+    np.testing.assert_allclose(z_again[::-1], z, rtol=1e-5, atol=1e-5)  # batching and order do not matter
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(item_seed(0, i))) for i in ids])
+        want = (dist.mean + dist.std * eps) * vae.config.scaling_factor
+    np.testing.assert_allclose(z, want.reshape(5, -1).numpy(), rtol=1e-4, atol=1e-5)
+    torch.manual_seed(3)
+    a = vae_latents(vae, x)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        b = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+    torch.testing.assert_close(a, b)
+
+
+def test_vae_index_build_and_encoder_change_triggers_rebuild(tmp_path, tiny_vae_dir):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(40, 16, 16, 3), dtype=np.uint8)
+    write_corpus(tmp_path / "c", images, shard_size=20)
+    spec = EncoderSpec(kind="vae", model_dir=str(tiny_vae_dir), sample="mean")
+    res = build_index(tmp_path / "c", tmp_path / "idx", encoder=spec)
+    assert res.manifest.dim == 256 and res.manifest.encoder["spec"]["kind"] == "vae"
+    assert build_index(tmp_path / "c", tmp_path / "idx", encoder=spec).status == "reused"
+    pixels = build_index(tmp_path / "c", tmp_path / "idx")  # another encoder: encode and build again
+    assert pixels.status == "built" and pixels.encoded_chunks == 1 and pixels.manifest.dim == 16 * 16 * 3
+
+
+# --------------------------------------------------------------------------------------------
+# Storage and CLI
+# --------------------------------------------------------------------------------------------
+
+
+def test_local_location_atomic_write_list_and_remove(tmp_path):
+    root = Location.parse(tmp_path / "store")
+    (root / "a" / "x.bin").write_bytes(b"12345")
+    (root / "a" / "_hidden.json").write_json({"k": 1})
+    assert (root / "a" / "x.bin").size() == 5 and (root / "a" / "_hidden.json").read_json() == {"k": 1}
+    assert [e.name for e in root.list()] == ["x.bin"]
+    assert sorted(e.name for e in root.list(hidden=True)) == ["_hidden.json", "x.bin"]
+    assert not list((tmp_path / "store" / "a").glob(".*"))  # no temporary file left behind
+    with (root / "a" / "x.bin").open_input() as f:
+        assert f.read_at(2, 1) == b"23"
+    (root / "a").remove()
+    assert not (root / "a").exists()
+    with pytest.raises(StorageError, match="does not exist"):
+        (root / "missing").read_bytes()
+
+
+def test_cli_build_neighbours_duplicates(bench, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.index import cli
+
+    info, paths, corpus, forget = bench
+    run = CliRunner().invoke
+    res = run(cli, ["build", str(paths.corpus), str(tmp_path / "idx"), "--local", "--rows-per-chunk", "600"])
+    assert res.exit_code == 0, res.output
+    assert "built" in res.output and "1666 vectors" in res.output
+    res = run(cli, ["build", str(paths.corpus), str(tmp_path / "idx"), "--local", "--rows-per-chunk", "600"])
+    assert res.exit_code == 0 and "reused" in res.output
+    (tmp_path / "forget.txt").write_text(forget[0] + "\n")
+    res = run(cli, ["neighbours", str(tmp_path / "idx"), "--forget", str(paths.forget_ids), "-k", "4",
+                    "--out", str(tmp_path / "nb.json"), "--vectors-out", str(tmp_path / "nb.npy")])
+    assert res.exit_code == 0, res.output
+    nb = json.loads((tmp_path / "nb.json").read_text())
+    _, ids_ref = brute_force(corpus, forget, 4)
+    assert [n["ids"] for n in nb["neighbours"]][0] == ids_ref[0] and np.load(tmp_path / "nb.npy").shape == (50, 4, 64)
+    thr = str(2 * info.forget_threshold)
+    res = run(cli, ["duplicates", str(tmp_path / "idx"), "--forget", str(tmp_path / "forget.txt"), "--threshold", thr,
+                    "--out", str(tmp_path / "dup.json")])
+    assert res.exit_code == 2 and "49 retained item(s)" in res.output
+    assert json.loads((tmp_path / "dup.json").read_text())["duplicates"][0]["distance"] == 0
+    res = run(cli, ["duplicates", str(tmp_path / "idx"), "--forget", str(tmp_path / "forget.txt"), "--threshold", thr,
+                    "--policy", "add", "--forget-out", str(tmp_path / "forget2.txt")])
+    assert res.exit_code == 0, res.output
+    assert sorted(read_forget_ids(tmp_path / "forget2.txt")) == sorted(forget)
+    for out in (res.output,):
+        assert forget[0] not in out
+    res = run(cli, ["neighbours", str(tmp_path / "nowhere"), "--forget", str(tmp_path / "forget.txt"), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "no index" in res.output
