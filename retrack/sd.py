@@ -22,16 +22,18 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from functools import lru_cache
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from retrack.digest import directory_digest
 from retrack.errors import InputError, ModelLayoutError, StorageError
-from retrack.models import DIGEST_FILE, WEIGHTS_FILE, _read_json
+
+if TYPE_CHECKING:  # diffusers / transformers load lazily: importing them costs seconds
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 PIPELINE_CLASS = "StableDiffusionPipeline"
 TEXT_WEIGHTS_FILE = "model.safetensors"
@@ -41,6 +43,14 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # 49152 - 256 - 2 merges of the file, then the two special tokens (49408 entries in all).
 CLIP_NUM_MERGES = 49152 - 256 - 2
 MODEL_INDEX = "model_index.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # as retrack.models
+DIGEST_FILE = "retrack_digest.json"  # as retrack.models
+
+
+def _read_json(path: Path, what: str) -> dict:
+    from retrack.models import _read_json as read
+
+    return read(path, what)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -93,6 +103,11 @@ def write_clip_tokenizer_files(out_dir: str | Path, bpe_path: str | Path | None 
     return out
 
 
+@lru_cache(maxsize=2)
+def _cached_vocab(bpe_path: str | None) -> tuple[dict[str, int], list[str]]:
+    return clip_vocab_from_bpe(bpe_path)
+
+
 def _write_vocab_files(out: Path, tokenizer) -> None:
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     (out / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
@@ -102,7 +117,9 @@ def _write_vocab_files(out: Path, tokenizer) -> None:
 
 def clip_tokenizer(bpe_path: str | Path | None = None) -> CLIPTokenizer:
     """A real `CLIPTokenizer` (49408 tokens, 77 positions) built offline from the BPE vocabulary."""
-    vocab, merges = clip_vocab_from_bpe(bpe_path)
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _cached_vocab(str(bpe_path) if bpe_path is not None else None)
     return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=CLIP_CONTEXT_LENGTH)
 
 
@@ -157,6 +174,8 @@ class StableDiffusion:
 
 def sd_scheduler() -> DDPMScheduler:
     """Stable Diffusion v1's training schedule (scaled-linear betas, epsilon prediction)."""
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -164,6 +183,7 @@ def sd_scheduler() -> DDPMScheduler:
         beta_schedule="scaled_linear",
         prediction_type="epsilon",
         clip_sample=False,
+        steps_offset=1,
     )
 
 
@@ -171,6 +191,9 @@ def tiny_sd(resolution: int = 16, seed: int = 0, bpe_path: str | Path | None = N
     """A ~3M-parameter Stable Diffusion with SD's structure, for tests: VAE halving the resolution
     into 4 latent channels, a 2-layer CLIP text encoder over the real 49408-token vocabulary and a
     cross-attention UNet."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         in_channels=3,
@@ -315,6 +338,9 @@ def local_model_dir(uri: str | Path, cache_dir: str | Path | None = None) -> Pat
 def load_sd_model(path: str | Path, device: str | torch.device = "cpu") -> StableDiffusion:
     """Load a Stable Diffusion directory (diffusers layout, safetensors only), encoders frozen,
     every weight upcast to fp32 (fp32 master weights; autocast handles reduced precision)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     root = Path(path)
     variants = check_sd_model_dir(root)
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", use_safetensors=True, variant=variants["unet"])

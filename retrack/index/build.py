@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Protocol
 
 import pyarrow.parquet as pq
@@ -29,6 +29,7 @@ from retrack.index.encoders import EncoderSpec, build_encoder
 from retrack.index.manifest import FileRecord, IndexParams, Manifest, ShardRecord
 from retrack.index.shards import (
     build_shard,
+    calibrate_nprobe,
     chunk_info,
     chunk_key,
     embeddings_dir,
@@ -57,6 +58,7 @@ class EncodeJob:
 class ShardJob:
     number: int
     key: str
+    dim: int
 
 
 class Executor(Protocol):
@@ -144,7 +146,7 @@ class LocalExecutor:
     def build_shards(self, root, jobs, params, quantizer, progress=None):
         out = []
         for n, job in enumerate(jobs):
-            out.append(build_shard(root, job.number, job.key, params, quantizer, self.threads))
+            out.append(build_shard(root, job.number, job.key, params, quantizer, self.threads, job.dim))
             if progress:
                 progress("shards", n + 1, len(jobs))
         return out
@@ -215,42 +217,11 @@ def build_index(
     infos = [chunk_info(j.dest) for j in jobs]
     if any(i is None for i in infos):
         raise StorageError(f"the encode stage left unfinished embedding chunks under {root.uri}/embeddings")
-    count = sum(i["rows"] for i in infos)
     bad = [b for i in infos for b in i["bad"]]
-    if count == 0:
+    if sum(i["rows"] for i in infos) == 0:
         raise CorpusError(f"no item of corpus {plan.root.uri} could be encoded ({len(bad)} skipped)")
-    dim = next(i["dim"] for i in infos if i["rows"])
-
-    # 3. The quantizer (IVF types): reused when trained for the same inputs and parameters.
-    resolved = params.resolve(count, dim)
-    quantizer = None
-    if resolved.type != "flat":
-        same_inputs = old is not None and old.quantizer is not None and old.index_params.build_digest() == resolved.build_digest() \
-            and [s.chunk_key for s in old.shards] == keys and old.quantizer.valid_size(root)
-        if same_inputs:
-            quantizer = old.quantizer
-        else:
-            sample = sample_vectors([(j.dest, i) for j, i in zip(jobs, infos)], resolved.train_size, resolved.seed)
-            log.info("training %s quantizer: nlist=%d on %d vectors", resolved.type, resolved.nlist, len(sample))
-            data = train_quantizer(resolved, sample, executor.threads)
-            quantizer = FileRecord.of(root, "quantizer.faiss", data)
-            (root / "quantizer.faiss").write_bytes(data)
-
-    # 4. Shards: build those missing, stale or truncated.
-    config = shard_config(resolved, quantizer)
-    records: dict[int, ShardRecord] = {}
-    shard_jobs = []
-    for n, k in enumerate(keys):
-        rec = None if force else read_shard_record(root, n)
-        if rec is not None and rec.chunk_key == k and rec.config == config and rec.valid(root):
-            records[n] = rec
-        else:
-            shard_jobs.append(ShardJob(n, k))
-    if shard_jobs:
-        log.info("building %d of %d shard(s)", len(shard_jobs), len(keys))
-        for rec in executor.build_shards(root, shard_jobs, resolved, quantizer, progress):
-            records[rec.number] = rec
-    shards = [records[n] for n in range(len(keys))]
+    resolved, quantizer, shards, n_built = index_chunks(root, keys, params, executor, old, force, progress)
+    dim = next(s.dim for s in shards if s.count)
 
     manifest = Manifest(
         corpus=corpus_info,
@@ -269,9 +240,54 @@ def build_index(
         log.warning("%d corpus item(s) were skipped (on_bad=skip); see %s", len(bad), (root / "bad_rows.jsonl").uri)
     manifest.write(root)
     _collect_garbage(root, set(keys), len(keys), keep_embeddings)
-    status = "built" if old is None or len(shard_jobs) == len(keys) else "repaired"
-    return BuildResult(manifest, status, encoded_chunks=len(todo), built_shards=len(shard_jobs),
+    status = "built" if old is None or n_built == len(keys) else "repaired"
+    return BuildResult(manifest, status, encoded_chunks=len(todo), built_shards=n_built,
                        seconds=time.perf_counter() - start, bad_rows=bad)
+
+
+def index_chunks(root: Location, keys: list[str], params: IndexParams, executor: Executor,
+                 old: Manifest | None = None, force: bool = False, progress: Progress | None = None,
+                 ) -> tuple[IndexParams, FileRecord | None, list[ShardRecord], int]:
+    """Index encoded chunks (embeddings/<key>/, complete): train the quantizer if IVF, then build
+    the shards that are missing, stale or damaged. Returns (params, quantizer, shards, built)."""
+    infos = [chunk_info(embeddings_dir(root, k)) for k in keys]
+    if any(i is None for i in infos):
+        raise StorageError(f"unfinished embedding chunks under {root.uri}/embeddings")
+    count = sum(i["rows"] for i in infos)
+    dim = next(i["dim"] for i in infos if i["rows"])
+    resolved = params.resolve(count, dim)
+    quantizer = None
+    if resolved.type != "flat":
+        same_inputs = old is not None and old.quantizer is not None and old.index_params.build_digest() == resolved.build_digest() \
+            and [s.chunk_key for s in old.shards] == keys and old.quantizer.valid_size(root) and not force
+        if same_inputs:
+            quantizer = old.quantizer
+            if resolved.nprobe is None:
+                resolved = replace(resolved, nprobe=old.index_params.nprobe)
+        else:
+            sample = sample_vectors([(embeddings_dir(root, k), i) for k, i in zip(keys, infos)], resolved.train_size, resolved.seed)
+            log.info("training %s quantizer: nlist=%d on %d vectors", resolved.type, resolved.nlist, len(sample))
+            data = train_quantizer(resolved, sample, executor.threads)
+            quantizer = FileRecord.of(root, "quantizer.faiss", data)
+            (root / "quantizer.faiss").write_bytes(data)
+            if resolved.nprobe is None:
+                nprobe, recall = calibrate_nprobe(resolved, data, sample)
+                log.info("nprobe %d reaches recall@10 %.3f on held-out sample queries", nprobe, recall)
+                resolved = replace(resolved, nprobe=nprobe)
+    config = shard_config(resolved, quantizer)
+    records: dict[int, ShardRecord] = {}
+    shard_jobs = []
+    for n, k in enumerate(keys):
+        rec = None if force else read_shard_record(root, n)
+        if rec is not None and rec.chunk_key == k and rec.config == config and rec.valid(root):
+            records[n] = rec
+        else:
+            shard_jobs.append(ShardJob(n, k, dim))
+    if shard_jobs:
+        log.info("building %d of %d shard(s)", len(shard_jobs), len(keys))
+        for rec in executor.build_shards(root, shard_jobs, resolved, quantizer, progress):
+            records[rec.number] = rec
+    return resolved, quantizer, [records[n] for n in range(len(keys))], len(shard_jobs)
 
 
 def _same_request(old: Manifest, params: IndexParams) -> bool:

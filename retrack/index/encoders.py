@@ -93,6 +93,8 @@ class VaeEncoder:
         import torch
         from diffusers import AutoencoderKL
 
+        if spec.device.startswith("cuda") and not torch.cuda.is_available():
+            spec = EncoderSpec(**{**spec.to_dict(), "device": "cpu"})  # same vectors, slower
         self.spec = spec
         try:
             self.vae = AutoencoderKL.from_pretrained(spec.model_dir).to(spec.device).eval().requires_grad_(False)

@@ -25,10 +25,12 @@ INDEX_TYPES = ("auto", "flat", "ivf", "ivfpq")
 class IndexParams:
     """How to index. `auto`: exact (flat) up to `flat_max` vectors, IVF above.
 
-    nlist (IVF lists) defaults to ~4*sqrt(n) rounded to a power of two; nprobe (lists searched) to
-    nlist/16 (at least 16); the quantizer is trained on `train_size` sampled vectors (default 64 per
-    list, at most 256k). ivfpq stores `pq_m` sub-quantizer codes of `pq_bits` bits per vector;
-    neighbours are always re-ranked on the full vectors, so PQ only affects candidate recall.
+    nlist (IVF lists) defaults to ~2*sqrt(n) rounded to a power of two; the quantizer is trained on
+    `train_size` sampled vectors (default 50 per list, at most 256k). nprobe (lists searched), unless
+    given, is calibrated at build time: the smallest power of two whose recall@10 on held-out
+    sample queries reaches `target_recall` against exact search. ivfpq stores `pq_m` sub-quantizer
+    codes of `pq_bits` bits per vector; neighbours are always re-ranked on the full vectors, so PQ
+    only affects candidate recall.
     """
 
     type: str = "auto"
@@ -38,6 +40,7 @@ class IndexParams:
     pq_m: int | None = None
     pq_bits: int = 8
     train_size: int | None = None
+    target_recall: float = 0.99
     seed: int = 0
 
     def __post_init__(self):
@@ -51,10 +54,10 @@ class IndexParams:
             kind = "flat" if n <= self.flat_max else "ivf"
         if kind == "flat":
             return IndexParams(type="flat", flat_max=self.flat_max, seed=self.seed)
-        nlist = self.nlist or max(16, 2 ** round(math.log2(max(4 * math.sqrt(n), 1))))
+        nlist = self.nlist or max(16, 2 ** round(math.log2(max(2 * math.sqrt(n), 1))))
         nlist = min(nlist, max(1, n // 39))  # faiss wants >= 39 training points per list
-        nprobe = min(nlist, self.nprobe or max(16, nlist // 16))
-        train = min(n, self.train_size or min(256 * nlist, max(64 * nlist, 20_000), 256_000))
+        nprobe = None if self.nprobe is None else min(nlist, self.nprobe)
+        train = min(n, self.train_size or min(max(50 * nlist, 20_000), 256_000))
         pq_m = None
         if kind == "ivfpq":
             pq_m = self.pq_m or next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0 and m <= dim)
@@ -63,13 +66,13 @@ class IndexParams:
         # PQ codebooks of 2**bits centroids want >= 39 training points each.
         pq_bits = min(self.pq_bits, max(1, int(math.log2(max(train // 39, 2))))) if kind == "ivfpq" else self.pq_bits
         return IndexParams(type=kind, flat_max=self.flat_max, nlist=nlist, nprobe=nprobe, pq_m=pq_m,
-                           pq_bits=pq_bits, train_size=train, seed=self.seed)
+                           pq_bits=pq_bits, train_size=train, target_recall=self.target_recall, seed=self.seed)
 
     def build_digest(self) -> str:
         """What decides the stored shards (nprobe is a search-time setting and is left out)."""
         d = asdict(self)
-        d.pop("nprobe")
-        d.pop("flat_max")
+        for search_only in ("nprobe", "flat_max", "target_recall"):
+            d.pop(search_only)
         return config_digest(d)
 
 

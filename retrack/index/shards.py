@@ -131,6 +131,7 @@ def new_index(params: IndexParams, dim: int):
     index.own_fields = True
     quantizer.this.disown()
     index.cp.seed = params.seed
+    index.cp.niter = 16
     return index
 
 
@@ -143,6 +144,32 @@ def train_quantizer(params: IndexParams, sample: np.ndarray, threads: int | None
     index = new_index(params, sample.shape[1])
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     return faiss.serialize_index(index).tobytes()
+
+
+def calibrate_nprobe(params: IndexParams, quantizer: bytes, sample: np.ndarray, k: int = 10, queries: int = 200) -> tuple[int, float]:
+    """Smallest power-of-two nprobe whose recall@k on held-out sample queries reaches the target.
+
+    The sample (already in memory for training) stands in for the corpus: its points are sparser,
+    so neighbours are farther and the estimate errs on the side of more probes.
+    """
+    import faiss
+
+    rng = np.random.default_rng(params.seed + 1)
+    perm = rng.permutation(len(sample))
+    q, base = sample[perm[:queries]], np.ascontiguousarray(sample[perm[queries:]])
+    flat = faiss.IndexFlatL2(base.shape[1])
+    flat.add(base)
+    _, truth = flat.search(q, k)
+    index = faiss.deserialize_index(np.frombuffer(quantizer, dtype=np.uint8))
+    index.add(base)
+    nprobe, recall = 1, 0.0
+    while True:
+        index.nprobe = nprobe
+        _, got = index.search(q, k)
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)]))
+        if recall >= params.target_recall or nprobe >= params.nlist:
+            return nprobe, recall
+        nprobe = min(2 * nprobe, params.nlist)
 
 
 def shard_config(params: IndexParams, quantizer: FileRecord | None) -> str:
@@ -165,6 +192,7 @@ def build_shard(
     params: IndexParams,
     quantizer: FileRecord | None,
     threads: int = 1,
+    dim: int | None = None,
 ) -> ShardRecord:
     """Add one encoded chunk to a copy of the trained quantizer (or a flat index) and write it.
 
@@ -178,7 +206,7 @@ def build_shard(
     info = chunk_info(dest)
     if info is None:
         raise StorageError(f"embedding chunk {dest.uri} is incomplete; encode it before building shard {number}")
-    dim = int(info["dim"] or 0)
+    dim = int(dim or info["dim"] or 0)
     if quantizer is not None:
         raw = (root / quantizer.name).read_bytes()
         if sha256_bytes(raw) != quantizer.sha256:

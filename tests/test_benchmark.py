@@ -1,0 +1,54 @@
+"""The embedded benchmark plants one image at a few percent of the corpus, unambiguously."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrack.benchmark import BenchmarkPaths, ensure_benchmark
+from retrack.corpus import read_corpus, read_forget_ids, to_unit_range
+from retrack.knn import exact_knn
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    info = ensure_benchmark(root, "digits")
+    return root, info
+
+
+def test_planted_copies_are_one_image_at_a_few_percent(bench):
+    root, info = bench
+    paths = BenchmarkPaths(root)
+    corpus = read_corpus(paths.corpus)
+    forget = read_forget_ids(paths.forget_ids)
+    assert len(corpus) == info.corpus_size and len(forget) == info.forget_count
+    assert 0.01 <= len(forget) / len(corpus) <= 0.05
+    copies = corpus.images[corpus.index_of(forget)]
+    assert np.all(copies == copies[0])
+    # No retained item is a look-alike: all are farther than twice the frequency threshold.
+    retained = np.delete(corpus.images, corpus.index_of(forget), axis=0)
+    dist, _ = exact_knn(to_unit_range(copies[:1]), to_unit_range(retained), 1)
+    assert dist[0, 0] >= 2 * info.forget_threshold * 0.999
+
+
+def test_holdout_is_disjoint_from_the_corpus(bench):
+    root, info = bench
+    paths = BenchmarkPaths(root)
+    corpus, holdout = read_corpus(paths.corpus), read_corpus(paths.holdout)
+    assert len(holdout) == info.holdout_size > 100
+    assert not set(holdout.ids) & set(corpus.ids)
+    assert len(corpus) - info.forget_count + 1 + len(holdout) == 1797  # every digit used once (+ copies)
+
+
+def test_existing_benchmark_is_reused_and_a_partial_one_rebuilt(bench, tmp_path):
+    root, info = bench
+    mtime = (BenchmarkPaths(root).info).stat().st_mtime_ns
+    assert ensure_benchmark(root) == info
+    assert BenchmarkPaths(root).info.stat().st_mtime_ns == mtime
+    partial = BenchmarkPaths(tmp_path)
+    ensure_benchmark(tmp_path)
+    (partial.holdout / "_SUCCESS").unlink()
+    assert not partial.complete()
+    ensure_benchmark(tmp_path)
+    assert partial.complete()

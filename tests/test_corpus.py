@@ -1,0 +1,93 @@
+"""The corpus format: round trip, atomic writes and the specific refusal of malformed corpora."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from retrack.corpus import (
+    SCHEMA,
+    check_forget_ids,
+    encode_image,
+    read_corpus,
+    read_forget_ids,
+    write_shards,
+)
+from retrack.errors import CorpusError, ForgetSetError
+
+
+def rows(n, size=8, start=0):
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+        yield {"id": f"x{i}", "image": encode_image(rng.integers(0, 256, (size, size), dtype=np.uint8)), "label": i % 10}
+
+
+def test_round_trip_keeps_ids_pixels_and_labels(tmp_path):
+    shards = write_shards(tmp_path / "c", rows(10), shard_size=4)
+    assert [s.name for s in shards] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert (tmp_path / "c" / "_SUCCESS").is_file()
+    c = read_corpus(tmp_path / "c")
+    assert c.ids == [f"x{i}" for i in range(10)]
+    assert c.images.shape == (10, 1, 8, 8) and c.images.min() >= -1 and c.images.max() <= 1
+    expected = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    np.testing.assert_allclose(c.images[0, 0], expected / 127.5 - 1, atol=1e-6)
+    assert c.labels.tolist() == [i % 10 for i in range(10)]
+
+
+def test_failed_write_leaves_no_partial_corpus(tmp_path):
+    def broken():
+        yield from rows(5)
+        raise RuntimeError("disk went away")
+
+    with pytest.raises(RuntimeError):
+        write_shards(tmp_path / "c", broken(), shard_size=2)
+    assert not (tmp_path / "c").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    write_shards(tmp_path / "c", list(rows(3)) + list(rows(2)))
+    with pytest.raises(CorpusError, match="2 id\\(s\\) occur more than once"):
+        read_corpus(tmp_path / "c")
+
+
+def test_mixed_image_sizes_are_refused(tmp_path):
+    write_shards(tmp_path / "c", list(rows(3)) + list(rows(1, size=9, start=3)))
+    with pytest.raises(CorpusError, match="item 'x3': image is 9x9x1, the corpus is 8x8x1"):
+        read_corpus(tmp_path / "c")
+
+
+def test_empty_shard_and_missing_column_are_refused(tmp_path):
+    (tmp_path / "c").mkdir()
+    pq.write_table(pa.Table.from_pylist([], schema=SCHEMA), tmp_path / "c" / "part-00000.parquet")
+    with pytest.raises(CorpusError, match="part-00000.parquet is empty"):
+        read_corpus(tmp_path / "c")
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.table({"id": ["a"]}), tmp_path / "d" / "part-00000.parquet")
+    with pytest.raises(CorpusError, match="lacks column\\(s\\) \\['image'\\]"):
+        read_corpus(tmp_path / "d")
+
+
+def test_missing_directory_and_non_parquet_shard(tmp_path):
+    with pytest.raises(CorpusError, match="does not exist"):
+        read_corpus(tmp_path / "nope")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "part-00000.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(CorpusError, match="cannot be read as parquet"):
+        read_corpus(tmp_path / "e")
+
+
+def test_forget_id_checks(tmp_path):
+    corpus_ids = ["a", "b", "c"]
+    check_forget_ids(["a", "c"], corpus_ids)
+    with pytest.raises(ForgetSetError, match="empty"):
+        check_forget_ids([], corpus_ids)
+    with pytest.raises(ForgetSetError, match=r"1 forget id\(s\) are listed more than once \(entries \[1, 3\]\)"):
+        check_forget_ids(["a", "b", "a"], corpus_ids)
+    with pytest.raises(ForgetSetError, match=r"1 of 2 forget id\(s\) are not in the corpus, e.g. \['z'\]"):
+        check_forget_ids(["a", "z"], corpus_ids)
+    p = tmp_path / "ids.txt"
+    p.write_text("# request 42\n a \n\nb\n")
+    assert read_forget_ids(p) == ["a", "b"]
