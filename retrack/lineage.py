@@ -1,0 +1,247 @@
+"""MLflow lineage of a deletion request: one run per request, the unlearned model registered as a
+new version with its lineage tags, and the alias moved last.
+
+Idempotent and safe against partial failure: a version is only "complete" once it carries the
+`retrack.complete` tag, which is set after everything else; the alias moves after that. A rerun of
+the same request (same request id and config hash) finds the complete version and reuses it; a
+version left incomplete by a crash is deleted and registered again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from retrack.errors import StorageError
+
+TAG_PREFIX = "retrack."
+COMPLETE_TAG = TAG_PREFIX + "complete"
+T = TypeVar("T")
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the checkout it runs from, when there is one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("retrack")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{pkg}+{sha}" if sha else pkg
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What a registered version must say about where it came from. Ids appear only as a digest."""
+
+    request_id: str
+    config_hash: str
+    parent_model_uri: str
+    parent_model_version: str
+    forget_ids_digest: str
+    forget_count: int
+    index_manifest_digest: str
+    method: str
+    method_params: str  # JSON
+    code_version: str
+    model_digest: str
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_PREFIX + k: str(v) for k, v in asdict(self).items()}
+
+
+def with_retries(fn: Callable[[], T], what: str, endpoint: str, attempts: int = 4, backoff: float = 1.0) -> T:
+    """Bounded retries with exponential backoff for transient tracking-server failures."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (MlflowException, requests.exceptions.RequestException, ConnectionError) as exc:
+            transient = not isinstance(exc, MlflowException) or getattr(exc, "error_code", "") in (
+                "TEMPORARILY_UNAVAILABLE",
+                "INTERNAL_ERROR",
+                "REQUEST_LIMIT_EXCEEDED",
+            ) or "Max retries exceeded" in str(exc) or "Connection" in str(exc)
+            if not transient or attempt == attempts - 1:
+                raise StorageError(f"MLflow at {endpoint}: {what} failed after {attempt + 1} attempt(s): {_short(exc)}") from None
+            time.sleep(backoff * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]
+
+
+def check_tracking_server(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any training, when the tracking server cannot be reached."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+    except requests.exceptions.RequestException as exc:
+        raise StorageError(f"MLflow tracking server {tracking_uri} is unreachable: {_short(exc)}") from None
+
+
+class LineageStore:
+    """The MLflow side of one request: run, inputs, metrics, artifacts, model version, alias."""
+
+    def __init__(self, tracking_uri: str, attempts: int = 4, backoff: float = 1.0):
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.attempts, self.backoff = attempts, backoff
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        return with_retries(fn, what, self.tracking_uri, self.attempts, self.backoff)
+
+    # --- run ---------------------------------------------------------------------------------
+
+    def experiment_id(self, name: str, artifact_location: str | None = None) -> str:
+        exp = self._call("get experiment", lambda: self.client.get_experiment_by_name(name))
+        if exp is not None:
+            return exp.experiment_id
+        return self._call("create experiment", lambda: self.client.create_experiment(name, artifact_location=artifact_location))
+
+    def request_run(self, experiment: str, run_name: str, request_id: str, config_hash: str, artifact_location: str | None = None) -> str:
+        """The run of this (request, config): reused on rerun, created otherwise."""
+        exp_id = self.experiment_id(experiment, artifact_location)
+        found = self._call(
+            "search runs",
+            lambda: self.client.search_runs(
+                [exp_id],
+                filter_string=f"tags.`{TAG_PREFIX}request_id` = '{request_id}' and tags.`{TAG_PREFIX}config_hash` = '{config_hash}'",
+                max_results=1,
+            ),
+        )
+        if found:
+            return found[0].info.run_id
+        run = self._call(
+            "create run",
+            lambda: self.client.create_run(exp_id, run_name=run_name, tags={TAG_PREFIX + "request_id": request_id, TAG_PREFIX + "config_hash": config_hash}),
+        )
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, object]) -> None:
+        from mlflow.entities import Param
+
+        existing = self._call("get run", lambda: self.client.get_run(run_id)).data.params
+        todo = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        if todo:
+            self._call("log params", lambda: self.client.log_batch(run_id, params=todo))
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._call("log metrics", lambda: self.client.log_batch(run_id, metrics=batch))
+
+    def log_inputs(self, run_id: str, inputs: dict[str, tuple[str, str, int]]) -> None:
+        """`inputs[context] = (source uri, digest, count)`: datasets logged as digests and counts only."""
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        entries = []
+        for context, (source, digest, count) in inputs.items():
+            ds = MetaDataset(source=HTTPDatasetSource(source), name=context, digest=digest[:32])
+            tags = [InputTag("mlflow.data.context", context), InputTag(TAG_PREFIX + "count", str(count))]
+            entries.append(DatasetInput(ds._to_mlflow_entity(), tags))
+        self._call("log inputs", lambda: self.client.log_inputs(run_id, datasets=entries))
+
+    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
+        self._call("upload artifacts", lambda: self.client.log_artifacts(run_id, str(local_dir), artifact_path))
+
+    def finish_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self._call("end run", lambda: self.client.set_terminated(run_id, status=status))
+
+    # --- registry ----------------------------------------------------------------------------
+
+    def complete_version(self, name: str, lineage: Lineage):
+        """The complete version registered for this (request, config), if any."""
+        for mv in self._versions_of(name, lineage):
+            if mv.tags.get(COMPLETE_TAG) == "true":
+                return mv
+        return None
+
+    def _versions_of(self, name: str, lineage: Lineage) -> list:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self._call("search versions", lambda: self.client.search_model_versions(f"name = '{name}'"))
+        except StorageError as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc):
+                return []
+            raise
+        except MlflowException:
+            return []
+        want = (lineage.request_id, lineage.config_hash)
+        return [mv for mv in versions if (mv.tags.get(TAG_PREFIX + "request_id"), mv.tags.get(TAG_PREFIX + "config_hash")) == want]
+
+    def register(self, name: str, run_id: str, model_dir: str | Path, lineage: Lineage, alias: str | None) -> str:
+        """Register `model_dir` as a new version of `name` (or reuse this request's), alias last."""
+        from mlflow.exceptions import MlflowException
+
+        done = self.complete_version(name, lineage)
+        if done is None:
+            for stale in self._versions_of(name, lineage):  # left incomplete by a crash
+                self._call("delete incomplete version", lambda v=stale: self.client.delete_model_version(name, v.version))
+            self.log_artifacts(run_id, model_dir, "model")
+            try:
+                self._call("create registered model", lambda: self.client.create_registered_model(name))
+            except StorageError as exc:
+                if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+                    raise
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            source = self._call("get run", lambda: self.client.get_run(run_id)).info.artifact_uri.rstrip("/") + "/model"
+            mv = self._call(
+                "create model version",
+                lambda: self.client.create_model_version(name, source=source, run_id=run_id, tags=lineage.tags(), description=f"retrack unlearning for request {lineage.request_id}"),
+            )
+            self._wait_ready(name, mv.version)
+            self._call("tag version complete", lambda: self.client.set_model_version_tag(name, mv.version, COMPLETE_TAG, "true"))
+            version = mv.version
+        else:
+            version = done.version
+        if alias:
+            self._call("move alias", lambda: self.client.set_registered_model_alias(name, alias, version))
+        return str(version)
+
+    def _wait_ready(self, name: str, version: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            mv = self._call("get version", lambda: self.client.get_model_version(name, version))
+            if mv.status == "READY":
+                return
+            if mv.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+                raise StorageError(f"model version {name}/{version} did not become READY (status {mv.status})")
+            time.sleep(0.5)
+
+
+def lineage_json(lineage: Lineage) -> str:
+    return json.dumps(asdict(lineage), indent=2, sort_keys=True)
+
+
+def mlflow_env_for_storage(endpoint_url: str | None) -> None:
+    """Point MLflow's S3 artifact client at an S3-compatible endpoint (credentials from the env)."""
+    if endpoint_url:
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint_url)

@@ -1,0 +1,176 @@
+"""The job spec: one YAML file describes one deletion request end to end (pydantic-validated).
+
+`retrack validate JOB.yaml` checks it; `retrack schema` prints its JSON schema. Every field is
+documented here, and the shipped examples under `configs/` are loaded by the tests.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from retrack.config import MethodConfig, StrictModel, TrainConfig
+from retrack.digest import config_digest
+from retrack.errors import InputError, describe_validation_error
+
+# Ids become path components and run names: a strict alphabet rules out traversal ("../") by design.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_safe_name(value: str, what: str) -> str:
+    if not SAFE_NAME.match(value) or ".." in value:
+        raise ValueError(f"{what} {value!r} must be 1-128 characters of letters, digits, '.', '_' or '-', not starting with a symbol and without '..'")
+    return value
+
+
+def _is_uri(value: str) -> bool:
+    return value.startswith("s3://") or "://" not in value
+
+
+class ModelSpec(StrictModel):
+    """The model to unlearn from."""
+
+    kind: Literal["pixel-ddpm", "stable-diffusion"] = Field("pixel-ddpm", description="pixel-ddpm: diffusers UNet2DModel + DDPMScheduler; stable-diffusion: a StableDiffusionPipeline directory.")
+    uri: str = Field(..., description="Directory in diffusers layout (safetensors weights), a local path or s3://bucket/prefix.")
+    registered_name: str | None = Field(None, description="MLflow registered model this model is a version of (defaults to mlflow.registered_model).")
+    version: str | None = Field(None, description="The parent's MLflow model version, recorded in lineage.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not _is_uri(v):
+            raise ValueError(f"unsupported URI scheme in {v!r}: use a local path or s3://")
+        return v
+
+
+class CorpusSpec(StrictModel):
+    """The training corpus the model was trained on."""
+
+    uri: str = Field(..., description="Local path or s3://bucket/prefix holding the corpus.")
+    format: Literal["parquet", "imagefolder"] = Field("parquet", description="parquet: shards of (id, image bytes[, label][, caption]); imagefolder: image files, id = relative path without extension.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not _is_uri(v):
+            raise ValueError(f"unsupported URI scheme in {v!r}: use a local path or s3://")
+        return v
+
+
+class ForgetSpec(StrictModel):
+    """The items to forget: an inline list or a file, exactly one of them."""
+
+    ids: list[str] | None = Field(None, description="Ids of the corpus items to forget.")
+    file: str | None = Field(None, description="File with one id per line ('#' comments allowed), local or s3://.")
+    duplicates: Literal["fail", "warn", "add"] = Field("add", description="What to do with retained near-duplicates of a forget item: fail the job, warn, or add them to the forget set.")
+    duplicate_threshold: float | None = Field(None, gt=0, description="Distance (model space) under which a retained item counts as a near-duplicate; default: the index stage's calibrated value.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "ForgetSpec":
+        if (self.ids is None) == (self.file is None):
+            raise ValueError("give exactly one of forget.ids and forget.file")
+        if self.ids is not None and not self.ids:
+            raise ValueError("forget.ids is empty: nothing to unlearn")
+        return self
+
+
+class ScalingSpec(StrictModel):
+    """How many Ray Train workers, and on what."""
+
+    num_workers: int = Field(1, ge=1, description="Data-parallel training workers.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+
+
+class IndexSpec(StrictModel):
+    """The kNN index over the corpus embeddings."""
+
+    kind: Literal["auto", "flat", "ivf", "ivfpq"] = Field("auto", description="auto: exact (flat) for small corpora, IVF above index.flat_max_items.")
+    flat_max_items: int = Field(200_000, ge=1, description="Largest corpus indexed exactly when kind is auto.")
+    candidates_margin: int = Field(32, ge=0, description="Extra candidates searched beyond K before forget ids are dropped and the rest re-ranked exactly.")
+
+
+class EvaluationSpec(StrictModel):
+    """How the unlearned model is scored."""
+
+    num_samples: int = Field(2000, ge=16, description="Samples per model (original and unlearned, same seeds).")
+    seed: int = Field(0, description="Seed of the first sampling batch.")
+    forget_threshold: float | None = Field(None, gt=0, description="L2 distance in [0,1] pixels under which a sample is a copy of a forgotten image; default: half the forget image's distance to its nearest retained item.")
+    membership_alpha: float = Field(0.05, gt=0, lt=1, description="Per-item membership test level: an item whose denoising loss is below this quantile of held-out items' losses is still remembered.")
+    max_frequency_ratio: float = Field(0.1, ge=0, description="Verdict: forgotten only if the forget frequency is at most this fraction of the original's (plus no item still remembered).")
+    holdout_uri: str | None = Field(None, description="Non-member items (same format as the corpus) for the membership test.")
+
+
+class StorageSpec(StrictModel):
+    """Where the job's intermediate and final outputs live."""
+
+    root: str = Field(..., description="Local directory or s3://bucket/prefix; every output is keyed by request id and config hash below it.")
+    endpoint_url: str | None = Field(None, description="S3 endpoint override for S3-compatible servers (credentials come from the environment, never from this file).")
+    region: str | None = Field(None, description="S3 region.")
+
+    @field_validator("root")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not _is_uri(v):
+            raise ValueError(f"unsupported URI scheme in {v!r}: use a local path or s3://")
+        return v
+
+
+class MlflowSpec(StrictModel):
+    """Lineage: where the run and the registered model version go."""
+
+    tracking_uri: str = Field(..., description="MLflow tracking URI: http(s)://server or sqlite:///path.db for the embedded default.")
+    experiment: str = Field("retrack", description="Experiment holding one run per deletion request.")
+    registered_model: str = Field(..., description="Registered model that receives the unlearned model as a new version.")
+    alias: str | None = Field("production", description="Alias moved to the new version last (only after everything else succeeded); null to move none.")
+    artifact_location: str | None = Field(None, description="Artifact root for a new experiment (e.g. s3://bucket/mlflow); default: the server's.")
+
+
+class JobSpec(StrictModel):
+    """One deletion request: which items to remove from which model, how, and where results go."""
+
+    request_id: str = Field(..., description="Unique id of the deletion request; names the run and its storage prefix.")
+    model: ModelSpec
+    corpus: CorpusSpec
+    forget: ForgetSpec
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    index: IndexSpec = Field(default_factory=IndexSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    storage: StorageSpec
+    mlflow: MlflowSpec
+
+    @field_validator("request_id")
+    @classmethod
+    def _rid(cls, v: str) -> str:
+        return check_safe_name(v, "request_id")
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes the result (not where it is stored or logged)."""
+        return config_digest(self.model_dump(mode="json", exclude={"storage", "mlflow", "scaling"}))[:16]
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.request_id}-{self.config_hash()}"
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a YAML job spec with safe loading; errors name the file and each offending field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"job spec {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"job spec {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"job spec {path} must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(f"job spec {path}: {describe_validation_error(exc)}") from None

@@ -1,0 +1,76 @@
+"""Lineage against a real MLflow server with an S3 (SeaweedFS) artifact store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from retrack.errors import StorageError
+from retrack.lineage import COMPLETE_TAG, Lineage, LineageStore, check_tracking_server
+from retrack.models import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+
+pytestmark = pytest.mark.integration
+
+
+def lineage(request_id="req-1", config_hash="abc123"):
+    return Lineage(
+        request_id=request_id,
+        config_hash=config_hash,
+        parent_model_uri="s3://models/digits",
+        parent_model_version="3",
+        forget_ids_digest="f" * 64,
+        forget_count=50,
+        index_manifest_digest="e" * 64,
+        method="retrack",
+        method_params=json.dumps({"lambda": 0.5, "k": 10}),
+        code_version="0.1.0+test",
+        model_digest="d" * 64,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("m") / "model"
+    save_pixel_model(PixelDiffusion(tiny_pixel_unet(8), default_scheduler()), out)
+    return out
+
+
+def test_register_tags_alias_artifacts_and_idempotent_rerun(mlflow_server, s3_env, model_dir):
+    store = LineageStore(mlflow_server.tracking_uri)
+    lin = lineage()
+    run_id = store.request_run("retrack-test", "req-1-abc123", lin.request_id, lin.config_hash)
+    store.log_inputs(run_id, {"corpus": ("s3://b/corpus", "c" * 64, 1666), "forget": ("retrack://forget-set", lin.forget_ids_digest, 50)})
+    version = store.register("digits-ddpm", run_id, model_dir, lin, alias="production")
+    mv = store.client.get_model_version("digits-ddpm", version)
+    for key, value in lin.tags().items():
+        assert mv.tags[key] == value
+    assert mv.tags[COMPLETE_TAG] == "true"
+    assert store.client.get_model_version_by_alias("digits-ddpm", "production").version == version
+    keys = {o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_env.bucket, Prefix="mlflow-artifacts/")["Contents"]}
+    assert any(k.endswith("model/unet/diffusion_pytorch_model.safetensors") for k in keys)
+    inputs = store.client.get_run(run_id).inputs.dataset_inputs
+    assert {d.dataset.name for d in inputs} == {"corpus", "forget"}
+    # Rerun of the same request: same run, same version, still one version.
+    assert store.request_run("retrack-test", "req-1-abc123", lin.request_id, lin.config_hash) == run_id
+    assert store.register("digits-ddpm", run_id, model_dir, lin, alias="production") == version
+    assert len(store.client.search_model_versions("name = 'digits-ddpm'")) == 1
+
+
+def test_incomplete_version_is_replaced_and_alias_only_moves_last(mlflow_server, s3_env, model_dir):
+    store = LineageStore(mlflow_server.tracking_uri)
+    lin = lineage("req-2", "def456")
+    run_id = store.request_run("retrack-test", "req-2", lin.request_id, lin.config_hash)
+    store.client.create_registered_model("crashy")
+    source = store.client.get_run(run_id).info.artifact_uri + "/model"
+    half = store.client.create_model_version("crashy", source=source, run_id=run_id, tags=lin.tags())  # crash before "complete"
+    assert store.complete_version("crashy", lin) is None
+    version = store.register("crashy", run_id, model_dir, lin, alias="production")
+    assert version != half.version
+    remaining = [mv.version for mv in store.client.search_model_versions("name = 'crashy'")]
+    assert remaining == [version]
+
+
+def test_unreachable_tracking_server_fails_fast():
+    with pytest.raises(StorageError, match="127.0.0.1:9 is unreachable"):
+        check_tracking_server("http://127.0.0.1:9", timeout=2)
