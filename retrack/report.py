@@ -1,0 +1,96 @@
+"""The request's report: before/after sample grid (look-alikes redacted), metrics plot, markdown
+and JSON summaries. Only numbers and generated samples that are not copies of forgotten items go in."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from retrack.report_images import save_before_after
+from retrack.verdict import Verdict
+
+PLOTTED = ("forget_frequency", "frechet_distance", "forget_loss", "integrity")
+
+
+def _plot(metrics: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(metrics)
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(3.2 * len(PLOTTED), 3))
+    for ax, key in zip(axes, PLOTTED):
+        vals = [metrics[n].get(key, np.nan) for n in names]
+        ax.bar(names, vals, color=["#888", "#2a7", "#37c", "#c73"][: len(names)])
+        ax.set_title(key.replace("_", " "))
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    out_dir: str | Path,
+    request_id: str,
+    metrics: dict[str, dict],
+    verdict: Verdict,
+    membership: dict | None,
+    before01: np.ndarray,
+    after01: np.ndarray,
+    redact: np.ndarray,
+    context: dict,
+) -> Path:
+    """Write the report atomically into `out_dir` (a temp dir moved into place when complete)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_before_after(before01, after01, redact, tmp / "samples_before_after.png")
+        _plot(metrics, tmp / "metrics.png")
+        per_item = None
+        if membership is not None:
+            per_item = [{"item": n, "loss_percentile_among_non_members": round(float(p), 4), "remembered": bool(r)} for n, (p, r) in enumerate(zip(membership["percentiles"], membership["remembered"]))]
+        summary = {
+            "request_id": request_id,
+            "verdict": verdict.to_dict(),
+            "metrics": metrics,
+            "membership": None if membership is None else {"alpha": membership["alpha"], "threshold": membership["threshold"], "n_reference": membership["n_reference"], "items": per_item},
+            "redacted_tiles": int(redact.sum()),
+            **context,
+        }
+        (tmp / "report.json").write_text(json.dumps(summary, indent=2, default=float))
+        (tmp / "report.md").write_text(_markdown(request_id, metrics, verdict, per_item, context))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _markdown(request_id: str, metrics: dict[str, dict], verdict: Verdict, per_item: list | None, context: dict) -> str:
+    cols = ["forget_frequency", "frechet_distance", "integrity", "feature_integrity", "forget_loss"]
+    lines = [
+        f"# Deletion request `{request_id}`: **{verdict.label}**",
+        "",
+        *(f"- {r}" for r in verdict.reasons),
+        "",
+        "| model | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for name, m in metrics.items():
+        lines.append(f"| {name} | " + " | ".join("-" if m.get(c) is None else f"{m[c]:.4g}" for c in cols) + " |")
+    if per_item is not None:
+        remembered = sum(i["remembered"] for i in per_item)
+        lines += ["", f"Per-item membership test: {remembered} of {len(per_item)} forgotten item(s) still look like members "
+                  "(denoising loss below the non-members' alpha-quantile)."]
+    lines += ["", "![same-seed samples, original left, unlearned right; grey tiles are redacted look-alikes](samples_before_after.png)", "", "![metrics](metrics.png)", ""]
+    lines += [f"- {k}: `{v}`" for k, v in context.items()]
+    return "\n".join(lines) + "\n"
