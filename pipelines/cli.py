@@ -145,5 +145,23 @@ def demo(
     run_demo(DemoSettings(quick=quick, out=out))
 
 
+@app.command()
+@refusing_bad_input
+def validate(job: Path = typer.Argument(..., help="Job spec (YAML).")) -> None:
+    """Check a job spec without running anything; exit 2 naming each invalid field."""
+    from retrack.spec import load_spec
+
+    spec = load_spec(job)
+    typer.echo(f"{job}: valid (request {spec.request_id}, method {spec.method.name}, config hash {spec.config_hash()})")
+
+
+@app.command()
+def schema() -> None:
+    """Print the job spec's JSON schema."""
+    from retrack.spec import JobSpec
+
+    typer.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
+
+
 def main() -> None:
     app()

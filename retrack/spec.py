@@ -6,6 +6,7 @@ documented here, and the shipped examples under `configs/` are loaded by the tes
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,17 @@ def _is_uri(value: str) -> bool:
     return value.startswith("s3://") or "://" not in value
 
 
+def _expand(value: str) -> str:
+    """`~` and `${VAR}` in local paths and URIs are expanded; s3:// URIs are left as written."""
+    return value if value.startswith("s3://") else os.path.expandvars(os.path.expanduser(value))
+
+
+def _local_or_s3(value: str) -> str:
+    if not _is_uri(value):
+        raise ValueError(f"unsupported URI scheme in {value!r}: use a local path or s3://")
+    return _expand(value)
+
+
 class ModelSpec(StrictModel):
     """The model to unlearn from."""
 
@@ -42,9 +54,7 @@ class ModelSpec(StrictModel):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        if not _is_uri(v):
-            raise ValueError(f"unsupported URI scheme in {v!r}: use a local path or s3://")
-        return v
+        return _local_or_s3(v)
 
 
 class CorpusSpec(StrictModel):
@@ -56,9 +66,7 @@ class CorpusSpec(StrictModel):
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        if not _is_uri(v):
-            raise ValueError(f"unsupported URI scheme in {v!r}: use a local path or s3://")
-        return v
+        return _local_or_s3(v)
 
 
 class ForgetSpec(StrictModel):
@@ -68,6 +76,11 @@ class ForgetSpec(StrictModel):
     file: str | None = Field(None, description="File with one id per line ('#' comments allowed), local or s3://.")
     duplicates: Literal["fail", "warn", "add"] = Field("add", description="What to do with retained near-duplicates of a forget item: fail the job, warn, or add them to the forget set.")
     duplicate_threshold: float | None = Field(None, gt=0, description="Distance (model space) under which a retained item counts as a near-duplicate; default: the index stage's calibrated value.")
+
+    @field_validator("file")
+    @classmethod
+    def _file(cls, v: str | None) -> str | None:
+        return None if v is None else _local_or_s3(v)
 
     @model_validator(mode="after")
     def _one(self) -> "ForgetSpec":
@@ -104,6 +117,11 @@ class EvaluationSpec(StrictModel):
     max_frequency_ratio: float = Field(0.1, ge=0, description="Verdict: forgotten only if the forget frequency is at most this fraction of the original's (plus no item still remembered).")
     holdout_uri: str | None = Field(None, description="Non-member items (same format as the corpus) for the membership test.")
 
+    @field_validator("holdout_uri")
+    @classmethod
+    def _holdout(cls, v: str | None) -> str | None:
+        return None if v is None else _local_or_s3(v)
+
 
 class StorageSpec(StrictModel):
     """Where the job's intermediate and final outputs live."""
@@ -115,9 +133,7 @@ class StorageSpec(StrictModel):
     @field_validator("root")
     @classmethod
     def _uri(cls, v: str) -> str:
-        if not _is_uri(v):
-            raise ValueError(f"unsupported URI scheme in {v!r}: use a local path or s3://")
-        return v
+        return _local_or_s3(v)
 
 
 class MlflowSpec(StrictModel):
@@ -128,6 +144,13 @@ class MlflowSpec(StrictModel):
     registered_model: str = Field(..., description="Registered model that receives the unlearned model as a new version.")
     alias: str | None = Field("production", description="Alias moved to the new version last (only after everything else succeeded); null to move none.")
     artifact_location: str | None = Field(None, description="Artifact root for a new experiment (e.g. s3://bucket/mlflow); default: the server's.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://", "sqlite:///", "postgresql://", "mysql://")):
+            raise ValueError(f"tracking_uri {v!r} must be http(s)://host[:port] or a database URI such as sqlite:///path.db")
+        return os.path.expandvars(v)
 
 
 class JobSpec(StrictModel):
