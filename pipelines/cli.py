@@ -113,7 +113,7 @@ def evaluate(
     scenario: str = typer.Option("digits"),
 ) -> None:
     """Score a model on the embedded benchmark against the original (same-seed samples)."""
-    from pipelines.demo import print_table
+    from pipelines.demo import print_metrics
     from retrack.benchmark import BenchmarkInfo
     from retrack.corpus import read_corpus, read_forget_ids
     from retrack.evaluation import build_reference, evaluate_model
@@ -130,19 +130,35 @@ def evaluate(
     rows = {}
     rows["original"], before = evaluate_model(load_pixel_model(pre.original), ref, samples)
     rows[str(model)], _ = evaluate_model(load_pixel_model(model), ref, samples, original_samples01=before)
-    print_table(rows)
+    print_metrics("embedded benchmark", rows)
 
 
 @app.command()
 @refusing_bad_input
 def demo(
     quick: bool = typer.Option(False, "--quick", help="A few minutes on 2 cores: smaller pretraining and fewer samples."),
-    out: Path = typer.Option(Path("retrack-demo"), help="Where the report goes."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local instance)."),
 ) -> None:
-    """Run the embedded default end to end: pretrain (cached), unlearn with ReTrack, evaluate."""
-    from pipelines.demo import DemoSettings, run_demo
+    """Run the embedded default end to end: pretrain (cached), then index, neighbours, unlearn,
+    evaluate and register, exactly as `retrack run` does."""
+    from pipelines.demo import run_demo
 
-    run_demo(DemoSettings(quick=quick, out=out))
+    run_demo(quick=quick, address=address)
+
+
+@app.command()
+@refusing_bad_input
+def run(
+    job: Path = typer.Argument(..., help="Job spec (YAML); see `retrack schema`."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)."),
+) -> None:
+    """Run one deletion request: index -> neighbours -> unlearn -> evaluate -> register.
+    Completed stages are skipped on rerun."""
+    from pipelines.demo import print_summary
+    from pipelines.job import run_job
+    from retrack.spec import load_spec
+
+    print_summary(run_job(load_spec(job), address=address))
 
 
 @app.command()

@@ -1,0 +1,103 @@
+"""`retrack run` end to end on a small benchmark: every stage's artifacts, resume, idempotence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from retrack.benchmark import build_benchmark, load_digits_u8
+from retrack.models import save_pixel_model
+from retrack.pretrain import PretrainConfig, pretrain
+from retrack.corpus import read_corpus
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    images, labels = load_digits_u8()
+    build_benchmark(root / "bench", images[:300], labels[:300], name="small", copy_fraction=0.05)
+    corpus = read_corpus(root / "bench" / "corpus")
+    model, _ = pretrain(corpus.images, PretrainConfig(steps=30, batch_size=32))
+    save_pixel_model(model, root / "original")
+    return root
+
+
+def spec_file(root: Path, tmp: Path, request_id="req-small", **extra) -> Path:
+    spec = {
+        "request_id": request_id,
+        "model": {"kind": "pixel-ddpm", "uri": str(root / "original")},
+        "corpus": {"uri": str(root / "bench" / "corpus")},
+        "forget": {"file": str(root / "bench" / "forget_ids.txt"), "duplicates": "add"},
+        "method": {"name": "retrack", "params": {"lambda": 0.5, "k": 4}},
+        "train": {"steps": 2, "batch_size": 8},
+        "evaluation": {"num_samples": 32, "holdout_uri": str(root / "bench" / "holdout")},
+        "storage": {"root": str(tmp / "jobs")},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "registered_model": "small-ddpm", "artifact_location": (tmp / "art").as_uri()},
+        **extra,
+    }
+    path = tmp / f"{request_id}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_run_writes_every_stage_and_rerun_skips_them(small, tmp_path):
+    from mlflow import MlflowClient
+
+    from retrack.spec import load_spec
+
+    path = spec_file(small, tmp_path)
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    spec = load_spec(path)
+    job = tmp_path / "jobs" / spec.request_id / spec.config_hash()
+    for stage in ("index", "neighbours", "unlearn", "evaluate", "register"):
+        assert json.loads((job / "stages" / f"{stage}.json").read_text())["config_hash"] == spec.config_hash()
+    assert (job / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert {p.name for p in (job / "report").iterdir()} == {"metrics.png", "report.json", "report.md", "samples_before_after.png"}
+    nb = json.loads((job / "neighbours.json").read_text())
+    assert nb and all(len(v) == 4 for v in nb.values())
+    client = MlflowClient(tracking_uri=spec.mlflow.tracking_uri)
+    versions = client.search_model_versions("name = 'small-ddpm'")
+    assert len(versions) == 1 and versions[0].tags["retrack.request_id"] == "req-small"
+    assert client.get_model_version_by_alias("small-ddpm", "production").version == versions[0].version
+
+    again = CliRunner().invoke(app, ["run", str(path)])
+    assert again.exit_code == 0, again.output
+    assert "index" not in [l.strip() for l in again.output.splitlines() if l.strip().startswith("─")]
+    assert len(client.search_model_versions("name = 'small-ddpm'")) == 1
+
+
+def test_stage_killed_midway_is_the_only_one_redone(small, tmp_path):
+    from pipelines.job import run_job
+    from retrack.spec import load_spec
+
+    spec = load_spec(spec_file(small, tmp_path, request_id="req-resume"))
+    first = run_job(spec)
+    assert first.stages_run == ["index", "neighbours", "unlearn", "evaluate", "register"]
+    job = tmp_path / "jobs" / spec.request_id / spec.config_hash()
+    # As if the job had been killed after unlearning: the later markers never got written.
+    (job / "stages" / "evaluate.json").unlink()
+    (job / "stages" / "register.json").unlink()
+    second = run_job(spec)
+    assert second.stages_skipped == ["index", "neighbours", "unlearn"]
+    assert second.stages_run == ["evaluate", "register"]
+    assert second.model_version == first.model_version
+
+
+def test_bad_spec_registers_nothing_and_trains_nothing(small, tmp_path):
+    path = spec_file(small, tmp_path, request_id="req-bad")
+    data = yaml.safe_load(path.read_text())
+    data["forget"]["file"] = str(tmp_path / "ids.txt")
+    (tmp_path / "ids.txt").write_text("no-such-id\n")
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2 and "not in the corpus" in result.output
+    assert not (tmp_path / "jobs" / "req-bad").exists()
+    assert not (tmp_path / "mlflow.db").exists()
