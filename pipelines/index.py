@@ -123,13 +123,16 @@ class _EncodeBatch:
     dest_root_prefix = ""
 
 
-def _encode_fn(batch, spec, image_shape, on_bad, dest, id_column, image_column, root_prefix):
+def _encode_fn(block, spec, image_shape, on_bad, dest, id_column, image_column, root_prefix, batch_size):
+    """The pixel encoder as a plain function over a whole read block (so Ray fuses read, encode and
+    write into one task: no object-store hop), yielding `batch_size`-row pieces to bound memory."""
     udf = _encode_fn_cache.get((spec, tuple(image_shape)))
     if udf is None:
         udf = _EncodeBatch(spec, image_shape, on_bad, dest, id_column, image_column)
         _encode_fn_cache[(spec, tuple(image_shape))] = udf
     udf.on_bad, udf.dest, udf.id_column, udf.image_column, udf.dest_root_prefix = on_bad, dest, id_column, image_column, root_prefix
-    return udf(batch)
+    for start in range(0, max(block.num_rows, 1), batch_size):
+        yield udf(block.slice(start, batch_size))
 
 
 _encode_fn_cache: dict = {}
@@ -156,6 +159,17 @@ class RayExecutor:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = self.show_progress
         ctx.enable_operator_progress_bars = self.show_progress
+        if not self.show_progress:
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Read blocks of at most 32 MiB of image bytes: what one fused read-encode-write task holds.
+        saved_block_size = ctx.target_max_block_size
+        ctx.target_max_block_size = min(saved_block_size or 32 << 20, 32 << 20)
+        try:
+            self._encode(ray, plan, jobs, encoder, on_bad, progress)
+        finally:
+            ctx.target_max_block_size = saved_block_size
+
+    def _encode(self, ray, plan, jobs, encoder, on_bad, progress):
         fs = plan.root.fs
         root_prefix = plan.root.path.rstrip("/") + "/"
         cpus = ray.cluster_resources().get("CPU", 1)
@@ -163,7 +177,7 @@ class RayExecutor:
         for n, job in enumerate(jobs):
             paths = [plan.location_of(f).path for f in job.chunk.files]
             if plan.kind == "parquet":
-                ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "image"], include_paths=True)
+                ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
                 id_col, img_col = "id", "image"
             else:
                 ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
@@ -171,8 +185,8 @@ class RayExecutor:
             kwargs = dict(spec=encoder, image_shape=plan.image_shape, on_bad=on_bad, dest=job.dest,
                           id_column=id_col, image_column=img_col)
             if encoder.kind == "pixels":
-                ds = ds.map_batches(_encode_fn, batch_format="pyarrow", batch_size=self.batch_size,
-                                    fn_kwargs={**kwargs, "root_prefix": root_prefix})
+                ds = ds.map_batches(_encode_fn, batch_format="pyarrow", batch_size=None,
+                                    fn_kwargs={**kwargs, "root_prefix": root_prefix, "batch_size": self.batch_size})
             else:
                 use_gpu = gpus >= 1 and encoder.device != "cpu"
                 spec = encoder if use_gpu else type(encoder)(**{**encoder.to_dict(), "device": "cpu"})
@@ -199,7 +213,7 @@ class RayExecutor:
 
         task = ray.remote(num_cpus=self.shard_cpus, max_retries=1)(build_shard)
         threads = max(1, int(self.shard_cpus))
-        pending = [task.remote(root, j.number, j.key, params, quantizer, threads) for j in jobs]
+        pending = [task.remote(root, j.number, j.key, params, quantizer, threads, j.dim) for j in jobs]
         out = []
         while pending:
             done, pending = ray.wait(pending, num_returns=1)

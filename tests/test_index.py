@@ -146,6 +146,23 @@ def test_ivf_recall_at_10_against_exact_search(clustered, kind, min_recall):
     assert recall_at(exact.ids, [[ids[keep[j]] for j in row] for row in ix]) >= (0.99 if kind == "ivf" else min_recall)
 
 
+def test_nprobe_is_calibrated_at_build_time_to_the_target_recall(clustered):
+    root, images, ids = clustered
+    res = build_index(root / "corpus", root / "calibrated", params=IndexParams(type="ivf", nlist=64, target_recall=0.99),
+                      rows_per_chunk=3000)
+    nprobe = res.manifest.params["nprobe"]
+    assert 1 <= nprobe <= 64
+    idx = open_index(root / "calibrated")
+    forget = ids[:30]
+    x = images.reshape(len(images), -1).astype(np.float32) / 127.5 - 1
+    keep = np.arange(30, len(ids))
+    _, ix = exact_knn(x[:30], x[keep], 10)
+    assert recall_at(find_neighbours(idx, forget, k=10).ids, [[ids[keep[j]] for j in row] for row in ix]) >= 0.97
+    # An explicit nprobe at search time overrides the calibrated one.
+    assert build_index(root / "corpus", root / "calibrated", params=IndexParams(type="ivf", nlist=64, nprobe=3),
+                       rows_per_chunk=3000).status == "reused"
+
+
 # --------------------------------------------------------------------------------------------
 # Reuse, rebuild, repair
 # --------------------------------------------------------------------------------------------

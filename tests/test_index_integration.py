@@ -134,3 +134,28 @@ def test_cli_build_on_ray_from_s3(ray_local, s3_env, bench, tmp_path):
     assert res.exit_code == 0, res.output
     nb = json.loads((Location.parse(s3_env.uri(f"{run}/nb.json"))).read_text())
     assert [n["ids"] for n in nb["neighbours"]] == brute_force(corpus, forget, 3)[1]
+
+
+def test_vae_latents_through_a_ray_actor_pool_match_the_local_loop(ray_local, tmp_path):
+    """The VAE runs in Ray Data actors (fractional CPUs, no GPU here): same vectors as in-process."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from pipelines.index import build
+    from retrack.index import EncoderSpec, build_index
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    images = np.random.default_rng(2).integers(0, 256, size=(24, 16, 16, 3), dtype=np.uint8)
+    write_corpus(tmp_path / "c", images, shard_size=8)
+    spec = EncoderSpec(kind="vae", model_dir=str(tmp_path / "vae"), device="cuda")
+    on_ray = build(str(tmp_path / "c"), str(tmp_path / "ray-idx"), encoder=spec)
+    local = build_index(tmp_path / "c", tmp_path / "local-idx", encoder=spec)
+    assert on_ray.manifest.dim == local.manifest.dim == 256
+    a, b = open_index(tmp_path / "ray-idx"), open_index(tmp_path / "local-idx")
+    rows_b = {i: n for n, i in enumerate(b.ids.to_pylist())}
+    order = np.array([rows_b[i] for i in a.ids.to_pylist()])
+    np.testing.assert_allclose(a.vectors(np.arange(24)), b.vectors(order), rtol=1e-4, atol=1e-5)

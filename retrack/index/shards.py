@@ -162,10 +162,12 @@ def calibrate_nprobe(params: IndexParams, quantizer: bytes, sample: np.ndarray, 
     _, truth = flat.search(q, k)
     index = faiss.deserialize_index(np.frombuffer(quantizer, dtype=np.uint8))
     index.add(base)
+    # PQ candidates are re-ranked on full vectors: what counts is the truth among K + margin.
+    depth = k if params.type == "ivf" else k + max(4 * k, 64)
     nprobe, recall = 1, 0.0
     while True:
         index.nprobe = nprobe
-        _, got = index.search(q, k)
+        _, got = index.search(q, depth)
         recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)]))
         if recall >= params.target_recall or nprobe >= params.nlist:
             return nprobe, recall

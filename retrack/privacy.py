@@ -1,0 +1,97 @@
+"""The scan that proves nothing forgotten leaked: no forget image (encoded or as pixels), latent,
+caption or id inside what a job wrote (artifacts, MLflow params/tags/metrics, logs, reports).
+
+Byte needles catch copies of encoded images, raw pixels and text; PNG outputs are also decoded and
+searched for the forget images at every integer upscale, which is how sample grids show images.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+@dataclass
+class Finding:
+    where: str
+    what: str
+    size: int
+
+
+@dataclass
+class ForgetContent:
+    images_u8: list[np.ndarray]  # HxWxC uint8 as stored in the corpus
+    encoded: list[bytes] = field(default_factory=list)  # the corpus bytes of each image
+    captions: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    min_id_length: int = 6  # shorter ids are too likely to occur by chance
+
+    def needles(self) -> list[tuple[str, bytes]]:
+        out = [("encoded image", b) for b in self.encoded]
+        for img in self.images_u8:
+            out.append(("raw pixels", np.ascontiguousarray(img).tobytes()))
+            m11 = (img.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+            out.append(("model-space tensor", np.ascontiguousarray(m11).tobytes()))
+        out += [("caption", c.encode()) for c in self.captions if c.strip()]
+        out += [("forget id", i.encode()) for i in self.ids if len(i) >= self.min_id_length]
+        return [(what, n) for what, n in out if len(n) >= 4]
+
+
+def _contains_image(haystack: np.ndarray, needle: np.ndarray, max_scale: int = 8) -> bool:
+    hay = haystack if haystack.ndim == 3 else haystack[:, :, None]
+    if hay.shape[2] != needle.shape[2]:
+        hay = hay[:, :, :1] if needle.shape[2] == 1 else np.repeat(hay[:, :, :1], needle.shape[2], 2)
+    for s in range(1, max_scale + 1):
+        pat = needle.repeat(s, 0).repeat(s, 1)
+        if pat.shape[0] > hay.shape[0] or pat.shape[1] > hay.shape[1]:
+            break
+        windows = np.lib.stride_tricks.sliding_window_view(hay, pat.shape)
+        if np.any(np.all(windows == pat, axis=(-3, -2, -1))):
+            return True
+    return False
+
+
+def scan_blob(blob: bytes, where: str, content: ForgetContent) -> list[Finding]:
+    found = [Finding(where, what, len(n)) for what, n in content.needles() if n in blob]
+    if blob[:8] == b"\x89PNG\r\n\x1a\n":
+        try:
+            img = np.asarray(Image.open(io.BytesIO(blob)).convert("L" if content.images_u8 and content.images_u8[0].shape[2] == 1 else "RGB"))
+        except (UnidentifiedImageError, OSError):
+            img = None
+        if img is not None:
+            for k, needle in enumerate(content.images_u8):
+                if _contains_image(img, needle):
+                    found.append(Finding(where, f"forget image #{k} drawn in a PNG", needle.size))
+    return found
+
+
+def scan_files(paths: Iterable[Path], content: ForgetContent) -> list[Finding]:
+    out = []
+    for p in paths:
+        if p.is_file():
+            out += scan_blob(p.read_bytes(), str(p), content)
+    return out
+
+
+def scan_tree(root: str | Path, content: ForgetContent) -> list[Finding]:
+    return scan_files(sorted(Path(root).rglob("*")), content)
+
+
+def scan_texts(texts: dict[str, str], content: ForgetContent) -> list[Finding]:
+    return [f for where, text in texts.items() for f in scan_blob(text.encode(), where, content)]
+
+
+def mlflow_texts(client, run_id: str) -> dict[str, str]:
+    """Every parameter, tag, metric and input of a run, as text keyed by where it is."""
+    run = client.get_run(run_id)
+    texts = {f"param {k}": f"{k}={v}" for k, v in run.data.params.items()}
+    texts |= {f"tag {k}": f"{k}={v}" for k, v in run.data.tags.items()}
+    texts |= {f"metric {k}": f"{k}={v}" for k, v in run.data.metrics.items()}
+    for n, d in enumerate(run.inputs.dataset_inputs if run.inputs else []):
+        texts[f"input {n}"] = f"{d.dataset.name} {d.dataset.source} {d.dataset.digest} " + " ".join(f"{t.key}={t.value}" for t in d.tags)
+    return texts
