@@ -16,6 +16,13 @@ app = typer.Typer(
 )
 
 
+def _mount_stage_commands() -> None:
+    """Stage sub-commands live beside their stage (they import Ray lazily)."""
+    from pipelines import index
+
+    app.add_typer(index.cli, name="index", help="Build the corpus kNN index; find neighbours and near-duplicates.")
+
+
 def refusing_bad_input(fn):
     """Turn retrack's own errors into a one-line message and exit code 2 (no traceback)."""
 
@@ -177,6 +184,9 @@ def schema() -> None:
     from retrack.spec import JobSpec
 
     typer.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
+
+
+_mount_stage_commands()
 
 
 def main() -> None:

@@ -287,7 +287,9 @@ def _evaluate_stage(spec: JobSpec, pre: Preflight, job: JobDir, nb: dict, un: di
 
 
 def _default_forget_threshold(corpus: Corpus, forget: list[str]) -> float:
-    """Half the [0,1]-pixel distance from the forget images to their nearest retained item."""
+    """Half the [0,1]-pixel distance from the forget images to their nearest retained item (the
+    rule the embedded benchmark uses), so a sample under it is closer to a forgotten image than
+    to anything retained."""
     from retrack.corpus import to_unit_range
     from retrack.knn import exact_knn
 

@@ -93,13 +93,11 @@ def load_fashion_mnist_u8(root: Path = FASHION_MNIST_DIR, limit: int | None = No
 
 def most_isolated(images_u8: np.ndarray) -> tuple[int, float]:
     """Index of the image farthest from its nearest neighbour, and that distance ([0, 1] pixels)."""
-    import faiss
+    from retrack.knn import exact_knn
 
-    x = np.ascontiguousarray(images_u8.reshape(len(images_u8), -1).astype(np.float32) / 255.0)
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    dist, _ = index.search(x, 2)  # column 0 is the image itself
-    nn = np.sqrt(np.maximum(dist[:, 1], 0.0))
+    x = images_u8.reshape(len(images_u8), -1).astype(np.float32) / 255.0
+    dist, _ = exact_knn(x, x, 2)  # column 0 is the image itself
+    nn = dist[:, 1]
     best = int(np.argmax(nn))
     return best, float(nn[best])
 
