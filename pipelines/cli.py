@@ -18,9 +18,10 @@ app = typer.Typer(
 
 def _mount_stage_commands() -> None:
     """Stage sub-commands live beside their stage (they import Ray lazily)."""
-    from pipelines import index
+    from pipelines import index, queue
 
     app.add_typer(index.cli, name="index", help="Build the corpus kNN index; find neighbours and near-duplicates.")
+    app.add_typer(queue.cli, name="queue", help="The deletion queue: submit requests, run the pending ones as one batch job.")
 
 
 def refusing_bad_input(fn):
