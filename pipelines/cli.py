@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from pipelines.refusal import refusing_bad_input
 
 app = typer.Typer(
     help="Make a trained diffusion model forget specific training data (ReTrack and baselines, on Ray).",
@@ -22,27 +23,6 @@ def _mount_stage_commands() -> None:
 
     app.add_typer(index.cli, name="index", help="Build the corpus kNN index; find neighbours and near-duplicates.")
     app.add_typer(queue.cli, name="queue", help="The deletion queue: submit requests, run the pending ones as one batch job.")
-
-
-def refusing_bad_input(fn):
-    """Turn retrack's own errors into a one-line message and exit code 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from pydantic import ValidationError
-
-        from retrack.errors import RetrackError, describe_validation_error
-
-        try:
-            return fn(*args, **kwargs)
-        except RetrackError as exc:
-            typer.secho(f"error: {exc}", fg="red", err=True)
-            raise typer.Exit(2) from None
-        except ValidationError as exc:
-            typer.secho(f"error: invalid settings: {describe_validation_error(exc)}", fg="red", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _params(text: str) -> dict:

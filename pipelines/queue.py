@@ -27,6 +27,8 @@ from typing import Optional
 
 import typer
 
+from pipelines.refusal import refusing_bad_input
+
 cli = typer.Typer(help="The deletion queue: requests wait as job specs until a scheduled run processes them as one batch.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -34,23 +36,6 @@ DEFAULT_RUNNER = "pipelines.job:run_job"
 
 QueueOpt = typer.Option(..., "--queue", envvar="RETRACK_QUEUE", help="Queue location: a local directory or s3://bucket/prefix.")
 EndpointOpt = typer.Option(None, "--endpoint-url", envvar=["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"], help="S3-compatible endpoint.")
-
-
-def _refusing(fn):
-    """Retrack's own errors become one line on stderr and exit code 2."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from retrack.errors import RetrackError
-
-        try:
-            return fn(*args, **kwargs)
-        except RetrackError as exc:
-            typer.secho(f"error: {exc}", fg="red", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def load_runner(ref: str):
@@ -82,7 +67,7 @@ def _queue(queue: str, endpoint: Optional[str], lease_seconds: float = 900.0):
 
 
 @cli.command()
-@_refusing
+@refusing_bad_input
 def submit(
     job: Path = typer.Argument(..., help="Job spec (YAML) of one deletion request."),
     queue: str = QueueOpt,
@@ -95,7 +80,7 @@ def submit(
 
 
 @cli.command()
-@_refusing
+@refusing_bad_input
 def run(
     queue: str = QueueOpt,
     endpoint: Optional[str] = EndpointOpt,
@@ -120,7 +105,7 @@ def run(
 
 
 @cli.command()
-@_refusing
+@refusing_bad_input
 def status(
     queue: str = QueueOpt,
     endpoint: Optional[str] = EndpointOpt,
@@ -146,7 +131,7 @@ def status(
 
 
 @cli.command()
-@_refusing
+@refusing_bad_input
 def retry(
     request_id: str = typer.Argument(..., help="Id of a failed request."),
     queue: str = QueueOpt,

@@ -8,9 +8,6 @@ stage streams large ones with Ray Data using the same decoding and checks.
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from retrack.atomic import atomic_directory
 from retrack.errors import CorpusError, ForgetSetError
 
 SCHEMA = pa.schema(
@@ -89,9 +87,7 @@ class Corpus:
 def write_shards(out_dir: str | Path, rows: Iterable[dict], shard_size: int = 512) -> list[Path]:
     """Write rows as parquet shards into `out_dir`, atomically: a reader never sees a partial corpus."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         batch: list[dict] = []
         n = 0
         for row in rows:
@@ -102,12 +98,6 @@ def write_shards(out_dir: str | Path, rows: Iterable[dict], shard_size: int = 51
         if batch:
             _write_shard(tmp / SHARD_PATTERN.format(n), batch)
         (tmp / COMPLETE_MARKER).write_text("")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(out.glob("part-*.parquet"))
 
 

@@ -7,15 +7,13 @@ message saying what was found instead.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from retrack.atomic import atomic_directory
 from retrack.digest import directory_digest
 from retrack.errors import ModelLayoutError
 
@@ -96,19 +94,15 @@ def load_pixel_model(path: str | Path, device: str | torch.device = "cpu") -> Pi
 
 def save_pixel_model(model: PixelDiffusion, path: str | Path, metadata: dict | None = None) -> str:
     """Write the pipeline atomically (temp dir, then rename) and return its content digest."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        DDPMPipeline(unet=model.unet, scheduler=model.scheduler).save_pretrained(tmp, safe_serialization=True)
+    return write_model_dir(path, lambda tmp: DDPMPipeline(unet=model.unet, scheduler=model.scheduler).save_pretrained(tmp, safe_serialization=True), metadata)
+
+
+def write_model_dir(path: str | Path, fill, metadata: dict | None = None) -> str:
+    """Atomically write a model directory with `fill(tmp)`, plus its digest marker; returns the digest."""
+    with atomic_directory(path) as tmp:
+        fill(tmp)
         digest = directory_digest(tmp)
         (tmp / DIGEST_FILE).write_text(json.dumps({"sha256": digest, **(metadata or {})}, indent=2, sort_keys=True))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return digest
 
 

@@ -4,13 +4,11 @@ and JSON summaries. Only numbers and generated samples that are not copies of fo
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from retrack.atomic import atomic_directory
 from retrack.report_images import save_before_after
 from retrack.verdict import Verdict
 
@@ -48,9 +46,7 @@ def write_report(
 ) -> Path:
     """Write the report atomically into `out_dir` (a temp dir moved into place when complete)."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         save_before_after(before01, after01, redact, tmp / "samples_before_after.png")
         _plot(metrics, tmp / "metrics.png")
         per_item = None
@@ -66,12 +62,6 @@ def write_report(
         }
         (tmp / "report.json").write_text(json.dumps(summary, indent=2, default=float))
         (tmp / "report.md").write_text(_markdown(request_id, metrics, verdict, per_item, context))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -3,10 +3,8 @@ storage and MLflow artifacts, and an `mlflow server` with a SQLite backend."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from retrack.benchmark import build_benchmark, load_digits_u8

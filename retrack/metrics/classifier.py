@@ -10,9 +10,6 @@ safetensors next to a JSON config, never pickled.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from retrack.atomic import atomic_directory
 from retrack.errors import InputError, ModelLayoutError
 
 CONFIG_FILE = "config.json"
@@ -131,20 +129,11 @@ def train_classifier(
 
 def save_classifier(model: FeatureClassifier, path: str | Path) -> None:
     """Write config.json + model.safetensors atomically (temp dir, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         config = {"_class_name": CLASS_NAME, **asdict(model.config)}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _read_config(root: Path) -> ClassifierConfig:

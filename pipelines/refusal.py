@@ -1,0 +1,28 @@
+"""How every `retrack` command refuses bad input: one line on stderr, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import functools
+
+import typer
+
+
+def refusing_bad_input(fn):
+    """Turn retrack's own errors (and invalid settings) into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pydantic import ValidationError
+
+        from retrack.errors import RetrackError, describe_validation_error
+
+        try:
+            return fn(*args, **kwargs)
+        except RetrackError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        except ValidationError as exc:
+            typer.secho(f"error: invalid settings: {describe_validation_error(exc)}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
