@@ -19,22 +19,12 @@ app = typer.Typer(
 
 def _mount_stage_commands() -> None:
     """Stage sub-commands live beside their stage (they import Ray lazily)."""
-    from pipelines import index, queue
+    from pipelines import index, queue, unlearn
+
+    app.command("unlearn", help="Unlearn the listed items from a diffusion model with Ray Train (every input checked first).")(refusing_bad_input(unlearn.unlearn_command))
 
     app.add_typer(index.cli, name="index", help="Build the corpus kNN index; find neighbours and near-duplicates.")
     app.add_typer(queue.cli, name="queue", help="The deletion queue: submit requests, run the pending ones as one batch job.")
-
-
-def _params(text: str) -> dict:
-    from retrack.errors import InputError
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--params is not JSON: {exc.msg}") from None
-    if not isinstance(value, dict):
-        raise InputError("--params must be a JSON object, e.g. '{\"lambda\": 0.05, \"k\": 10}'")
-    return value
 
 
 @app.command()
@@ -54,42 +44,6 @@ def pretrain(
         off = {"original": 0, "retrained": steps}
         pre = ensure_pretrained(ws, preset, progress=lambda w, s, _n: advance(off[w] + s, w))
     console.print(f"original: {pre.original} ({pre.original_seconds:.0f} s)\nretrained: {pre.retrained} ({pre.retrained_seconds:.0f} s)")
-
-
-@app.command()
-@refusing_bad_input
-def unlearn(
-    model: Path = typer.Option(..., help="Original model directory (diffusers DDPM pipeline layout)."),
-    corpus: Path = typer.Option(..., help="Corpus directory: parquet shards of (id, image[, label][, caption])."),
-    forget_ids: Path = typer.Option(..., help="File with one id to forget per line."),
-    out: Path = typer.Option(..., help="Where the unlearned model is written (diffusers layout)."),
-    method: str = typer.Option("retrack", help="retrack, vanilla, neggrad, erasediff or siss."),
-    params: str = typer.Option("{}", help='Method parameters as JSON, e.g. \'{"lambda": 0.05, "k": 10}\'.'),
-    steps: int = typer.Option(50, help="Optimiser updates."),
-    batch_size: int = typer.Option(128, help="Batch per branch."),
-    lr: float = typer.Option(5e-5, help="AdamW learning rate."),
-    seed: int = typer.Option(0),
-) -> None:
-    """Unlearn the forget set from a pixel DDPM in this process (every input checked first)."""
-    from pipelines.progress import console, stage_bar
-    from retrack.config import MethodConfig, TrainConfig
-    from retrack.corpus import read_corpus, read_forget_ids
-    from retrack.models import check_pixel_model_dir, load_pixel_model, save_pixel_model
-    from retrack.unlearn import run_unlearning, split_for_unlearning
-
-    method_cfg = MethodConfig.model_validate({"name": method, "params": _params(params)})
-    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    check_pixel_model_dir(model)
-    data = split_for_unlearning(read_corpus(corpus), read_forget_ids(forget_ids), method_cfg)
-    pixel = load_pixel_model(model)
-    if tuple(data.retain.shape[1:]) != pixel.image_shape:
-        from retrack.errors import InputError
-
-        raise InputError(f"corpus images are {tuple(data.retain.shape[1:])}, the model expects {pixel.image_shape}")
-    with stage_bar(f"unlearn ({method})", steps) as advance:
-        _, secs = run_unlearning(pixel, data, method_cfg, train, progress=lambda s, logs: advance(s, f"loss {logs['loss']:.3g}"))
-    digest = save_pixel_model(pixel, out, metadata={"method": method_cfg.model_dump(), "wall_seconds": secs})
-    console.print(f"unlearned model: {out} (sha256 {digest[:12]}, {secs:.1f} s)")
 
 
 @app.command()

@@ -19,9 +19,13 @@ How one job runs
    therefore the single-process draws, whatever W is. Per-loss gradients are summed across
    workers BEFORE the method combines them (step.py's `all_reduce` hook), so EraseDiff's
    projection and SISS's rescaling see the global gradients. Tolerance: W workers reproduce one
-   process up to float32 summation order (and, for Stable Diffusion, VAE/text-encoder batch
-   composition): measured |loss difference| ~1e-5 relative over a run (see
-   benchmarks/results/train.json, `world_size_max_abs_loss_diff`); tests allow 1e-3 relative.
+   process up to float32 summation order and thread count (and, for Stable Diffusion, the batch
+   composition of the frozen VAE / text encoder). Measured on CPU: 1 vs 2 workers gave bitwise
+   equal loss curves over 30 steps (benchmarks/results/train.json, world_size_max_abs_loss_diff
+   = 0.0) and final weights within ~5e-7 of the single process; the tests assert a relative 1e-4
+   on every loss and 1e-4 absolute on every weight.
+   Rows a run draws after a resume are fetched again by the relaunched workers (the datasets
+   always cover the whole plan; each worker keeps only what the remaining steps draw).
 4. DDP wraps the UNet (parameter broadcast from rank 0 at start: replicas cannot drift); its own
    gradient reduction is bypassed with `no_sync()` because the gradients come from
    `torch.autograd.grad` per named loss and are reduced by step.py.
@@ -45,7 +49,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -57,8 +61,9 @@ from retrack.corpus import check_forget_ids, decode_image, read_forget_ids, shar
 from retrack.digest import config_digest, ids_digest, sha256_bytes
 from retrack.errors import CorpusError, InputError, ModelLayoutError, RetrackError, TrainingDivergedError
 from retrack.methods import DataRequirements, UnlearnBatch, build_method, method_class
-from retrack.models import check_pixel_model_dir, model_digest
-from retrack.unlearn import BatchDrawer, UnlearnData, check_k
+
+if TYPE_CHECKING:
+    from retrack.unlearn import BatchDrawer, UnlearnData
 
 STATE_FILE = "retrack_state.json"
 UNET_FILE = "unet.safetensors"
@@ -99,6 +104,7 @@ class UnlearnRequest(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     storage_path: str = Field(..., description="Checkpoint storage: local directory or s3://bucket/prefix.")
+    storage_endpoint: Optional[str] = Field(None, description="S3-compatible endpoint of the storage (default: AWS_ENDPOINT_URL).")
     output_dir: str = Field(..., description="Where the unlearned model is written (diffusers layout).")
     run_name: Optional[str] = Field(None, description="Override of the derived run name '<request id>-<config hash>'.")
     max_failures: int = Field(2, ge=-1, description="Worker-group failures to recover from (-1: unlimited).")
@@ -127,7 +133,7 @@ class UnlearnResult:
     history: list[dict]
     seconds: float
     model_kind: str
-    resumed_from: list[int] = field(default_factory=list)  # start step of every attempt after the first
+    resumed_from: list[int] = field(default_factory=list)  # the step each resumed attempt started from
     skipped: bool = False  # the output already existed for this config hash
 
 
@@ -198,6 +204,8 @@ class DataPlan:
 
 
 def _drawer(plan: DataPlan, train: TrainConfig) -> BatchDrawer:
+    from retrack.unlearn import BatchDrawer, UnlearnData
+
     return BatchDrawer(UnlearnData(retain=_Sized(plan.n_retain), forget=_Sized(plan.n_forget)), plan.needs, train)  # type: ignore[arg-type]
 
 
@@ -261,6 +269,8 @@ def corpus_fingerprint(index: CorpusIndex) -> str:
 def resolve_model(request: UnlearnRequest) -> tuple[str, Path]:
     """(kind, local directory) after checking the layout; a kind other than the expected one is refused."""
     from retrack.sd import check_sd_model_dir, local_model_dir, model_kind
+
+    from retrack.models import check_pixel_model_dir
 
     local = local_model_dir(request.model_dir)
     kind = model_kind(local)
@@ -353,6 +363,8 @@ class Prepared:
 
 def prepare(request: UnlearnRequest) -> Prepared:
     """All validation and planning that needs no cluster."""
+    from retrack.models import model_digest
+
     kind, model_dir = resolve_model(request)
     corpus = read_corpus_index(request.corpus_dir)
     forget_ids = list(request.forget_ids) if request.forget_ids is not None else read_forget_ids(request.forget_ids_file)
@@ -373,6 +385,8 @@ def prepare(request: UnlearnRequest) -> Prepared:
     neighbours = None
     nbr_digest = None
     if needs.neighbours:
+        from retrack.unlearn import check_k
+
         k = request.method.k
         check_k(k, len(retain_rows))
         if request.neighbours_file:
@@ -423,14 +437,28 @@ def config_hash(request: UnlearnRequest, plan: DataPlan, model_sha: str) -> str:
 # =========================================================================== storage
 
 
-def _storage(storage_path: str):
-    """(pyarrow filesystem, path on it) of the job storage; local paths are made absolute."""
-    import pyarrow.fs as pafs
+def _storage(storage_path: str, s3=None):
+    """(pyarrow filesystem, path on it) of the job storage: a local directory (made absolute) or
+    s3://bucket/prefix (endpoint and credentials from `s3`, else the AWS_* environment)."""
+    from retrack.storage import Location
 
-    if "://" in storage_path:
-        fs, path = pafs.FileSystem.from_uri(storage_path)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(storage_path).expanduser().resolve())
+    loc = Location.parse(storage_path, s3=s3)
+    return loc.fs, loc.path.rstrip("/")
+
+
+def _model_options(model_dir: str):
+    from retrack.storage import S3Options, is_s3
+
+    return S3Options().resolved() if is_s3(model_dir) else None
+
+
+def _storage_options(request: "UnlearnRequest"):
+    """S3 options resolved on the driver: workers started before the AWS_* variables were set
+    (a local instance, a test) still reach the store. They travel inside an object reference,
+    never in the train loop config (Ray exports that config to its state API / dashboard)."""
+    from retrack.storage import S3Options, is_s3
+
+    return S3Options(endpoint=request.storage_endpoint).resolved() if is_s3(request.storage_path) else None
 
 
 def _read_json_fs(fs, path: str) -> dict | None:
@@ -450,12 +478,12 @@ def _write_json_fs(fs, path: str, obj: dict) -> None:
     fs.move(tmp, path)
 
 
-def check_run_storage(storage_path: str, run_name: str, chash: str) -> dict | None:
+def check_run_storage(storage_path: str, run_name: str, chash: str, s3=None) -> dict | None:
     """Refuse a run directory that holds another config's run marker or checkpoints; returns the
     divergence marker if this config already diverged there."""
     import pyarrow.fs as pafs
 
-    fs, base = _storage(storage_path)
+    fs, base = _storage(storage_path, s3)
     run_dir = f"{base}/{run_name}"
     marker = _read_json_fs(fs, f"{run_dir}/{RUN_MARKER}")
     if marker is not None and marker.get("config_hash") != chash:
@@ -478,8 +506,8 @@ def check_run_storage(storage_path: str, run_name: str, chash: str) -> dict | No
     return None
 
 
-def _claim_run(storage_path: str, run_name: str, chash: str, request_id: str) -> None:
-    fs, base = _storage(storage_path)
+def _claim_run(storage_path: str, run_name: str, chash: str, request_id: str, s3=None) -> None:
+    fs, base = _storage(storage_path, s3)
     path = f"{base}/{run_name}/{RUN_MARKER}"
     if _read_json_fs(fs, path) is None:
         _write_json_fs(fs, path, {"config_hash": chash, "request_id": request_id, "created": time.time()})
@@ -581,10 +609,21 @@ def build_datasets(prep: Prepared, world: int) -> dict:
     files = [str(p) for p in corpus.shards]
 
     def dataset(wanted: dict[str, tuple[int, int]]):
-        ds = ray.data.read_parquet(files, columns=cols)
+        ds = ray.data.read_parquet(files).select_columns(cols)
         return ds.map_batches(
             _decode_batch, batch_format="numpy", fn_kwargs={"wanted": wanted, "kind": plan.kind, "shape": plan.item_shape}
         ).materialize()
+
+    def dataset_checked(wanted):
+        try:
+            return dataset(wanted)
+        except RetrackError:
+            raise
+        except Exception as exc:  # a Ray task error: surface retrack's own message, not a traceback
+            cause = _retrack_cause(exc)
+            if cause is not None:
+                raise cause from None
+            raise
 
     rows = needed_retain_rows(plan, prep.request.train, world)
     retain_wanted = {corpus.ids[prep.retain_rows[r]]: (int(r), -1) for r in rows}
@@ -592,22 +631,60 @@ def build_datasets(prep: Prepared, world: int) -> dict:
     if plan.neighbours is not None:
         for r in np.unique(plan.neighbours):
             forget_wanted[corpus.ids[prep.retain_rows[r]]] = (int(r), -1)
-    out = {"forget": dataset(forget_wanted)}
+    out = {"forget": dataset_checked(forget_wanted)}
     if len(retain_wanted):
-        out["retain"] = dataset(retain_wanted)
+        out["retain"] = dataset_checked(retain_wanted)
     return out
+
+
+def _retrack_cause(exc: BaseException) -> RetrackError | None:
+    """The RetrackError a (possibly nested) Ray error was raised for, unwrapped."""
+    seen = set()
+    todo = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)
+        if isinstance(err, RetrackError) and not isinstance(cause, BaseException):
+            return err
+        todo.extend([cause if isinstance(cause, BaseException) else None, err.__cause__, err.__context__])
+    # Ray Data wraps errors of user functions in a UserCodeException that keeps only the text of
+    # the original traceback: recover retrack's error class and message from it.
+    import re
+
+    import retrack.errors as errors
+
+    found = re.findall(r"retrack\.errors\.(\w+): ([^\n]+)", str(exc))
+    for name, message in reversed(found):
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, RetrackError) and cls is not TrainingDivergedError:
+            return cls(message)
+    return None
 
 
 # =========================================================================== worker side
 
 
-def _collect(iterator) -> dict[str, np.ndarray]:
-    parts: dict[str, list] = {"row": [], "pos": [], "seed": [], "image": [], "caption": []}
+def _empty(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    return {
+        "row": np.zeros(0, np.int64),
+        "pos": np.zeros(0, np.int64),
+        "seed": np.zeros(0, np.int64),
+        "image": np.zeros((0, *shape), np.uint8),
+        "caption": np.zeros(0, dtype=object),
+    }
+
+
+def _collect(iterator, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Materialise a dataset shard on this worker."""
+    parts: dict[str, list] = {k: [v] for k, v in _empty(shape).items()}
     if iterator is not None:
         for batch in iterator.iter_batches(batch_size=256, batch_format="numpy"):
             for k in parts:
                 parts[k].append(batch[k])
-    return {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in parts.items()}
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def _exchange(local: dict[str, np.ndarray], mine: np.ndarray, world: int) -> dict[str, np.ndarray]:
@@ -618,7 +695,7 @@ def _exchange(local: dict[str, np.ndarray], mine: np.ndarray, world: int) -> dic
         keep = np.isin(local["row"], mine)
         return {k: v[keep] for k, v in local.items()}
     rank = dist.get_rank()
-    kept: dict[str, list] = {k: [] for k in local}
+    kept: dict[str, list] = {k: [v[:0]] for k, v in local.items()}
     for src in range(world):
         box = [local if src == rank else None]
         dist.broadcast_object_list(box, src=src)
@@ -653,10 +730,12 @@ class _Encoder:
         return encode_captions(self.bundle.text_encoder, tokenize(self.bundle.tokenizer, list(part["caption"])))
 
 
-def _worker_data(spec: dict, plan: DataPlan, encoder: _Encoder, train: TrainConfig, rank: int, world: int, start_step: int) -> UnlearnData:
+def _worker_data(plan: DataPlan, encoder: _Encoder, train: TrainConfig, rank: int, world: int, start_step: int) -> UnlearnData:
     import ray.train
 
-    forget_part = _collect(ray.train.get_dataset_shard("forget"))
+    from retrack.unlearn import UnlearnData
+
+    forget_part = _collect(ray.train.get_dataset_shard("forget"), plan.item_shape)
     f_idx = np.where(forget_part["pos"] >= 0)[0]
     f_idx = f_idx[np.argsort(forget_part["pos"][f_idx])]
     if len(f_idx) != plan.n_forget:
@@ -675,7 +754,7 @@ def _worker_data(spec: dict, plan: DataPlan, encoder: _Encoder, train: TrainConf
     retain_cond = None
     if plan.needs.retain:
         mine = needed_retain_rows(plan, train, world, rank, start_step)
-        shard = _collect(ray.train.get_dataset_shard("retain"))
+        shard = _collect(ray.train.get_dataset_shard("retain"), plan.item_shape)
         held = _exchange(shard, mine, world)
         if not np.array_equal(np.sort(held["row"]), mine):
             raise RuntimeError(f"worker {rank} holds {len(held['row'])} of its {len(mine)} retained rows after the exchange")
@@ -727,26 +806,106 @@ def _load_bundle(kind: str, model_dir: str, device: torch.device):
     return m, m.unet, m.scheduler
 
 
+def _sha256_file(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _save_checkpoint(unet, opt, step: int, history: list[dict], chash: str, world: int) -> str:
+    """UNet weights (safetensors), AdamW state, and a state file with the step, the loss history,
+    the config hash and the digest of each file (a partially uploaded checkpoint never verifies)."""
     from safetensors.torch import save_file
 
     tmp = tempfile.mkdtemp(prefix="retrack-ckpt-")
     save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, os.path.join(tmp, UNET_FILE))
     torch.save(opt.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+    files = {name: _sha256_file(os.path.join(tmp, name)) for name in (UNET_FILE, OPTIMIZER_FILE)}
     with open(os.path.join(tmp, STATE_FILE), "w") as f:
-        json.dump({"step": step, "config_hash": chash, "history": history, "world_size": world}, f)
+        json.dump({"step": step, "config_hash": chash, "history": history, "world_size": world, "files": files}, f)
     return tmp
 
 
-def _emit(sink, item: dict) -> None:
+def _verified_state(directory: str) -> dict | None:
+    try:
+        state = json.loads(Path(directory, STATE_FILE).read_text())
+        ok = all(_sha256_file(os.path.join(directory, n)) == sha for n, sha in state["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state if ok else None
+
+
+def _resume(fs, run_dir: str, chash: str, registered, load: Callable[[str, dict], None]) -> dict | None:
+    """Load the newest verified checkpoint of this run: the one Ray registered (`get_checkpoint`)
+    or a newer complete one in the run's storage. Ray registers a checkpoint when its controller
+    next polls the workers (every 2 s); a worker killed in between loses the registration, not the
+    uploaded files, so the storage is scanned too."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    candidates: list[tuple[int, Any]] = []
+    if registered is not None:
+        name = Path(str(registered.path)).name
+        candidates.append((int(name[len(CHECKPOINT_PREFIX):]) if name.startswith(CHECKPOINT_PREFIX) else -1, registered))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    except OSError:
+        infos = []
+    for info in infos:
+        if info.type == pafs.FileType.Directory and info.base_name.startswith(CHECKPOINT_PREFIX):
+            try:
+                candidates.append((int(info.base_name[len(CHECKPOINT_PREFIX):]), Checkpoint(info.path, filesystem=fs)))
+            except ValueError:
+                continue
+    for _, ckpt in sorted(candidates, key=lambda c: c[0], reverse=True):
+        try:
+            with ckpt.as_directory() as d:
+                state = _verified_state(d)
+                if state is None:
+                    continue
+                if state.get("config_hash") != chash:
+                    raise CheckpointMismatchError(
+                        f"checkpoint at step {state.get('step')} belongs to config {str(state.get('config_hash'))[:12]}, not {chash[:12]}"
+                    )
+                load(d, state)
+                return state
+        except (OSError, FileNotFoundError):  # deleted by checkpoint rotation meanwhile
+            continue
+    return None
+
+
+class ProgressSink:
+    """A zero-CPU actor collecting progress events; workers push without waiting (fire and
+    forget: a slow driver never slows training), the driver drains it a few times a second."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def push(self, item: dict) -> None:
+        self.items.append(item)
+
+    def drain(self) -> list[dict]:
+        out, self.items = self.items, []
+        return out
+
+
+def _emit(sink, item: dict, wait: bool = False) -> None:
     if sink is not None:
         try:
-            sink.put_nowait(item)
+            ref = sink.push.remote(item)
+            if wait:  # the actor runs one caller's calls in order: everything sent before is in
+                import ray
+
+                ray.get(ref, timeout=30)
         except Exception:  # progress is best effort; never fail training over it
             pass
 
 
-def train_loop(cfg: dict) -> None:
+def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import shutil
 
@@ -757,13 +916,16 @@ def train_loop(cfg: dict) -> None:
 
     from retrack.diffusion import NoiseSchedule
     from retrack.step import make_optimizer, unlearning_step
-    from retrack.unlearn import pixel_denoiser
+    from retrack.unlearn import BatchDrawer, pixel_denoiser
 
+    import ray
+
+    cfg = ray.get(config["spec"])
+    sink = config.get("progress")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train = TrainConfig.model_validate(cfg["train"])
     plan: DataPlan = cfg["plan"]
-    sink = cfg.get("progress")
     use_gpu = cfg["use_gpu"] and torch.cuda.is_available()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
     if use_gpu:
@@ -773,7 +935,7 @@ def train_loop(cfg: dict) -> None:
             torch.backends.cudnn.allow_tf32 = True
     else:
         torch.set_num_threads(max(1, int(round(cfg["cpus_per_worker"]))))
-    fs, base = _storage(cfg["storage_path"])
+    fs, base = _storage(cfg["storage_path"], cfg["storage_s3"])
     run_dir = f"{base}/{cfg['run_name']}"
 
     diverged = _read_json_fs(fs, f"{run_dir}/{DIVERGED_MARKER}")
@@ -781,7 +943,9 @@ def train_loop(cfg: dict) -> None:
         ray.train.report({"diverged_step": diverged["step"]})
         return
 
-    bundle, unet, scheduler = _load_bundle(plan.kind, cfg["model_dir"], device)
+    from retrack.sd import local_model_dir
+
+    bundle, unet, scheduler = _load_bundle(plan.kind, str(local_model_dir(cfg["model_dir"], s3=cfg["model_s3"])), device)
     if train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     method = build_method(cfg["method"]["name"], NoiseSchedule.from_scheduler(scheduler, device), cfg["method"]["params"])
@@ -790,19 +954,18 @@ def train_loop(cfg: dict) -> None:
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = make_optimizer(params, train.lr, train.betas, train.weight_decay)
 
-    start, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = json.loads(Path(d, STATE_FILE).read_text())
-            if state.get("config_hash") != cfg["config_hash"]:
-                raise CheckpointMismatchError(f"checkpoint at step {state.get('step')} belongs to config {str(state.get('config_hash'))[:12]}, not {cfg['config_hash'][:12]}")
-            unet.load_state_dict(load_file(os.path.join(d, UNET_FILE), device=str(device)))
-            opt.load_state_dict(torch.load(os.path.join(d, OPTIMIZER_FILE), map_location=device, weights_only=True))
-            start, history = int(state["step"]), list(state["history"])
-    _emit(sink, {"event": "worker", "rank": rank, "pid": os.getpid(), "world_size": world, "start_step": start})
+    def load(d: str, state: dict) -> None:
+        unet.load_state_dict(load_file(os.path.join(d, UNET_FILE), device=str(device)))
+        opt.load_state_dict(torch.load(os.path.join(d, OPTIMIZER_FILE), map_location=device, weights_only=True))
 
-    data = _worker_data(cfg, plan, _Encoder(plan.kind, bundle), train, rank, world, start)
+    state = _resume(fs, run_dir, cfg["config_hash"], ray.train.get_checkpoint(), load)
+    start, history = (int(state["step"]), list(state["history"])) if state else (0, [])
+    _emit(sink, {"event": "worker", "rank": rank, "pid": os.getpid(), "world_size": world, "start_step": start})
+    if start >= train.steps:  # relaunched after the final checkpoint: nothing left to train
+        ray.train.report({"step": start})
+        return
+
+    data = _worker_data(plan, _Encoder(plan.kind, bundle), train, rank, world, start)
     drawer = BatchDrawer(data, method.requirements, train)
     mine = micro_batches_of(rank, world, train.grad_accum)
 
@@ -836,6 +999,7 @@ def train_loop(cfg: dict) -> None:
     unet.train()
     every = train.checkpoint_every
     for step in range(start, train.steps):
+        began = time.perf_counter()
         pairs = [drawer.microbatch(step, m) for m in mine]
         batches = [_to_device(b, device) for b, _ in pairs]
         gens = [_device_generator(g, device) for _, g in pairs]
@@ -848,9 +1012,10 @@ def train_loop(cfg: dict) -> None:
         except TrainingDivergedError as exc:
             _write_json_fs(fs, f"{run_dir}/{DIVERGED_MARKER}", {"step": exc.step, "what": exc.what, "config_hash": cfg["config_hash"], "rank": rank})
             raise
-        history.append({"step": step + 1, **logs})
         if rank == 0:
             _emit(sink, {"event": "step", "step": step + 1, "steps": train.steps, **logs})
+        # Wall time of the update on this worker (draw, passes, all-reduce, progress; checkpoints excluded).
+        history.append({"step": step + 1, **logs, "seconds": time.perf_counter() - began})
         last = step + 1 == train.steps
         if last or (every and (step + 1) % every == 0):
             metrics = {"step": step + 1, **logs}
@@ -862,42 +1027,37 @@ def train_loop(cfg: dict) -> None:
                     shutil.rmtree(tmp, ignore_errors=True)
             else:
                 ray.train.report(metrics)
-    if start >= train.steps:  # relaunched after the last checkpoint: nothing left to do
-        ray.train.report({"step": start})
+    _emit(sink, {"event": "done", "rank": rank, "step": train.steps}, wait=True)
 
 
 # =========================================================================== driver
 
 
-def _drain(queue, stop: threading.Event, progress: Progress | None, events: list[dict]) -> None:
-    from ray.util.queue import Empty
+def _drain(sink, stop: threading.Event, progress: Progress | None, events: list[dict]) -> None:
+    import ray
 
     while True:
+        last = stop.is_set()
         try:
-            item = queue.get(timeout=0.2)
-        except Empty:
-            if stop.is_set():
-                return
-            continue
+            items = ray.get(sink.drain.remote(), timeout=30)
         except Exception:
             return
-        events.append(item)
-        if progress is not None:
-            try:
-                progress(item)
-            except Exception:  # a broken progress callback must not kill the job
-                pass
-
-
-def _final_checkpoint_dir(result) -> Any:
-    ckpt = result.checkpoint
-    if ckpt is None:
-        raise UnlearnFailedError("training finished without a checkpoint")
-    return ckpt
+        for item in items:
+            events.append(item)
+            if progress is not None:
+                try:
+                    progress(item)
+                except Exception:  # a broken progress callback must not kill the job
+                    pass
+        if last:
+            return
+        stop.wait(0.1)
 
 
 def _save_output(prep: Prepared, ckpt_dir: str, state: dict, scaling: ScalingSettings) -> str:
     from safetensors.torch import load_file
+
+    from retrack.models import model_digest
 
     req = prep.request
     meta = {
@@ -968,34 +1128,38 @@ def unlearn(
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if address is None:  # our own local instance: training is the foreground work, not nice 15
+            os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
     scaling = request.scaling
     check_placement(scaling)
-    diverged = check_run_storage(request.storage_path, prep.run_name, prep.config_hash)
+    s3 = _storage_options(request)
+    diverged = check_run_storage(request.storage_path, prep.run_name, prep.config_hash, s3)
     if diverged is not None:
         raise TrainingDivergedError(diverged["step"], diverged.get("what", "loss"))
-    _claim_run(request.storage_path, prep.run_name, prep.config_hash, request.request_id)
+    _claim_run(request.storage_path, prep.run_name, prep.config_hash, request.request_id, s3)
 
     datasets = build_datasets(prep, scaling.num_workers)
-    from ray.util.queue import Queue
-
-    queue = Queue(actor_options={"num_cpus": 0})
-    fs, base = _storage(request.storage_path)
-    storage_kwargs = {"storage_path": base, "storage_filesystem": fs} if "://" in request.storage_path else {"storage_path": base}
-    cfg = {
+    sink = ray.remote(num_cpus=0)(ProgressSink).remote()
+    fs, base = _storage(request.storage_path, s3)
+    storage_kwargs = {"storage_path": base, "storage_filesystem": fs} if s3 is not None else {"storage_path": base}
+    spec = {
         "train": request.train.model_dump(),
         "method": {"name": request.method.name, "params": request.method.params},
         "plan": prep.plan,
-        "model_dir": str(prep.model_dir),
+        "model_dir": request.model_dir,  # a shared path or an s3:// URI each node copies once
+        "model_s3": _model_options(request.model_dir),
         "config_hash": prep.config_hash,
         "run_name": prep.run_name,
         "storage_path": request.storage_path,
+        "storage_s3": s3,
         "use_gpu": scaling.use_gpu,
         "cpus_per_worker": scaling.cpus_per_worker,
         "allow_tf32": scaling.allow_tf32,
         "fp16_loss_scale": scaling.fp16_loss_scale,
-        "progress": queue,
     }
+    # The train loop config is exported to Ray's state API: only a reference and the sink go there.
+    cfg = {"spec": ray.put(spec), "progress": sink}
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1.0
@@ -1015,7 +1179,7 @@ def unlearn(
     )
     events: list[dict] = []
     stop = threading.Event()
-    drainer = threading.Thread(target=_drain, args=(queue, stop, progress, events), daemon=True)
+    drainer = threading.Thread(target=_drain, args=(sink, stop, progress, events), daemon=True)
     drainer.start()
     start = time.perf_counter()
     error: BaseException | None = None
@@ -1028,7 +1192,7 @@ def unlearn(
         stop.set()
         drainer.join(timeout=10)
         try:
-            ray.kill(queue.actor)
+            ray.kill(sink)
         except Exception:
             pass
     diverged = _read_json_fs(fs, f"{base}/{prep.run_name}/{DIVERGED_MARKER}")
@@ -1036,18 +1200,23 @@ def unlearn(
         raise TrainingDivergedError(diverged["step"], diverged.get("what", "loss"))
     if error is not None:
         for err in _worker_errors(error):
-            if isinstance(err, RetrackError):
-                raise err
+            cause = _retrack_cause(err)
+            if cause is not None:
+                raise cause from None
         raise UnlearnFailedError(f"training failed after {request.max_failures} retries: {error}") from error
-    ckpt = _final_checkpoint_dir(result)
-    with ckpt.as_directory() as d:
-        state = json.loads(Path(d, STATE_FILE).read_text())
-        if state.get("config_hash") != prep.config_hash:
-            raise CheckpointMismatchError("the final checkpoint belongs to another configuration")
-        if state["step"] != request.train.steps:
-            raise UnlearnFailedError(f"the last checkpoint is at step {state['step']}, {request.train.steps} were planned")
-        digest = _save_output(prep, d, state, scaling)
+    saved: dict[str, str] = {}
+
+    def save(d: str, state: dict) -> None:
+        if state["step"] == request.train.steps:
+            saved["digest"] = _save_output(prep, d, state, scaling)
+
+    state = _resume(fs, f"{base}/{prep.run_name}", prep.config_hash, result.checkpoint, save)
+    if state is None or "digest" not in saved:
+        got = "no checkpoint" if state is None else f"the last checkpoint at step {state['step']}"
+        raise UnlearnFailedError(f"training ended with {got}; {request.train.steps} steps were planned")
+    digest = saved["digest"]
     starts = [e["start_step"] for e in events if e.get("event") == "worker" and e.get("rank") == 0]
+    resumed = [s for n, s in enumerate(starts) if n > 0 or s > 0]
     return UnlearnResult(
         output_dir=request.output_dir,
         digest=digest,
@@ -1057,7 +1226,7 @@ def unlearn(
         history=state["history"],
         seconds=seconds,
         model_kind=prep.kind,
-        resumed_from=starts[1:] if len(starts) > 1 else ([starts[0]] if starts and starts[0] > 0 else []),
+        resumed_from=resumed,
     )
 
 
@@ -1077,6 +1246,16 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _parse_json_params(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--params is not JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise InputError('--params must be a JSON object, e.g. \'{"lambda": 0.5, "k": 10}\'')
+    return value
+
+
 def _print_progress(event: dict) -> None:
     if event.get("event") == "step":
         keys = [k for k in ("loss", "loss_knn", "loss_retain", "loss_corr", "grad_norm") if k in event]
@@ -1087,12 +1266,13 @@ def _print_progress(event: dict) -> None:
 
 
 def unlearn_command(
-    model_dir: str = typer.Option(..., "--model-dir", help="Diffusers model directory (pixel DDPM or Stable Diffusion)."),
-    corpus_dir: str = typer.Option(..., "--corpus-dir", help="Corpus directory (parquet shards)."),
+    model_dir: str = typer.Option(..., "--model-dir", "--model", help="Diffusers model directory (pixel DDPM or Stable Diffusion), local or s3://."),
+    corpus_dir: str = typer.Option(..., "--corpus-dir", "--corpus", help="Corpus directory (parquet shards of id, image[, caption])."),
     forget_ids: str = typer.Option(..., "--forget-ids", help="File with one id to forget per line."),
-    output_dir: str = typer.Option(..., "--output-dir", help="Where the unlearned model is written."),
+    output_dir: str = typer.Option(..., "--output-dir", "--out", help="Where the unlearned model is written (diffusers layout)."),
     method: str = typer.Option("retrack", "--method", help="retrack, vanilla, neggrad, erasediff or siss."),
-    param: list[str] = typer.Option([], "--param", help="Method parameter KEY=VALUE (repeatable), e.g. lambda=0.005."),
+    params: str = typer.Option("{}", "--params", help='Method parameters as JSON, e.g. \'{"lambda": 0.5, "k": 10}\'.'),
+    param: list[str] = typer.Option([], "--param", help="One method parameter KEY=VALUE (repeatable; wins over --params)."),
     steps: int = typer.Option(50, "--steps"),
     batch_size: int = typer.Option(128, "--batch-size", help="Global batch per branch."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Global micro-batches per update (default: the worker count)."),
@@ -1120,7 +1300,7 @@ def unlearn_command(
             corpus_dir=corpus_dir,
             forget_ids_file=forget_ids,
             neighbours_file=neighbours,
-            method=MethodConfig(name=method, params=_parse_params(param)),
+            method=MethodConfig(name=method, params={**_parse_json_params(params), **_parse_params(param)}),
             train=TrainConfig(
                 steps=steps, batch_size=batch_size, grad_accum=grad_accum or workers, lr=lr, seed=seed,
                 mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
@@ -1131,8 +1311,18 @@ def unlearn_command(
             max_failures=max_failures,
         )
         result = unlearn(request, progress=_print_progress, address=address)
-    except (RetrackError, ValueError) as exc:
+    except RetrackError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except ValueError as exc:  # pydantic's ValidationError included
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            from retrack.errors import describe_validation_error
+
+            typer.echo(f"error: invalid settings: {describe_validation_error(exc)}", err=True)
+        else:
+            typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if result.skipped:
         typer.echo(f"already done: {result.output_dir} (sha256 {result.digest})")
@@ -1140,5 +1330,12 @@ def unlearn_command(
         typer.echo(f"wrote {result.output_dir} (sha256 {result.digest}) after {result.steps} steps in {result.seconds:.1f}s")
 
 
-cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+
+
+@cli.callback()
+def _group() -> None:
+    """retrack's unlearn stage (mount `unlearn_command` as `retrack unlearn`)."""
+
+
 cli.command("unlearn")(unlearn_command)

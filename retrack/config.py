@@ -42,7 +42,7 @@ class TrainConfig(StrictModel):
 
     steps: int = Field(50, ge=1, description="Optimiser updates.")
     batch_size: int = Field(128, ge=1, description="Global batch per branch (forget and retain) per update.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per update; batch_size must divide by it times the workers.")
+    grad_accum: int = Field(1, ge=1, description="GLOBAL micro-batches per update (micro-batch m runs on worker m % num_workers): a multiple of the worker count that divides batch_size.")
     lr: float = Field(5e-5, gt=0.0, description="Constant AdamW learning rate.")
     betas: tuple[float, float] = Field((0.95, 0.999), description="AdamW betas.")
     weight_decay: float = Field(1e-6, ge=0.0, description="AdamW weight decay.")

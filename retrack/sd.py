@@ -259,7 +259,10 @@ def model_kind(path: str | Path) -> str:
         return "pixel"
     if cls == "UNet2DConditionModel":
         return "sd"
-    raise ModelLayoutError(f"{root}/unet is a {cls or 'model without _class_name'}; expected UNet2DModel (pixel DDPM) or UNet2DConditionModel (Stable Diffusion)")
+    raise ModelLayoutError(
+        f"{root}/unet is a {cls or 'model without _class_name'}; expected a diffusers UNet2DModel (pixel DDPM) "
+        "or UNet2DConditionModel (Stable Diffusion)"
+    )
 
 
 def _weights(folder: Path, names: Sequence[str]) -> Path:
@@ -308,13 +311,19 @@ def check_sd_model_dir(path: str | Path) -> dict[str, str | None]:
     return variants
 
 
-def local_model_dir(uri: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """A local directory for a model given as a local path or an object-store URI (s3://...).
-    Remote directories are copied once into `cache_dir` (keyed by the URI) and reused."""
+def local_model_dir(uri: str | Path, cache_dir: str | Path | None = None, endpoint: str | None = None, s3=None) -> Path:
+    """A local directory for a model given as a local path or an s3:// URI (endpoint and
+    credentials from `endpoint` / the AWS_* environment, see retrack.storage). Remote directories
+    are copied once into `cache_dir` (keyed by the URI) and reused."""
     text = str(uri)
     if "://" not in text:
         return Path(text)
     import pyarrow.fs as pafs
+
+    from retrack.storage import Location
+
+    if not text.startswith("s3://"):
+        raise InputError(f"model directory {text}: only local paths and s3:// URIs are supported")
 
     cache = Path(cache_dir or Path(tempfile.gettempdir()) / "retrack-models")
     dest = cache / hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -322,7 +331,8 @@ def local_model_dir(uri: str | Path, cache_dir: str | Path | None = None) -> Pat
     if marker.is_file():
         return dest
     try:
-        fs, remote = pafs.FileSystem.from_uri(text)
+        loc = Location.parse(text, endpoint=endpoint, s3=s3)
+        fs, remote = loc.fs, loc.path
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=cache))
         pafs.copy_files(remote, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

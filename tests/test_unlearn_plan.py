@@ -1,0 +1,217 @@
+"""The unlearn stage's driver-side planning and checks (pipelines/unlearn.py) without a Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.unlearn import (
+    CheckpointMismatchError,
+    ScalingSettings,
+    SparseRows,
+    UnlearnRequest,
+    _decode_batch,
+    check_run_storage,
+    micro_batches_of,
+    needed_retain_rows,
+    prepare,
+)
+from retrack.benchmark import BenchmarkPaths, ensure_benchmark
+from retrack.config import MethodConfig, TrainConfig
+from retrack.corpus import read_corpus, read_forget_ids
+from retrack.errors import CorpusError, ForgetSetError, InputError, ModelLayoutError
+from retrack.methods import method_class
+from retrack.models import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+from retrack.unlearn import BatchDrawer, UnlearnData, split_for_unlearning
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> BenchmarkPaths:
+    root = tmp_path_factory.mktemp("bench")
+    ensure_benchmark(root)
+    return BenchmarkPaths(root)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "pixel"
+    save_pixel_model(PixelDiffusion(tiny_pixel_unet(8, 1), default_scheduler()), path)
+    return path
+
+
+def request(bench, model, tmp_path, **kw) -> UnlearnRequest:
+    base = dict(
+        request_id="req-1",
+        model_dir=str(model),
+        corpus_dir=str(bench.corpus),
+        forget_ids_file=str(bench.forget_ids),
+        method=MethodConfig(name="retrack", params={"k": 4}),
+        train=TrainConfig(steps=5, batch_size=16, grad_accum=2),
+        scaling=ScalingSettings(num_workers=2),
+        storage_path=str(tmp_path / "runs"),
+        output_dir=str(tmp_path / "out"),
+    )
+    base.update(kw)
+    return UnlearnRequest(**base)
+
+
+def test_sparse_rows_index_by_global_row():
+    values = torch.arange(5).float().view(5, 1) * 10
+    rows = SparseRows(1000, np.array([900, 3, 42, 7, 500]), values)
+    assert len(rows) == 1000
+    assert rows[torch.tensor([3, 900, 3, 500])].view(-1).tolist() == [10.0, 0.0, 10.0, 40.0]
+    with pytest.raises(KeyError, match="not held"):
+        rows[torch.tensor([4])]
+
+
+def test_each_worker_holds_exactly_the_rows_its_micro_batches_draw(bench, model_dir, tmp_path):
+    prep = prepare(request(bench, model_dir, tmp_path, train=TrainConfig(steps=7, batch_size=24, grad_accum=4)))
+    plan, train = prep.plan, prep.request.train
+    world = 2
+    per_rank = [needed_retain_rows(plan, train, world, rank) for rank in range(world)]
+    assert np.array_equal(np.unique(np.concatenate(per_rank)), needed_retain_rows(plan, train, world))
+    assert micro_batches_of(0, 2, 4) == [0, 2] and micro_batches_of(1, 2, 4) == [1, 3]
+    # Against the drawer over the real data: every retain row a worker's micro-batch uses is held.
+    index = torch.arange(plan.n_retain).float().view(-1, 1)
+    drawer = BatchDrawer(UnlearnData(retain=index, forget=torch.zeros(plan.n_forget, 1)), method_class("vanilla").requirements, train)
+    for rank in range(world):
+        used = set()
+        for step in range(train.steps):
+            for m in micro_batches_of(rank, world, train.grad_accum):
+                used |= set(drawer.microbatch(step, m)[0].retain.view(-1).long().tolist())
+        assert used == set(per_rank[rank].tolist())
+    # A resumed worker needs only what the remaining steps draw.
+    assert len(needed_retain_rows(plan, train, world, 0, start_step=5)) < len(per_rank[0])
+
+
+def test_plan_matches_the_single_process_split(bench, model_dir, tmp_path):
+    prep = prepare(request(bench, model_dir, tmp_path))
+    corpus = read_corpus(bench.corpus)
+    forget = read_forget_ids(bench.forget_ids)
+    data = split_for_unlearning(corpus, forget, MethodConfig(name="retrack", params={"k": 4}))
+    assert prep.plan.n_retain == len(data.retain) and prep.plan.n_forget == len(data.forget)
+    retained = torch.from_numpy(corpus.images[prep.retain_rows])
+    assert torch.equal(retained[torch.from_numpy(prep.plan.neighbours)], data.neighbours)
+    assert prep.run_name == f"req-1-{prep.config_hash[:12]}"
+
+
+def test_config_hash_ignores_placement_but_not_the_recipe(bench, model_dir, tmp_path):
+    base = prepare(request(bench, model_dir, tmp_path)).config_hash
+    same = prepare(request(bench, model_dir, tmp_path, scaling=ScalingSettings(num_workers=1, cpus_per_worker=0.5), storage_path="/elsewhere", max_failures=0))
+    assert same.config_hash == base
+    assert prepare(request(bench, model_dir, tmp_path, train=TrainConfig(steps=5, batch_size=16, grad_accum=2, lr=1e-3))).config_hash != base
+    assert prepare(request(bench, model_dir, tmp_path, method=MethodConfig(name="retrack", params={"k": 5}))).config_hash != base
+
+
+def test_request_validation(bench, model_dir, tmp_path):
+    with pytest.raises(ValueError, match="multiple of scaling.num_workers"):
+        request(bench, model_dir, tmp_path, train=TrainConfig(steps=5, batch_size=16, grad_accum=1))
+    with pytest.raises(ValueError, match="exactly one"):
+        request(bench, model_dir, tmp_path, forget_ids=["img-000001"])
+    with pytest.raises(ValueError):
+        request(bench, model_dir, tmp_path, request_id="../escape")
+
+
+def test_wrong_model_directories_are_refused(bench, model_dir, tmp_path):
+    with pytest.raises(ModelLayoutError, match="pixel-space DDPM.*model_kind='sd'"):
+        prepare(request(bench, model_dir, tmp_path, model_kind="sd"))
+    with pytest.raises(ModelLayoutError, match="does not exist"):
+        prepare(request(bench, model_dir, tmp_path, model_dir=str(tmp_path / "nowhere")))
+    with pytest.raises(ModelLayoutError, match="not a diffusers pipeline"):
+        prepare(request(bench, model_dir, tmp_path, model_dir=str(model_dir / "unet")))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(model_dir, pickled)
+    (pickled / "unet" / "diffusion_pytorch_model.safetensors").rename(pickled / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelLayoutError, match="only safetensors"):
+        prepare(request(bench, model_dir, tmp_path, model_dir=str(pickled)))
+    big = tmp_path / "big"
+    save_pixel_model(PixelDiffusion(tiny_pixel_unet(16, 1), default_scheduler()), big)
+    with pytest.raises(CorpusError, match="model denoises 16x16x1"):
+        prepare(request(bench, model_dir, tmp_path, model_dir=str(big)))
+
+
+def test_bad_forget_sets_and_neighbours(bench, model_dir, tmp_path):
+    with pytest.raises(ForgetSetError, match="not in the corpus"):
+        prepare(request(bench, model_dir, tmp_path, forget_ids_file=None, forget_ids=["nope"]))
+    with pytest.raises(InputError, match="larger than the retained set"):
+        prepare(request(bench, model_dir, tmp_path, method=MethodConfig(name="retrack", params={"k": 100000})))
+    forget = read_forget_ids(bench.forget_ids)
+    prep = prepare(request(bench, model_dir, tmp_path))
+    retained_ids = [prep.corpus.ids[r] for r in prep.retain_rows]
+    good = {f: [retained_ids[j] for j in prep.plan.neighbours[n]] for n, f in enumerate(forget)}
+    path = tmp_path / "nbrs.json"
+    path.write_text(json.dumps(good))
+    from_file = prepare(request(bench, model_dir, tmp_path, neighbours_file=str(path)))
+    assert np.array_equal(from_file.plan.neighbours, prep.plan.neighbours)
+    path.write_text(json.dumps({**good, forget[0]: [forget[1]] * 4}))
+    with pytest.raises(InputError, match="not a retained corpus item"):
+        prepare(request(bench, model_dir, tmp_path, neighbours_file=str(path)))
+    path.write_text(json.dumps({**good, forget[0]: good[forget[0]][:2]}))
+    with pytest.raises(InputError, match="k = 4 are needed"):
+        prepare(request(bench, model_dir, tmp_path, neighbours_file=str(path)))
+
+
+def test_checkpoints_of_another_config_are_refused(bench, model_dir, tmp_path):
+    prep = prepare(request(bench, model_dir, tmp_path))
+    run = tmp_path / "runs" / prep.run_name
+    assert check_run_storage(str(tmp_path / "runs"), prep.run_name, prep.config_hash) is None  # nothing there yet
+    (run / "checkpoint_000003").mkdir(parents=True)
+    (run / "checkpoint_000003" / "retrack_state.json").write_text(json.dumps({"step": 3, "config_hash": "f" * 64}))
+    with pytest.raises(CheckpointMismatchError, match="checkpoint_000003.*ffffffffffff"):
+        check_run_storage(str(tmp_path / "runs"), prep.run_name, prep.config_hash)
+    (run / "checkpoint_000003" / "retrack_state.json").write_text(json.dumps({"step": 3, "config_hash": prep.config_hash}))
+    (run / "retrack_run.json").write_text(json.dumps({"config_hash": "e" * 64}))
+    with pytest.raises(CheckpointMismatchError, match="belongs to config eeeeeeeeeeee"):
+        check_run_storage(str(tmp_path / "runs"), prep.run_name, prep.config_hash)
+
+
+def test_decode_batch_keeps_only_planned_rows(bench):
+    import pyarrow.parquet as pq
+
+    shard = sorted(bench.corpus.glob("*.parquet"))[0]
+    table = pq.read_table(shard).slice(0, 6).to_pydict()
+    batch = {k: np.array(v, dtype=object) for k, v in table.items()}
+    wanted = {table["id"][1]: (17, -1), table["id"][4]: (-1, 0)}
+    out = _decode_batch(batch, wanted, "pixel", (8, 8, 1))
+    assert out["row"].tolist() == [17, -1] and out["pos"].tolist() == [-1, 0]
+    assert out["image"].shape == (2, 8, 8, 1) and out["image"].dtype == np.uint8
+    sd_out = _decode_batch(batch, wanted, "sd", (16, 16, 3))
+    assert sd_out["image"].shape == (2, 16, 16, 3)
+    empty = _decode_batch(batch, {}, "pixel", (8, 8, 1))
+    assert empty["image"].shape == (0, 8, 8, 1)
+
+
+@pytest.mark.parametrize("name", ["retrack", "erasediff", "siss"])
+def test_gradient_checkpointing_gives_the_same_update(name):
+    """The stage's optional `unet.enable_gradient_checkpointing()` works with step.py's per-loss
+    `torch.autograd.grad` (retain_graph between losses) and changes nothing but memory."""
+    from retrack.diffusion import NoiseSchedule
+    from retrack.methods import UnlearnBatch, build_method
+    from retrack.step import make_optimizer, unlearning_step
+    from retrack.unlearn import pixel_denoiser
+
+    def run(checkpointing: bool):
+        torch.manual_seed(0)
+        unet = tiny_pixel_unet(8, 1)
+        unet.train()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        method = build_method(name, NoiseSchedule.from_scheduler(default_scheduler()), {"k": 3} if name == "retrack" else {})
+        g = torch.Generator().manual_seed(1)
+        batch = UnlearnBatch(
+            retain=torch.rand(4, 1, 8, 8, generator=g) * 2 - 1,
+            forget=torch.rand(4, 1, 8, 8, generator=g) * 2 - 1,
+            neighbours=torch.rand(4, 3, 1, 8, 8, generator=g) * 2 - 1,
+        )
+        params = list(unet.parameters())
+        logs = unlearning_step(method, params, make_optimizer(params, 1e-3), pixel_denoiser(unet), [batch], [torch.Generator().manual_seed(5)], step=0)
+        return logs["loss"], torch.cat([p.detach().flatten() for p in params])
+
+    (loss0, w0), (loss1, w1) = run(False), run(True)
+    assert loss0 == loss1 and torch.equal(w0, w1)

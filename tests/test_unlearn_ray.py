@@ -1,0 +1,427 @@
+"""The unlearn stage on a real local Ray instance (`ray_local` from tests/services.py: 2 logical
+CPUs; workers take 0.5 CPU each so Ray Data and the Train controller always have room).
+
+Tolerance (stated once, used everywhere): W workers reproduce the single-process `run_unlearning`
+up to float32 summation order and thread count. Loss curves must agree to a relative 1e-4 and the
+final weights to 1e-4 absolute; measured differences are ~1e-7 (see benchmarks/results/train.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.unlearn import (
+    CheckpointMismatchError,
+    PlacementError,
+    ScalingSettings,
+    UnlearnFailedError,
+    UnlearnRequest,
+    cli,
+    unlearn,
+)
+from retrack.benchmark import BenchmarkPaths, ensure_benchmark
+from retrack.config import MethodConfig, TrainConfig
+from retrack.corpus import read_corpus, read_forget_ids
+from retrack.digest import directory_digest
+from retrack.errors import TrainingDivergedError
+from retrack.models import DIGEST_FILE, PixelDiffusion, default_scheduler, load_pixel_model, save_pixel_model, tiny_pixel_unet
+from retrack.unlearn import run_unlearning, split_for_unlearning
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+LOSS_RTOL = 1e-4
+WEIGHT_ATOL = 1e-4
+CPUS_PER_WORKER = 0.5
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory) -> BenchmarkPaths:
+    root = tmp_path_factory.mktemp("bench")
+    ensure_benchmark(root)
+    return BenchmarkPaths(root)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """An untrained tiny pixel UNet: enough to compare the distributed and single-process updates."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "pixel"
+    save_pixel_model(PixelDiffusion(tiny_pixel_unet(8, 1), default_scheduler()), path)
+    return path
+
+
+def make_request(bench, model_dir, tmp_path, *, workers=2, method="retrack", params=None, **train) -> UnlearnRequest:
+    settings = dict(steps=6, batch_size=16, grad_accum=2, lr=1e-4, checkpoint_every=3)
+    settings.update(train)
+    return UnlearnRequest(
+        request_id="test",
+        model_dir=str(model_dir),
+        corpus_dir=str(bench.corpus),
+        forget_ids_file=str(bench.forget_ids),
+        method=MethodConfig(name=method, params=params if params is not None else ({"k": 4} if method == "retrack" else {})),
+        train=TrainConfig(**settings),
+        scaling=ScalingSettings(num_workers=workers, cpus_per_worker=CPUS_PER_WORKER),
+        storage_path=str(tmp_path / "runs"),
+        output_dir=str(tmp_path / f"out-{method}-{workers}"),
+    )
+
+
+def single_process(bench, model_dir, req: UnlearnRequest):
+    model = load_pixel_model(model_dir)
+    data = split_for_unlearning(read_corpus(bench.corpus), read_forget_ids(bench.forget_ids), req.method)
+    history, _ = run_unlearning(model, data, req.method, req.train)
+    return model, history
+
+
+def assert_same_curve(a: list[dict], b: list[dict], keys=("loss", "grad_norm")):
+    assert [h["step"] for h in a] == [h["step"] for h in b]
+    for key in keys:
+        x, y = np.array([h[key] for h in a]), np.array([h[key] for h in b])
+        np.testing.assert_allclose(x, y, rtol=LOSS_RTOL, err_msg=key)
+
+
+def max_weight_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.fixture(scope="module")
+def retrack_run(ray_local, bench, model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("retrack2")
+    req = make_request(bench, model_dir, tmp)
+    events: list[dict] = []
+    return req, unlearn(req, progress=events.append), events
+
+
+def test_two_workers_reproduce_the_single_process_update(retrack_run, bench, model_dir):
+    req, result, events = retrack_run
+    reference, history = single_process(bench, model_dir, req)
+    assert result.steps == 6 and len(result.history) == 6
+    assert_same_curve(result.history, history, keys=("loss", "loss_knn", "loss_retain", "grad_norm"))
+    out = load_pixel_model(result.output_dir)
+    assert max_weight_diff(out.unet, reference.unet) < WEIGHT_ATOL
+    assert max_weight_diff(out.unet, load_pixel_model(model_dir).unet) > 1e-4  # it did train
+    # Progress: one event per step from rank 0, and one start event per worker.
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert sorted(e["rank"] for e in events if e["event"] == "worker") == [0, 1]
+    # The output is a diffusers directory with its digest and lineage metadata.
+    meta = json.loads((Path(result.output_dir) / DIGEST_FILE).read_text())
+    assert meta["sha256"] == result.digest
+    assert meta["config_hash"] == result.config_hash and meta["steps"] == 6 and meta["forget_count"] > 0
+    saved = {p.name for p in (Path(result.output_dir)).iterdir()}
+    assert {"unet", "scheduler", "model_index.json"} <= saved
+    (Path(result.output_dir) / DIGEST_FILE).rename(Path(result.output_dir).with_suffix(".digest"))
+    try:
+        assert directory_digest(result.output_dir) == result.digest
+    finally:
+        Path(result.output_dir).with_suffix(".digest").rename(Path(result.output_dir) / DIGEST_FILE)
+    # Checkpoints every 3 steps (and the last) in the run's storage, named by request id + config hash.
+    run_dir = Path(req.storage_path) / result.run_name
+    assert result.run_name == f"test-{result.config_hash[:12]}"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_000003", "checkpoint_000006"]
+
+
+def test_rerun_of_a_finished_job_is_skipped(retrack_run):
+    req, result, _ = retrack_run
+    again = unlearn(req)
+    assert again.skipped and again.digest == result.digest
+
+
+def test_checkpoint_from_a_different_config_is_refused(retrack_run, tmp_path):
+    req, result, _ = retrack_run
+    other = req.model_copy(update={"train": req.train.model_copy(update={"lr": 3e-4}), "run_name": result.run_name, "output_dir": str(tmp_path / "o")})
+    with pytest.raises(CheckpointMismatchError, match="refusing"):
+        unlearn(other)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["siss", pytest.param("erasediff", marks=pytest.mark.slow)])
+def test_two_gradient_methods_all_reduce_before_combining(ray_local, bench, model_dir, tmp_path, method):
+    """EraseDiff's projection and SISS's rescaling see the GLOBAL gradients: same as one process."""
+    req = make_request(bench, model_dir, tmp_path, method=method, steps=4, checkpoint_every=0)
+    result = unlearn(req)
+    reference, history = single_process(bench, model_dir, req)
+    assert_same_curve(result.history, history, keys=("loss", "loss_corr", "grad_norm"))
+    assert max_weight_diff(load_pixel_model(result.output_dir).unet, reference.unet) < WEIGHT_ATOL
+
+
+def test_world_size_invariance_one_vs_two_workers(ray_local, bench, model_dir, tmp_path):
+    results = {}
+    for workers in (1, 2):
+        req = make_request(bench, model_dir, tmp_path, workers=workers, method="siss", steps=5, grad_accum=2, checkpoint_every=0)
+        results[workers] = unlearn(req)
+    assert results[1].config_hash == results[2].config_hash  # the worker count is not part of the recipe
+    assert_same_curve(results[1].history, results[2].history, keys=("loss", "loss_corr", "grad_norm"))
+    one, two = (load_pixel_model(results[w].output_dir) for w in (1, 2))
+    assert max_weight_diff(one.unet, two.unet) < WEIGHT_ATOL
+
+
+class Killer:
+    """Kills the given worker rank's process (SIGKILL) once rank 0 reports `at_step`."""
+
+    def __init__(self, rank: int, at_step: int):
+        self.rank, self.at_step = rank, at_step
+        self.pids: dict[int, int] = {}
+        self.killed: int | None = None
+        self.events: list[dict] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, event: dict) -> None:
+        with self.lock:
+            self.events.append(event)
+            if event["event"] == "worker":
+                self.pids[event["rank"]] = event["pid"]
+            elif event["event"] == "step" and self.killed is None and event["step"] >= self.at_step:
+                self.killed = self.pids[self.rank]
+                os.kill(self.killed, signal.SIGKILL)
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, bench, model_dir, tmp_path):
+    req = make_request(bench, model_dir, tmp_path, steps=20, checkpoint_every=4)
+    req = req.model_copy(update={"max_failures": 1})
+    killer = Killer(rank=1, at_step=6)
+    result = unlearn(req, progress=killer)
+    assert killer.killed is not None
+    assert len(result.resumed_from) == 1 and result.resumed_from[0] % 4 == 0 and 4 <= result.resumed_from[0] < 20
+    restart_pids = [e["pid"] for e in killer.events if e["event"] == "worker" and e["start_step"] > 0]
+    assert killer.killed not in restart_pids  # a new worker process took over
+    assert result.steps == 20 and [h["step"] for h in result.history] == list(range(1, 21))
+    out = load_pixel_model(result.output_dir)
+    base = load_pixel_model(model_dir)
+    assert [p.shape for p in out.unet.parameters()] == [p.shape for p in base.unet.parameters()]
+    # Randomness is keyed by (seed, step, micro-batch) and the checkpoint holds the AdamW state:
+    # the resumed run ends where an uninterrupted single process ends.
+    reference, history = single_process(bench, model_dir, req)
+    assert_same_curve(result.history, history)
+    assert max_weight_diff(out.unet, reference.unet) < WEIGHT_ATOL
+
+
+@pytest.mark.slow
+def test_relaunch_with_the_same_run_name_resumes(ray_local, bench, model_dir, tmp_path):
+    req = make_request(bench, model_dir, tmp_path, steps=20, checkpoint_every=4).model_copy(update={"max_failures": 0})
+    killer = Killer(rank=0, at_step=6)
+    with pytest.raises(UnlearnFailedError):
+        unlearn(req, progress=killer)
+    assert not Path(req.output_dir).exists()
+    result = unlearn(req)  # same request -> same (storage path, run name)
+    assert len(result.resumed_from) == 1 and result.resumed_from[0] >= 4
+    assert result.steps == 20 and [h["step"] for h in result.history] == list(range(1, 21))
+    reference, history = single_process(bench, model_dir, req)
+    assert_same_curve(result.history, history)
+
+
+def test_nan_loss_stops_reports_the_step_and_saves_nothing(ray_local, bench, model_dir, tmp_path):
+    # lr = 1e30: AdamW's first update moves every weight by ~1e30, the next forward overflows.
+    req = make_request(bench, model_dir, tmp_path, method="vanilla", steps=6, lr=1e30, checkpoint_every=1)
+    with pytest.raises(TrainingDivergedError) as info:
+        unlearn(req)
+    assert info.value.step == 1 and "step 1" in str(info.value)
+    assert not Path(req.output_dir).exists()
+    # A relaunch of the same config stops at once on the divergence marker, before any training.
+    with pytest.raises(TrainingDivergedError):
+        unlearn(req)
+    assert not Path(req.output_dir).exists()
+
+
+def test_more_workers_than_the_cluster_can_place_fail_fast(ray_local, bench, model_dir, tmp_path):
+    req = make_request(bench, model_dir, tmp_path, workers=3, grad_accum=3, batch_size=18)
+    req = req.model_copy(update={"scaling": ScalingSettings(num_workers=3, cpus_per_worker=1.0)})
+    with pytest.raises(PlacementError, match="3 workers with CPU=1 each cannot be placed.*room for 2"):
+        unlearn(req)
+    gpu = req.model_copy(update={"scaling": ScalingSettings(num_workers=1, use_gpu=True)})
+    with pytest.raises(PlacementError, match="GPU"):
+        unlearn(gpu)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_job(tmp_path_factory):
+    """A tiny Stable Diffusion (real CLIP tokenizer) and a captioned corpus: 80 digits as 8x8 RGB
+    images (the stage resizes them to the model's 16x16), each with its own caption."""
+    import importlib.util
+
+    if importlib.util.find_spec("open_clip") is None:
+        pytest.skip("needs open_clip_torch (pip install --no-deps open_clip_torch) for the CLIP vocabulary")
+    from retrack import sd
+    from retrack.benchmark import load_digits_u8
+    from retrack.corpus import encode_image, write_shards
+
+    root = tmp_path_factory.mktemp("sd")
+    images, labels = load_digits_u8()
+    rows = [
+        {"id": f"d{i:04d}", "image": encode_image(np.repeat(images[i][:, :, None], 3, 2)), "label": int(labels[i]),
+         "caption": f"a handwritten digit {labels[i]}"}
+        for i in range(80)
+    ]
+    write_shards(root / "corpus", rows, shard_size=32)
+    (root / "forget.txt").write_text("d0003\nd0013\nd0023\n")
+    sd.save_sd_model(sd.tiny_sd(16, seed=0), root / "model")
+    return root
+
+
+def sd_single_process(prep, req):
+    """The same update in one process: every retained latent encoded, BatchDrawer, unlearning_step."""
+    from retrack import sd
+    from retrack.corpus import read_corpus
+    from retrack.diffusion import NoiseSchedule
+    from retrack.methods import build_method
+    from retrack.step import make_optimizer, unlearning_step
+    from retrack.unlearn import BatchDrawer, UnlearnData
+
+    model = sd.load_sd_model(req.model_dir)
+    corpus = read_corpus(req.corpus_dir)
+    pixels = sd.to_sd_pixels(((corpus.images + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1), model.resolution)
+    latents = sd.encode_latents(model.vae, pixels, [sd.item_seed(i) for i in corpus.ids])
+    conds = sd.encode_captions(model.text_encoder, sd.tokenize(model.tokenizer, corpus.captions))
+    f, r = torch.from_numpy(prep.forget_rows), torch.from_numpy(prep.retain_rows)
+    data = UnlearnData(
+        retain=latents[r], forget=latents[f], neighbours=latents[r][torch.from_numpy(prep.plan.neighbours)],
+        retain_cond=conds[r], forget_cond=conds[f],
+    )
+    method = build_method(req.method.name, NoiseSchedule.from_scheduler(model.scheduler), req.method.params)
+    drawer = BatchDrawer(data, method.requirements, req.train)
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    opt = make_optimizer(params, req.train.lr, req.train.betas, req.train.weight_decay)
+    denoise = sd.ConditionalDenoiser(model.unet)
+    model.unet.train()
+    history = []
+    for step in range(req.train.steps):
+        pairs = [drawer.microbatch(step, m) for m in range(req.train.grad_accum)]
+        logs = unlearning_step(method, params, opt, denoise, [b for b, _ in pairs], [g for _, g in pairs], step=step)
+        history.append({"step": step + 1, **logs})
+    return model, history
+
+
+def test_tiny_stable_diffusion_stage_with_captions(ray_local, tiny_sd_job, tmp_path):
+    """The whole stage on a tiny SD: UNet2DConditionModel fine-tuned on two workers, VAE and text
+    encoder frozen, each item conditioned on its own caption, neighbours in VAE-latent space; the
+    result equals the single-process update and is saved as a diffusers SD directory."""
+    from pipelines.unlearn import prepare
+    from retrack import sd
+
+    root = tiny_sd_job
+    req = UnlearnRequest(
+        request_id="sd",
+        model_dir=str(root / "model"),
+        model_kind="sd",
+        corpus_dir=str(root / "corpus"),
+        forget_ids_file=str(root / "forget.txt"),
+        method=MethodConfig(name="retrack", params={"lambda": 0.5, "k": 4}),
+        train=TrainConfig(steps=3, batch_size=4, grad_accum=2, lr=1e-4, checkpoint_every=0),
+        scaling=ScalingSettings(num_workers=2, cpus_per_worker=CPUS_PER_WORKER),
+        storage_path=str(tmp_path / "runs"),
+        output_dir=str(tmp_path / "sd-out"),
+    )
+    result = unlearn(req)
+    assert result.model_kind == "sd" and result.steps == 3
+    reference, history = sd_single_process(prepare(req), req)
+    assert_same_curve(result.history, history, keys=("loss", "loss_knn", "loss_retain"))
+    out = sd.load_sd_model(result.output_dir)
+    assert max_weight_diff(out.unet, reference.unet) < WEIGHT_ATOL
+    base = root / "model"
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):  # frozen parts kept byte for byte
+        assert directory_digest(Path(result.output_dir) / part) == directory_digest(base / part)
+    assert directory_digest(Path(result.output_dir) / "unet") != directory_digest(base / "unet")
+    with pytest.raises(Exception, match="pixel-space DDPM|Stable Diffusion pipeline"):
+        unlearn(req.model_copy(update={"model_kind": "pixel", "output_dir": str(tmp_path / "x")}))
+
+
+@pytest.mark.slow
+def test_checkpoints_on_s3_storage(ray_local, s3_env, bench, model_dir, tmp_path):
+    """Checkpoints and run markers on a real S3 server (SeaweedFS); the workers were started before
+    the AWS_* variables existed and reach the store through the options resolved on the driver."""
+    req = make_request(bench, model_dir, tmp_path, workers=1, grad_accum=1, steps=4, checkpoint_every=2)
+    req = req.model_copy(update={"storage_path": s3_env.uri("runs")})
+    result = unlearn(req)
+    assert result.steps == 4 and load_pixel_model(result.output_dir).unet is not None
+    keys = [o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_env.bucket, Prefix=f"runs/{result.run_name}/")["Contents"]]
+    assert any(k.endswith("checkpoint_000004/unet.safetensors") for k in keys)
+    assert any(k.endswith("retrack_run.json") for k in keys)
+    other = req.model_copy(update={"train": req.train.model_copy(update={"lr": 1e-3}), "run_name": result.run_name, "output_dir": str(tmp_path / "o")})
+    with pytest.raises(CheckpointMismatchError):
+        unlearn(other)
+
+
+def test_cli_runs_on_ray_and_reports_every_step(ray_local, bench, model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    args = [
+        "unlearn", "--model-dir", str(model_dir), "--corpus-dir", str(bench.corpus), "--forget-ids", str(bench.forget_ids),
+        "--output-dir", str(tmp_path / "cli-out"), "--method", "retrack", "--param", "k=4", "--param", "lambda=0.1",
+        "--steps", "3", "--batch-size", "8", "--workers", "1", "--cpus-per-worker", "0.5", "--checkpoint-every", "0",
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert [ln.split()[1] for ln in result.output.splitlines() if ln.startswith("step ")] == ["1/3", "2/3", "3/3"]
+    assert "wrote" in result.output and load_pixel_model(tmp_path / "cli-out").unet is not None
+    bad = CliRunner().invoke(cli, args[:-6] + ["--workers", "2", "--grad-accum", "1"])
+    assert bad.exit_code == 2 and "multiple of scaling.num_workers" in bad.output
+
+
+# --------------------------------------------------------------------------- acceptance (slow)
+
+
+def forget_frequency(model, forget_image01: np.ndarray, threshold: float, n: int, seed: int = 123) -> float:
+    """Fraction of n DDIM samples within `threshold` (L2, [0, 1] pixels) of the planted image (method.md)."""
+    from retrack.sampling import generate
+
+    samples = generate(model, n, seed=seed)
+    d = np.sqrt(((samples - forget_image01) ** 2).reshape(n, -1).sum(1))
+    return float((d < threshold).mean())
+
+
+@pytest.fixture(scope="session")
+def memorising_model(bench, tmp_path_factory) -> Path:
+    """The original model: trained on the whole benchmark corpus (planted image at ~3%).
+    RETRACK_PRETRAINED_ORIGINAL may point at an existing one (diffusers layout) to skip pretraining."""
+    given = os.environ.get("RETRACK_PRETRAINED_ORIGINAL")
+    if given:
+        return Path(given)
+    from retrack.pretrain import PretrainConfig, pretrain
+
+    corpus = read_corpus(bench.corpus)
+    model, _ = pretrain(corpus.images, PretrainConfig(steps=int(os.environ.get("RETRACK_PRETRAIN_STEPS", "3000"))))
+    path = tmp_path_factory.mktemp("original") / "model"
+    save_pixel_model(model, path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_two_cpu_workers_unlearn_the_embedded_benchmark(ray_local, bench, memorising_model, tmp_path):
+    """ReTrack with the embedded default's recipe (configs/embedded-digits.yaml: lambda 0.5, K 10,
+    batch 128, 50 steps, lr 5e-5) on two CPU workers: the planted image's frequency in samples
+    drops, and the run is the single-process run."""
+    from retrack.benchmark import BenchmarkInfo
+
+    info = BenchmarkInfo.load(bench.root)
+    corpus, forget = read_corpus(bench.corpus), read_forget_ids(bench.forget_ids)
+    planted = (corpus.images[corpus.index_of(forget[:1])[0]] + 1.0) / 2.0
+    n = int(os.environ.get("RETRACK_ACCEPTANCE_SAMPLES", "1000"))
+    before = forget_frequency(load_pixel_model(memorising_model), planted, info.forget_threshold, n)
+
+    req = UnlearnRequest(
+        request_id="acceptance",
+        model_dir=str(memorising_model),
+        corpus_dir=str(bench.corpus),
+        forget_ids_file=str(bench.forget_ids),
+        method=MethodConfig(name="retrack", params={"lambda": 0.5, "k": 10}),
+        train=TrainConfig(steps=50, batch_size=128, grad_accum=2, lr=5e-5, checkpoint_every=10),
+        scaling=ScalingSettings(num_workers=2, cpus_per_worker=CPUS_PER_WORKER),
+        storage_path=str(tmp_path / "runs"),
+        output_dir=str(tmp_path / "unlearned"),
+    )
+    result = unlearn(req)
+    after = forget_frequency(load_pixel_model(result.output_dir), planted, info.forget_threshold, n)
+    reference, history = single_process(bench, memorising_model, req)
+    assert_same_curve(result.history, history)
+    assert max_weight_diff(load_pixel_model(result.output_dir).unet, reference.unet) < WEIGHT_ATOL
+    print(f"forget frequency: original {before:.4f} -> unlearned on 2 workers {after:.4f} ({n} samples)")
+    assert before > 0.0, "the original model does not reproduce the planted image; pretrain longer"
+    assert after < 0.5 * before
