@@ -252,6 +252,7 @@ def _unlearn_stage(spec: JobSpec, pre: Preflight, job: JobDir, nb: dict, address
         storage_path=str(Location.parse(spec.storage.root, endpoint=spec.storage.endpoint_url) / "checkpoints"),
         output_dir=str(job.local / "model"),
         run_name=spec.run_name,
+        storage_endpoint=spec.storage.endpoint_url,
     )
     result = unlearn(request, address=address)
     job.publish("model")

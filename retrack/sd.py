@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from retrack.digest import directory_digest
 from retrack.errors import InputError, ModelLayoutError, StorageError
+from retrack.models import DIGEST_FILE, write_model_dir
 
 if TYPE_CHECKING:  # diffusers / transformers load lazily: importing them costs seconds
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -44,7 +44,6 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CLIP_NUM_MERGES = 49152 - 256 - 2
 MODEL_INDEX = "model_index.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # as retrack.models
-DIGEST_FILE = "retrack_digest.json"  # as retrack.models
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -381,22 +380,6 @@ def _model_index() -> dict:
     }
 
 
-def _atomic_dir(path: Path, fill, metadata: dict | None) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        fill(tmp)
-        digest = directory_digest(tmp)
-        (tmp / DIGEST_FILE).write_text(json.dumps({"sha256": digest, **(metadata or {})}, indent=2, sort_keys=True))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return digest
-
-
 def save_sd_model(model: StableDiffusion, path: str | Path, metadata: dict | None = None) -> str:
     """Write a whole Stable Diffusion directory (diffusers layout, safetensors) atomically; returns its digest."""
 
@@ -411,7 +394,7 @@ def save_sd_model(model: StableDiffusion, path: str | Path, metadata: dict | Non
         model.scheduler.save_pretrained(tmp / "scheduler")
         (tmp / MODEL_INDEX).write_text(json.dumps(_model_index(), indent=2, sort_keys=True))
 
-    return _atomic_dir(Path(path), fill, metadata)
+    return write_model_dir(path, fill, metadata)
 
 
 def save_finetuned_unet(unet: UNet2DConditionModel, base_dir: str | Path, path: str | Path, metadata: dict | None = None) -> str:
@@ -430,7 +413,7 @@ def save_finetuned_unet(unet: UNet2DConditionModel, base_dir: str | Path, path: 
                 shutil.copy2(entry, tmp / entry.name)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
 
-    return _atomic_dir(Path(path), fill, metadata)
+    return write_model_dir(path, fill, metadata)
 
 
 # --------------------------------------------------------------------------- encoding
