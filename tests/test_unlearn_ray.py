@@ -395,7 +395,7 @@ def memorising_model(bench, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_two_cpu_workers_unlearn_the_embedded_benchmark(ray_local, bench, memorising_model, tmp_path):
-    """ReTrack with the embedded default's recipe (configs/embedded-digits.yaml: lambda 0.5, K 10,
+    """ReTrack with the embedded default's recipe (configs/embedded-digits.yaml: lambda 0.05, K 10,
     batch 128, 50 steps, lr 5e-5) on two CPU workers: the planted image's frequency in samples
     drops, and the run is the single-process run."""
     from retrack.benchmark import BenchmarkInfo
@@ -411,7 +411,7 @@ def test_two_cpu_workers_unlearn_the_embedded_benchmark(ray_local, bench, memori
         model_dir=str(memorising_model),
         corpus_dir=str(bench.corpus),
         forget_ids_file=str(bench.forget_ids),
-        method=MethodConfig(name="retrack", params={"lambda": 0.5, "k": 10}),
+        method=MethodConfig(name="retrack", params={"lambda": 0.05, "k": 10}),
         train=TrainConfig(steps=50, batch_size=128, grad_accum=2, lr=5e-5, checkpoint_every=10),
         scaling=ScalingSettings(num_workers=2, cpus_per_worker=CPUS_PER_WORKER),
         storage_path=str(tmp_path / "runs"),
@@ -424,4 +424,4 @@ def test_two_cpu_workers_unlearn_the_embedded_benchmark(ray_local, bench, memori
     assert max_weight_diff(load_pixel_model(result.output_dir).unet, reference.unet) < WEIGHT_ATOL
     print(f"forget frequency: original {before:.4f} -> unlearned on 2 workers {after:.4f} ({n} samples)")
     assert before > 0.0, "the original model does not reproduce the planted image; pretrain longer"
-    assert after < 0.5 * before
+    assert after <= 0.1 * before  # the foundation's figure: at most 10% of the original's frequency
