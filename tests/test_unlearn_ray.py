@@ -217,6 +217,7 @@ def test_relaunch_with_the_same_run_name_resumes(ray_local, bench, model_dir, tm
     assert_same_curve(result.history, history)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_reports_the_step_and_saves_nothing(ray_local, bench, model_dir, tmp_path):
     # lr = 1e30: AdamW's first update moves every weight by ~1e30, the next forward overflows.
     req = make_request(bench, model_dir, tmp_path, method="vanilla", steps=6, lr=1e30, checkpoint_every=1)
