@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retrack.evaluation import EvalReference, membership
-from retrack.metrics import denoising_loss, feature_integrity, frechet_distance, integrity, nearest_forget_distance
+from retrack.evaluation import EvalReference, membership, score
+from retrack.metrics import nearest_forget_distance
 from retrack.models import load_pixel_model
 from retrack.report import write_report
 from retrack.verdict import Verdict, decide
@@ -87,24 +87,15 @@ def evaluate_request(
 ) -> Evaluation:
     before, after = sample_on_ray([original_dir, unlearned_dir], n_samples, seed)
     original, unlearned = load_pixel_model(original_dir), load_pixel_model(unlearned_dir)
-    d_before = nearest_forget_distance(before, ref.forget01)
-    d_after = nearest_forget_distance(after, ref.forget01)
-    copies = d_before < ref.threshold
-    metrics = {}
-    for name, model, samples, dist in (("original", original, before, d_before), ("unlearned", unlearned, after, d_after)):
-        metrics[name] = {
-            "forget_frequency": float(np.mean(dist < ref.threshold)),
-            "frechet_distance": frechet_distance(samples, ref.reference01, ref.classifier),
-            "forget_loss": float(denoising_loss(model.unet, model.scheduler, ref.forget_m11).mean()),
-        }
-    metrics["original"].update(integrity=0.0, feature_integrity=0.0)
-    metrics["unlearned"].update(
-        integrity=integrity(before, after, exclude=copies),
-        feature_integrity=feature_integrity(before, after, ref.classifier, exclude=copies),
-    )
+    metrics = {
+        "original": score(original, before, ref) | {"integrity": 0.0, "feature_integrity": 0.0},
+        "unlearned": score(unlearned, after, ref, original_samples01=before),
+    }
     member = None if ref.holdout_m11 is None else membership(unlearned, ref, alpha)
     verdict = decide(metrics["original"], metrics["unlearned"], member, max_frequency_ratio)
     shown = slice(0, 64)
-    redact = (d_before[shown] < ref.threshold) | (d_after[shown] < ref.threshold)
+    redact = (nearest_forget_distance(before[shown], ref.forget01) < ref.threshold) | (
+        nearest_forget_distance(after[shown], ref.forget01) < ref.threshold
+    )
     out = write_report(report_dir, request_id, metrics, verdict, member, before[shown], after[shown], redact, context)
     return Evaluation(metrics=metrics, verdict=verdict, membership=member, report_dir=out)

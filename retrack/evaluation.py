@@ -59,6 +59,28 @@ def build_reference(
     )
 
 
+def score(
+    model: PixelDiffusion,
+    samples01: np.ndarray,
+    ref: EvalReference,
+    original_samples01: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Metrics of `model` from its samples; with the original's same-seed samples, integrity too."""
+    dist = nearest_forget_distance(samples01, ref.forget01)
+    metrics = {
+        "forget_frequency": float(np.mean(dist < ref.threshold)),
+        "frechet_distance": frechet_distance(samples01, ref.reference01, ref.classifier),
+        "forget_loss": float(denoising_loss(model.unet, model.scheduler, ref.forget_m11).mean()),
+        "num_samples": float(len(samples01)),
+    }
+    if original_samples01 is not None:
+        # Integrity on what was not to be forgotten: drop seeds where the original drew a copy.
+        copies = nearest_forget_distance(original_samples01, ref.forget01) < ref.threshold
+        metrics["integrity"] = integrity(original_samples01, samples01, exclude=copies)
+        metrics["feature_integrity"] = feature_integrity(original_samples01, samples01, ref.classifier, exclude=copies)
+    return metrics
+
+
 def evaluate_model(
     model: PixelDiffusion,
     ref: EvalReference,
@@ -66,21 +88,9 @@ def evaluate_model(
     seed: int = 0,
     original_samples01: np.ndarray | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics of `model` and its samples (same seeds as the original's, so integrity is paired)."""
+    """Sample `model` in this process (same seeds as the original's, so integrity is paired) and score it."""
     samples = generate(model, n_samples, seed=seed)
-    dist = nearest_forget_distance(samples, ref.forget01)
-    metrics = {
-        "forget_frequency": float(np.mean(dist < ref.threshold)),
-        "frechet_distance": frechet_distance(samples, ref.reference01, ref.classifier),
-        "forget_loss": float(denoising_loss(model.unet, model.scheduler, ref.forget_m11).mean()),
-        "num_samples": float(n_samples),
-    }
-    if original_samples01 is not None:
-        # Integrity on what was not to be forgotten: drop seeds where the original drew a copy.
-        copies = nearest_forget_distance(original_samples01, ref.forget01) < ref.threshold
-        metrics["integrity"] = integrity(original_samples01, samples, exclude=copies)
-        metrics["feature_integrity"] = feature_integrity(original_samples01, samples, ref.classifier, exclude=copies)
-    return metrics, samples
+    return score(model, samples, ref, original_samples01), samples
 
 
 def membership(model: PixelDiffusion, ref: EvalReference, alpha: float = 0.05) -> dict:
