@@ -50,12 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
-from pydantic import ValidationError
 
 from retrack.digest import ids_digest
-from retrack.errors import InputError, RetrackError, StorageError, describe_validation_error
-from retrack.spec import JobSpec, check_safe_name
+from retrack.errors import InputError, RetrackError, StorageError
+from retrack.spec import JobSpec, check_safe_name, parse_spec
 from retrack.storage import Location, S3Options
 
 DEFAULT_LEASE_SECONDS = 900.0
@@ -380,19 +378,6 @@ def read_forget_ids(spec: JobSpec) -> list[str]:
         return list(spec.forget.ids)
     text = Location.parse(spec.forget.file, endpoint=spec.storage.endpoint_url).read_text()
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-
-
-def parse_spec(text: str, where: str) -> JobSpec:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InputError(f"{where} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{where} must be a mapping of fields")
-    try:
-        return JobSpec.model_validate(data)
-    except ValidationError as exc:
-        raise InputError(f"{where}: {describe_validation_error(exc)}") from None
 
 
 def batch_id(request_ids: list[str]) -> str:

@@ -182,18 +182,25 @@ class JobSpec(StrictModel):
         return f"{self.request_id}-{self.config_hash()}"
 
 
-def load_spec(path: str | Path) -> JobSpec:
-    """Read a YAML job spec with safe loading; errors name the file and each offending field."""
-    path = Path(path)
+def parse_spec(text: str, where: str) -> JobSpec:
+    """Validate a YAML job spec's text (safe loading); errors name `where` and each offending field."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"job spec {path} does not exist") from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise InputError(f"job spec {path} is not valid YAML: {exc}") from None
+        raise InputError(f"{where} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise InputError(f"job spec {path} must be a mapping of fields, got {type(data).__name__}")
+        raise InputError(f"{where} must be a mapping of fields, got {type(data).__name__}")
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise InputError(f"job spec {path}: {describe_validation_error(exc)}") from None
+        raise InputError(f"{where}: {describe_validation_error(exc)}") from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a YAML job spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InputError(f"job spec {path} does not exist") from None
+    return parse_spec(text, f"job spec {path}")
