@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from retrack.corpus import encode_image, write_shards
 
@@ -25,3 +26,15 @@ def write_corpus(out: Path, images: np.ndarray, ids: list[str] | None = None, sh
 
 def recall_at(found: list[list[str]], truth: list[list[str]]) -> float:
     return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """The embedded benchmark: (info, paths, corpus, forget ids). Import it into a test module to use it."""
+    from retrack.benchmark import BenchmarkPaths, ensure_benchmark
+    from retrack.corpus import read_corpus, read_forget_ids
+
+    root = tmp_path_factory.mktemp("bench")
+    info = ensure_benchmark(root)
+    paths = BenchmarkPaths(root)
+    return info, paths, read_corpus(paths.corpus), read_forget_ids(paths.forget_ids)

@@ -11,8 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrack.benchmark import BenchmarkPaths, ensure_benchmark
-from retrack.corpus import encode_image, read_corpus, read_forget_ids, write_shards
+from retrack.corpus import encode_image, read_forget_ids, write_shards
 from retrack.errors import CorpusError, ForgetSetError, InputError, StorageError
 from retrack.index import (
     DuplicatesFound,
@@ -26,15 +25,7 @@ from retrack.index import (
 )
 from retrack.knn import exact_knn
 from retrack.storage import Location, S3Options
-from tests.index_helpers import clustered_images, recall_at, write_corpus
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    info = ensure_benchmark(root)
-    paths = BenchmarkPaths(root)
-    return info, paths, read_corpus(paths.corpus), read_forget_ids(paths.forget_ids)
+from tests.index_helpers import bench, clustered_images, recall_at, write_corpus  # noqa: F401  (bench: fixture)
 
 
 @pytest.fixture(scope="module")

@@ -10,23 +10,14 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from retrack.benchmark import BenchmarkPaths, ensure_benchmark
-from retrack.corpus import encode_image, read_corpus, read_forget_ids, write_shards
+from retrack.corpus import encode_image, write_shards
 from retrack.errors import CorpusError, StorageError
 from retrack.index import IndexParams, find_duplicates, find_neighbours, open_index
 from retrack.storage import Location
-from tests.index_helpers import clustered_images, write_corpus
+from tests.index_helpers import bench, clustered_images, write_corpus  # noqa: F401  (bench: fixture)
 from tests.test_index import assert_same_neighbours, brute_force
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    info = ensure_benchmark(root)
-    paths = BenchmarkPaths(root)
-    return info, paths, read_corpus(paths.corpus), read_forget_ids(paths.forget_ids)
 
 
 def upload(local_dir, s3, prefix: str) -> str:
