@@ -101,3 +101,41 @@ def test_bad_spec_registers_nothing_and_trains_nothing(small, tmp_path):
     assert result.exit_code == 2 and "not in the corpus" in result.output
     assert not (tmp_path / "jobs" / "req-bad").exists()
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_run_killed_for_real_between_stages_resumes_without_redoing_them(small, tmp_path):
+    """SIGKILL the `retrack run` process group right after unlearning finished; the rerun skips
+    index, neighbours and unlearn and registers exactly one version."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    from pipelines.job import run_job
+    from retrack.spec import load_spec
+
+    path = spec_file(small, tmp_path, request_id="req-kill")
+    spec = load_spec(path)
+    stages = tmp_path / "jobs" / spec.request_id / spec.config_hash() / "stages"
+    exe = Path(sys.executable).with_name("retrack")
+    proc = subprocess.Popen([str(exe), "run", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (stages / "unlearn.json").exists():
+            assert proc.poll() is None, "retrack run ended before unlearning finished"
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (stages / "register.json").exists()
+    result = run_job(spec)
+    assert result.stages_skipped[:3] == ["index", "neighbours", "unlearn"]
+    assert "register" in result.stages_run
+    versions = MlflowClient(tracking_uri=spec.mlflow.tracking_uri).search_model_versions("name = 'small-ddpm'")
+    assert len(versions) == 1
