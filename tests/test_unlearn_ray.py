@@ -384,10 +384,12 @@ def memorising_model(bench, tmp_path_factory) -> Path:
     given = os.environ.get("RETRACK_PRETRAINED_ORIGINAL")
     if given:
         return Path(given)
-    from retrack.pretrain import PretrainConfig, pretrain
+    from retrack.pretrain import PRESETS, pretrain
 
     corpus = read_corpus(bench.corpus)
-    model, _ = pretrain(corpus.images, PretrainConfig(steps=int(os.environ.get("RETRACK_PRETRAIN_STEPS", "3000"))))
+    # The demo's quick preset: the recipe's lambda (0.05) is calibrated on it; the 3000-step model
+    # memorises harder and needs a larger lambda (README, "Results").
+    model, _ = pretrain(corpus.images, PRESETS["quick"])
     path = tmp_path_factory.mktemp("original") / "model"
     save_pixel_model(model, path)
     return path
