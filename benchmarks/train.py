@@ -49,8 +49,8 @@ from retrack.corpus import read_corpus, read_forget_ids  # noqa: E402
 from retrack.diffusion import NoiseSchedule  # noqa: E402
 from retrack.methods import build_method  # noqa: E402
 from retrack.models import PixelDiffusion, default_scheduler, load_pixel_model, save_pixel_model, tiny_pixel_unet  # noqa: E402
-from retrack.step import MAX_GRAD_NORM, make_optimizer, unlearning_step  # noqa: E402
-from retrack.unlearn import BatchDrawer, pixel_denoiser, split_for_unlearning  # noqa: E402
+from retrack.step import MAX_GRAD_NORM, make_optimizer  # noqa: E402
+from retrack.unlearn import BatchDrawer, pixel_denoiser, run_unlearning, split_for_unlearning  # noqa: E402
 
 WARMUP = 3
 METHODS = {"retrack": {"k": 10, "lambda": 0.005}, "vanilla": {}, "siss": {}, "erasediff": {}}
@@ -61,22 +61,11 @@ def median_step(times: list[float]) -> float:
 
 
 def library_steps(model_dir: Path, data, name: str, train: TrainConfig) -> list[float]:
-    """Per-update seconds of `unlearning_step` in this process."""
+    """Per-update seconds of the library's own loop (`run_unlearning`) in this process."""
     model = load_pixel_model(model_dir)
-    cfg = MethodConfig(name=name, params=METHODS[name])
-    method = build_method(name, NoiseSchedule.from_scheduler(model.scheduler), cfg.params)
-    drawer = BatchDrawer(data, method.requirements, train)
-    params = [p for p in model.unet.parameters() if p.requires_grad]
-    opt = make_optimizer(params, train.lr, train.betas, train.weight_decay)
-    denoise = pixel_denoiser(model.unet)
-    model.unet.train()
-    out = []
-    for step in range(train.steps):
-        t0 = time.perf_counter()
-        pairs = [drawer.microbatch(step, m) for m in range(train.grad_accum)]
-        unlearning_step(method, params, opt, denoise, [b for b, _ in pairs], [g for _, g in pairs], step=step)
-        out.append(time.perf_counter() - t0)
-    return out
+    stamps = [time.perf_counter()]
+    run_unlearning(model, data, MethodConfig(name=name, params=METHODS[name]), train, progress=lambda _s, _l: stamps.append(time.perf_counter()))
+    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def bare_steps(model_dir: Path, data, train: TrainConfig) -> list[float]:

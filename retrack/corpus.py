@@ -75,14 +75,6 @@ class Corpus:
         pos = {i: n for n, i in enumerate(self.ids)}
         return np.array([pos[i] for i in ids], dtype=np.int64)
 
-    def subset(self, rows: np.ndarray) -> "Corpus":
-        return Corpus(
-            ids=[self.ids[r] for r in rows],
-            images=self.images[rows],
-            labels=None if self.labels is None else self.labels[rows],
-            captions=None if self.captions is None else [self.captions[r] for r in rows],
-        )
-
 
 def write_shards(out_dir: str | Path, rows: Iterable[dict], shard_size: int = 512) -> list[Path]:
     """Write rows as parquet shards into `out_dir`, atomically: a reader never sees a partial corpus."""

@@ -9,7 +9,6 @@ version left incomplete by a crash is deleted and registered again.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -235,10 +234,6 @@ class LineageStore:
             if mv.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
                 raise StorageError(f"model version {name}/{version} did not become READY (status {mv.status})")
             time.sleep(0.5)
-
-
-def lineage_json(lineage: Lineage) -> str:
-    return json.dumps(asdict(lineage), indent=2, sort_keys=True)
 
 
 def mlflow_env_for_storage(endpoint_url: str | None) -> None:

@@ -33,6 +33,3 @@ class Workspace:
     def model_dir(self, which: str, preset: str) -> Path:
         """`which`: original | retrained | classifier; `preset`: the pretraining preset's name."""
         return self.root / "models" / self.scenario / preset / which
-
-    def run_dir(self, name: str) -> Path:
-        return self.root / "runs" / name
