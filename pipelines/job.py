@@ -12,17 +12,21 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from pipelines.progress import console
 from retrack.corpus import Corpus, read_corpus, read_forget_ids
 from retrack.digest import ids_digest
-from retrack.errors import InputError
+from retrack.errors import InputError, StorageError
 from retrack.spec import JobSpec
 from retrack.storage import Location
 from retrack.workspace import retrack_home
+
+if TYPE_CHECKING:
+    from pipelines.unlearn import UnlearnRequest
+    from retrack.evaluation import EvalReference
 
 STAGES = ("index", "neighbours", "unlearn", "evaluate", "register")
 
@@ -60,6 +64,23 @@ class JobDir:
 
     def finish(self, stage: str, outputs: dict) -> None:
         self.marker(stage).write_json({"stage": stage, "config_hash": self.spec.config_hash(), "finished": time.time(), **outputs})
+
+    def stage(self, name: str, fn: Callable[[], dict], on_stage: Callable[[str, str], None] | None = None) -> tuple[dict, bool]:
+        """Run a stage unless its completion marker is there: (its record, whether it ran now)."""
+        record = self.done(name)
+        if record is not None:
+            if on_stage:
+                on_stage(name, "skip")
+            return record, False
+        if on_stage:
+            on_stage(name, "run")
+        console.rule(f"[bold]{name}")
+        try:
+            outputs = fn()
+        except OSError as exc:  # disk full, quota, permission: a clear error, and no marker below
+            raise StorageError(f"{name} stage: cannot write its outputs ({self.local}, {self.remote}): {exc}") from None
+        self.finish(name, outputs)
+        return {"config_hash": self.spec.config_hash(), **outputs}, True
 
     def publish(self, rel: str) -> None:
         """Mirror a local output (file or folder) to the remote prefix (no-op for local roots)."""
@@ -155,25 +176,19 @@ def run_job(spec: JobSpec, address: str | None = None, on_stage: Callable[[str, 
     ran, skipped = [], []
 
     def stage(name: str, fn: Callable[[], dict]) -> dict:
-        record = job.done(name)
-        if record is not None:
-            skipped.append(name)
-            if on_stage:
-                on_stage(name, "skip")
-            return record
-        if on_stage:
-            on_stage(name, "run")
-        console.rule(f"[bold]{name}")
-        outputs = fn()
-        job.finish(name, outputs)
-        ran.append(name)
-        return {"config_hash": spec.config_hash(), **outputs}
+        record, now = job.stage(name, fn, on_stage)
+        (ran if now else skipped).append(name)
+        return record
 
-    idx = stage("index", lambda: _index_stage(spec, pre))
-    nb = stage("neighbours", lambda: _neighbours_stage(spec, pre, job, idx))
-    un = stage("unlearn", lambda: _unlearn_stage(spec, pre, job, nb, address))
-    ev = stage("evaluate", lambda: _evaluate_stage(spec, pre, job, nb, un, idx))
-    reg = stage("register", lambda: _register_stage(spec, pre, job, idx, nb, un, ev))
+    from retrack.audit import audit_attempt
+
+    with audit_attempt(spec, pre.forget_ids, ran, skipped) as audit:  # a failure is recorded too
+        idx = stage("index", lambda: _index_stage(spec, pre))
+        nb = stage("neighbours", lambda: _neighbours_stage(spec, pre, job, idx))
+        un = stage("unlearn", lambda: _unlearn_stage(spec, pre, job, nb, address))
+        ev = stage("evaluate", lambda: _evaluate_stage(spec, pre, job, nb, un, idx))
+        reg = stage("register", lambda: _register_stage(spec, pre, job, idx, nb, un, ev))
+        audit.succeeded(nb, un, ev, reg)
     return JobResult(
         request_id=spec.request_id,
         model_version=reg["model_version"],
@@ -189,13 +204,11 @@ def _index_stage(spec: JobSpec, pre: Preflight) -> dict:
     from pipelines.index import build
     from retrack.index import IndexParams
 
-    from retrack.digest import config_digest
-
     out = Location.parse(spec.storage.root, endpoint=spec.storage.endpoint_url) / "indexes" / _corpus_key(pre)
     params = IndexParams(type=spec.index.kind, flat_max=spec.index.flat_max_items)
     result = build(str(pre.corpus_dir), str(out), params=params, endpoint=spec.storage.endpoint_url)
     console.print(f"index {result.status}: {result.manifest.index_type}, {result.manifest.count} vectors")
-    return {"index_uri": str(out), "manifest_digest": config_digest(result.manifest.to_dict())}
+    return {"index_uri": str(out), "manifest_digest": result.manifest.content_digest()}
 
 
 def _corpus_key(pre: Preflight) -> str:
@@ -207,7 +220,7 @@ def _corpus_key(pre: Preflight) -> str:
 def _neighbours_stage(spec: JobSpec, pre: Preflight, job: JobDir, idx: dict) -> dict:
     from retrack.index import find_duplicates, find_neighbours, open_index
 
-    index = open_index(idx["index_uri"], endpoint=spec.storage.endpoint_url)
+    index = open_index(idx["index_uri"], endpoint=spec.storage.endpoint_url, manifest_digest=idx["manifest_digest"])
     threshold = spec.forget.duplicate_threshold or _default_duplicate_threshold(pre)
     report = find_duplicates(index, pre.forget_ids, threshold, policy=spec.forget.duplicates)
     if report.count:
@@ -234,37 +247,43 @@ def _default_duplicate_threshold(pre: Preflight) -> float:
     return float(0.1 * np.median(positive)) if len(positive) else 1e-3
 
 
-def _unlearn_stage(spec: JobSpec, pre: Preflight, job: JobDir, nb: dict, address: str | None) -> dict:
-    from pipelines.unlearn import ScalingSettings, UnlearnRequest, unlearn
+def unlearn_request(spec: JobSpec, pre: Preflight, job: JobDir, output_dir: Path, run_name: str) -> "UnlearnRequest":
+    """The unlearn stage's request for `spec`'s method and training settings (tuning trials vary them)."""
+    from pipelines.unlearn import ScalingSettings, UnlearnRequest
 
-    forget_file = job.fetch("forget_ids.txt")
-    neighbours = job.fetch("neighbours.json")
-    request = UnlearnRequest(
+    return UnlearnRequest(
         request_id=spec.request_id,
         model_dir=str(pre.model_dir),
         model_kind="pixel",
         corpus_dir=str(pre.corpus_dir),
-        forget_ids_file=str(forget_file),
-        neighbours_file=str(neighbours) if spec.method.needs_neighbours else None,
+        forget_ids_file=str(job.fetch("forget_ids.txt")),
+        neighbours_file=str(job.fetch("neighbours.json")) if spec.method.needs_neighbours else None,
         method=spec.method,
         train=spec.train,
         scaling=ScalingSettings(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu, cpus_per_worker=spec.scaling.cpus_per_worker),
+        max_failures=spec.scaling.max_failures,
         storage_path=str(Location.parse(spec.storage.root, endpoint=spec.storage.endpoint_url) / "checkpoints"),
-        output_dir=str(job.local / "model"),
-        run_name=spec.run_name,
+        output_dir=str(output_dir),
+        run_name=run_name,
         storage_endpoint=spec.storage.endpoint_url,
     )
-    result = unlearn(request, address=address)
+
+
+def _unlearn_stage(spec: JobSpec, pre: Preflight, job: JobDir, nb: dict, address: str | None) -> dict:
+    from pipelines.unlearn import unlearn
+
+    result = unlearn(unlearn_request(spec, pre, job, job.local / "model", spec.run_name), address=address)
     job.publish("model")
-    return {"model_digest": result.digest, "wall_seconds": result.seconds, "steps": result.steps, "final_loss": result.history[-1]["loss"] if result.history else None}
+    return {"model_digest": result.digest, "wall_seconds": result.seconds, "steps": result.steps, "final_loss": result.history[-1]["loss"] if result.history else None,
+            "resumed_from": result.resumed_from}
 
 
-def _evaluate_stage(spec: JobSpec, pre: Preflight, job: JobDir, nb: dict, un: dict, idx: dict) -> dict:
-    from pipelines.evaluate import evaluate_request
+def evaluation_reference(spec: JobSpec, pre: Preflight, job: JobDir, forget: list[str]) -> tuple["EvalReference", float]:
+    """What samples are scored against (retained data, the feature classifier trained on it,
+    the copy threshold, held-out items), and the threshold used."""
     from retrack.evaluation import build_reference
     from retrack.metrics import load_classifier, save_classifier, train_classifier
 
-    forget = read_forget_ids(job.fetch("forget_ids.txt"))
     corpus = pre.corpus
     if corpus.labels is None:
         raise InputError("the corpus has no labels: the Fréchet distance needs a classifier trained on labelled retained data")
@@ -277,7 +296,14 @@ def _evaluate_stage(spec: JobSpec, pre: Preflight, job: JobDir, nb: dict, un: di
     holdout = None
     if spec.evaluation.holdout_uri:
         holdout = read_corpus(_local_dir(spec.evaluation.holdout_uri, spec.storage.endpoint_url))
-    ref = build_reference(corpus, forget, threshold, load_classifier(clf_dir), holdout)
+    return build_reference(corpus, forget, threshold, load_classifier(clf_dir), holdout), threshold
+
+
+def _evaluate_stage(spec: JobSpec, pre: Preflight, job: JobDir, nb: dict, un: dict, idx: dict) -> dict:
+    from pipelines.evaluate import evaluate_request
+
+    forget = read_forget_ids(job.fetch("forget_ids.txt"))
+    ref, threshold = evaluation_reference(spec, pre, job, forget)
     context = {"model_digest": un["model_digest"], "config_hash": spec.config_hash(), "method": spec.method.name, "forget_count": len(forget), "samples_per_model": spec.evaluation.num_samples}
     ev = evaluate_request(
         pre.model_dir, job.fetch("model"), ref, spec.evaluation.num_samples, spec.evaluation.seed,
@@ -331,4 +357,5 @@ def _register_stage(spec: JobSpec, pre: Preflight, job: JobDir, idx: dict, nb: d
     store.log_artifacts(run_id, job.fetch("report"), "report")
     version = store.register(name, run_id, job.fetch("model"), lineage, spec.mlflow.alias)
     store.finish_run(run_id)
-    return {"model_version": version, "registered_model": name, "run_id": run_id}
+    alias_version = store.alias_version(name, spec.mlflow.alias) if spec.mlflow.alias else None
+    return {"model_version": version, "registered_model": name, "run_id": run_id, "alias_version": alias_version}
