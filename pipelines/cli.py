@@ -25,6 +25,9 @@ def _mount_stage_commands() -> None:
 
     app.add_typer(index.cli, name="index", help="Build the corpus kNN index; find neighbours and near-duplicates.")
     app.add_typer(queue.cli, name="queue", help="The deletion queue: submit requests, run the pending ones as one batch job.")
+    from pipelines.audit import audit_command
+
+    app.command("audit", help="The audit trail: a request's record, every request against a model, a version's lineage.")(refusing_bad_input(audit_command))
 
 
 @app.command()
@@ -101,6 +104,21 @@ def run(
     from retrack.spec import load_spec
 
     print_summary(run_job(load_spec(job), address=address))
+
+
+@app.command()
+@refusing_bad_input
+def tune(
+    job: Path = typer.Argument(..., help="Job spec (YAML) with a `tune` section; see `retrack schema`."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)."),
+) -> None:
+    """Search the method's hyperparameters with Ray Tune, print the Pareto front of forgetting vs
+    quality, then evaluate and register the chosen configuration. Rerun to resume."""
+    from pipelines.demo import print_summary
+    from pipelines.tune import run_tune
+    from retrack.spec import load_spec
+
+    print_summary(run_tune(load_spec(job), address=address).job)
 
 
 @app.command()

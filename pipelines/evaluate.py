@@ -1,8 +1,15 @@
 """Evaluation on Ray: sampling spread over tasks, then the metrics, the verdict and the report.
 
 Each task draws a contiguous range of sampling batches from BOTH models with the same seeds, so
-the samples equal those of a single process and integrity stays paired. Models travel through
-the object store as their files (no shared filesystem needed between nodes).
+the samples equal those of a single process and integrity stays paired. A model reaches the tasks
+either as an s3:// URI that each node copies once, or as its files through the object store (no
+shared filesystem needed between nodes either way).
+
+Stable Diffusion (`evaluate_sd_request`): latents of the forgotten items, their retained
+candidates and the held-out items are encoded in a task, generations for the forgotten and for
+retained captions and the per-item denoising losses are spread over tasks, and
+`retrack.sd_evaluation` scores them. Captions travel only inside object references, never in
+task names, logs or the report.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from retrack.report import write_report
 from retrack.verdict import Verdict, decide
 
 
+SAMPLE_RETRIES = 3
+
+
 def _pack(model_dir: str | Path) -> dict[str, bytes]:
     root = Path(model_dir)
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
@@ -32,29 +42,60 @@ def _unpack(files: dict[str, bytes], dest: Path) -> Path:
     return dest
 
 
-def _sample_range(model_files: dict, n: int, first_batch: int, seed: int, batch_size: int, threads: int) -> np.ndarray:
+def model_source(model: str | Path, endpoint: str | None = None):
+    """An object reference a task turns into a model directory with `_open_model`: an s3:// URI
+    (each node copies it once; credentials resolved here, on the driver, and kept out of task
+    arguments) or a local directory's files."""
+    import ray
+
+    from retrack.storage import S3Options, is_s3
+
+    if is_s3(model):
+        return ray.put({"uri": str(model), "s3": S3Options(endpoint=endpoint).resolved()})
+    return ray.put({"files": _pack(model)})
+
+
+def _open_model(source: dict, tmp: str) -> Path:
+    from retrack.sd import local_model_dir
+
+    if "uri" in source:
+        return local_model_dir(source["uri"], Path(tempfile.gettempdir()) / "retrack-models", s3=source["s3"])
+    return _unpack(source["files"], Path(tmp))
+
+
+def _sample_range(source: dict, n: int, first_batch: int, seed: int, batch_size: int, threads: int) -> np.ndarray:
     import torch
 
     from retrack.sampling import generate
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model = load_pixel_model(_unpack(model_files, Path(tmp)))
+        model = load_pixel_model(_open_model(source, tmp))
         return generate(model, n, seed=seed, batch_size=batch_size, first_batch=first_batch)
 
 
+def _task_count(n_units: int, num_tasks: int | None = None) -> int:
+    """Tasks to spread n_units over: one per cluster CPU (or `num_tasks`), at most one per unit."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(num_tasks or cpus, n_units))
+
+
 def sample_on_ray(model_dirs: list[str | Path], n: int, seed: int, batch_size: int = 250, num_tasks: int | None = None) -> list[np.ndarray]:
-    """n samples of each model, batches spread over Ray tasks; same seeds for every model."""
+    """n samples of each model (local directory or s3:// URI), batches spread over Ray tasks; same
+    seeds for every model."""
     import ray
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     n_batches = -(-n // batch_size)
     tasks = max(1, min(num_tasks or cpus, n_batches))
     per = -(-n_batches // tasks)
-    remote = ray.remote(num_cpus=1)(_sample_range)
+    # A task whose worker dies is rerun (same seeds, so the same samples): a lost worker costs time only.
+    remote = ray.remote(num_cpus=1, max_retries=SAMPLE_RETRIES)(_sample_range)
     out = []
     for model_dir in model_dirs:
-        ref = ray.put(_pack(model_dir))
+        ref = model_source(model_dir)
         futures = []
         for t in range(tasks):
             b0 = t * per
@@ -98,4 +139,164 @@ def evaluate_request(
         nearest_forget_distance(after[shown], ref.forget01) < ref.threshold
     )
     out = write_report(report_dir, request_id, metrics, verdict, member, before[shown], after[shown], redact, context)
+    return Evaluation(metrics=metrics, verdict=verdict, membership=member, report_dir=out)
+
+
+# =========================================================================== Stable Diffusion
+
+
+@dataclass
+class SdItems:
+    """What the Stable Diffusion evaluation reads from the corpus. Held in memory on the driver
+    and passed to tasks only inside object references: never printed, logged or reported."""
+
+    forget_images: np.ndarray  # uint8 F x H x W x C, the forgotten items
+    forget_ids: list[str]
+    forget_captions: list[str]
+    candidates: list[tuple[np.ndarray, list[str]]]  # per forgotten item: its nearest retained items (images, ids)
+    integrity_captions: list[str]  # retained captions, one same-seed pair of generations each
+    holdout_images: np.ndarray | None = None  # non-members for the membership test
+    holdout_ids: list[str] | None = None
+    holdout_captions: list[str] | None = None
+
+
+def _sd_model(source: dict, tmp: str, threads: int):
+    import torch
+
+    from retrack.sd import load_sd_model
+
+    torch.set_num_threads(threads)
+    return load_sd_model(_open_model(source, tmp))
+
+
+def _sd_encode(source: dict, groups: dict[str, tuple[np.ndarray, list[str]]], threads: int) -> dict[str, np.ndarray]:
+    from retrack.sd_evaluation import item_latents
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _sd_model(source, tmp, threads)
+        return {name: item_latents(model, images, ids) for name, (images, ids) in groups.items()}
+
+
+def _sd_generate(source: dict, work: dict, threads: int) -> tuple[np.ndarray, np.ndarray | None]:
+    from retrack.sd_evaluation import generate_latents
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _sd_model(source, tmp, threads)
+        return generate_latents(model, work["captions"], work["seeds"], work["steps"], work["guidance"], decode=work["decode"])
+
+
+def _sd_losses(source: dict, work: dict, threads: int) -> np.ndarray:
+    from retrack.sd_evaluation import item_losses
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _sd_model(source, tmp, threads)
+        return item_losses(model, work["latents"], work["captions"], seed=work["seed"])
+
+
+def _split(n: int, parts: int) -> list[slice]:
+    per = -(-n // parts) if n else 1
+    return [slice(s, min(s + per, n)) for s in range(0, n, per)]
+
+
+def _spread(fn, sources: list, rows: int, work_of, num_tasks: int | None = None) -> list[list]:
+    """Per model source, `fn` over contiguous row ranges on Ray tasks; the parts in order."""
+    import ray
+
+    remote = ray.remote(num_cpus=1, max_retries=SAMPLE_RETRIES)(fn)
+    parts = _split(rows, _task_count(rows, num_tasks))
+    futures = [[remote.remote(src, ray.put(work_of(part)), 1) for part in parts] for src in sources]
+    return [ray.get(f) for f in futures]
+
+
+def evaluate_sd_request(
+    original: str | Path,
+    unlearned: str | Path,
+    items: SdItems,
+    settings,
+    max_frequency_ratio: float,
+    alpha: float,
+    report_dir: str | Path,
+    request_id: str,
+    context: dict,
+    endpoint: str | None = None,
+    num_tasks: int | None = None,
+) -> Evaluation:
+    """Score an unlearned Stable Diffusion against its original (local directories or s3:// URIs).
+    `settings`: seed, forget_threshold (latent L2, None: calibrated per item), generations_per_caption,
+    inference_steps, guidance_scale (`retrack.spec.EvaluationSpec` and its `stable_diffusion`)."""
+    import ray
+
+    from retrack.metrics import membership_test
+    from retrack.sd_evaluation import SD_METRIC_KEYS, ForgetReference, copy_thresholds, is_copy, memorisation, sd_integrity
+
+    sd_settings = settings.stable_diffusion
+    sources = [model_source(original, endpoint), model_source(unlearned, endpoint)]
+    # The VAE is frozen by unlearning: the original's encodes every item for both models.
+    groups = {"forget": (items.forget_images, items.forget_ids)}
+    groups |= {f"cand{j}": c for j, c in enumerate(items.candidates)}
+    if items.holdout_images is not None:
+        groups["holdout"] = (items.holdout_images, items.holdout_ids)
+    latents = ray.get(ray.remote(num_cpus=1, max_retries=SAMPLE_RETRIES)(_sd_encode).remote(sources[0], ray.put(groups), 1))
+
+    prompts = list(dict.fromkeys(items.forget_captions))  # distinct forget captions: planted copies share one
+    prompt_of = np.array([prompts.index(c) for c in items.forget_captions])
+    if settings.forget_threshold is not None:
+        thresholds = np.full(len(prompt_of), float(settings.forget_threshold))
+    else:
+        thresholds = copy_thresholds(latents["forget"], [latents[f"cand{j}"] for j in range(len(items.candidates))])
+    ref = ForgetReference(latents=latents["forget"], thresholds=thresholds, prompt_of=prompt_of, n_prompts=len(prompts))
+
+    # One job list for both models: generation k draws its noise from seed + k (paired by seed).
+    g = sd_settings.generations_per_caption
+    n_forget_gens = len(prompts) * g
+    captions = [p for p in prompts for _ in range(g)] + list(items.integrity_captions)
+    seeds = [settings.seed + k for k in range(len(captions))]
+    shown = min(64, len(items.integrity_captions))
+    decode = [False] * n_forget_gens + [k < shown for k in range(len(items.integrity_captions))]
+
+    def gen_work(part: slice) -> dict:
+        return {"captions": captions[part], "seeds": seeds[part], "decode": decode[part],
+                "steps": sd_settings.inference_steps, "guidance": sd_settings.guidance_scale}
+
+    loss_latents = [latents["forget"]] + ([latents["holdout"]] if "holdout" in latents else [])
+    loss_captions = list(items.forget_captions) + list(items.holdout_captions or [])
+    all_latents = np.concatenate(loss_latents)
+
+    def loss_work(part: slice) -> dict:
+        return {"latents": all_latents[part], "captions": loss_captions[part], "seed": settings.seed}
+
+    generated = _spread(_sd_generate, sources, len(captions), gen_work, num_tasks)
+    losses = [np.concatenate(parts) for parts in _spread(_sd_losses, sources, len(all_latents), loss_work, num_tasks)]
+    gens = [np.concatenate([z for z, _ in parts]) for parts in generated]
+    pixels = [np.concatenate([px for _, px in parts if px is not None]) for parts in generated]
+
+    prompt = np.repeat(np.arange(len(prompts)), g)
+    n_f = len(items.forget_ids)
+    metrics, per_prompt = {}, {}
+    for name, z, loss in zip(("original", "unlearned"), gens, losses):
+        metrics[name], per_prompt[name] = memorisation(z[:n_forget_gens], prompt, ref)
+        metrics[name]["forget_loss"] = float(loss[:n_f].mean())
+    before, after = gens[0][n_forget_gens:], gens[1][n_forget_gens:]
+    metrics["original"]["integrity"] = 0.0
+    metrics["unlearned"]["integrity"] = sd_integrity(before, after, ref)
+    for m in metrics.values():
+        m["integrity_samples"] = float(len(before))
+    member = None
+    if items.holdout_images is not None:
+        # Both models: the original's count shows the test can see the items as members at all.
+        for name, loss in zip(("original", "unlearned"), losses):
+            member = membership_test(loss[:n_f], loss[n_f:], alpha=alpha)
+            metrics[name]["remembered_items"] = float(member["remembered_count"])
+    verdict = decide(metrics["original"], metrics["unlearned"], member, max_frequency_ratio)
+
+    redact = is_copy(before[:shown], ref) | is_copy(after[:shown], ref)
+    before01, after01 = pixels
+    details = {"memorisation_per_prompt": [
+        {"prompt": b["prompt"], "items": b["items"], "generations": b["generations"],
+         **{f"{k}_{name}": m[k] for name, m in (("original", b), ("unlearned", a)) for k in ("frequency", "max_cosine", "min_distance_ratio")}}
+        for b, a in zip(per_prompt["original"], per_prompt["unlearned"])
+    ]}
+    out = write_report(report_dir, request_id, metrics, verdict, member, before01, after01, redact,
+                       {**context, "space": "VAE latents", "forget_prompts": len(prompts), "generations_per_prompt": g},
+                       columns=SD_METRIC_KEYS, details=details)
     return Evaluation(metrics=metrics, verdict=verdict, membership=member, report_dir=out)

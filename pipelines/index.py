@@ -142,8 +142,11 @@ class RayExecutor:
     """Runs `build_index`'s work on Ray: streaming encode with Ray Data, shards as parallel tasks."""
 
     def __init__(self, batch_size: int = 256, actor_cpus: float = 0.5, shard_cpus: float = 1.0,
-                 concurrency: int | None = None, show_progress: bool = False):
+                 concurrency: int | None = None, show_progress: bool = False, shard_retries: int = 3):
         self.batch_size, self.actor_cpus, self.shard_cpus = batch_size, actor_cpus, shard_cpus
+        # A shard task whose worker (or node) dies is rerun by Ray; a shard is written atomically
+        # and is a pure function of its inputs, so a retry is safe.
+        self.shard_retries = shard_retries
         self.concurrency, self.show_progress = concurrency, show_progress
 
     @property
@@ -209,9 +212,7 @@ class RayExecutor:
     def build_shards(self, root, jobs, params, quantizer, progress=None):
         import ray
 
-        from retrack.index.shards import build_shard
-
-        task = ray.remote(num_cpus=self.shard_cpus, max_retries=1)(build_shard)
+        task = ray.remote(num_cpus=self.shard_cpus, max_retries=self.shard_retries)(self.shard_function())
         threads = max(1, int(self.shard_cpus))
         pending = [task.remote(root, j.number, j.key, params, quantizer, threads, j.dim) for j in jobs]
         out = []
@@ -224,6 +225,12 @@ class RayExecutor:
             if progress:
                 progress("shards", len(out), len(jobs))
         return out
+
+    def shard_function(self):
+        """What one shard task runs (`retrack.index.shards.build_shard`)."""
+        from retrack.index.shards import build_shard
+
+        return build_shard
 
 
 def build(corpus: str, out: str, encoder=None, params=None, on_bad: str = "fail", rows_per_chunk: int = 200_000,

@@ -26,6 +26,7 @@ from retrack.workspace import retrack_home
 
 if TYPE_CHECKING:
     from pipelines.unlearn import UnlearnRequest
+    from pipelines.evaluate import SdItems
     from retrack.evaluation import EvalReference
 
 STAGES = ("index", "neighbours", "unlearn", "evaluate", "register")
@@ -138,7 +139,9 @@ def preflight(spec: JobSpec) -> Preflight:
     """Every check that can refuse the job, before any index, training or registration."""
     from retrack.corpus import check_forget_ids
     from retrack.lineage import check_tracking_server
+    from retrack.errors import CorpusError
     from retrack.models import check_pixel_model_dir
+    from retrack.sd import check_sd_model_dir
     from retrack.unlearn import check_k
 
     check_tracking_server(spec.mlflow.tracking_uri)
@@ -147,14 +150,18 @@ def preflight(spec: JobSpec) -> Preflight:
     probe = root / ".retrack-write-probe"
     probe.write_text("ok")
     probe.remove()
-    if spec.model.kind != "pixel-ddpm":
-        raise InputError(f"model.kind {spec.model.kind!r}: `retrack run` evaluates pixel DDPMs; run Stable Diffusion through `retrack unlearn`")
     model_dir = _local_dir(spec.model.uri, spec.storage.endpoint_url)
-    check_pixel_model_dir(model_dir)
+    sd = spec.model.kind == "stable-diffusion"
+    (check_sd_model_dir if sd else check_pixel_model_dir)(model_dir)
     if spec.corpus.format != "parquet":
         raise InputError("corpus.format 'imagefolder' is indexed by `retrack index build`; `retrack run` reads parquet corpora")
     corpus_dir = _local_dir(spec.corpus.uri, spec.storage.endpoint_url)
     corpus = read_corpus(corpus_dir)
+    if sd:  # each item is trained on, and its memorisation checked with, its own caption
+        holdout = read_corpus(_local_dir(spec.evaluation.holdout_uri, spec.storage.endpoint_url)) if spec.evaluation.holdout_uri else None
+        for what, c in (("corpus", corpus), ("evaluation.holdout_uri", holdout)):
+            if c is not None and c.captions is None:
+                raise CorpusError(f"{what}: a Stable Diffusion corpus needs a 'caption' column (each item is conditioned on its own caption)")
     forget_ids = load_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
     if spec.method.needs_neighbours:
@@ -204,9 +211,15 @@ def _index_stage(spec: JobSpec, pre: Preflight) -> dict:
     from pipelines.index import build
     from retrack.index import IndexParams
 
-    out = Location.parse(spec.storage.root, endpoint=spec.storage.endpoint_url) / "indexes" / _corpus_key(pre)
+    key, encoder = _corpus_key(pre), None
+    if spec.model.kind == "stable-diffusion":  # neighbours in the space SD denoises: its VAE's latents
+        from retrack.index import EncoderSpec
+
+        encoder = EncoderSpec(kind="vae", model_dir=str(pre.model_dir / "vae"), device="cuda" if spec.scaling.use_gpu else "cpu")
+        key += "-vae-" + encoder.digest()[:12]  # one index per (corpus, VAE): a pixel index of the same corpus is kept
+    out = Location.parse(spec.storage.root, endpoint=spec.storage.endpoint_url) / "indexes" / key
     params = IndexParams(type=spec.index.kind, flat_max=spec.index.flat_max_items)
-    result = build(str(pre.corpus_dir), str(out), params=params, endpoint=spec.storage.endpoint_url)
+    result = build(str(pre.corpus_dir), str(out), encoder=encoder, params=params, endpoint=spec.storage.endpoint_url)
     console.print(f"index {result.status}: {result.manifest.index_type}, {result.manifest.count} vectors")
     return {"index_uri": str(out), "manifest_digest": result.manifest.content_digest()}
 
@@ -221,7 +234,7 @@ def _neighbours_stage(spec: JobSpec, pre: Preflight, job: JobDir, idx: dict) -> 
     from retrack.index import find_duplicates, find_neighbours, open_index
 
     index = open_index(idx["index_uri"], endpoint=spec.storage.endpoint_url, manifest_digest=idx["manifest_digest"])
-    threshold = spec.forget.duplicate_threshold or _default_duplicate_threshold(pre)
+    threshold = spec.forget.duplicate_threshold or _default_duplicate_threshold(pre, index if spec.model.kind == "stable-diffusion" else None)
     report = find_duplicates(index, pre.forget_ids, threshold, policy=spec.forget.duplicates)
     if report.count:
         console.print(f"near-duplicates of the forget set: {report.count} (policy {spec.forget.duplicates})")
@@ -235,14 +248,20 @@ def _neighbours_stage(spec: JobSpec, pre: Preflight, job: JobDir, idx: dict) -> 
     return {"forget_count": len(forget), "duplicates_added": report.count if spec.forget.duplicates == "add" else 0, "forget_ids_digest": ids_digest(forget), "duplicate_threshold": threshold}
 
 
-def _default_duplicate_threshold(pre: Preflight) -> float:
+def _default_duplicate_threshold(pre: Preflight, index=None) -> float:
     """Model-space L2 under which two items are copies: a tenth of the typical nearest-neighbour
-    distance between distinct retained items (exact copies sit at 0)."""
+    distance between distinct retained items (exact copies sit at 0). With `index`, measured on
+    its vectors (Stable Diffusion: VAE latents, the space duplicates are searched in)."""
     from retrack.knn import exact_knn
 
     rng = np.random.default_rng(0)
-    sample = pre.corpus.images[rng.choice(len(pre.corpus), min(len(pre.corpus), 512), replace=False)]
-    d, _ = exact_knn(sample, pre.corpus.images, 2)
+    if index is not None:
+        rows = rng.choice(len(index), min(len(index), 512), replace=False)
+        d2, _ = index.search(index.vectors(rows), 2)
+        d = np.sqrt(np.maximum(d2, 0.0))
+    else:
+        sample = pre.corpus.images[rng.choice(len(pre.corpus), min(len(pre.corpus), 512), replace=False)]
+        d, _ = exact_knn(sample, pre.corpus.images, 2)
     positive = d[:, 1][d[:, 1] > 1e-6]
     return float(0.1 * np.median(positive)) if len(positive) else 1e-3
 
@@ -253,8 +272,9 @@ def unlearn_request(spec: JobSpec, pre: Preflight, job: JobDir, output_dir: Path
 
     return UnlearnRequest(
         request_id=spec.request_id,
-        model_dir=str(pre.model_dir),
-        model_kind="pixel",
+        # An s3:// model goes to the workers as its URI (each node copies it), not as the driver's cache path.
+        model_dir=spec.model.uri if spec.model.uri.startswith("s3://") else str(pre.model_dir),
+        model_kind="sd" if spec.model.kind == "stable-diffusion" else "pixel",
         corpus_dir=str(pre.corpus_dir),
         forget_ids_file=str(job.fetch("forget_ids.txt")),
         neighbours_file=str(job.fetch("neighbours.json")) if spec.method.needs_neighbours else None,
@@ -302,6 +322,8 @@ def evaluation_reference(spec: JobSpec, pre: Preflight, job: JobDir, forget: lis
 def _evaluate_stage(spec: JobSpec, pre: Preflight, job: JobDir, nb: dict, un: dict, idx: dict) -> dict:
     from pipelines.evaluate import evaluate_request
 
+    if spec.model.kind == "stable-diffusion":
+        return _evaluate_sd_stage(spec, pre, job, un, idx)
     forget = read_forget_ids(job.fetch("forget_ids.txt"))
     ref, threshold = evaluation_reference(spec, pre, job, forget)
     context = {"model_digest": un["model_digest"], "config_hash": spec.config_hash(), "method": spec.method.name, "forget_count": len(forget), "samples_per_model": spec.evaluation.num_samples}
@@ -311,6 +333,56 @@ def _evaluate_stage(spec: JobSpec, pre: Preflight, job: JobDir, nb: dict, un: di
     )
     job.publish("report")
     return {"verdict": ev.verdict.label, "metrics": ev.metrics, "forget_threshold": threshold}
+
+
+def sd_evaluation_items(spec: JobSpec, pre: Preflight, forget: list[str], idx: dict) -> SdItems:
+    """What the SD evaluation reads from the corpus: the forgotten items, their nearest retained
+    items in the index (VAE latents: they calibrate each item's copy threshold), a seeded sample
+    of retained captions that are not also a forgotten item's caption (integrity), the held-out items."""
+    from pipelines.evaluate import SdItems
+    from retrack.corpus import from_model_space
+    from retrack.index import find_neighbours, open_index
+
+    corpus = pre.corpus
+    rows = corpus.index_of(forget)
+    index = open_index(idx["index_uri"], endpoint=spec.storage.endpoint_url, manifest_digest=idx["manifest_digest"])
+    k = min(spec.evaluation.stable_diffusion.candidates, len(corpus) - len(forget))
+    nb = find_neighbours(index, forget, k, margin=spec.index.candidates_margin)
+    forget_captions = [corpus.captions[r] for r in rows]
+    banned = set(forget_captions)
+    keep = [int(r) for r in np.setdiff1d(np.arange(len(corpus)), rows) if corpus.captions[r] not in banned]
+    if not keep:
+        raise InputError("no retained item has a caption other than the forgotten items': integrity needs retained captions")
+    n = spec.evaluation.num_samples
+    picked = np.random.default_rng(spec.evaluation.seed).choice(keep, n, replace=len(keep) < n)
+    holdout = read_corpus(_local_dir(spec.evaluation.holdout_uri, spec.storage.endpoint_url)) if spec.evaluation.holdout_uri else None
+    return SdItems(
+        forget_images=from_model_space(corpus.images[rows]),
+        forget_ids=list(forget),
+        forget_captions=forget_captions,
+        candidates=[(from_model_space(corpus.images[corpus.index_of(ids)]), list(ids)) for ids in nb.ids],
+        integrity_captions=[corpus.captions[r] for r in picked],
+        holdout_images=None if holdout is None else from_model_space(holdout.images),
+        holdout_ids=None if holdout is None else holdout.ids,
+        holdout_captions=None if holdout is None else holdout.captions,
+    )
+
+
+def _evaluate_sd_stage(spec: JobSpec, pre: Preflight, job: JobDir, un: dict, idx: dict) -> dict:
+    from pipelines.evaluate import evaluate_sd_request
+
+    forget = read_forget_ids(job.fetch("forget_ids.txt"))
+    items = sd_evaluation_items(spec, pre, forget, idx)
+    # s3:// models reach the Ray tasks as URIs (every node fetches them), local ones as their files.
+    original = spec.model.uri if spec.model.uri.startswith("s3://") else pre.model_dir
+    unlearned = str(job.remote / "model") if job.remote.is_s3 else job.fetch("model")
+    context = {"model_digest": un["model_digest"], "config_hash": spec.config_hash(), "method": spec.method.name, "forget_count": len(forget), "samples_per_model": spec.evaluation.num_samples}
+    ev = evaluate_sd_request(
+        original, unlearned, items, spec.evaluation, spec.evaluation.max_frequency_ratio, spec.evaluation.membership_alpha,
+        job.local / "report", spec.request_id, context, endpoint=spec.storage.endpoint_url,
+    )
+    job.publish("report")
+    return {"verdict": ev.verdict.label, "metrics": ev.metrics, "forget_threshold": spec.evaluation.forget_threshold}
 
 
 def _default_forget_threshold(corpus: Corpus, forget: list[str]) -> float:
@@ -347,7 +419,7 @@ def _register_stage(spec: JobSpec, pre: Preflight, job: JobDir, idx: dict, nb: d
     )
     run_id = store.request_run(spec.mlflow.experiment, spec.run_name, spec.request_id, spec.config_hash(), spec.mlflow.artifact_location)
     params = {f"method.{k}": v for k, v in spec.method.params.items()} | {f"train.{k}": v for k, v in spec.train.model_dump().items()}
-    params |= {"method": spec.method.name, "model.uri": spec.model.uri, "corpus.uri": spec.corpus.uri, "forget.count": nb["forget_count"], "workers": spec.scaling.num_workers}
+    params |= {"method": spec.method.name, "model.kind": spec.model.kind, "model.uri": spec.model.uri, "corpus.uri": spec.corpus.uri, "forget.count": nb["forget_count"], "workers": spec.scaling.num_workers}
     store.log_params(run_id, params)
     store.log_metrics(run_id, {f"{m}.{k}": v for m, vals in ev["metrics"].items() for k, v in vals.items()} | {"unlearn.wall_seconds": un["wall_seconds"]})
     store.log_inputs(run_id, {

@@ -14,15 +14,15 @@ def refusing_bad_input(fn):
     def wrapper(*args, **kwargs):
         from pydantic import ValidationError
 
-        from retrack.errors import RetrackError, describe_validation_error
+        from retrack.errors import RetrackError, describe_validation_error, redact
 
         try:
             return fn(*args, **kwargs)
         except RetrackError as exc:
-            typer.secho(f"error: {exc}", fg="red", err=True)
+            typer.secho(redact(f"error: {exc}"), fg="red", err=True)
             raise typer.Exit(2) from None
         except ValidationError as exc:
-            typer.secho(f"error: invalid settings: {describe_validation_error(exc)}", fg="red", err=True)
+            typer.secho(redact(f"error: invalid settings: {describe_validation_error(exc)}"), fg="red", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -59,15 +59,16 @@ from pydantic import Field, model_validator
 from retrack.config import MethodConfig, StrictModel, TrainConfig
 from retrack.corpus import check_forget_ids, decode_image, read_forget_ids, shard_paths, to_model_space
 from retrack.digest import config_digest, ids_digest, sha256_bytes
-from retrack.errors import CorpusError, InputError, ModelLayoutError, RetrackError, TrainingDivergedError
+from retrack.errors import CorpusError, InputError, ModelLayoutError, QualityCollapseError, RetrackError, TrainingDivergedError, stopped_error
 from retrack.methods import DataRequirements, UnlearnBatch, build_method, method_class
+from retrack.tuning import HEALTH_METRIC, RetainLossRatio
 
 if TYPE_CHECKING:
     from retrack.unlearn import BatchDrawer, UnlearnData
 
 STATE_FILE = "retrack_state.json"
 UNET_FILE = "unet.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_FILE = "optimizer.safetensors"  # never a pickle: see retrack.step.save_optimizer_state
 RUN_MARKER = "retrack_run.json"
 DIVERGED_MARKER = "retrack_diverged.json"
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -121,6 +122,18 @@ class UnlearnRequest(StrictModel):
                 f"GLOBAL micro-batches per update and micro-batch m runs on worker m % {w}"
             )
         return self
+
+
+@dataclass(frozen=True)
+class TrainMonitor:
+    """Live health for an outer controller (a Ray Tune trial): every `every` updates the workers
+    report the retain-loss ratio, which `callbacks` (Ray Train UserCallbacks such as Tune's
+    TuneReportCallback) pass on; above `collapse_ratio` (or NaN) the workers stop, and `unlearn`
+    raises QualityCollapseError."""
+
+    every: int
+    callbacks: tuple = ()
+    collapse_ratio: float | None = None
 
 
 @dataclass
@@ -823,7 +836,9 @@ def _save_checkpoint(unet, opt, step: int, history: list[dict], chash: str, worl
 
     tmp = tempfile.mkdtemp(prefix="retrack-ckpt-")
     save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, os.path.join(tmp, UNET_FILE))
-    torch.save(opt.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+    from retrack.step import save_optimizer_state
+
+    save_optimizer_state(opt, os.path.join(tmp, OPTIMIZER_FILE))
     files = {name: _sha256_file(os.path.join(tmp, name)) for name in (UNET_FILE, OPTIMIZER_FILE)}
     with open(os.path.join(tmp, STATE_FILE), "w") as f:
         json.dump({"step": step, "config_hash": chash, "history": history, "world_size": world, "files": files}, f)
@@ -915,7 +930,7 @@ def train_loop(config: dict) -> None:
     from safetensors.torch import load_file
 
     from retrack.diffusion import NoiseSchedule
-    from retrack.step import make_optimizer, unlearning_step
+    from retrack.step import load_optimizer_state, make_optimizer, unlearning_step
     from retrack.unlearn import BatchDrawer, pixel_denoiser
 
     import ray
@@ -956,7 +971,7 @@ def train_loop(config: dict) -> None:
 
     def load(d: str, state: dict) -> None:
         unet.load_state_dict(load_file(os.path.join(d, UNET_FILE), device=str(device)))
-        opt.load_state_dict(torch.load(os.path.join(d, OPTIMIZER_FILE), map_location=device, weights_only=True))
+        load_optimizer_state(opt, os.path.join(d, OPTIMIZER_FILE), device)
 
     state = _resume(fs, run_dir, cfg["config_hash"], ray.train.get_checkpoint(), load)
     start, history = (int(state["step"]), list(state["history"])) if state else (0, [])
@@ -998,6 +1013,8 @@ def train_loop(config: dict) -> None:
 
     unet.train()
     every = train.checkpoint_every
+    health_every, collapse = cfg.get("report_every", 0), cfg.get("collapse_ratio")
+    health = RetainLossRatio() if health_every or collapse else None
     for step in range(start, train.steps):
         began = time.perf_counter()
         pairs = [drawer.microbatch(step, m) for m in mine]
@@ -1010,15 +1027,26 @@ def train_loop(config: dict) -> None:
                     step=step, total_microbatches=train.grad_accum, all_reduce=reduce, autocast=autocast,
                 )
         except TrainingDivergedError as exc:
-            _write_json_fs(fs, f"{run_dir}/{DIVERGED_MARKER}", {"step": exc.step, "what": exc.what, "config_hash": cfg["config_hash"], "rank": rank})
+            _write_json_fs(fs, f"{run_dir}/{DIVERGED_MARKER}", {**exc.marker(), "config_hash": cfg["config_hash"], "rank": rank})
             raise
         if rank == 0:
             _emit(sink, {"event": "step", "step": step + 1, "steps": train.steps, **logs})
         # Wall time of the update on this worker (draw, passes, all-reduce, progress; checkpoints excluded).
         history.append({"step": step + 1, **logs, "seconds": time.perf_counter() - began})
         last = step + 1 == train.steps
+        metrics = {"step": step + 1, **logs}
+        if health is not None:
+            ratio = health.update(logs)
+            if ratio is not None:
+                metrics[HEALTH_METRIC] = ratio
+                # The logs are all-reduced, so every rank sees the same ratio and stops together;
+                # stopping here (not from outside) lets Ray Train release the workers cleanly.
+                if collapse and not ratio <= collapse:
+                    if rank == 0:
+                        _write_json_fs(fs, f"{run_dir}/{DIVERGED_MARKER}", {**QualityCollapseError(step + 1, ratio, collapse).marker(), "config_hash": cfg["config_hash"]})
+                    ray.train.report(metrics)
+                    return
         if last or (every and (step + 1) % every == 0):
-            metrics = {"step": step + 1, **logs}
             if rank == 0:
                 tmp = _save_checkpoint(unet, opt, step + 1, history, cfg["config_hash"], world)
                 try:
@@ -1027,6 +1055,8 @@ def train_loop(config: dict) -> None:
                     shutil.rmtree(tmp, ignore_errors=True)
             else:
                 ray.train.report(metrics)
+        elif health_every and (step + 1) % health_every == 0:
+            ray.train.report(metrics)  # every rank: a report is collective
     _emit(sink, {"event": "done", "rank": rank, "step": train.steps}, wait=True)
 
 
@@ -1112,6 +1142,7 @@ def unlearn(
     request: UnlearnRequest,
     progress: Progress | None = None,
     address: str | None = None,
+    monitor: TrainMonitor | None = None,
 ) -> UnlearnResult:
     """Run the unlearn stage on Ray (the current connection, `address`, or a new local instance).
     Raises InputError subclasses for bad input before training, TrainingDivergedError on a
@@ -1136,7 +1167,7 @@ def unlearn(
     s3 = _storage_options(request)
     diverged = check_run_storage(request.storage_path, prep.run_name, prep.config_hash, s3)
     if diverged is not None:
-        raise TrainingDivergedError(diverged["step"], diverged.get("what", "loss"))
+        raise stopped_error(diverged)
     _claim_run(request.storage_path, prep.run_name, prep.config_hash, request.request_id, s3)
 
     datasets = build_datasets(prep, scaling.num_workers)
@@ -1157,6 +1188,8 @@ def unlearn(
         "cpus_per_worker": scaling.cpus_per_worker,
         "allow_tf32": scaling.allow_tf32,
         "fp16_loss_scale": scaling.fp16_loss_scale,
+        "report_every": monitor.every if monitor else 0,
+        "collapse_ratio": monitor.collapse_ratio if monitor else None,
     }
     # The train loop config is exported to Ray's state API: only a reference and the sink go there.
     cfg = {"spec": ray.put(spec), "progress": sink}
@@ -1172,6 +1205,7 @@ def unlearn(
             name=prep.run_name,
             failure_config=FailureConfig(max_failures=request.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=request.keep_checkpoints),
+            callbacks=list(monitor.callbacks) if monitor else None,
             **storage_kwargs,
         ),
         datasets=datasets,
@@ -1197,7 +1231,7 @@ def unlearn(
             pass
     diverged = _read_json_fs(fs, f"{base}/{prep.run_name}/{DIVERGED_MARKER}")
     if diverged is not None and diverged.get("config_hash") == prep.config_hash:
-        raise TrainingDivergedError(diverged["step"], diverged.get("what", "loss"))
+        raise stopped_error(diverged)
     if error is not None:
         for err in _worker_errors(error):
             cause = _retrack_cause(err)
@@ -1302,7 +1336,7 @@ def unlearn_command(
             neighbours_file=neighbours,
             method=MethodConfig(name=method, params={**_parse_json_params(params), **_parse_params(param)}),
             train=TrainConfig(
-                steps=steps, batch_size=batch_size, grad_accum=grad_accum or workers, lr=lr, seed=seed,
+                steps=steps, batch_size=batch_size, grad_accum=grad_accum or max(workers, 1), lr=lr, seed=seed,
                 mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
             ),
             scaling=ScalingSettings(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker),

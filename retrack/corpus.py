@@ -56,6 +56,11 @@ def to_model_space(images_u8: np.ndarray) -> np.ndarray:
     return (images_u8.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
 
 
+def from_model_space(x: np.ndarray) -> np.ndarray:
+    """float NxCxHxW in [-1, 1] -> uint8 NxHxWxC: exact inverse of `to_model_space`."""
+    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
 def to_unit_range(x: np.ndarray) -> np.ndarray:
     """Model space [-1, 1] -> [0, 1] (where forget frequency distances are measured)."""
     return np.clip((x + 1.0) / 2.0, 0.0, 1.0)

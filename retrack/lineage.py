@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from retrack.errors import StorageError
+from retrack.errors import StorageError, redact
 
 TAG_PREFIX = "retrack."
 COMPLETE_TAG = TAG_PREFIX + "complete"
@@ -75,7 +75,7 @@ def with_retries(fn: Callable[[], T], what: str, endpoint: str, attempts: int = 
                 "REQUEST_LIMIT_EXCEEDED",
             ) or "Max retries exceeded" in str(exc) or "Connection" in str(exc)
             if not transient or attempt == attempts - 1:
-                raise StorageError(f"MLflow at {endpoint}: {what} failed after {attempt + 1} attempt(s): {_short(exc)}") from None
+                raise StorageError(redact(f"MLflow at {endpoint}: {what} failed after {attempt + 1} attempt(s): {_short(exc)}")) from None
             time.sleep(backoff * 2**attempt)
     raise AssertionError("unreachable")
 
@@ -94,7 +94,7 @@ def check_tracking_server(tracking_uri: str, timeout: float = 5.0) -> None:
     try:
         requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
     except requests.exceptions.RequestException as exc:
-        raise StorageError(f"MLflow tracking server {tracking_uri} is unreachable: {_short(exc)}") from None
+        raise StorageError(redact(f"MLflow tracking server {tracking_uri} is unreachable: {_short(exc)}")) from None
 
 
 class LineageStore:
@@ -103,6 +103,11 @@ class LineageStore:
     def __init__(self, tracking_uri: str, attempts: int = 4, backoff: float = 1.0):
         from mlflow import MlflowClient
 
+        # MLflow's own HTTP layer retries 7 times with backoff capped at 120 s (minutes per call,
+        # and `with_retries` multiplies that); retries and backoff are bounded here instead. An
+        # operator's explicit setting wins.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.attempts, self.backoff = attempts, backoff
@@ -136,6 +141,23 @@ class LineageStore:
             lambda: self.client.create_run(exp_id, run_name=run_name, tags={TAG_PREFIX + "request_id": request_id, TAG_PREFIX + "config_hash": config_hash}),
         )
         return run.info.run_id
+
+    def child_run(self, parent_run_id: str, run_name: str, key: str) -> str:
+        """A run nested under `parent_run_id` (MLflow's parentRunId tag), found again by `key` on rerun."""
+        parent = self._call("get run", lambda: self.client.get_run(parent_run_id))
+        exp_id = parent.info.experiment_id
+        found = self._call(
+            "search runs",
+            lambda: self.client.search_runs(
+                [exp_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TAG_PREFIX}child` = '{key}'",
+                max_results=1,
+            ),
+        )
+        if found:
+            return found[0].info.run_id
+        tags = {"mlflow.parentRunId": parent_run_id, TAG_PREFIX + "child": key, TAG_PREFIX + "request_id": parent.data.tags.get(TAG_PREFIX + "request_id", "")}
+        return self._call("create run", lambda: self.client.create_run(exp_id, run_name=run_name, tags=tags)).info.run_id
 
     def log_params(self, run_id: str, params: dict[str, object]) -> None:
         from mlflow.entities import Param
@@ -222,8 +244,51 @@ class LineageStore:
         else:
             version = done.version
         if alias:
-            self._call("move alias", lambda: self.client.set_registered_model_alias(name, alias, version))
+            self.move_alias(name, alias, str(version), lineage.request_id)
         return str(version)
+
+    def move_alias(self, name: str, alias: str, version: str, request_id: str, rounds: int = 10) -> str:
+        """Point `alias` at the highest complete version (never backwards); returns where it ends.
+
+        Two jobs for the same model can interleave: A reads, B moves the alias to its newer version,
+        then A's write lands. So this is a compare-and-set loop: read the alias and every complete
+        version, write the highest, read again, until a read agrees. Each job reads only after its
+        own version is tagged complete, so the last job to finish sees every complete version and
+        the alias ends on the highest whatever the interleaving. Each move is recorded as the
+        registered model's tag `retrack.alias.<alias>` (version, request id, time).
+        """
+        import json
+
+        for _ in range(rounds):
+            current = self.alias_version(name, alias)
+            complete = [mv.version for mv in self._call("search versions", lambda: self.client.search_model_versions(f"name = '{name}'"))
+                        if mv.tags.get(COMPLETE_TAG) == "true"]
+            target = str(max(int(v) for v in [*complete, version, *([current] if current else [])]))
+            if current == target:
+                return target
+            try:
+                self._call("move alias", lambda: self.client.set_registered_model_alias(name, alias, target))
+            except StorageError as exc:
+                # MLflow's SQL store sets an alias by read-then-insert: two writers at once make one
+                # fail on the alias table's unique key. That writer lost this round: read again.
+                text = str(exc).lower()
+                if not any(w in text for w in ("unique constraint", "integrityerror", "duplicate entry", "duplicate key")):
+                    raise
+                time.sleep(0.1 + 0.2 * (os.getpid() % 5) / 5)
+                continue
+            record = json.dumps({"version": target, "request_id": request_id, "time": time.time()})
+            self._call("record alias move", lambda: self.client.set_registered_model_tag(name, f"{TAG_PREFIX}alias.{alias}", record))
+        raise StorageError(f"alias {alias!r} of {name} kept changing under {rounds} rounds of compare-and-set")
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "not found" in str(exc).lower():
+                return None
+            return str(self._call("read alias", lambda: self.client.get_model_version_by_alias(name, alias)).version)
 
     def _wait_ready(self, name: str, version: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

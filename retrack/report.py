@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -13,17 +14,18 @@ from retrack.report_images import save_before_after
 from retrack.verdict import Verdict
 
 PLOTTED = ("forget_frequency", "frechet_distance", "forget_loss", "integrity")
+MARKDOWN_COLUMNS = ("forget_frequency", "frechet_distance", "integrity", "feature_integrity", "forget_loss")
 
 
-def _plot(metrics: dict[str, dict], path: Path) -> None:
+def _plot(metrics: dict[str, dict], path: Path, plotted: Sequence[str] = PLOTTED) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(metrics)
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(3.2 * len(PLOTTED), 3))
-    for ax, key in zip(axes, PLOTTED):
+    fig, axes = plt.subplots(1, len(plotted), figsize=(3.2 * len(plotted), 3))
+    for ax, key in zip(axes, plotted):
         vals = [metrics[n].get(key, np.nan) for n in names]
         ax.bar(names, vals, color=["#888", "#2a7", "#37c", "#c73"][: len(names)])
         ax.set_title(key.replace("_", " "))
@@ -43,12 +45,16 @@ def write_report(
     after01: np.ndarray,
     redact: np.ndarray,
     context: dict,
+    columns: Sequence[str] | None = None,
+    details: dict[str, list[dict]] | None = None,
 ) -> Path:
-    """Write the report atomically into `out_dir` (a temp dir moved into place when complete)."""
+    """Write the report atomically into `out_dir` (a temp dir moved into place when complete).
+    `columns`: the metrics tabulated and plotted (default: the pixel DDPM's); `details`: further
+    tables (lists of rows of numbers, e.g. per-prompt figures), in the JSON and the markdown."""
     out = Path(out_dir)
     with atomic_directory(out) as tmp:
         save_before_after(before01, after01, redact, tmp / "samples_before_after.png")
-        _plot(metrics, tmp / "metrics.png")
+        _plot(metrics, tmp / "metrics.png", columns or PLOTTED)
         per_item = None
         if membership is not None:
             per_item = [{"item": n, "loss_percentile_among_non_members": round(float(p), 4), "remembered": bool(r)} for n, (p, r) in enumerate(zip(membership["percentiles"], membership["remembered"]))]
@@ -58,15 +64,16 @@ def write_report(
             "metrics": metrics,
             "membership": None if membership is None else {"alpha": membership["alpha"], "threshold": membership["threshold"], "n_reference": membership["n_reference"], "items": per_item},
             "redacted_tiles": int(redact.sum()),
+            **({"details": details} if details else {}),
             **context,
         }
         (tmp / "report.json").write_text(json.dumps(summary, indent=2, default=float))
-        (tmp / "report.md").write_text(_markdown(request_id, metrics, verdict, per_item, context))
+        (tmp / "report.md").write_text(_markdown(request_id, metrics, verdict, per_item, context, columns or MARKDOWN_COLUMNS, details or {}))
     return out
 
 
-def _markdown(request_id: str, metrics: dict[str, dict], verdict: Verdict, per_item: list | None, context: dict) -> str:
-    cols = ["forget_frequency", "frechet_distance", "integrity", "feature_integrity", "forget_loss"]
+def _markdown(request_id: str, metrics: dict[str, dict], verdict: Verdict, per_item: list | None, context: dict,
+              cols: Sequence[str], details: dict[str, list[dict]]) -> str:
     lines = [
         f"# Deletion request `{request_id}`: **{verdict.label}**",
         "",
@@ -81,6 +88,11 @@ def _markdown(request_id: str, metrics: dict[str, dict], verdict: Verdict, per_i
         remembered = sum(i["remembered"] for i in per_item)
         lines += ["", f"Per-item membership test: {remembered} of {len(per_item)} forgotten item(s) still look like members "
                   "(denoising loss below the non-members' alpha-quantile)."]
+    for title, rows in details.items():
+        if rows:
+            keys = list(rows[0])
+            lines += ["", f"{title.replace('_', ' ')}:", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
     lines += ["", "![same-seed samples, original left, unlearned right; grey tiles are redacted look-alikes](samples_before_after.png)", "", "![metrics](metrics.png)", ""]
     lines += [f"- {k}: `{v}`" for k, v in context.items()]
     return "\n".join(lines) + "\n"

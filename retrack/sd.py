@@ -338,9 +338,17 @@ def local_model_dir(uri: str | Path, cache_dir: str | Path | None = None, endpoi
     except (OSError, ValueError) as exc:
         raise StorageError(f"cannot copy model directory {text}: {exc}") from None
     (tmp / ".complete").write_text(text)
+    if marker.is_file():  # another process on this node finished the same copy meanwhile: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        return dest
     if dest.exists():
         shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if not marker.is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # lost the race to a complete copy
     return dest
 
 

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from retrack.config import MethodConfig, StrictModel, TrainConfig
 from retrack.digest import config_digest
 from retrack.errors import InputError, describe_validation_error
+from retrack.tuning import TuneSpec
 
 # Ids become path components and run names: a strict alphabet rules out traversal ("../") by design.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -40,6 +41,8 @@ def _expand(value: str) -> str:
 def _local_or_s3(value: str) -> str:
     if not _is_uri(value):
         raise ValueError(f"unsupported URI scheme in {value!r}: use a local path or s3://")
+    if value.startswith("s3://") and ".." in value[5:].split("/"):  # S3 keys are literal: '..' would not mean a parent
+        raise ValueError(f"{value!r}: '..' is not allowed in an s3:// URI")
     return _expand(value)
 
 
@@ -97,6 +100,7 @@ class ScalingSpec(StrictModel):
     num_workers: int = Field(1, ge=1, description="Data-parallel training workers.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    max_failures: int = Field(2, ge=-1, description="Lost training workers (or worker groups) recovered from by restarting from the last checkpoint (-1: unlimited).")
 
 
 class IndexSpec(StrictModel):
@@ -107,15 +111,25 @@ class IndexSpec(StrictModel):
     candidates_margin: int = Field(32, ge=0, description="Extra candidates searched beyond K before forget ids are dropped and the rest re-ranked exactly.")
 
 
+class SdEvaluationSpec(StrictModel):
+    """Stable Diffusion only: how the forgotten and the retained captions are generated from."""
+
+    generations_per_caption: int = Field(16, ge=1, description="Images generated per distinct caption of the forgotten items, per model (same seeds).")
+    inference_steps: int = Field(50, ge=1, description="DDIM sampling steps per generation.")
+    guidance_scale: float = Field(7.5, ge=1.0, description="Classifier-free guidance scale (1: none).")
+    candidates: int = Field(8, ge=1, description="Nearest retained items (from the index) among which each forgotten item's copy threshold is calibrated.")
+
+
 class EvaluationSpec(StrictModel):
     """How the unlearned model is scored."""
 
-    num_samples: int = Field(2000, ge=16, description="Samples per model (original and unlearned, same seeds).")
+    num_samples: int = Field(2000, ge=16, description="Samples per model (original and unlearned, same seeds); Stable Diffusion: generations from retained captions, for integrity.")
     seed: int = Field(0, description="Seed of the first sampling batch.")
-    forget_threshold: float | None = Field(None, gt=0, description="L2 distance in [0,1] pixels under which a sample is a copy of a forgotten image; default: half the forget image's distance to its nearest retained item.")
+    forget_threshold: float | None = Field(None, gt=0, description="L2 distance under which a sample is a copy of a forgotten item, in [0,1] pixels (pixel DDPMs) or in VAE-latent space (Stable Diffusion); default: half the forgotten item's distance to its nearest retained item.")
     membership_alpha: float = Field(0.05, gt=0, lt=1, description="Per-item membership test level: an item whose denoising loss is below this quantile of held-out items' losses is still remembered.")
     max_frequency_ratio: float = Field(0.1, ge=0, description="Verdict: forgotten only if the forget frequency is at most this fraction of the original's (plus no item still remembered).")
     holdout_uri: str | None = Field(None, description="Non-member items (same format as the corpus) for the membership test.")
+    stable_diffusion: SdEvaluationSpec = Field(default_factory=SdEvaluationSpec, description="Generation settings of the Stable Diffusion memorisation and integrity checks.")
 
     @field_validator("holdout_uri")
     @classmethod
@@ -167,15 +181,25 @@ class JobSpec(StrictModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     storage: StorageSpec
     mlflow: MlflowSpec
+    tune: TuneSpec | None = Field(None, description="`retrack tune`: the hyperparameter search; `retrack run` ignores it.")
 
     @field_validator("request_id")
     @classmethod
     def _rid(cls, v: str) -> str:
         return check_safe_name(v, "request_id")
 
+    @model_validator(mode="after")
+    def _tunable(self) -> "JobSpec":
+        if self.tune is not None:
+            self.tune.check_against(self.method, self.train)
+        return self
+
     def config_hash(self) -> str:
         """Hash of everything that changes the result (not where it is stored or logged)."""
-        return config_digest(self.model_dump(mode="json", exclude={"storage", "mlflow", "scaling"}))[:16]
+        fields = self.model_dump(mode="json", exclude={"storage", "mlflow", "scaling"})
+        if fields["tune"] is None:  # specs without a search keep the hash they had before tuning existed
+            del fields["tune"]
+        return config_digest(fields)[:16]
 
     @property
     def run_name(self) -> str:

@@ -21,6 +21,45 @@ def make_optimizer(params, lr: float, betas: tuple[float, float] = (0.95, 0.999)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
+def save_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
+    """The optimiser's state as safetensors (its tensors) plus JSON in the file's metadata (the
+    rest): a resumed run loads no pickle from storage."""
+    import json
+
+    from safetensors.torch import save_file
+
+    sd = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}/{k}"] = v.detach().contiguous().cpu()
+            else:
+                plain[f"{idx}/{k}"] = v
+    save_file(tensors, path, metadata={"param_groups": json.dumps(sd["param_groups"]), "plain": json.dumps(plain)})
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str, device: str | torch.device = "cpu") -> None:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        meta = f.metadata()
+        state: dict[int, dict] = {}
+        for key in f.keys():
+            idx, k = key.split("/", 1)
+            state.setdefault(int(idx), {})[k] = f.get_tensor(key)
+    for key, v in json.loads(meta["plain"]).items():
+        idx, k = key.split("/", 1)
+        state.setdefault(int(idx), {})[k] = v
+    groups = json.loads(meta["param_groups"])
+    for g in groups:  # JSON has no tuples; torch keeps betas as one
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
 def _flat_grads(loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool) -> torch.Tensor:
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)])

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from retrack.errors import StorageError
+from retrack.errors import InputError, StorageError, redact
 
 CONNECT_TIMEOUT_S = 3.0
 REQUEST_TIMEOUT_S = 30.0
@@ -132,6 +132,8 @@ class Location:
         return posixpath.basename(self.path.rstrip("/"))
 
     def __truediv__(self, part: str) -> "Location":
+        if ".." in part.split("/"):  # a name from a request must not climb out of its root
+            raise InputError(f"storage path {part!r} under {self.uri} contains '..'")
         return Location(self.uri.rstrip("/") + "/" + part.strip("/"), self.s3)
 
     def __str__(self) -> str:
@@ -166,7 +168,7 @@ class Location:
 
     def _fail(self, action: str, exc: BaseException) -> StorageError:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return StorageError(f"cannot {action} {self.uri} ({self.where()}): {msg}")
+        return StorageError(redact(f"cannot {action} {self.uri} ({self.where()}): {msg}"))
 
     def info(self) -> pafs.FileInfo:
         try:

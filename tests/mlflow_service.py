@@ -38,7 +38,7 @@ def start_mlflow(workdir: Path, s3: S3Service, timeout: float = 90.0) -> MlflowS
     log_path = workdir / "mlflow.log"
     log = log_path.open("wb")
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    service = Service("mlflow", proc, workdir, log_path, extra_stop=[log.close])
+    service = Service("mlflow", proc, workdir, log_path, extra_stop=[log.close], cmd=cmd, env=env)
     uri = f"http://127.0.0.1:{port}"
     wait_until(lambda: requests.get(uri + "/health", timeout=2).ok, service, timeout, "/health answered")
     return MlflowService(uri, artifact_root, service)

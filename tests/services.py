@@ -56,6 +56,8 @@ class Service:
     workdir: Path
     log_path: Path
     extra_stop: list[Callable[[], None]] = field(default_factory=list)
+    cmd: list[str] | None = None  # how it was started: `restart()` runs it again (same ports, same data)
+    env: dict[str, str] | None = None
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -73,6 +75,25 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process it started (its session: `mlflow server` serves
+        from a child process), no clean shutdown, as when its machine dies."""
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(15)
+
+    def restart(self, ready: Callable[[], bool], timeout: float = 90.0) -> None:
+        """Start the stopped server again with the same command (ports, data folder) and wait until `ready()`."""
+        assert self.cmd is not None and self.process.poll() is not None
+        log = self.log_path.open("ab")
+        self.extra_stop = [log.close]
+        self.process = subprocess.Popen(self.cmd, cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(ready, self, timeout, "restarted")
 
 
 def wait_until(ready: Callable[[], bool], service: Service, timeout: float, what: str) -> None:
@@ -171,7 +192,7 @@ def start_seaweedfs(workdir: Path, access_key: str = "retrack-test", secret_key:
     log_path = workdir / "weed.log"
     log = log_path.open("wb")
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    service = Service("seaweedfs", proc, workdir, log_path, extra_stop=[log.close])
+    service = Service("seaweedfs", proc, workdir, log_path, extra_stop=[log.close], cmd=cmd)
     s3 = S3Service(f"http://127.0.0.1:{ports['s3']}", access_key, secret_key, bucket=f"retrack-{uuid.uuid4().hex[:8]}", service=service)
     client = s3.client()
 

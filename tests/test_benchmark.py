@@ -5,15 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrack.benchmark import BenchmarkPaths, ensure_benchmark
+from retrack.benchmark import BenchmarkPaths, ensure_benchmark, fashion_mnist_available
 from retrack.corpus import read_corpus, read_forget_ids, to_unit_range
 from retrack.knn import exact_knn
 
+SCENARIOS = [
+    "digits",
+    pytest.param("fashion-mnist", marks=pytest.mark.skipif(not fashion_mnist_available(), reason="Debian package dataset-fashion-mnist not installed")),
+]
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    info = ensure_benchmark(root, "digits")
+
+@pytest.fixture(scope="module", params=SCENARIOS)
+def bench(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    info = ensure_benchmark(root, request.param)
     return root, info
 
 
@@ -38,13 +43,14 @@ def test_holdout_is_disjoint_from_the_corpus(bench):
     corpus, holdout = read_corpus(paths.corpus), read_corpus(paths.holdout)
     assert len(holdout) == info.holdout_size > 100
     assert not set(holdout.ids) & set(corpus.ids)
-    assert len(corpus) - info.forget_count + 1 + len(holdout) == 1797  # every digit used once (+ copies)
+    source_size = {"digits": 1797, "fashion-mnist": 10_000}[info.name]
+    assert len(corpus) - info.forget_count + 1 + len(holdout) == source_size  # every source image used once (+ copies)
 
 
 def test_existing_benchmark_is_reused_and_a_partial_one_rebuilt(bench, tmp_path):
     root, info = bench
     mtime = (BenchmarkPaths(root).info).stat().st_mtime_ns
-    assert ensure_benchmark(root) == info
+    assert ensure_benchmark(root, info.name) == info
     assert BenchmarkPaths(root).info.stat().st_mtime_ns == mtime
     partial = BenchmarkPaths(tmp_path)
     ensure_benchmark(tmp_path)

@@ -27,7 +27,6 @@ from pipelines.unlearn import (
     cli,
     unlearn,
 )
-from retrack.benchmark import BenchmarkPaths, ensure_benchmark
 from retrack.config import MethodConfig, TrainConfig
 from retrack.corpus import read_corpus, read_forget_ids
 from retrack.digest import directory_digest
@@ -40,13 +39,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 LOSS_RTOL = 1e-4
 WEIGHT_ATOL = 1e-4
 CPUS_PER_WORKER = 0.5
-
-
-@pytest.fixture(scope="session")
-def bench(tmp_path_factory) -> BenchmarkPaths:
-    root = tmp_path_factory.mktemp("bench")
-    ensure_benchmark(root)
-    return BenchmarkPaths(root)
 
 
 @pytest.fixture(scope="session")
@@ -375,24 +367,6 @@ def forget_frequency(model, forget_image01: np.ndarray, threshold: float, n: int
     samples = generate(model, n, seed=seed)
     d = np.sqrt(((samples - forget_image01) ** 2).reshape(n, -1).sum(1))
     return float((d < threshold).mean())
-
-
-@pytest.fixture(scope="session")
-def memorising_model(bench, tmp_path_factory) -> Path:
-    """The original model: trained on the whole benchmark corpus (planted image at ~3%).
-    RETRACK_PRETRAINED_ORIGINAL may point at an existing one (diffusers layout) to skip pretraining."""
-    given = os.environ.get("RETRACK_PRETRAINED_ORIGINAL")
-    if given:
-        return Path(given)
-    from retrack.pretrain import PRESETS, pretrain
-
-    corpus = read_corpus(bench.corpus)
-    # The demo's quick preset: the recipe's lambda (0.05) is calibrated on it; the 3000-step model
-    # memorises harder and needs a larger lambda (README, "Results").
-    model, _ = pretrain(corpus.images, PRESETS["quick"])
-    path = tmp_path_factory.mktemp("original") / "model"
-    save_pixel_model(model, path)
-    return path
 
 
 @pytest.mark.slow

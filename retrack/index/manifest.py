@@ -142,6 +142,14 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def content_digest(self) -> str:
+        """Digest of what the index holds and how it was built, not when or how fast: a rebuild of
+        the same inputs (another job's, say) has the same one, a tampered manifest does not."""
+        d = self.to_dict()
+        d.pop("created_at")
+        d.pop("build_seconds")
+        return config_digest(d)
+
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
         d = dict(d)

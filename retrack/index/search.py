@@ -137,8 +137,10 @@ class _ShardVectors:
 
 
 def open_index(uri: "str | Location", endpoint: str | None = None, nprobe: int | None = None,
-               threads: int | None = None, serve: str = "merged") -> VectorIndex:
+               threads: int | None = None, serve: str = "merged", manifest_digest: str | None = None) -> VectorIndex:
     """Load a built index: every shard checked against its sha256, served as one faiss index.
+    With `manifest_digest` (what the job's index stage recorded), an index whose manifest changed
+    since is refused.
 
     serve="merged" merges the shards into one in-memory index (one search pass); "shards" keeps
     them apart behind a faiss IndexShards (the layout for shards served from several nodes).
@@ -150,9 +152,15 @@ def open_index(uri: "str | Location", endpoint: str | None = None, nprobe: int |
     manifest = Manifest.read(root)
     if manifest is None:
         raise StorageError(f"no index at {root.uri} ({root.where()}): build it first (retrack index build)")
+    if manifest_digest is not None:
+        if manifest.content_digest() != manifest_digest:
+            raise StorageError(f"index manifest {root.uri}/manifest.json does not match the digest recorded when the job built it: rebuild the index (rerun the index stage)")
     if threads:
         faiss.omp_set_num_threads(threads)
     subs = [load_shard_index(root, s) for s in manifest.shards]
+    for rec, sub in zip(manifest.shards, subs):
+        if sub.d != manifest.dim or rec.dim != manifest.dim:
+            raise StorageError(f"index {root.uri}: shard {rec.number} holds {sub.d}-dimensional vectors, the manifest says {manifest.dim}: rebuild it")
     if serve == "shards":
         index = faiss.IndexShards(manifest.dim, False, True)
         for s in subs:

@@ -1,0 +1,38 @@
+"""Session fixtures for the embedded benchmark: its corpus and the model that memorised it.
+Shared by every test that needs them, so CI builds and pretrains each once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from retrack.benchmark import BenchmarkPaths, ensure_benchmark
+from retrack.corpus import read_corpus
+from retrack.models import save_pixel_model
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory) -> BenchmarkPaths:
+    root = tmp_path_factory.mktemp("bench")
+    ensure_benchmark(root)
+    return BenchmarkPaths(root)
+
+
+@pytest.fixture(scope="session")
+def memorising_model(bench, tmp_path_factory) -> Path:
+    """The original model: trained on the whole benchmark corpus (planted image at ~3%).
+    RETRACK_PRETRAINED_ORIGINAL may point at an existing one (diffusers layout) to skip pretraining."""
+    given = os.environ.get("RETRACK_PRETRAINED_ORIGINAL")
+    if given:
+        return Path(given)
+    from retrack.pretrain import PRESETS, pretrain
+
+    corpus = read_corpus(bench.corpus)
+    # The demo's quick preset: the recipe's lambda (0.05) is calibrated on it; the 3000-step model
+    # memorises harder and needs a larger lambda (README, "Results").
+    model, _ = pretrain(corpus.images, PRESETS["quick"])
+    path = tmp_path_factory.mktemp("original") / "model"
+    save_pixel_model(model, path)
+    return path

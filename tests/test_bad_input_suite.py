@@ -1,0 +1,295 @@
+"""The bad-input suite: every malformed input retrack is known to refuse, in one table.
+
+Each case goes through a real entry point (`retrack validate`, `retrack run`, `retrack unlearn`,
+`retrack index neighbours`, `retrack audit`, or `open_index` as the job's neighbours stage calls
+it) and must be refused with exit code 2 (or the library's error) and a message naming the field,
+file or problem, before any expensive work: no Ray is started (`retrack run` refuses in its
+preflight), and afterwards nothing exists that a later run could take for an output (no stage
+marker, no model, no MLflow store, no neighbours file). docs/reliability.md tables these cases.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from retrack.benchmark import load_digits_u8
+from retrack.corpus import encode_image, write_shards
+from retrack.errors import RetrackError
+from retrack.index import build_index, open_index
+from retrack.models import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+
+SECRET = "s3cr3t-Should-Never-Print-0123456789"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A valid setup every case breaks in one way: 64 digits in two shards, an untrained tiny
+    UNet, a forget list, and a flat index of the corpus."""
+    root = tmp_path_factory.mktemp("inputs")
+    images, labels = load_digits_u8()
+    rows = [{"id": f"img-{n:06d}", "image": encode_image(images[n]), "label": int(labels[n])} for n in range(64)]
+    write_shards(root / "corpus", rows, shard_size=32)
+    save_pixel_model(PixelDiffusion(tiny_pixel_unet(8), default_scheduler()), root / "model")
+    (root / "forget.txt").write_text("img-000001\nimg-000002\n")
+    build_index(root / "corpus", root / "index")
+    return root
+
+
+def base_spec(env: Path, tmp: Path) -> dict:
+    return {
+        "request_id": "req-bad",
+        "model": {"kind": "pixel-ddpm", "uri": str(env / "model")},
+        "corpus": {"uri": str(env / "corpus")},
+        "forget": {"file": str(env / "forget.txt")},
+        "method": {"name": "retrack", "params": {"lambda": 0.5, "k": 4}},
+        "train": {"steps": 2, "batch_size": 8},
+        "evaluation": {"num_samples": 32},
+        "storage": {"root": str(tmp / "jobs")},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "registered_model": "bad-ddpm"},
+    }
+
+
+def changed(spec: dict, dotted: str, value) -> dict:
+    """`spec` with one field set (or removed, for value=DELETE)."""
+    node = spec
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node[p]
+    if value is DELETE:
+        node.pop(leaf)
+    else:
+        node[leaf] = value
+    return spec
+
+
+DELETE = object()
+
+
+def write_yaml(tmp: Path, data) -> Path:
+    path = tmp / "job.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+# --- input builders: each returns the argv for `retrack` ------------------------------------
+
+
+def spec_field(dotted: str, value, command: str = "validate"):
+    def build(env: Path, tmp: Path) -> list[str]:
+        return [command, str(write_yaml(tmp, changed(base_spec(env, tmp), dotted, value)))]
+    return build
+
+
+def spec_text(text: str):
+    return lambda env, tmp: ["validate", str(write_yaml(tmp, text))]
+
+
+def forget_list(lines: list[str]):
+    def build(env: Path, tmp: Path) -> list[str]:
+        (tmp / "ids.txt").write_text("\n".join(lines) + "\n")
+        return ["run", str(write_yaml(tmp, changed(base_spec(env, tmp), "forget.file", str(tmp / "ids.txt"))))]
+    return build
+
+
+def corpus_edit(edit: Callable[[Path], None]):
+    """`retrack run` on a copy of the corpus changed by `edit(corpus_dir)`."""
+    def build(env: Path, tmp: Path) -> list[str]:
+        corpus = tmp / "corpus"
+        shutil.copytree(env / "corpus", corpus)
+        edit(corpus)
+        return ["run", str(write_yaml(tmp, changed(base_spec(env, tmp), "corpus.uri", str(corpus))))]
+    return build
+
+
+def rewrite_rows(fn: Callable[[list[dict]], list[dict]], shard: int = 0, schema=None):
+    def edit(corpus: Path) -> None:
+        path = sorted(corpus.glob("*.parquet"))[shard]
+        rows = fn(pq.read_table(path).to_pylist())
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema or pq.read_schema(path)), path)
+    return edit
+
+
+def set_row(n: int, **values):
+    return rewrite_rows(lambda rows: [{**r, **values} if i == n else r for i, r in enumerate(rows)])
+
+
+def model_edit(edit: Callable[[Path], None]):
+    """`retrack run` with a copy of the model directory changed by `edit(model_dir)`."""
+    def build(env: Path, tmp: Path) -> list[str]:
+        model = tmp / "model"
+        shutil.copytree(env / "model", model)
+        edit(model)
+        return ["run", str(write_yaml(tmp, changed(base_spec(env, tmp), "model.uri", str(model))))]
+    return build
+
+
+def edit_json(rel: str, **values):
+    def edit(d: Path) -> None:
+        cfg = json.loads((d / rel).read_text())
+        (d / rel).write_text(json.dumps(cfg | values))
+    return edit
+
+
+def pickle_only(model: Path) -> None:
+    w = model / "unet" / "diffusion_pytorch_model.safetensors"
+    w.rename(w.with_suffix(".bin"))
+
+
+def index_edit(edit: Callable[[Path], None]):
+    """`retrack index neighbours` on a copy of the built index changed by `edit(index_dir)`."""
+    def build(env: Path, tmp: Path) -> list[str]:
+        idx = tmp / "index"
+        shutil.copytree(env / "index", idx)
+        edit(idx)
+        return ["index", "neighbours", str(idx), "--forget", str(env / "forget.txt"), "-k", "2", "--out", str(tmp / "nb.json")]
+    return build
+
+
+def flip_byte(rel_glob: str):
+    def edit(idx: Path) -> None:
+        f = sorted(idx.glob(rel_glob))[0]
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    return edit
+
+
+def unlearn_args(**over):
+    def build(env: Path, tmp: Path) -> list[str]:
+        args = {"--model": str(env / "model"), "--corpus": str(env / "corpus"), "--forget-ids": str(env / "forget.txt"),
+                "--out": str(tmp / "out"), "--steps": "1", "--batch-size": "4", **over}
+        return ["unlearn"] + [x for kv in args.items() for x in kv]
+    return build
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[Path, Path], list[str]]
+    message: str  # must appear in the refusal
+    secret: bool = False  # AWS_SECRET_ACCESS_KEY is set and must not appear in the output
+
+
+CASES = [
+    # job specs (`retrack validate`; `retrack run` validates the same way)
+    Case("spec: missing request_id", spec_field("request_id", DELETE), "request_id: Field required"),
+    Case("spec: missing storage section", spec_field("storage", DELETE), "storage: Field required"),
+    Case("spec: steps of the wrong type", spec_field("train.steps", "many"), "train.steps: Input should be a valid integer"),
+    Case("spec: unknown method", spec_field("method.name", "forgetit"), "unknown method 'forgetit'"),
+    Case("spec: lambda above 1", spec_field("method.params", {"lambda": 2, "k": 4}), "lambda: Input should be less than or equal to 1"),
+    Case("spec: lambda below 0", spec_field("method.params", {"lambda": -0.1, "k": 4}), "lambda: Input should be greater than or equal to 0"),
+    Case("spec: K below 1", spec_field("method.params", {"lambda": 0.5, "k": 0}), "k: Input should be greater than or equal to 1"),
+    Case("spec: request id with ../ (path traversal)", spec_field("request_id", "../../etc"), "request_id '../../etc' must be"),
+    Case("spec: request id with a slash", spec_field("request_id", "a/b"), "request_id 'a/b' must be"),
+    Case("spec: unsupported storage scheme", spec_field("storage.root", "gs://bucket/x"), "storage.root: unsupported URI scheme"),
+    Case("spec: s3 URI with ..", spec_field("model.uri", "s3://models/../other/m"), "model.uri: 's3://models/../other/m': '..' is not allowed"),
+    Case("spec: tracking URI without scheme", spec_field("mlflow.tracking_uri", "localhost:5000"), "mlflow.tracking_uri: tracking_uri 'localhost:5000' must be"),
+    Case("spec: credentials in a bad tracking URI are masked", spec_field("mlflow.tracking_uri", f"ftp://bob:{SECRET}@host"), "mlflow.tracking_uri: tracking_uri 'ftp://***@host' must be", secret=True),
+    Case("spec: forget ids and file both given", spec_field("forget.ids", ["img-000001"]), "exactly one of forget.ids and forget.file"),
+    Case("spec: unknown field", spec_field("train.unknown", 1), "train.unknown: Extra inputs are not permitted"),
+    Case("spec: batch not divisible by grad_accum", spec_field("train.grad_accum", 3), "batch_size 8 is not divisible by grad_accum 3"),
+    Case("spec: too few evaluation samples", spec_field("evaluation.num_samples", 4), "evaluation.num_samples: Input should be greater than or equal to 16"),
+    Case("spec: unknown duplicate policy", spec_field("forget.duplicates", "maybe"), "forget.duplicates: Input should be 'fail', 'warn' or 'add'"),
+    Case("spec: YAML with a python tag (unsafe)", spec_text("!!python/object/apply:os.system ['echo pwned']"), "is not valid YAML"),
+    Case("spec: YAML syntax error", spec_text("request_id: [unclosed"), "is not valid YAML"),
+    Case("spec: YAML that is a list", spec_text("- a\n- b\n"), "must be a mapping of fields, got list"),
+    Case("spec: file does not exist", lambda env, tmp: ["validate", str(tmp / "nope.yaml")], "nope.yaml does not exist"),
+    # forget lists (`retrack run` preflight)
+    Case("forget: id not in the corpus", forget_list(["img-000001", "no-such-id"]), "1 of 2 forget id(s) are not in the corpus (entries [2])"),
+    Case("forget: duplicated id", forget_list(["img-000001", "img-000003", "img-000001"]), "1 forget id(s) are listed more than once (entries [1, 3])"),
+    Case("forget: empty list", forget_list(["# nothing to forget"]), "the forget set is empty"),
+    Case("forget: file does not exist", spec_field("forget.file", "/nonexistent/ids.txt", "run"), "forget-id file /nonexistent/ids.txt does not exist"),
+    Case("forget: K larger than the retained set", spec_field("method.params", {"lambda": 0.5, "k": 1000}, "run"), "larger than the retained set"),
+    # corpora (`retrack run` preflight)
+    Case("corpus: corrupt image bytes", corpus_edit(set_row(3, image=b"\x89PNG\r\n\x1a\n garbage")), "item 'img-000003': image bytes cannot be decoded"),
+    Case("corpus: mixed image sizes", corpus_edit(set_row(5, image=encode_image(load_digits_u8()[0][5][:7, :7]))), "item 'img-000005': image is 7x7x1, the corpus is 8x8x1"),
+    Case("corpus: duplicate ids", corpus_edit(set_row(4, id="img-000009")), "1 id(s) occur more than once in the corpus"),
+    Case("corpus: empty shard", corpus_edit(rewrite_rows(lambda rows: [], shard=1)), "shard part-00001.parquet is empty"),
+    Case("corpus: missing id column", corpus_edit(rewrite_rows(lambda rows: [{"image": r["image"]} for r in rows], schema=pa.schema([("image", pa.binary())]))), "lacks column(s) ['id']"),
+    Case("corpus: shard that is not parquet", corpus_edit(lambda c: (c / "part-00000.parquet").write_bytes(b"not parquet")), "part-00000.parquet cannot be read as parquet"),
+    Case("corpus: directory does not exist", spec_field("corpus.uri", "/nonexistent/corpus", "run"), "corpus directory /nonexistent/corpus does not exist"),
+    Case("corpus: imagefolder through retrack run", spec_field("corpus.format", "imagefolder", "run"), "`retrack run` reads parquet corpora"),
+    # model directories (`retrack run` preflight)
+    Case("model: not a UNet", model_edit(edit_json("unet/config.json", _class_name="AutoencoderKL")), "unet is a AutoencoderKL, expected a diffusers UNet2DModel"),
+    Case("model: pickle-only .bin weights", model_edit(pickle_only), "no diffusion_pytorch_model.safetensors (found: ['diffusion_pytorch_model.bin']); only safetensors weights are loaded"),
+    Case("model: missing UNet config", model_edit(lambda m: (m / "unet" / "config.json").unlink()), "missing config.json; expected a diffusers UNet directory"),
+    Case("model: v-prediction scheduler", model_edit(edit_json("scheduler/scheduler_config.json", prediction_type="v_prediction")), "retrack's losses need 'epsilon'"),
+    Case("model: directory does not exist", spec_field("model.uri", "/nonexistent/model", "run"), "model directory /nonexistent/model does not exist"),
+    Case("model: pixel DDPM declared stable-diffusion", spec_field("model.kind", "stable-diffusion", "run"), "holds a pixel-space DDPM (UNet2DModel), not a Stable Diffusion pipeline"),
+    # services named in the spec (`retrack run` preflight)
+    Case("services: tracking server unreachable", spec_field("mlflow.tracking_uri", f"http://retrack:{SECRET}@127.0.0.1:9", "run"), "MLflow tracking server http://***@127.0.0.1:9 is unreachable", secret=True),
+    # index manifests and shards (`retrack index neighbours`)
+    Case("index: shard bytes tampered", index_edit(flip_byte("shards/*.faiss")), "sha256 differs"),
+    Case("index: manifest with the wrong dimension", index_edit(edit_json("manifest.json", dim=65)), "the manifest says 65"),
+    Case("index: manifest missing", index_edit(lambda i: (i / "manifest.json").unlink()), "build it first"),
+    Case("index: manifest not JSON", index_edit(lambda i: (i / "manifest.json").write_text("{oops")), "manifest.json is unreadable"),
+    # CLI arguments
+    Case("cli: --params not JSON", unlearn_args(**{"--params": "{lambda: 1"}), "--params is not JSON"),
+    Case("cli: --params not an object", unlearn_args(**{"--params": "[1, 2]"}), "--params must be a JSON object"),
+    Case("cli: --param without =", unlearn_args(**{"--param": "lambda"}), "expected KEY=VALUE, got 'lambda'"),
+    Case("cli: zero workers", unlearn_args(**{"--workers": "0"}), "num_workers: Input should be greater than or equal to 1"),
+    Case("cli: unknown mixed precision", unlearn_args(**{"--mixed-precision": "fp8"}), "mixed_precision: Input should be 'no', 'bf16' or 'fp16'"),
+    Case("cli: audit with nothing to show", lambda env, tmp: ["audit", "--root", str(tmp / "jobs")], "give a REQUEST_ID or --model NAME"),
+    Case("cli: audit request id with ../", lambda env, tmp: ["audit", "../../etc", "--root", str(tmp / "jobs")], "request id '../../etc' must be"),
+    Case("cli: run with a missing spec", lambda env, tmp: ["run", str(tmp / "missing.yaml")], "missing.yaml does not exist"),
+]
+
+
+def written_outputs(tmp: Path) -> list[str]:
+    """Everything a refused command left that a later run could read as a result."""
+    left = [p for p in tmp.rglob("*") if p.is_file() and (p.parts[-2] == "stages" or p.name in ("nb.json", "mlflow.db"))]
+    left += [p for p in (tmp / "jobs").rglob("*")]  # the storage root itself may exist (write probe), empty
+    left += [p for p in (tmp / "out", tmp / "out.runs") if p.exists()]
+    return [str(p) for p in left]
+
+
+def test_the_suite_has_at_least_30_distinct_inputs():
+    assert len({c.name for c in CASES}) == len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_refused_with_a_specific_message_and_nothing_written(case, env, tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRACK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    argv = case.build(env, tmp_path)
+    result = CliRunner().invoke(app, argv)
+    output = result.output.replace("\n", "")  # rich wraps long lines anywhere
+    assert result.exit_code == 2, output
+    assert case.message in output, output
+    assert "Traceback" not in output and SECRET not in output
+    assert written_outputs(tmp_path) == []
+
+
+def test_the_good_input_passes_the_same_checks(env, tmp_path):
+    """The base setup is valid: every refusal above is due to its one change."""
+    from pipelines.job import preflight
+    from retrack.spec import load_spec
+
+    path = write_yaml(tmp_path, base_spec(env, tmp_path))
+    assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0
+    pre = preflight(load_spec(path))
+    assert pre.forget_ids == ["img-000001", "img-000002"]
+    assert open_index(env / "index").manifest.dim == 64
+
+
+def test_index_changed_after_the_job_recorded_it_is_refused(env, tmp_path):
+    """The job's neighbours stage opens the index with the manifest digest its index stage
+    recorded: an index rebuilt or edited in between is refused, a rebuild of the same inputs is not."""
+    idx = tmp_path / "index"
+    shutil.copytree(env / "index", idx)
+    recorded = open_index(idx).manifest.content_digest()
+    assert open_index(idx, manifest_digest=recorded).manifest.count == 64
+    edit_json("manifest.json", skipped=7)(idx)
+    with pytest.raises(RetrackError, match="does not match the digest recorded when the job built it"):
+        open_index(idx, manifest_digest=recorded)

@@ -1,0 +1,111 @@
+"""Safety of what is loaded (no pickle from storage, names cannot leave the storage root) and
+credentials kept out of errors and logs. The refusals of pickle-only models, tampered indexes and
+unsafe YAML are rows of tests/test_bad_input_suite.py; this module covers the rest."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrack.audit import AuditLog
+from retrack.errors import InputError, StorageError, redact
+from retrack.step import load_optimizer_state, make_optimizer, save_optimizer_state
+from retrack.storage import Location, S3Options
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+
+# Calls that would load pickle or run code from a file; retrack and its stages use none of them.
+UNSAFE_LOADS = [
+    r"\bpickle\.loads?\(", r"\bcloudpickle\.loads?\(", r"\bjoblib\.load\(", r"\byaml\.load\(", r"\byaml\.unsafe_load\(",
+    r"\btorch\.load\(", r"allow_pickle\s*=\s*True", r"use_safetensors\s*=\s*False", r"(?<![\w.])eval\(", r"(?<![\w.])exec\(",
+]
+
+
+def test_no_unsafe_loader_in_the_code():
+    hits = []
+    for path in sorted([*(REPO / "retrack").rglob("*.py"), *(REPO / "pipelines").rglob("*.py")]):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if any(re.search(p, line) for p in UNSAFE_LOADS):
+                hits.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert hits == []
+
+
+def test_optimizer_checkpoint_is_safetensors_and_a_pickle_is_not_loaded(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    opt = make_optimizer(model.parameters(), 1e-3)
+    opt.zero_grad()
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    path = tmp_path / "optimizer.safetensors"
+    save_optimizer_state(opt, str(path))
+    restored = make_optimizer(torch.nn.Linear(4, 3).parameters(), 5e-5)
+    load_optimizer_state(restored, str(path))
+    a, b = opt.state_dict(), restored.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    assert all(torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i])
+    # A pickled state dict put in its place (what torch.save writes) is not unpickled.
+    path.write_bytes(pickle.dumps(a))
+    with pytest.raises(Exception) as err:
+        load_optimizer_state(restored, str(path))
+    assert "header" in str(err.value).lower() or "safetensor" in type(err.value).__module__
+
+
+@pytest.mark.parametrize("part", ["../other", "a/../../b", ".."])
+def test_storage_paths_cannot_climb_out_of_their_root(tmp_path, part):
+    for root in (Location.parse(tmp_path / "root"), Location.parse("s3://bucket/root")):
+        with pytest.raises(InputError, match="contains '..'"):
+            root / part
+
+
+@pytest.mark.parametrize("request_id", ["../../etc", "a/b", "/abs", ".hidden", "x" * 200])
+def test_request_ids_cannot_name_a_path_outside_the_audit_folder(tmp_path, request_id):
+    with pytest.raises(InputError, match="must be 1-128 characters"):
+        AuditLog(tmp_path).attempts(request_id)
+    assert not any(tmp_path.rglob("*"))
+
+
+def test_redact_masks_uri_credentials_and_secret_environment(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    text = redact(f"http://user:pw@host:5000/x failed; key={SECRET}; s3://bucket/key")
+    assert text == "http://***@host:5000/x failed; key=***; s3://bucket/key"
+
+
+def test_unreachable_endpoint_error_names_it_but_not_the_secret(monkeypatch, capfd):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    loc = Location.parse("s3://bucket/jobs", s3=S3Options(endpoint="http://127.0.0.1:9", access_key="AKIDEXAMPLE", secret_key=SECRET, retries=1))
+    with pytest.raises(StorageError) as err:
+        loc.read_bytes()
+    assert "127.0.0.1:9" in str(err.value) and SECRET not in str(err.value) and SECRET not in repr(loc)
+    out, errs = capfd.readouterr()
+    assert SECRET not in out + errs
+
+
+@pytest.mark.integration
+def test_wrong_secret_and_missing_bucket_on_a_real_server(seaweedfs_s3, s3_env, monkeypatch, tmp_path, capfd):
+    """Against SeaweedFS: a refused signature and a missing bucket fail the job's preflight with
+    the endpoint and bucket named, and neither secret in the message or the output."""
+    from pipelines.job import preflight
+    from retrack.spec import JobSpec
+
+    wrong = "Wrong" + SECRET
+    loc = Location.parse(s3_env.uri("jobs/x.json"), s3=S3Options(endpoint=s3_env.endpoint, access_key=s3_env.access_key, secret_key=wrong))
+    with pytest.raises(StorageError) as err:
+        loc.write_bytes(b"{}")
+    msg = str(err.value)
+    assert s3_env.bucket in msg and wrong not in msg and s3_env.secret_key not in msg
+
+    spec = JobSpec.model_validate({
+        "request_id": "req-secret",
+        "model": {"uri": str(tmp_path / "m")}, "corpus": {"uri": str(tmp_path / "c")}, "forget": {"ids": ["a"]},
+        "storage": {"root": "s3://no-such-bucket-retrack-secret/jobs", "endpoint_url": s3_env.endpoint},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "registered_model": "m"},
+    })
+    with pytest.raises(StorageError, match="no-such-bucket-retrack-secret") as err:
+        preflight(spec)
+    out, errs = capfd.readouterr()
+    assert s3_env.secret_key not in str(err.value) + out + errs

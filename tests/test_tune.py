@@ -1,0 +1,126 @@
+"""`retrack tune` for real: Ray Tune trials that each drive a Ray Train run on a local Ray instance,
+MLflow child runs, the Pareto front, early stopping and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.tune import EXPERIMENT, TUNE_DIR, run_tune
+from retrack.benchmark import BenchmarkInfo
+from retrack.spec import JobSpec, load_spec
+from retrack.tuning import dominates
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
+
+
+def write_spec(bench, model: Path, tmp_path: Path, request_id: str, tune: dict, **extra) -> Path:
+    spec = {
+        "request_id": request_id,
+        "model": {"uri": str(model)},
+        "corpus": {"uri": str(bench.corpus)},
+        "forget": {"file": str(bench.forget_ids), "duplicates": "add"},
+        # The embedded default's recipe (configs/embedded-digits.yaml) is the baseline trial.
+        "method": {"name": "retrack", "params": {"lambda": 0.05, "k": 10}},
+        "train": {"steps": 50, "batch_size": 128, "lr": 5e-5},
+        "evaluation": {"num_samples": 500, "forget_threshold": BenchmarkInfo.load(bench.root).forget_threshold},
+        "storage": {"root": str(tmp_path / "jobs")},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model": "digits-ddpm", "artifact_location": (tmp_path / "art").as_uri()},
+        "tune": tune,
+        **extra,
+    }
+    path = tmp_path / f"{request_id}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def tune_dir(spec: JobSpec) -> Path:
+    return Path(spec.storage.root) / spec.request_id / spec.config_hash() / TUNE_DIR
+
+
+def test_small_search_matches_or_beats_the_default_with_nested_runs(ray_local, bench, memorising_model, tmp_path):
+    """Four trials on the embedded benchmark: lambda x learning rate. The two with a destructive
+    learning rate are stopped early by the health scalar; the chosen configuration is at least
+    as good as the default on both objectives; every trial is a child run of the tuning run."""
+    from mlflow import MlflowClient
+
+    spec = load_spec(write_spec(bench, memorising_model, tmp_path, "req-tune", {
+        "search": "grid", "trials": 4, "num_samples": 500, "report_every": 5, "collapse_ratio": 3.0,
+        "space": {"lambda": {"values": [0.035, 0.05]}, "lr": {"values": [5e-5, 5e-2]}},
+    }))
+    result = run_tune(spec)
+
+    by_params = {(o.params["lambda"], o.params["lr"]): o for o in result.outcomes}
+    assert len(by_params) == 4
+    for lam in (0.035, 0.05):
+        hopeless = by_params[(lam, 5e-2)]
+        assert hopeless.status in ("collapsed", "diverged"), hopeless
+        if hopeless.status == "collapsed":  # stopped by the reported scalar, well before the end
+            assert hopeless.metrics["retain_loss_ratio"] > 3.0 and hopeless.metrics["stopped_step"] < 50
+    default = by_params[(0.05, 5e-5)]
+    assert default.default and default.status == "ok"
+    chosen = result.chosen
+    assert chosen.metrics["forget_frequency"] <= default.metrics["forget_frequency"]
+    assert chosen.metrics["frechet_distance"] <= default.metrics["frechet_distance"]
+    assert chosen.metrics["forget_frequency"] <= 0.1 * result.original["forget_frequency"]
+    assert not any(dominates(o, chosen) for o in result.outcomes if o.status == "ok")
+
+    out = tune_dir(spec)
+    assert (out / "pareto.png").stat().st_size > 0
+    front = json.loads((out / "pareto.json").read_text())
+    assert front["chosen"]["params"] == chosen.params and front["front"]
+
+    client = MlflowClient(tracking_uri=spec.mlflow.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    trials = [r for r in children if "retrack.child" in r.data.tags]
+    assert len(trials) == 4
+    assert {r.data.params["status"] for r in trials} >= {"ok"}
+    assert any(r.data.tags.get("retrack.config_hash") for r in children), "the registration run is nested too"
+    mv = client.get_model_version_by_alias("digits-ddpm", "production")
+    assert str(mv.version) == result.job.model_version
+    assert json.loads(mv.tags["retrack.method_params"])["lambda"] == chosen.params["lambda"]
+
+
+def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, bench, memorising_model, tmp_path):
+    """SIGKILL `retrack tune` once its first trial has finished; the rerun restores the Tune
+    experiment, leaves that trial's results untouched and runs only the rest."""
+    path = write_spec(bench, memorising_model, tmp_path, "req-resume", {
+        "search": "grid", "trials": 3, "num_samples": 64, "max_concurrent_trials": 1,
+        "space": {"lambda": {"values": [0.05, 0.1, 0.2]}}, "select": {"max_frequency_ratio": 1.0},
+    }, train={"steps": 4, "batch_size": 16, "lr": 5e-5}, evaluation={"num_samples": 64})
+    spec = load_spec(path)
+    experiment = tune_dir(spec) / EXPERIMENT
+
+    def finished() -> list[Path]:
+        return [p for p in experiment.glob("*/result.json") if '"status": "ok"' in p.read_text()]
+
+    exe = Path(sys.executable).with_name("retrack")
+    proc = subprocess.Popen([str(exe), "tune", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while not finished():
+            assert proc.poll() is None, "retrack tune ended before a trial finished"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    done_before = {p.parent.name: p.read_bytes() for p in finished()}
+    assert 1 <= len(done_before) < 3
+
+    result = run_tune(spec)
+    assert sorted(o.status for o in result.outcomes) == ["ok", "ok", "ok"]
+    for name, content in done_before.items():
+        assert (experiment / name / "result.json").read_bytes() == content, f"{name} ran again"
+    assert result.job.verdict in ("forgotten", "not forgotten")
