@@ -126,36 +126,26 @@ class LineageStore:
     def request_run(self, experiment: str, run_name: str, request_id: str, config_hash: str, artifact_location: str | None = None) -> str:
         """The run of this (request, config): reused on rerun, created otherwise."""
         exp_id = self.experiment_id(experiment, artifact_location)
-        found = self._call(
-            "search runs",
-            lambda: self.client.search_runs(
-                [exp_id],
-                filter_string=f"tags.`{TAG_PREFIX}request_id` = '{request_id}' and tags.`{TAG_PREFIX}config_hash` = '{config_hash}'",
-                max_results=1,
-            ),
-        )
+        found = self._find_run(exp_id, f"tags.`{TAG_PREFIX}request_id` = '{request_id}' and tags.`{TAG_PREFIX}config_hash` = '{config_hash}'")
         if found:
-            return found[0].info.run_id
+            return found
         run = self._call(
             "create run",
             lambda: self.client.create_run(exp_id, run_name=run_name, tags={TAG_PREFIX + "request_id": request_id, TAG_PREFIX + "config_hash": config_hash}),
         )
         return run.info.run_id
 
+    def _find_run(self, exp_id: str, filter_string: str) -> str | None:
+        found = self._call("search runs", lambda: self.client.search_runs([exp_id], filter_string=filter_string, max_results=1))
+        return found[0].info.run_id if found else None
+
     def child_run(self, parent_run_id: str, run_name: str, key: str) -> str:
         """A run nested under `parent_run_id` (MLflow's parentRunId tag), found again by `key` on rerun."""
         parent = self._call("get run", lambda: self.client.get_run(parent_run_id))
         exp_id = parent.info.experiment_id
-        found = self._call(
-            "search runs",
-            lambda: self.client.search_runs(
-                [exp_id],
-                filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TAG_PREFIX}child` = '{key}'",
-                max_results=1,
-            ),
-        )
+        found = self._find_run(exp_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TAG_PREFIX}child` = '{key}'")
         if found:
-            return found[0].info.run_id
+            return found
         tags = {"mlflow.parentRunId": parent_run_id, TAG_PREFIX + "child": key, TAG_PREFIX + "request_id": parent.data.tags.get(TAG_PREFIX + "request_id", "")}
         return self._call("create run", lambda: self.client.create_run(exp_id, run_name=run_name, tags=tags)).info.run_id
 

@@ -10,7 +10,7 @@ import pytest
 
 from retrack.benchmark import BenchmarkPaths, ensure_benchmark
 from retrack.corpus import read_corpus
-from retrack.models import save_pixel_model
+from retrack.models import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +18,17 @@ def bench(tmp_path_factory) -> BenchmarkPaths:
     root = tmp_path_factory.mktemp("bench")
     ensure_benchmark(root)
     return BenchmarkPaths(root)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """An untrained tiny pixel UNet: enough to compare the distributed and single-process updates."""
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "pixel"
+    save_pixel_model(PixelDiffusion(tiny_pixel_unet(8, 1), default_scheduler()), path)
+    return path
 
 
 @pytest.fixture(scope="session")

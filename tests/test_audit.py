@@ -151,7 +151,7 @@ def test_real_job_audit_and_privacy_scan_of_everything_it_wrote(captioned, tmp_p
 
     from pipelines.job import run_job
     from retrack.corpus import decode_image, iter_rows, read_forget_ids
-    from retrack.privacy import ForgetContent, ScanReport, mlflow_blobs, scan_location
+    from retrack.privacy import ForgetContent, mlflow_blobs, scan_location
     from retrack.storage import Location
 
     monkeypatch.setenv("RETRACK_HOME", str(tmp_path / "home"))

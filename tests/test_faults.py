@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from retrack.errors import StorageError
 from retrack.spec import load_spec
+from tests.processes import kill_retrack_when
 from tests.test_job import small, spec_file  # noqa: F401 - the small benchmark fixture and its job spec
 
 pytestmark = pytest.mark.integration
@@ -185,19 +185,7 @@ def test_driver_killed_inside_unlearning_resumes_from_its_checkpoint(ray_local, 
     path = long_training(small, tmp_path, "req-killin")
     spec = load_spec(path)
     root = Path(spec.storage.root)
-    exe = Path(sys.executable).with_name("retrack")
-    proc = subprocess.Popen([str(exe), "run", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not checkpoints(root, spec.run_name):
-            assert proc.poll() is None, "retrack run ended before its first checkpoint"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_retrack_when(["run", str(path)], lambda: checkpoints(root, spec.run_name), "its first checkpoint", poll=0.05)
     assert marker(spec, "neighbours").exists() and not marker(spec, "unlearn").exists()
     result = run_job(spec)
     assert result.stages_skipped == ["index", "neighbours"]
@@ -390,7 +378,12 @@ def _lineage(request_id: str):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from retrack.models import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+    from retrack.models import (
+        PixelDiffusion,
+        default_scheduler,
+        save_pixel_model,
+        tiny_pixel_unet,
+    )
 
     out = tmp_path_factory.mktemp("tiny") / "model"
     save_pixel_model(PixelDiffusion(tiny_pixel_unet(8), default_scheduler()), out)

@@ -11,9 +11,10 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from retrack.benchmark import build_benchmark, load_digits_u8
+from retrack.corpus import read_corpus
 from retrack.models import save_pixel_model
 from retrack.pretrain import PretrainConfig, pretrain
-from retrack.corpus import read_corpus
+from tests.processes import kill_retrack_when
 
 pytestmark = pytest.mark.integration
 
@@ -106,11 +107,6 @@ def test_bad_spec_registers_nothing_and_trains_nothing(small, tmp_path):
 def test_run_killed_for_real_between_stages_resumes_without_redoing_them(small, tmp_path):
     """SIGKILL the `retrack run` process group right after unlearning finished; the rerun skips
     index, neighbours and unlearn and registers exactly one version."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     from mlflow import MlflowClient
 
@@ -120,19 +116,7 @@ def test_run_killed_for_real_between_stages_resumes_without_redoing_them(small, 
     path = spec_file(small, tmp_path, request_id="req-kill")
     spec = load_spec(path)
     stages = tmp_path / "jobs" / spec.request_id / spec.config_hash() / "stages"
-    exe = Path(sys.executable).with_name("retrack")
-    proc = subprocess.Popen([str(exe), "run", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not (stages / "unlearn.json").exists():
-            assert proc.poll() is None, "retrack run ended before unlearning finished"
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_retrack_when(["run", str(path)], (stages / "unlearn.json").exists, "unlearning finished")
     assert not (stages / "register.json").exists()
     result = run_job(spec)
     assert result.stages_skipped[:3] == ["index", "neighbours", "unlearn"]

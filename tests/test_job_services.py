@@ -77,7 +77,8 @@ def test_run_on_s3_and_mlflow_server(remote_inputs, s3_env, mlflow_server, monke
     client = MlflowClient(tracking_uri=mlflow_server.tracking_uri)
     mv = client.get_model_version("small-ddpm-s3", result.model_version)
     expected_tags = {"request_id", "config_hash", "parent_model_uri", "parent_model_version", "forget_ids_digest", "forget_count",
-                     "index_manifest_digest", "method", "method_params", "code_version", "model_digest", "complete"}
+                     "index_manifest_digest", "method", "method_params", "code_version", "model_digest", "complete",
+                     "verdict", "audit.record"}  # the last two: the audit trail (retrack/audit.py)
     assert {k.removeprefix("retrack.") for k in mv.tags if k.startswith("retrack.")} == expected_tags
     assert mv.tags["retrack.parent_model_uri"] == remote_inputs["model"] and mv.tags["retrack.parent_model_version"] == "1"
     assert int(mv.tags["retrack.forget_count"]) >= len(read_forget_ids(remote_inputs["root"] / "bench" / "forget_ids.txt"))

@@ -4,11 +4,6 @@ MLflow child runs, the Pareto front, early stopping and resume after a kill."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +13,7 @@ from pipelines.tune import EXPERIMENT, TUNE_DIR, run_tune
 from retrack.benchmark import BenchmarkInfo
 from retrack.spec import JobSpec, load_spec
 from retrack.tuning import dominates
+from tests.processes import kill_retrack_when
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
 
@@ -103,19 +99,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, benc
     def finished() -> list[Path]:
         return [p for p in experiment.glob("*/result.json") if '"status": "ok"' in p.read_text()]
 
-    exe = Path(sys.executable).with_name("retrack")
-    proc = subprocess.Popen([str(exe), "tune", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 900
-        while not finished():
-            assert proc.poll() is None, "retrack tune ended before a trial finished"
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_retrack_when(["tune", str(path)], finished, "a trial finished", timeout=900, poll=0.2)
     done_before = {p.parent.name: p.read_bytes() for p in finished()}
     assert 1 <= len(done_before) < 3
 

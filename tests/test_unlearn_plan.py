@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,28 +20,12 @@ from pipelines.unlearn import (
     needed_retain_rows,
     prepare,
 )
-from retrack.benchmark import BenchmarkPaths, ensure_benchmark
 from retrack.config import MethodConfig, TrainConfig
 from retrack.corpus import read_corpus, read_forget_ids
 from retrack.errors import CorpusError, ForgetSetError, InputError, ModelLayoutError
 from retrack.methods import method_class
 from retrack.models import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
 from retrack.unlearn import BatchDrawer, UnlearnData, split_for_unlearning
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> BenchmarkPaths:
-    root = tmp_path_factory.mktemp("bench")
-    ensure_benchmark(root)
-    return BenchmarkPaths(root)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "pixel"
-    save_pixel_model(PixelDiffusion(tiny_pixel_unet(8, 1), default_scheduler()), path)
-    return path
 
 
 def request(bench, model, tmp_path, **kw) -> UnlearnRequest:

@@ -31,7 +31,7 @@ from retrack.config import MethodConfig, TrainConfig
 from retrack.corpus import read_corpus, read_forget_ids
 from retrack.digest import directory_digest
 from retrack.errors import TrainingDivergedError
-from retrack.models import DIGEST_FILE, PixelDiffusion, default_scheduler, load_pixel_model, save_pixel_model, tiny_pixel_unet
+from retrack.models import DIGEST_FILE, load_pixel_model
 from retrack.unlearn import run_unlearning, split_for_unlearning
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -39,15 +39,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 LOSS_RTOL = 1e-4
 WEIGHT_ATOL = 1e-4
 CPUS_PER_WORKER = 0.5
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    """An untrained tiny pixel UNet: enough to compare the distributed and single-process updates."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "pixel"
-    save_pixel_model(PixelDiffusion(tiny_pixel_unet(8, 1), default_scheduler()), path)
-    return path
 
 
 def make_request(bench, model_dir, tmp_path, *, workers=2, method="retrack", params=None, **train) -> UnlearnRequest:
