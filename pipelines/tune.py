@@ -243,6 +243,9 @@ def search(spec: JobSpec, address: str | None = None) -> Search:
         raise InputError(f"model.kind {spec.model.kind!r}: `retrack tune` scores trials with the pixel-DDPM metrics (forget frequency, Fréchet distance); tune Stable Diffusion requests by hand with `retrack run`")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # The health reports during training carry no objectives (only a trial's final result does);
+    # Tune would otherwise reject them when a searcher names its metrics.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     wide = _largest_k_spec(spec)
     pre = preflight(wide)  # K checked against the retained set at its largest
     job = JobDir(spec)

@@ -26,8 +26,10 @@ HEALTH_METRIC = "retain_loss_ratio"
 
 class RetainLossRatio:
     """The one health scalar the trainer reports while tuning: the retain-branch denoising loss,
-    smoothed, over its value in the first updates. It stays near 1 while the model keeps what it
-    should; a collapsing model (lambda or lr too large) drives it up, a NaN makes it NaN."""
+    smoothed, over its lowest value in the first updates. It stays near 1 while the model keeps
+    what it should; a collapsing model (lambda or lr too large) drives it up, a NaN makes it NaN.
+    The baseline is a minimum, not a mean: a model wrecked by its very first update must not
+    raise its own baseline and hide the collapse."""
 
     def __init__(self, smoothing: float = 0.8, warmup: int = 3):
         self.smoothing, self.warmup = smoothing, warmup
@@ -41,7 +43,7 @@ class RetainLossRatio:
         self.ema = loss if self.ema is None else self.smoothing * self.ema + (1 - self.smoothing) * loss
         if len(self.first) < self.warmup:
             self.first.append(loss)
-        base = sum(self.first) / len(self.first)
+        base = min(self.first)
         return self.ema / base if base > 0 else float("nan")
 
 

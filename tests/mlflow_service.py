@@ -20,7 +20,7 @@ class MlflowService:
     service: Service
 
 
-def start_mlflow(workdir: Path, s3: S3Service, timeout: float = 90.0) -> MlflowService:
+def start_mlflow(workdir: Path, s3: S3Service, timeout: float = 240.0) -> MlflowService:
     import os
 
     import requests

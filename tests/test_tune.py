@@ -50,14 +50,14 @@ def test_small_search_matches_or_beats_the_default_with_nested_runs(ray_local, b
 
     spec = load_spec(write_spec(bench, memorising_model, tmp_path, "req-tune", {
         "search": "grid", "trials": 4, "num_samples": 500, "report_every": 5, "collapse_ratio": 3.0,
-        "space": {"lambda": {"values": [0.035, 0.05]}, "lr": {"values": [5e-5, 5e-2]}},
+        "space": {"lambda": {"values": [0.035, 0.05]}, "lr": {"values": [5e-5, 0.5]}},
     }))
     result = run_tune(spec)
 
     by_params = {(o.params["lambda"], o.params["lr"]): o for o in result.outcomes}
     assert len(by_params) == 4
     for lam in (0.035, 0.05):
-        hopeless = by_params[(lam, 5e-2)]
+        hopeless = by_params[(lam, 0.5)]
         assert hopeless.status in ("collapsed", "diverged"), hopeless
         if hopeless.status == "collapsed":  # stopped by the reported scalar, well before the end
             assert hopeless.metrics["retain_loss_ratio"] > 3.0 and hopeless.metrics["stopped_step"] < 50
@@ -87,11 +87,11 @@ def test_small_search_matches_or_beats_the_default_with_nested_runs(ray_local, b
 
 
 def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, bench, memorising_model, tmp_path):
-    """SIGKILL `retrack tune` once its first trial has finished; the rerun restores the Tune
-    experiment, leaves that trial's results untouched and runs only the rest."""
+    """SIGKILL `retrack tune` (Optuna search) once its first trial has finished; the rerun
+    restores the Tune experiment, leaves that trial's results untouched and runs only the rest."""
     path = write_spec(bench, memorising_model, tmp_path, "req-resume", {
-        "search": "grid", "trials": 3, "num_samples": 64, "max_concurrent_trials": 1,
-        "space": {"lambda": {"values": [0.05, 0.1, 0.2]}}, "select": {"max_frequency_ratio": 1.0},
+        "search": "optuna", "trials": 3, "num_samples": 64, "max_concurrent_trials": 1,
+        "space": {"lambda": {"low": 0.05, "high": 0.2}}, "select": {"max_frequency_ratio": 1.0},
     }, train={"steps": 4, "batch_size": 16, "lr": 5e-5}, evaluation={"num_samples": 64})
     spec = load_spec(path)
     experiment = tune_dir(spec) / EXPERIMENT

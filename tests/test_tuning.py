@@ -126,6 +126,9 @@ def test_retain_loss_ratio_tracks_the_retain_branch():
         r_rising = rising.update({"loss_retain": 0.5 * (1 + step)})
     assert r_steady == pytest.approx(1.0)
     assert r_rising > 3.0
+    wrecked = RetainLossRatio()  # destroyed by the first update: the baseline stays the healthy loss
+    ratios = [wrecked.update({"loss_retain": v}) for v in (0.5, 400.0, 900.0, 1000.0)]
+    assert ratios[-1] > 100
     assert RetainLossRatio().update({"loss_forget": 1.0}) is None
     nan = RetainLossRatio()
     nan.update({"loss_retain": 0.5})
