@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from ray import tune
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from pipelines.job import JobDir, Preflight, evaluation_reference, preflight, run_job, unlearn_request
@@ -174,8 +175,9 @@ class TrialRuns(tune.Callback):
         self._log(trial, failed=True)
 
 
-def _searcher_and_space(spec: JobSpec, default: dict[str, float]):
-    """(search algorithm, param space, num_samples) for the spec's `tune` section."""
+def _searcher_and_space(spec: JobSpec, default: dict[str, float], concurrency: int):
+    """(search algorithm, param space, num_samples) for the spec's `tune` section; at most
+    `concurrency` trials run at once."""
     tuning = spec.tune
     kinds = tuning.kinds(spec.method.name)
     if tuning.search == "grid":
@@ -184,7 +186,8 @@ def _searcher_and_space(spec: JobSpec, default: dict[str, float]):
         space = {n: tune.grid_search([kinds[n](v) for v in r.values]) for n, r in tuning.space.items()}
         in_grid = all(default[n] in [kinds[n](v) for v in r.values] for n, r in tuning.space.items())
         points = [default] if tuning.include_default and not in_grid else None
-        return BasicVariantGenerator(points_to_evaluate=points), space, 1
+        # Tune applies max_concurrent_trials only to Searchers: the grid generator limits itself.
+        return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrency), space, 1
     import optuna
 
     space = {}
@@ -201,7 +204,7 @@ def _searcher_and_space(spec: JobSpec, default: dict[str, float]):
         metric=list(OBJECTIVES), mode=["min"] * len(OBJECTIVES), sampler=sampler,
         points_to_evaluate=[default] if tuning.include_default else None,
     )
-    return searcher, space, tuning.trials
+    return ConcurrencyLimiter(searcher, max_concurrent=concurrency), space, tuning.trials
 
 
 def max_concurrent_trials(spec: JobSpec) -> int:
@@ -300,7 +303,7 @@ def run_tune(spec: JobSpec, address: str | None = None) -> TuneResult:
 
 
 def _fit(spec: JobSpec, job: JobDir, trainable, default: dict, parent_run_id: str):
-    searcher, space, samples = _searcher_and_space(spec, default)
+    searcher, space, samples = _searcher_and_space(spec, default, max_concurrent_trials(spec))
     base = job.remote / TUNE_DIR  # on the job's own filesystem (local or S3)
     fs = base.fs if base.is_s3 else None
     run_config = tune.RunConfig(
@@ -314,8 +317,7 @@ def _fit(spec: JobSpec, job: JobDir, trainable, default: dict, parent_run_id: st
     else:
         tuner = tune.Tuner(
             trainable, param_space=space, run_config=run_config,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=samples, max_concurrent_trials=max_concurrent_trials(spec),
-                                        time_budget_s=spec.tune.time_budget_s),
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=samples, time_budget_s=spec.tune.time_budget_s),
         )
     return tuner.fit()
 

@@ -101,7 +101,7 @@ class TuneSpec(StrictModel):
     include_default: bool = Field(True, description="Also run the spec's own method/train settings as the first trial, the baseline every other trial is compared to.")
     num_samples: int = Field(500, ge=16, description="Samples per trial for its forget frequency and Fréchet distance (the chosen model is evaluated again with evaluation.num_samples).")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Trials run at once; default: as many as the cluster's CPUs (or GPUs) hold workers for.")
-    collapse_ratio: float = Field(3.0, gt=1, description="Stop a trial early once its retain-branch denoising loss (smoothed) exceeds this multiple of its first value: the model is collapsing.")
+    collapse_ratio: float = Field(3.0, gt=1, description="Stop a trial early once its retain-branch denoising loss (smoothed) exceeds this multiple of its lowest value in the first updates: the model is collapsing.")
     report_every: int = Field(5, ge=1, description="Training updates between the health reports that early stopping watches.")
     time_budget_s: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds.")
     seed: int = Field(0, description="Seed of the search sampler.")

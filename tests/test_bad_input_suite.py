@@ -28,6 +28,7 @@ from retrack.corpus import encode_image, write_shards
 from retrack.errors import RetrackError
 from retrack.index import build_index, open_index
 from retrack.models import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+from tests.spec_edit import DELETE, with_field
 
 SECRET = "s3cr3t-Should-Never-Print-0123456789"
 
@@ -60,22 +61,6 @@ def base_spec(env: Path, tmp: Path) -> dict:
     }
 
 
-def changed(spec: dict, dotted: str, value) -> dict:
-    """`spec` with one field set (or removed, for value=DELETE)."""
-    node = spec
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        node = node[p]
-    if value is DELETE:
-        node.pop(leaf)
-    else:
-        node[leaf] = value
-    return spec
-
-
-DELETE = object()
-
-
 def write_yaml(tmp: Path, data) -> Path:
     path = tmp / "job.yaml"
     path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
@@ -87,7 +72,7 @@ def write_yaml(tmp: Path, data) -> Path:
 
 def spec_field(dotted: str, value, command: str = "validate"):
     def build(env: Path, tmp: Path) -> list[str]:
-        return [command, str(write_yaml(tmp, changed(base_spec(env, tmp), dotted, value)))]
+        return [command, str(write_yaml(tmp, with_field(base_spec(env, tmp), dotted, value)))]
     return build
 
 
@@ -98,18 +83,23 @@ def spec_text(text: str):
 def forget_list(lines: list[str]):
     def build(env: Path, tmp: Path) -> list[str]:
         (tmp / "ids.txt").write_text("\n".join(lines) + "\n")
-        return ["run", str(write_yaml(tmp, changed(base_spec(env, tmp), "forget.file", str(tmp / "ids.txt"))))]
+        return ["run", str(write_yaml(tmp, with_field(base_spec(env, tmp), "forget.file", str(tmp / "ids.txt"))))]
+    return build
+
+
+def copy_edit(name: str, field: str, edit: Callable[[Path], None]):
+    """`retrack run` on a copy of the fixture's `name` directory changed by `edit(copy)`, named by
+    the spec field `field`."""
+    def build(env: Path, tmp: Path) -> list[str]:
+        copy = tmp / name
+        shutil.copytree(env / name, copy)
+        edit(copy)
+        return ["run", str(write_yaml(tmp, with_field(base_spec(env, tmp), field, str(copy))))]
     return build
 
 
 def corpus_edit(edit: Callable[[Path], None]):
-    """`retrack run` on a copy of the corpus changed by `edit(corpus_dir)`."""
-    def build(env: Path, tmp: Path) -> list[str]:
-        corpus = tmp / "corpus"
-        shutil.copytree(env / "corpus", corpus)
-        edit(corpus)
-        return ["run", str(write_yaml(tmp, changed(base_spec(env, tmp), "corpus.uri", str(corpus))))]
-    return build
+    return copy_edit("corpus", "corpus.uri", edit)
 
 
 def rewrite_rows(fn: Callable[[list[dict]], list[dict]], shard: int = 0, schema=None):
@@ -125,13 +115,7 @@ def set_row(n: int, **values):
 
 
 def model_edit(edit: Callable[[Path], None]):
-    """`retrack run` with a copy of the model directory changed by `edit(model_dir)`."""
-    def build(env: Path, tmp: Path) -> list[str]:
-        model = tmp / "model"
-        shutil.copytree(env / "model", model)
-        edit(model)
-        return ["run", str(write_yaml(tmp, changed(base_spec(env, tmp), "model.uri", str(model))))]
-    return build
+    return copy_edit("model", "model.uri", edit)
 
 
 def edit_json(rel: str, **values):

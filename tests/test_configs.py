@@ -13,6 +13,7 @@ from retrack.config import MethodConfig
 from retrack.errors import InputError
 from retrack.methods import method_names
 from retrack.spec import JobSpec, load_spec
+from tests.spec_edit import DELETE, with_field
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 JOB_SPECS = sorted(CONFIGS.glob("*.yaml"))
@@ -49,14 +50,7 @@ def test_every_field_is_documented():
 def _spec(tmp_path, **changes):
     data = yaml.safe_load(JOB_SPECS[0].read_text())
     for dotted, value in changes.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        if value is None:
-            node.pop(leaf)
-        else:
-            node[leaf] = value
+        with_field(data, dotted, DELETE if value is None else value)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

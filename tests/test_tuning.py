@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.tune import outcome
+from pipelines.tune import _searcher_and_space, outcome
 from retrack.errors import InputError
 from retrack.spec import parse_spec
 from retrack.tuning import (
@@ -102,6 +102,14 @@ def test_grid_and_default_point(tmp_path):
 def trial(tid: str, freq: float, fd: float, status: str = "ok") -> TrialOutcome:
     metrics = {"forget_frequency": freq, "frechet_distance": fd} if status == "ok" else {}
     return TrialOutcome(trial_id=tid, params={"lambda": float(len(tid))}, status=status, metrics=metrics)
+
+
+@pytest.mark.parametrize("search", ["grid", "optuna"])
+def test_both_searches_limit_how_many_trials_run_at_once(tmp_path, search):
+    """Tune applies max_concurrent_trials only to Searchers; the grid generator must carry it."""
+    spec = parse(tmp_path, {"search": search, "trials": 4, "space": {"lambda": {"values": [0.03, 0.05]}, "k": {"values": [5, 10]}}})
+    searcher, _, _ = _searcher_and_space(spec, default_point(spec.tune.space, spec.method, spec.train), concurrency=2)
+    assert searcher.max_concurrent == 2
 
 
 def test_pareto_front_keeps_only_non_dominated_ok_trials():
