@@ -82,26 +82,25 @@ def _task_count(n_units: int, num_tasks: int | None = None) -> int:
     return max(1, min(num_tasks or cpus, n_units))
 
 
+def _split(n: int, parts: int) -> list[slice]:
+    """Contiguous ranges covering 0..n in at most `parts` pieces."""
+    per = -(-n // parts) if n else 1
+    return [slice(s, min(s + per, n)) for s in range(0, n, per)]
+
+
 def sample_on_ray(model_dirs: list[str | Path], n: int, seed: int, batch_size: int = 250, num_tasks: int | None = None) -> list[np.ndarray]:
     """n samples of each model (local directory or s3:// URI), batches spread over Ray tasks; same
     seeds for every model."""
     import ray
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     n_batches = -(-n // batch_size)
-    tasks = max(1, min(num_tasks or cpus, n_batches))
-    per = -(-n_batches // tasks)
+    parts = _split(n_batches, _task_count(n_batches, num_tasks))
     # A task whose worker dies is rerun (same seeds, so the same samples): a lost worker costs time only.
     remote = ray.remote(num_cpus=1, max_retries=SAMPLE_RETRIES)(_sample_range)
     out = []
     for model_dir in model_dirs:
         ref = model_source(model_dir)
-        futures = []
-        for t in range(tasks):
-            b0 = t * per
-            count = min(n, (b0 + per) * batch_size) - b0 * batch_size
-            if count > 0:
-                futures.append(remote.remote(ref, count, b0, seed, batch_size, 1))
+        futures = [remote.remote(ref, min(n, p.stop * batch_size) - p.start * batch_size, p.start, seed, batch_size, 1) for p in parts]
         out.append(np.concatenate(ray.get(futures)))
     return out
 
@@ -191,11 +190,6 @@ def _sd_losses(source: dict, work: dict, threads: int) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         model = _sd_model(source, tmp, threads)
         return item_losses(model, work["latents"], work["captions"], seed=work["seed"])
-
-
-def _split(n: int, parts: int) -> list[slice]:
-    per = -(-n // parts) if n else 1
-    return [slice(s, min(s + per, n)) for s in range(0, n, per)]
 
 
 def _spread(fn, sources: list, rows: int, work_of, num_tasks: int | None = None) -> list[list]:

@@ -21,7 +21,7 @@ from retrack.corpus import Corpus, read_corpus, read_forget_ids
 from retrack.digest import ids_digest
 from retrack.errors import InputError, StorageError
 from retrack.spec import JobSpec
-from retrack.storage import Location
+from retrack.storage import Location, is_s3
 from retrack.workspace import retrack_home
 
 if TYPE_CHECKING:
@@ -133,6 +133,12 @@ class Preflight:
     corpus_dir: Path
     model_dir: Path
     forget_ids: list[str]
+    holdout: Corpus | None = None  # evaluation.holdout_uri, read (and checked) once here
+
+    def model_for_workers(self, spec: JobSpec) -> str:
+        """The original model as Ray workers get it: an s3:// model as its URI (each node copies
+        it), a local one as the driver's path."""
+        return spec.model.uri if is_s3(spec.model.uri) else str(self.model_dir)
 
 
 def preflight(spec: JobSpec) -> Preflight:
@@ -157,8 +163,8 @@ def preflight(spec: JobSpec) -> Preflight:
         raise InputError("corpus.format 'imagefolder' is indexed by `retrack index build`; `retrack run` reads parquet corpora")
     corpus_dir = _local_dir(spec.corpus.uri, spec.storage.endpoint_url)
     corpus = read_corpus(corpus_dir)
+    holdout = read_corpus(_local_dir(spec.evaluation.holdout_uri, spec.storage.endpoint_url)) if spec.evaluation.holdout_uri else None
     if sd:  # each item is trained on, and its memorisation checked with, its own caption
-        holdout = read_corpus(_local_dir(spec.evaluation.holdout_uri, spec.storage.endpoint_url)) if spec.evaluation.holdout_uri else None
         for what, c in (("corpus", corpus), ("evaluation.holdout_uri", holdout)):
             if c is not None and c.captions is None:
                 raise CorpusError(f"{what}: a Stable Diffusion corpus needs a 'caption' column (each item is conditioned on its own caption)")
@@ -166,7 +172,7 @@ def preflight(spec: JobSpec) -> Preflight:
     check_forget_ids(forget_ids, corpus.ids)
     if spec.method.needs_neighbours:
         check_k(spec.method.k, len(corpus) - len(forget_ids))
-    return Preflight(corpus=corpus, corpus_dir=corpus_dir, model_dir=model_dir, forget_ids=forget_ids)
+    return Preflight(corpus=corpus, corpus_dir=corpus_dir, model_dir=model_dir, forget_ids=forget_ids, holdout=holdout)
 
 
 def run_job(spec: JobSpec, address: str | None = None, on_stage: Callable[[str, str], None] | None = None) -> JobResult:
@@ -272,8 +278,7 @@ def unlearn_request(spec: JobSpec, pre: Preflight, job: JobDir, output_dir: Path
 
     return UnlearnRequest(
         request_id=spec.request_id,
-        # An s3:// model goes to the workers as its URI (each node copies it), not as the driver's cache path.
-        model_dir=spec.model.uri if spec.model.uri.startswith("s3://") else str(pre.model_dir),
+        model_dir=pre.model_for_workers(spec),
         model_kind="sd" if spec.model.kind == "stable-diffusion" else "pixel",
         corpus_dir=str(pre.corpus_dir),
         forget_ids_file=str(job.fetch("forget_ids.txt")),
@@ -313,10 +318,7 @@ def evaluation_reference(spec: JobSpec, pre: Preflight, job: JobDir, forget: lis
         clf, _ = train_classifier(corpus.images[keep], corpus.labels[keep], seed=spec.evaluation.seed)
         save_classifier(clf, clf_dir)
     threshold = spec.evaluation.forget_threshold or _default_forget_threshold(corpus, forget)
-    holdout = None
-    if spec.evaluation.holdout_uri:
-        holdout = read_corpus(_local_dir(spec.evaluation.holdout_uri, spec.storage.endpoint_url))
-    return build_reference(corpus, forget, threshold, load_classifier(clf_dir), holdout), threshold
+    return build_reference(corpus, forget, threshold, load_classifier(clf_dir), pre.holdout), threshold
 
 
 def _evaluate_stage(spec: JobSpec, pre: Preflight, job: JobDir, nb: dict, un: dict, idx: dict) -> dict:
@@ -355,7 +357,7 @@ def sd_evaluation_items(spec: JobSpec, pre: Preflight, forget: list[str], idx: d
         raise InputError("no retained item has a caption other than the forgotten items': integrity needs retained captions")
     n = spec.evaluation.num_samples
     picked = np.random.default_rng(spec.evaluation.seed).choice(keep, n, replace=len(keep) < n)
-    holdout = read_corpus(_local_dir(spec.evaluation.holdout_uri, spec.storage.endpoint_url)) if spec.evaluation.holdout_uri else None
+    holdout = pre.holdout
     return SdItems(
         forget_images=from_model_space(corpus.images[rows]),
         forget_ids=list(forget),
@@ -374,7 +376,7 @@ def _evaluate_sd_stage(spec: JobSpec, pre: Preflight, job: JobDir, un: dict, idx
     forget = read_forget_ids(job.fetch("forget_ids.txt"))
     items = sd_evaluation_items(spec, pre, forget, idx)
     # s3:// models reach the Ray tasks as URIs (every node fetches them), local ones as their files.
-    original = spec.model.uri if spec.model.uri.startswith("s3://") else pre.model_dir
+    original = pre.model_for_workers(spec)
     unlearned = str(job.remote / "model") if job.remote.is_s3 else job.fetch("model")
     context = {"model_digest": un["model_digest"], "config_hash": spec.config_hash(), "method": spec.method.name, "forget_count": len(forget), "samples_per_model": spec.evaluation.num_samples}
     ev = evaluate_sd_request(
@@ -399,6 +401,7 @@ def _default_forget_threshold(corpus: Corpus, forget: list[str]) -> float:
 
 
 def _register_stage(spec: JobSpec, pre: Preflight, job: JobDir, idx: dict, nb: dict, un: dict, ev: dict) -> dict:
+    from retrack.audit import flat_metrics
     from retrack.lineage import Lineage, LineageStore, code_version, mlflow_env_for_storage
 
     mlflow_env_for_storage(spec.storage.endpoint_url)
@@ -421,7 +424,7 @@ def _register_stage(spec: JobSpec, pre: Preflight, job: JobDir, idx: dict, nb: d
     params = {f"method.{k}": v for k, v in spec.method.params.items()} | {f"train.{k}": v for k, v in spec.train.model_dump().items()}
     params |= {"method": spec.method.name, "model.kind": spec.model.kind, "model.uri": spec.model.uri, "corpus.uri": spec.corpus.uri, "forget.count": nb["forget_count"], "workers": spec.scaling.num_workers}
     store.log_params(run_id, params)
-    store.log_metrics(run_id, {f"{m}.{k}": v for m, vals in ev["metrics"].items() for k, v in vals.items()} | {"unlearn.wall_seconds": un["wall_seconds"]})
+    store.log_metrics(run_id, flat_metrics(ev["metrics"]) | {"unlearn.wall_seconds": un["wall_seconds"]})
     store.log_inputs(run_id, {
         "corpus": (spec.corpus.uri, _corpus_key(pre), len(pre.corpus)),
         "forget": (f"retrack://{spec.request_id}/forget-set", nb["forget_ids_digest"], nb["forget_count"]),
