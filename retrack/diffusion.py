@@ -23,8 +23,9 @@ class NoiseSchedule:
     def num_steps(self) -> int:
         return int(self.gamma.shape[0])
 
-    def sample_t(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randint(0, self.num_steps, (n,), generator=generator, device=self.gamma.device)
+    def sample_t(self, n: int, generator: torch.Generator | None = None, low: int = 0) -> torch.Tensor:
+        """t ~ Uniform{low..T-1}."""
+        return torch.randint(low, self.num_steps, (n,), generator=generator, device=self.gamma.device)
 
     def coefficients(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """gamma_t and sigma_t broadcastable against a tensor with `ndim` dimensions (batch first)."""

@@ -49,9 +49,9 @@ def gen(seed=7):
     return torch.Generator().manual_seed(seed)
 
 
-def draws(schedule, g, n):
+def draws(schedule, g, n, low=0):
     """The (t, eps) a branch draws, in the order the methods draw them."""
-    t = torch.randint(0, schedule.num_steps, (n,), generator=g)
+    t = torch.randint(low, schedule.num_steps, (n,), generator=g)
     eps = torch.randn((n, *SHAPE), generator=g)
     return t, eps
 
@@ -76,6 +76,8 @@ def test_registry_lists_all_five_methods_with_their_data_needs():
         ("retrack", {"lambda": 1.5}, "lambda"),
         ("retrack", {"lambda": -0.1}, "lambda"),
         ("retrack", {"k": 0}, "k"),
+        ("retrack", {"t_min": -1}, "t_min"),
+        ("retrack", {"t_min": 1000}, "t_min"),
         ("siss", {"lambda": 1.0}, "lambda"),
         ("erasediff", {"eta": -1}, "eta"),
         ("vanilla", {"lr": 1}, "lr"),
@@ -84,6 +86,15 @@ def test_registry_lists_all_five_methods_with_their_data_needs():
 def test_bad_params_are_refused_naming_the_field(schedule, name, params, field):
     with pytest.raises(InputError, match=field):
         build_method(name, schedule, params)
+
+
+def test_retrack_t_min_beyond_a_short_schedule_is_refused():
+    from diffusers import DDPMScheduler
+
+    short = NoiseSchedule.from_scheduler(DDPMScheduler(num_train_timesteps=100))
+    with pytest.raises(InputError, match="t_min 500 must be below the schedule's 100 timesteps"):
+        build_method("retrack", short, {"t_min": 500})
+    assert build_method("retrack", short, {"t_min": 99}).params.t_min == 99
 
 
 def test_unknown_method_is_refused(schedule):
@@ -97,12 +108,14 @@ def test_missing_data_is_refused(schedule):
         m.losses(TinyDenoiser(), UnlearnBatch(retain=make_batch().retain, forget=make_batch().forget), gen())
 
 
-def test_retrack_loss_matches_transcription(schedule):
+@pytest.mark.parametrize("t_min", [0, 900])
+def test_retrack_loss_matches_transcription(schedule, t_min):
+    """t_min narrows only the forget branch's timesteps; the retain branch keeps all of them."""
     lam = 0.3
     net, batch = TinyDenoiser(), make_batch()
-    terms = build_method("retrack", schedule, {"lambda": lam, "k": K}).losses(net, batch, gen())
+    terms = build_method("retrack", schedule, {"lambda": lam, "k": K, "t_min": t_min}).losses(net, batch, gen())
     g = gen()
-    tf, ef = draws(schedule, g, B)
+    tf, ef = draws(schedule, g, B, low=t_min)
     tr, er = draws(schedule, g, B)
     knn, van = 0.0, 0.0
     with torch.no_grad():

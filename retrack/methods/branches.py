@@ -18,8 +18,8 @@ class Noised:
     xt: torch.Tensor
 
 
-def noise(schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator | None) -> Noised:
-    t = schedule.sample_t(x0.shape[0], generator)
+def noise(schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator | None, t_min: int = 0) -> Noised:
+    t = schedule.sample_t(x0.shape[0], generator, low=t_min)
     eps = randn_like(x0, generator)
     return Noised(x0=x0, t=t, eps=eps, xt=schedule.add_noise(x0, t, eps))
 

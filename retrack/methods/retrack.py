@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 
 from retrack.diffusion import sum_sq
+from retrack.errors import InputError
 from retrack.methods.base import DataRequirements, LossTerms, Method, MethodParams, UnlearnBatch, register
 from retrack.methods.branches import denoise_together, noise, vanilla_loss
 
@@ -13,6 +14,11 @@ from retrack.methods.branches import denoise_together, noise, vanilla_loss
 class ReTrackParams(MethodParams):
     lambda_: float = Field(0.005, alias="lambda", ge=0.0, le=1.0, description="Weight of the kNN term; the retain term gets 1 - lambda.")
     k: int = Field(10, ge=1, description="Number of nearest retained neighbours per forget item.")
+    t_min: int = Field(0, ge=0, lt=1000, description=(
+        "Smallest timestep of the forget branch (t ~ Uniform{t_min..T-1}); 0 is the paper's objective. "
+        "At small t the kNN targets (x_t - gamma_t n_j) / sigma_t grow as 1 / sigma_t: they dominate the "
+        "gradient, do not change where the sampler goes, and blur every sample's last steps (README, "
+        "'Where the quality goes')."))
 
 
 def knn_targets(schedule, xt: torch.Tensor, t: torch.Tensor, neighbours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,10 +39,15 @@ class ReTrack(Method):
     requirements = DataRequirements(retain=True, forget=True, neighbours=True)
     Params = ReTrackParams
 
+    def __init__(self, schedule, params: ReTrackParams):
+        if params.t_min >= schedule.num_steps:
+            raise InputError(f"retrack t_min {params.t_min} must be below the schedule's {schedule.num_steps} timesteps")
+        super().__init__(schedule, params)
+
     def losses(self, denoise, batch: UnlearnBatch, generator) -> LossTerms:
         self.check_batch(batch)
         lam = self.params.lambda_
-        f = noise(self.schedule, batch.forget, generator)
+        f = noise(self.schedule, batch.forget, generator, t_min=self.params.t_min)
         r = noise(self.schedule, batch.retain, generator)
         pred_f, pred_r = denoise_together(denoise, [(f.xt, f.t, batch.forget_cond), (r.xt, r.t, batch.retain_cond)])
         v, p = knn_targets(self.schedule, f.xt, f.t, batch.neighbours)
