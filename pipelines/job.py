@@ -146,7 +146,7 @@ def preflight(spec: JobSpec) -> Preflight:
     from retrack.corpus import check_forget_ids
     from retrack.lineage import check_tracking_server
     from retrack.errors import CorpusError
-    from retrack.models import check_pixel_model_dir
+    from retrack.models import check_pixel_model_dir, scheduler_timesteps
     from retrack.sd import check_sd_model_dir
     from retrack.unlearn import check_k
 
@@ -159,6 +159,7 @@ def preflight(spec: JobSpec) -> Preflight:
     model_dir = _local_dir(spec.model.uri, spec.storage.endpoint_url)
     sd = spec.model.kind == "stable-diffusion"
     (check_sd_model_dir if sd else check_pixel_model_dir)(model_dir)
+    spec.method.check_schedule(scheduler_timesteps(model_dir))
     if spec.corpus.format != "parquet":
         raise InputError("corpus.format 'imagefolder' is indexed by `retrack index build`; `retrack run` reads parquet corpora")
     corpus_dir = _local_dir(spec.corpus.uri, spec.storage.endpoint_url)

@@ -36,6 +36,10 @@ class MethodConfig(StrictModel):
     def k(self) -> int:
         return int(getattr(validate_params(self.name, self.params), "k", 0))
 
+    def check_schedule(self, num_steps: int) -> None:
+        """Refuse parameters the model's noise schedule cannot serve (e.g. retrack's t_min)."""
+        method_class(self.name).check_schedule(validate_params(self.name, self.params), num_steps)
+
 
 class TrainConfig(StrictModel):
     """Optimisation settings (the same budget is given to every method being compared)."""

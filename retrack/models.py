@@ -85,6 +85,11 @@ def check_pixel_model_dir(path: str | Path) -> None:
         raise ModelLayoutError(f"{root}/scheduler predicts {sched.get('prediction_type')!r}; retrack's losses need 'epsilon'")
 
 
+def scheduler_timesteps(path: str | Path) -> int:
+    """T of a diffusers pipeline directory's scheduler (diffusers' default 1000 when unset)."""
+    return int(_read_json(Path(path) / "scheduler" / "scheduler_config.json", "scheduler").get("num_train_timesteps", 1000))
+
+
 def load_pixel_model(path: str | Path, device: str | torch.device = "cpu") -> PixelDiffusion:
     check_pixel_model_dir(path)
     unet = UNet2DModel.from_pretrained(str(path), subfolder="unet", use_safetensors=True).to(device)

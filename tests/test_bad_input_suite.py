@@ -87,14 +87,17 @@ def forget_list(lines: list[str]):
     return build
 
 
-def copy_edit(name: str, field: str, edit: Callable[[Path], None]):
+def copy_edit(name: str, field: str, edit: Callable[[Path], None], **fields):
     """`retrack run` on a copy of the fixture's `name` directory changed by `edit(copy)`, named by
-    the spec field `field`."""
+    the spec field `field`; `fields` (dotted path with "__" for ".") change the spec too."""
     def build(env: Path, tmp: Path) -> list[str]:
         copy = tmp / name
         shutil.copytree(env / name, copy)
         edit(copy)
-        return ["run", str(write_yaml(tmp, with_field(base_spec(env, tmp), field, str(copy))))]
+        spec = with_field(base_spec(env, tmp), field, str(copy))
+        for dotted, value in fields.items():
+            with_field(spec, dotted.replace("__", "."), value)
+        return ["run", str(write_yaml(tmp, spec))]
     return build
 
 
@@ -114,8 +117,8 @@ def set_row(n: int, **values):
     return rewrite_rows(lambda rows: [{**r, **values} if i == n else r for i, r in enumerate(rows)])
 
 
-def model_edit(edit: Callable[[Path], None]):
-    return copy_edit("model", "model.uri", edit)
+def model_edit(edit: Callable[[Path], None], **fields):
+    return copy_edit("model", "model.uri", edit, **fields)
 
 
 def edit_json(rel: str, **values):
@@ -209,6 +212,9 @@ CASES = [
     Case("model: pickle-only .bin weights", model_edit(pickle_only), "no diffusion_pytorch_model.safetensors (found: ['diffusion_pytorch_model.bin']); only safetensors weights are loaded"),
     Case("model: missing UNet config", model_edit(lambda m: (m / "unet" / "config.json").unlink()), "missing config.json; expected a diffusers UNet directory"),
     Case("model: v-prediction scheduler", model_edit(edit_json("scheduler/scheduler_config.json", prediction_type="v_prediction")), "retrack's losses need 'epsilon'"),
+    Case("method: t_min beyond the model's schedule", model_edit(edit_json("scheduler/scheduler_config.json", num_train_timesteps=100),
+                                                                 method__params={"lambda": 0.5, "k": 4, "t_min": 500}),
+         "retrack t_min 500 must be below the schedule's 100 timesteps"),
     Case("model: directory does not exist", spec_field("model.uri", "/nonexistent/model", "run"), "model directory /nonexistent/model does not exist"),
     Case("model: pixel DDPM declared stable-diffusion", spec_field("model.kind", "stable-diffusion", "run"), "holds a pixel-space DDPM (UNet2DModel), not a Stable Diffusion pipeline"),
     # services named in the spec (`retrack run` preflight)

@@ -62,8 +62,14 @@ class Method(ABC):
     Params: ClassVar[type[MethodParams]]
 
     def __init__(self, schedule: NoiseSchedule, params: MethodParams):
+        self.check_schedule(params, schedule.num_steps)
         self.schedule = schedule
         self.params = params
+
+    @classmethod
+    def check_schedule(cls, params: MethodParams, num_steps: int) -> None:
+        """Refuse parameters that a schedule of `num_steps` timesteps cannot serve (InputError).
+        Called at construction, and by the job's preflight with the model's scheduler config."""
 
     @abstractmethod
     def losses(self, denoise: Denoiser, batch: UnlearnBatch, generator: torch.Generator | None) -> LossTerms:

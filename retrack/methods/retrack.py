@@ -39,10 +39,10 @@ class ReTrack(Method):
     requirements = DataRequirements(retain=True, forget=True, neighbours=True)
     Params = ReTrackParams
 
-    def __init__(self, schedule, params: ReTrackParams):
-        if params.t_min >= schedule.num_steps:
-            raise InputError(f"retrack t_min {params.t_min} must be below the schedule's {schedule.num_steps} timesteps")
-        super().__init__(schedule, params)
+    @classmethod
+    def check_schedule(cls, params: ReTrackParams, num_steps: int) -> None:
+        if params.t_min >= num_steps:
+            raise InputError(f"retrack t_min {params.t_min} must be below the schedule's {num_steps} timesteps")
 
     def losses(self, denoise, batch: UnlearnBatch, generator) -> LossTerms:
         self.check_batch(batch)
