@@ -16,7 +16,8 @@ registration exactly as `retrack run` does.
 - Trials are MLflow child runs of the request's tuning run, logged from the driver by a Tune
   callback (Ray's MLflow callback would not nest them).
 - The experiment lives under the job's storage prefix: rerunning the command restores it
-  (`Tuner.restore`) and finished trials are not run again.
+  (`Tuner.restore`) and finished trials are not run again (one that finished after Tune last
+  saved its state repeats its recorded report, without training or scoring again).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,7 @@ from pipelines.progress import console
 from retrack.errors import InputError
 from retrack.evaluation import METRIC_KEYS, EvalReference
 from retrack.spec import JobSpec
+from retrack.storage import Location
 from retrack.tuning import (
     HEALTH_METRIC,
     OBJECTIVES,
@@ -107,19 +110,47 @@ def _trial(config: dict, ctx: TrialContext) -> None:
     key = trial_key(params)
     out = job.local / TUNE_DIR / "models" / key
     request = unlearn_request(spec, ctx.pre, job, out, f"{ctx.spec.run_name}-trial-{key}")
+    record = Location.parse(job.local / TUNE_DIR / "outcomes" / f"{key}.json")
+    saved = _saved_outcome(record, out)
+    if saved is not None:
+        tune.report(saved)
+        return
+
+    def finish(report: dict) -> None:
+        record.write_json(report)
+        tune.report(report)
+
     tuning = ctx.spec.tune
     monitor = TrainMonitor(every=tuning.report_every, callbacks=(TuneReportCallback(),), collapse_ratio=tuning.collapse_ratio)
     try:
         result = unlearn(request, monitor=monitor)
     except QualityCollapseError as exc:
-        tune.report({"status": "collapsed", "stopped_step": exc.step, HEALTH_METRIC: exc.ratio})
+        finish({"status": "collapsed", "stopped_step": exc.step, HEALTH_METRIC: exc.ratio})
         return
     except TrainingDivergedError as exc:
-        tune.report({"status": "diverged", "stopped_step": exc.step})
+        finish({"status": "diverged", "stopped_step": exc.step})
         return
     metrics, _ = evaluate_model(load_pixel_model(out), ctx.reference, tuning.num_samples, ctx.spec.evaluation.seed, ctx.original_samples01)
-    tune.report({"status": "ok", **{k: metrics[k] for k in METRIC_KEYS if k in metrics}, "unlearn_seconds": result.seconds,
-                 "model_dir": str(out), "model_digest": result.digest, "steps_done": result.steps})
+    finish({"status": "ok", **{k: metrics[k] for k in METRIC_KEYS if k in metrics}, "unlearn_seconds": result.seconds,
+            "model_dir": str(out), "model_digest": result.digest, "steps_done": result.steps})
+
+
+def _saved_outcome(record: Location, model_dir: Path) -> dict | None:
+    """The final report a trial with these parameters already made, if its model is still the
+    one it scored. Tune saves its experiment state at most every 10 s, so a trial that finished
+    just before the driver was killed runs again on restore: it repeats its report instead of
+    training and scoring again (which would also report 0 s of unlearning for a reused model)."""
+    from retrack.models import DIGEST_FILE
+
+    if not record.exists():
+        return None
+    saved = record.read_json()
+    if saved["status"] != "ok":
+        return saved
+    marker = model_dir / DIGEST_FILE
+    if marker.is_file() and json.loads(marker.read_text())["sha256"] == saved["model_digest"]:
+        return saved
+    return None
 
 
 def outcome(trial_id: str, config: dict, kinds: dict[str, type], result: dict | None, failed: bool, default: dict) -> TrialOutcome:

@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Callable
 
 
-def kill_retrack_when(args: list[str], ready: Callable[[], object], what: str, timeout: float = 600, poll: float = 0.1) -> None:
-    """Run `retrack *args` in its own process group and SIGKILL the whole group (its local Ray
-    instance included) as soon as `ready()` holds; fails if the command ended before that."""
+def kill_retrack_when(args: list[str], ready: Callable[[], object], what: str, timeout: float = 600, poll: float = 0.1,
+                      env: dict[str, str] | None = None) -> None:
+    """Run `retrack *args` (with `env` added to the environment) in its own process group and
+    SIGKILL the whole group (its local Ray instance included) as soon as `ready()` holds; fails if
+    the command ended before that."""
     exe = Path(sys.executable).with_name("retrack")
-    proc = subprocess.Popen([str(exe), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([str(exe), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + timeout
         while not ready():

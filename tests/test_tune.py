@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.tune import EXPERIMENT, TUNE_DIR, run_tune
+from pipelines.tune import TUNE_DIR, run_tune
 from retrack.benchmark import BenchmarkInfo
+from retrack.models import DIGEST_FILE
 from retrack.spec import JobSpec, load_spec
 from retrack.tuning import dominates
 from tests.processes import kill_retrack_when
@@ -87,24 +88,34 @@ def test_small_search_matches_or_beats_the_default_with_nested_runs(ray_local, b
 
 
 def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, bench, memorising_model, tmp_path):
-    """SIGKILL `retrack tune` (Optuna search) once its first trial has finished; the rerun
-    restores the Tune experiment, leaves that trial's results untouched and runs only the rest."""
+    """SIGKILL `retrack tune` (Optuna search) as soon as its first trial has recorded its outcome,
+    before Tune has saved that trial's end (Tune saves its state at most every 10 s; the killed
+    run is made to save it only once, at the start, so the kill always lands in that window).
+    The rerun restores the Tune experiment; the finished trial is started again but repeats its
+    recorded report (same scores and unlearning time) without training again; the rest run."""
     path = write_spec(bench, memorising_model, tmp_path, "req-resume", {
         "search": "optuna", "trials": 3, "num_samples": 64, "max_concurrent_trials": 1,
         "space": {"lambda": {"low": 0.05, "high": 0.2}}, "select": {"max_frequency_ratio": 1.0},
     }, train={"steps": 4, "batch_size": 16, "lr": 5e-5}, evaluation={"num_samples": 64})
     spec = load_spec(path)
-    experiment = tune_dir(spec) / EXPERIMENT
+    records = tune_dir(spec) / "outcomes"
 
-    def finished() -> list[Path]:
-        return [p for p in experiment.glob("*/result.json") if '"status": "ok"' in p.read_text()]
+    def finished() -> list[dict]:
+        reports = [json.loads(p.read_text()) for p in records.glob("*.json")]
+        return [r for r in reports if r["status"] == "ok"]
 
-    kill_retrack_when(["tune", str(path)], finished, "a trial finished", timeout=900, poll=0.2)
-    done_before = {p.parent.name: p.read_bytes() for p in finished()}
+    kill_retrack_when(["tune", str(path)], finished, "a trial finished", timeout=900, poll=0.2, env={"TUNE_GLOBAL_CHECKPOINT_S": "3600"})
+    done_before = finished()
     assert 1 <= len(done_before) < 3
+    trained = {r["model_dir"]: (Path(r["model_dir"]) / DIGEST_FILE).stat().st_mtime_ns for r in done_before}
 
     result = run_tune(spec)
     assert sorted(o.status for o in result.outcomes) == ["ok", "ok", "ok"]
-    for name, content in done_before.items():
-        assert (experiment / name / "result.json").read_bytes() == content, f"{name} ran again"
+    by_model = {o.model_dir: o for o in result.outcomes}
+    for report in done_before:
+        model = report["model_dir"]
+        assert (Path(model) / DIGEST_FILE).stat().st_mtime_ns == trained[model], f"{model} trained again"
+        again = by_model[model].metrics
+        assert report["unlearn_seconds"] > 0 and again["unlearn_seconds"] == report["unlearn_seconds"], f"{model} reported anew"
+        assert (again["forget_frequency"], again["frechet_distance"]) == (report["forget_frequency"], report["frechet_distance"])
     assert result.job.verdict in ("forgotten", "not forgotten")

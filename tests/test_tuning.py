@@ -162,3 +162,25 @@ def test_cli_refuses_to_tune_a_stable_diffusion_request(tmp_path):
     result = CliRunner().invoke(app, ["tune", str(path)])
     assert result.exit_code == 2 and "pixel-DDPM metrics" in result.output
     assert not (tmp_path / "jobs").exists()
+
+
+def test_a_rerun_trial_repeats_its_report_only_while_its_model_is_the_one_it_scored(tmp_path):
+    from pipelines.tune import _saved_outcome
+    from retrack.models import write_model_dir
+    from retrack.storage import Location
+
+    model = tmp_path / "models" / "k"
+    record = Location.parse(tmp_path / "outcomes" / "k.json")
+    assert _saved_outcome(record, model) is None  # never finished
+
+    digest = write_model_dir(model, lambda tmp: (tmp / "weights").write_text("first"))
+    report = {"status": "ok", "forget_frequency": 0.0, "frechet_distance": 9.5, "unlearn_seconds": 4.2, "model_digest": digest}
+    record.write_json(report)
+    assert _saved_outcome(record, model) == report
+
+    write_model_dir(model, lambda tmp: (tmp / "weights").write_text("second"))  # replaced since it was scored
+    assert _saved_outcome(record, model) is None
+
+    collapsed = {"status": "collapsed", "stopped_step": 12, HEALTH_METRIC: 4.0}
+    record.write_json(collapsed)  # no model to check: the stop itself is the outcome
+    assert _saved_outcome(record, model) == collapsed
