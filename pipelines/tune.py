@@ -140,15 +140,12 @@ def _saved_outcome(record: Location, model_dir: Path) -> dict | None:
     one it scored. Tune saves its experiment state at most every 10 s, so a trial that finished
     just before the driver was killed runs again on restore: it repeats its report instead of
     training and scoring again (which would also report 0 s of unlearning for a reused model)."""
-    from retrack.models import DIGEST_FILE
+    from retrack.models import model_digest
 
     if not record.exists():
         return None
     saved = record.read_json()
-    if saved["status"] != "ok":
-        return saved
-    marker = model_dir / DIGEST_FILE
-    if marker.is_file() and json.loads(marker.read_text())["sha256"] == saved["model_digest"]:
+    if saved["status"] != "ok" or (model_dir.is_dir() and model_digest(model_dir) == saved["model_digest"]):
         return saved
     return None
 
