@@ -10,6 +10,11 @@
     python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 4e-5 --retrack-lambda 0.1 \
         --retrack-k 30 --retrack-t-min 100 --retrack-lambdas "" --methods retrack,vanilla \
         --seeds 1000,2000,3000 --train-seeds 0,1,2 --out benchmarks/results/methods_t_min.json
+    # the recipe that meets the frequency, quality and time targets, every method at its budget
+    # (methods_t_min_lr7e-5.json):
+    python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-lambda 0.1 \
+        --retrack-k 30 --retrack-t-min 100 --retrack-lambdas "" --seeds 1000,2000,3000 \
+        --train-seeds 0,1,2 --out benchmarks/results/methods_t_min_lr7e-5.json
 
 Each method starts from the same original model, trains with the same steps, batch, learning rate
 and training seeds, and is scored on the same sampling seeds as the original (paired integrity).
