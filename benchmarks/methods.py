@@ -15,6 +15,8 @@
     python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-lambda 0.1 \
         --retrack-k 30 --retrack-t-min 100 --retrack-lambdas "" --seeds 1000,2000,3000 \
         --train-seeds 0,1,2 --out benchmarks/results/methods_t_min_lr7e-5.json
+    # the same recipe, --methods retrack,vanilla, on fresh sampling sets (--seeds 4000,5000,6000,
+    # methods_t_min_lr7e-5_fresh.json) and on the full preset (no --quick, methods_t_min_lr7e-5_full.json)
 
 Each method starts from the same original model, trains with the same steps, batch, learning rate
 and training seeds, and is scored on the same sampling seeds as the original (paired integrity).
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--samples", type=int, default=None, help="samples per model (default 2000, quick 500)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--batch-size", type=int, default=128, help="per branch (forget and retain) per update")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     ap.add_argument("--retrack-lambda", type=float, default=METHODS["retrack"]["lambda"], help="ReTrack's lambda")
     ap.add_argument("--retrack-k", type=int, default=METHODS["retrack"]["k"], help="ReTrack's K")
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> Path:
     corpus = read_corpus(ws.benchmark.corpus)
     forget_ids = read_forget_ids(ws.benchmark.forget_ids)
     ref = build_reference(corpus, forget_ids, info.forget_threshold, load_classifier(pre.classifier))
-    train = TrainConfig(steps=args.steps, batch_size=128, lr=args.lr)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
 
     methods = {**METHODS, "retrack": {"lambda": args.retrack_lambda, "k": args.retrack_k, "t_min": args.retrack_t_min}}
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     result = {
         "benchmark": {"name": info.name, "corpus_size": info.corpus_size, "forget_count": info.forget_count, "image": f"{info.image_size}x{info.image_size}x{info.channels}", "threshold": info.forget_threshold},
-        "settings": {"preset": preset, "samples_per_model": n, "sampling_seeds": seeds, "training_seeds": train_seeds, "steps": args.steps, "batch_size": 128, "lr": args.lr, "methods": {name: {"method": method, **params} for name, method, params in runs}},
+        "settings": {"preset": preset, "samples_per_model": n, "sampling_seeds": seeds, "training_seeds": train_seeds, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "methods": {name: {"method": method, **params} for name, method, params in runs}},
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "command": " ".join(["python benchmarks/methods.py", *(argv if argv is not None else sys.argv[1:])]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
