@@ -10,13 +10,18 @@
     python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 4e-5 --retrack-lambda 0.1 \
         --retrack-k 30 --retrack-t-min 100 --retrack-lambdas "" --methods retrack,vanilla \
         --seeds 1000,2000,3000 --train-seeds 0,1,2 --out benchmarks/results/methods_t_min.json
-    # the recipe that meets the frequency, quality and time targets, every method at its budget
-    # (methods_t_min_lr7e-5.json):
+    # K 30 at t_min 100 and lr 7e-5, every method at that budget (methods_t_min_lr7e-5.json):
     python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-lambda 0.1 \
         --retrack-k 30 --retrack-t-min 100 --retrack-lambdas "" --seeds 1000,2000,3000 \
         --train-seeds 0,1,2 --out benchmarks/results/methods_t_min_lr7e-5.json
     # the same recipe, --methods retrack,vanilla, on fresh sampling sets (--seeds 4000,5000,6000,
-    # methods_t_min_lr7e-5_fresh.json) and on the full preset (no --quick, methods_t_min_lr7e-5_full.json)
+    # methods_t_min_lr7e-5_fresh.json), with 8 training seeds (--train-seeds 0,...,7,
+    # methods_t_min_lr7e-5_fresh8.json) and on the full preset (no --quick, methods_t_min_lr7e-5_full.json)
+    # the recipe that meets the targets: K = the whole retain set (1,616 items), every method at its
+    # budget, 8 training seeds on a sampling set it was not chosen on (methods_k_all.json):
+    python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-lambda 0.1 \
+        --retrack-k 1616 --retrack-t-min 100 --retrack-lambdas "" --seeds 4000 \
+        --train-seeds 0,1,2,3,4,5,6,7 --out benchmarks/results/methods_k_all.json
 
 Each method starts from the same original model, trains with the same steps, batch, learning rate
 and training seeds, and is scored on the same sampling seeds as the original (paired integrity).

@@ -10,7 +10,7 @@ import torch
 from retrack.diffusion import NoiseSchedule
 from retrack.errors import InputError, TrainingDivergedError
 from retrack.methods import UnlearnBatch, build_method, method_class, method_names
-from retrack.methods.retrack import knn_targets
+from retrack.methods.retrack import knn_target
 from retrack.methods.siss import importance_weights
 from retrack.models import default_scheduler
 from retrack.step import make_optimizer, unlearning_step
@@ -135,26 +135,38 @@ def test_retrack_loss_matches_transcription(schedule, t_min):
     assert float(terms.losses["loss"].detach()) == pytest.approx(lam * knn + (1 - lam) * van, rel=1e-5)
 
 
-def _knn_term(schedule, pred, xt, t, neighbours):
-    v, p = knn_targets(schedule, xt, t, neighbours)
-    per = (p * ((pred.unsqueeze(1) - v) ** 2).flatten(2).sum(-1)).sum(1)
-    collapsed = ((pred - (p.view(*p.shape, 1, 1, 1) * v).sum(1)) ** 2).flatten(1).sum(-1)
-    return per, collapsed
+def _per_neighbour_term(schedule, pred, xt, t, neighbours):
+    """sum_j p_j ||pred - v_j||^2 per sample, written the way method.md states it."""
+    g, s = schedule.coefficients(t, neighbours.ndim)
+    v = (xt.unsqueeze(1) - g * neighbours) / s
+    p = torch.softmax(-0.5 * (v**2).flatten(2).sum(-1), dim=1).detach()
+    return (p * ((pred.unsqueeze(1) - v) ** 2).flatten(2).sum(-1)).sum(1)
 
 
 def test_knn_term_is_distance_to_weighted_target_plus_theta_free_constant(schedule):
+    """The loss is computed as ||pred - sum_j p_j v_j||^2 + spread: same value and same gradient as
+    the per-neighbour sum, for several thetas, and the spread does not depend on theta."""
     batch = make_batch()
     t, eps = draws(schedule, gen(), B)
     xt = schedule.add_noise(batch.forget, t, eps)
+    knn = knn_target(schedule, xt, t, batch.neighbours)
     gaps = []
     for seed in (0, 1, 2):  # three different thetas
-        pred = TinyDenoiser(seed)(xt, t)
-        per, collapsed = _knn_term(schedule, pred, xt, t, batch.neighbours)
-        gaps.append((per - collapsed).detach())
-    assert not torch.allclose(_knn_term(schedule, TinyDenoiser(0)(xt, t), xt, t, batch.neighbours)[0],
-                              _knn_term(schedule, TinyDenoiser(1)(xt, t), xt, t, batch.neighbours)[0])
+        net = TinyDenoiser(seed)
+        pred = net(xt, t)
+        direct = _per_neighbour_term(schedule, pred, xt, t, batch.neighbours)
+        collapsed = ((pred - knn.target) ** 2).flatten(1).sum(-1)
+        gaps.append((direct - collapsed).detach())
+        torch.testing.assert_close(direct, collapsed + knn.spread, rtol=1e-5, atol=1e-4)
+        g_direct = torch.autograd.grad(direct.mean(), list(net.parameters()), retain_graph=True)
+        g_collapsed = torch.autograd.grad((collapsed + knn.spread).mean(), list(net.parameters()))
+        for a, b in zip(g_direct, g_collapsed):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(_per_neighbour_term(schedule, TinyDenoiser(0)(xt, t), xt, t, batch.neighbours),
+                              _per_neighbour_term(schedule, TinyDenoiser(1)(xt, t), xt, t, batch.neighbours))
     torch.testing.assert_close(gaps[0], gaps[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gaps[0], gaps[2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gaps[0], knn.spread, rtol=1e-4, atol=1e-4)
 
 
 def test_knn_with_k_equal_to_retain_set_is_the_full_posterior_objective(schedule):
@@ -165,7 +177,8 @@ def test_knn_with_k_equal_to_retain_set_is_the_full_posterior_objective(schedule
     eps = torch.randn(a_u.shape, generator=g)
     xt = schedule.add_noise(a_u, t, eps)
     pred = TinyDenoiser()(xt, t).detach()
-    per, _ = _knn_term(schedule, pred, xt, t, retain_set.expand(2, *retain_set.shape))
+    knn = knn_target(schedule, xt, t, retain_set.expand(2, *retain_set.shape))
+    per = ((pred - knn.target) ** 2).flatten(1).sum(-1) + knn.spread
     for i in range(2):
         gi, si = schedule.gamma[t[i]].double(), schedule.sigma[t[i]].double()
         q = torch.distributions.Normal(gi * retain_set.double(), si)
@@ -175,13 +188,13 @@ def test_knn_with_k_equal_to_retain_set_is_the_full_posterior_objective(schedule
         assert float(per[i]) == pytest.approx(full, rel=1e-4)
 
 
-def test_knn_weights_carry_no_gradient(schedule):
+def test_knn_weights_and_targets_carry_no_gradient(schedule):
     batch = make_batch()
     t, eps = draws(schedule, gen(), B)
     xt = schedule.add_noise(batch.forget, t, eps).requires_grad_(True)
-    v, p = knn_targets(schedule, xt, t, batch.neighbours.requires_grad_(True))
-    assert v.requires_grad and not p.requires_grad
-    assert torch.allclose(p.sum(1), torch.ones(B))
+    knn = knn_target(schedule, xt, t, batch.neighbours.requires_grad_(True))
+    assert not any(x.requires_grad for x in knn)
+    assert torch.allclose(knn.weights.sum(1), torch.ones(B))
 
 
 def test_vanilla_and_neggrad_match_transcription(schedule):

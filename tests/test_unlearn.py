@@ -75,7 +75,7 @@ def test_every_method_trains_end_to_end(name):
 def test_retrack_pulls_the_prediction_toward_the_neighbour_target():
     """After ReTrack steps with lambda = 1, the kNN loss on fixed (t, eps) draws falls."""
     from retrack.diffusion import NoiseSchedule
-    from retrack.methods.retrack import knn_targets
+    from retrack.methods.retrack import knn_target
 
     torch.manual_seed(0)
     model = PixelDiffusion(tiny_pixel_unet(8), default_scheduler())
@@ -85,12 +85,12 @@ def test_retrack_pulls_the_prediction_toward_the_neighbour_target():
     t = torch.arange(100, 1000, 50)
     g = torch.Generator().manual_seed(1)
     xt = schedule.add_noise(data.forget.expand(len(t), -1, -1, -1), t, torch.randn((len(t), 1, 8, 8), generator=g))
-    v, p = knn_targets(schedule, xt, t, data.neighbours.expand(len(t), -1, -1, -1, -1))
+    knn = knn_target(schedule, xt, t, data.neighbours.expand(len(t), -1, -1, -1, -1))
 
     def knn_loss():
         with torch.no_grad():
             pred = model.unet(xt, t).sample
-        return float((p * ((pred.unsqueeze(1) - v) ** 2).flatten(2).sum(-1)).sum(1).mean())
+        return float((((pred - knn.target) ** 2).flatten(1).sum(-1) + knn.spread).mean())
 
     before = knn_loss()
     run_unlearning(model, data, cfg, TrainConfig(steps=20, batch_size=16, lr=1e-3))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from pydantic import Field
 
@@ -21,16 +23,38 @@ class ReTrackParams(MethodParams):
         "'Where the quality goes')."))
 
 
-def knn_targets(schedule, xt: torch.Tensor, t: torch.Tensor, neighbours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """v_j = (x_t - gamma_t n_j) / sigma_t and the posterior weights p_j = softmax_j(-||v_j||^2 / 2).
+class KnnTarget(NamedTuple):
+    """The kNN term's pieces for one forget batch, none of which depends on theta."""
 
-    The weights are Gaussian likelihoods of x_t under each neighbour and carry no gradient.
+    target: torch.Tensor  # sum_j p_j v_j, shaped like x_t
+    spread: torch.Tensor  # sum_j p_j ||v_j - target||^2 per sample
+    weights: torch.Tensor  # p_j, (batch, K)
+
+
+def knn_target(schedule, xt: torch.Tensor, t: torch.Tensor, neighbours: torch.Tensor) -> KnnTarget:
+    """For v_j = (x_t - gamma_t n_j) / sigma_t: the posterior weights p_j = softmax_j(-||v_j||^2 / 2),
+    the weighted target sum_j p_j v_j and the spread sum_j p_j ||v_j - target||^2.
+
+    sum_j p_j ||eps_theta - v_j||^2 = ||eps_theta - target||^2 + spread, and only the first part
+    depends on theta: the loss is taken in that form, so autograd never holds the (batch, K, ...)
+    residuals. The v_j are not formed either: ||v_j||^2 expands into x_t . n_j and ||n_j||^2 (two
+    batched matrix products over the neighbours, K may be the whole retain set); the (batch, K)
+    sums are taken in float64 so that dividing by sigma_t^2 near t = 0 keeps the weights exact.
     """
-    g, s = schedule.coefficients(t, neighbours.ndim)
-    v = (xt.unsqueeze(1) - g * neighbours) / s
     with torch.no_grad():
-        p = torch.softmax(-0.5 * sum_sq(v, start_dim=2), dim=1)
-    return v, p
+        n = neighbours.flatten(2).float()  # (B, K, D)
+        x = xt.flatten(1).float()  # (B, D)
+        g, s = (c.double() for c in schedule.coefficients(t, 2))  # (B, 1) each
+        xn = torch.bmm(n, x.unsqueeze(2)).squeeze(2).double()
+        nn = torch.linalg.vector_norm(n, dim=2).double().square()
+        sq_dist = x.double().square().sum(1, keepdim=True) - 2 * g * xn + g.square() * nn  # ||x_t - gamma_t n_j||^2
+        p = torch.softmax(-0.5 * sq_dist / s.square(), dim=1)
+        mean_n = torch.bmm(p.to(n.dtype).unsqueeze(1), n).squeeze(1)  # sum_j p_j n_j
+        target = ((x - g.float() * mean_n) / s.float()).view_as(xt).to(xt.dtype)
+        # ||v_j - target||^2 = gamma_t^2 / sigma_t^2 ||n_j - mean_n||^2: the neighbours' weighted variance
+        variance = ((p * nn).sum(1) - mean_n.double().square().sum(1)).clamp_min(0.0)
+        spread = (g.square() / s.square()).squeeze(1) * variance
+    return KnnTarget(target, spread.float(), p.float())
 
 
 @register
@@ -50,8 +74,8 @@ class ReTrack(Method):
         f = noise(self.schedule, batch.forget, generator, t_min=self.params.t_min)
         r = noise(self.schedule, batch.retain, generator)
         pred_f, pred_r = denoise_together(denoise, [(f.xt, f.t, batch.forget_cond), (r.xt, r.t, batch.retain_cond)])
-        v, p = knn_targets(self.schedule, f.xt, f.t, batch.neighbours)
-        loss_knn = (p * sum_sq(pred_f.unsqueeze(1) - v, start_dim=2)).sum(1).mean()
+        knn = knn_target(self.schedule, f.xt, f.t, batch.neighbours)
+        loss_knn = (sum_sq(pred_f - knn.target) + knn.spread).mean()
         loss_retain = vanilla_loss(pred_r, r.eps)
         total = lam * loss_knn + (1.0 - lam) * loss_retain
         return LossTerms(
