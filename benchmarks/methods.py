@@ -17,11 +17,15 @@
     # the same recipe, --methods retrack,vanilla, on fresh sampling sets (--seeds 4000,5000,6000,
     # methods_t_min_lr7e-5_fresh.json), with 8 training seeds (--train-seeds 0,...,7,
     # methods_t_min_lr7e-5_fresh8.json) and on the full preset (no --quick, methods_t_min_lr7e-5_full.json)
-    # the recipe that meets the targets: K = the whole retain set (1,616 items), every method at its
-    # budget, 8 training seeds on a sampling set it was not chosen on (methods_k_all.json):
+    # K = the whole retain set (1,616 items), every method at its budget, 8 training seeds
+    # (README, "Eight training seeds": panel A, methods_k_all.json):
     python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-lambda 0.1 \
         --retrack-k 1616 --retrack-t-min 100 --retrack-lambdas "" --seeds 4000 \
         --train-seeds 0,1,2,3,4,5,6,7 --out benchmarks/results/methods_k_all.json
+    # the held-out panel C (methods_k_all_panel_c.json):
+    python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-lambda 0.07 \
+        --retrack-k 1616 --retrack-t-min 100 --retrack-lambdas 0.1 --methods retrack,vanilla --seeds 7000 \
+        --train-seeds 20,21,22,23,24,25,26,27 --out benchmarks/results/methods_k_all_panel_c.json
 
 Each method starts from the same original model, trains with the same steps, batch, learning rate
 and training seeds, and is scored on the same sampling seeds as the original (paired integrity).

@@ -169,17 +169,20 @@ def test_knn_term_is_distance_to_weighted_target_plus_theta_free_constant(schedu
     torch.testing.assert_close(gaps[0], knn.spread, rtol=1e-4, atol=1e-4)
 
 
-def test_knn_with_k_equal_to_retain_set_is_the_full_posterior_objective(schedule):
+@pytest.mark.parametrize("spread", [1.0, 0.01])
+def test_knn_with_k_equal_to_retain_set_is_the_full_posterior_objective(schedule, spread):
+    """Also near t = 0 and for near-duplicate neighbours (spread 0.01), where the weights depend on
+    small differences of large squared distances divided by sigma_t^2."""
     g = gen(3)
-    retain_set = torch.rand((6, *SHAPE), generator=g) * 2 - 1
-    a_u = torch.rand((2, *SHAPE), generator=g) * 2 - 1
-    t = torch.tensor([50, 400])
+    retain_set = 0.5 + spread * (torch.rand((6, *SHAPE), generator=g) * 2 - 1) / 2
+    t = torch.tensor([0, 5, 50, 400])
+    a_u = retain_set[0] + spread * (torch.rand((len(t), *SHAPE), generator=g) * 2 - 1) / 4
     eps = torch.randn(a_u.shape, generator=g)
     xt = schedule.add_noise(a_u, t, eps)
     pred = TinyDenoiser()(xt, t).detach()
-    knn = knn_target(schedule, xt, t, retain_set.expand(2, *retain_set.shape))
+    knn = knn_target(schedule, xt, t, retain_set.expand(len(t), *retain_set.shape))
     per = ((pred - knn.target) ** 2).flatten(1).sum(-1) + knn.spread
-    for i in range(2):
+    for i in range(len(t)):
         gi, si = schedule.gamma[t[i]].double(), schedule.sigma[t[i]].double()
         q = torch.distributions.Normal(gi * retain_set.double(), si)
         logw = q.log_prob(xt[i].double()).flatten(1).sum(1)  # log q_t(x_t | a) for every a in A_r

@@ -37,22 +37,25 @@ def knn_target(schedule, xt: torch.Tensor, t: torch.Tensor, neighbours: torch.Te
 
     sum_j p_j ||eps_theta - v_j||^2 = ||eps_theta - target||^2 + spread, and only the first part
     depends on theta: the loss is taken in that form, so autograd never holds the (batch, K, ...)
-    residuals. The v_j are not formed either: ||v_j||^2 expands into x_t . n_j and ||n_j||^2 (two
-    batched matrix products over the neighbours, K may be the whole retain set); the (batch, K)
-    sums are taken in float64 so that dividing by sigma_t^2 near t = 0 keeps the weights exact.
+    residuals. The v_j are not formed either: ||v_j||^2 expands into matrix products over the
+    neighbours (K may be the whole retain set). The expansion is taken about each row's first
+    neighbour and its terms are combined in float64: near t = 0 they are divided by
+    sigma_t^2 ~ 1e-4, and near-duplicate neighbours differ by little.
     """
     with torch.no_grad():
         n = neighbours.flatten(2).float()  # (B, K, D)
-        x = xt.flatten(1).float()  # (B, D)
         g, s = (c.double() for c in schedule.coefficients(t, 2))  # (B, 1) each
-        xn = torch.bmm(n, x.unsqueeze(2)).squeeze(2).double()
-        nn = torch.linalg.vector_norm(n, dim=2).double().square()
-        sq_dist = x.double().square().sum(1, keepdim=True) - 2 * g * xn + g.square() * nn  # ||x_t - gamma_t n_j||^2
+        anchor = n[:, 0]
+        d = n - anchor.unsqueeze(1)  # n_j - n_1
+        y = xt.flatten(1).float() - g.float() * anchor  # x_t - gamma_t n_1
+        yd = torch.bmm(d, y.unsqueeze(2)).squeeze(2).double()
+        dd = torch.linalg.vector_norm(d, dim=2).double().square()
+        sq_dist = y.double().square().sum(1, keepdim=True) - 2 * g * yd + g.square() * dd  # ||x_t - gamma_t n_j||^2
         p = torch.softmax(-0.5 * sq_dist / s.square(), dim=1)
-        mean_n = torch.bmm(p.to(n.dtype).unsqueeze(1), n).squeeze(1)  # sum_j p_j n_j
-        target = ((x - g.float() * mean_n) / s.float()).view_as(xt).to(xt.dtype)
-        # ||v_j - target||^2 = gamma_t^2 / sigma_t^2 ||n_j - mean_n||^2: the neighbours' weighted variance
-        variance = ((p * nn).sum(1) - mean_n.double().square().sum(1)).clamp_min(0.0)
+        mean_d = torch.bmm(p.to(d.dtype).unsqueeze(1), d).squeeze(1)  # sum_j p_j (n_j - n_1)
+        target = ((y - g.float() * mean_d) / s.float()).view_as(xt).to(xt.dtype)
+        # ||v_j - target||^2 = gamma_t^2 / sigma_t^2 ||n_j - sum_i p_i n_i||^2: the neighbours' weighted variance
+        variance = ((p * dd).sum(1) - mean_d.double().square().sum(1)).clamp_min(0.0)
         spread = (g.square() / s.square()).squeeze(1) * variance
     return KnnTarget(target, spread.float(), p.float())
 
