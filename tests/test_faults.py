@@ -69,8 +69,12 @@ class KillWhen(threading.Thread):
             time.sleep(0.02)
 
 
-def checkpoints(storage_root: Path, run_name: str) -> list[Path]:
-    return sorted((storage_root / "checkpoints" / run_name).glob("checkpoint_*"))
+def complete_checkpoints(storage_root: Path, run_name: str) -> list[Path]:
+    """The run's checkpoints whose files are all uploaded and verify: a kill timed on a checkpoint
+    directory merely existing can land mid-upload, and then restarting from step 0 is right."""
+    from pipelines.unlearn import _verified_state
+
+    return [c for c in sorted((storage_root / "checkpoints" / run_name).glob("checkpoint_*")) if _verified_state(str(c))]
 
 
 def long_training(root: Path, tmp: Path, request_id: str, **extra) -> Path:
@@ -159,7 +163,7 @@ def test_training_worker_killed_in_a_job_resumes_from_the_last_checkpoint(ray_lo
 
     spec = load_spec(long_training(small, tmp_path, "req-trainkill"))
     root = Path(spec.storage.root)
-    killer = KillWhen(lambda: ray_processes("RayTrainWorker") if checkpoints(root, spec.run_name) else [])
+    killer = KillWhen(lambda: ray_processes("RayTrainWorker") if complete_checkpoints(root, spec.run_name) else [])
     killer.start()
     result = run_job(spec)
     killer.stop.set()
@@ -185,7 +189,7 @@ def test_driver_killed_inside_unlearning_resumes_from_its_checkpoint(ray_local, 
     path = long_training(small, tmp_path, "req-killin")
     spec = load_spec(path)
     root = Path(spec.storage.root)
-    kill_retrack_when(["run", str(path)], lambda: checkpoints(root, spec.run_name), "its first checkpoint", poll=0.05)
+    kill_retrack_when(["run", str(path)], lambda: complete_checkpoints(root, spec.run_name), "its first checkpoint", poll=0.05)
     assert marker(spec, "neighbours").exists() and not marker(spec, "unlearn").exists()
     result = run_job(spec)
     assert result.stages_skipped == ["index", "neighbours"]
