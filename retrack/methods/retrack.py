@@ -30,6 +30,10 @@ class KnnTarget(NamedTuple):
     spread: torch.Tensor  # sum_j p_j ||v_j - target||^2 per sample
     weights: torch.Tensor  # p_j, (batch, K)
 
+    def loss(self, pred: torch.Tensor) -> torch.Tensor:
+        """sum_j p_j ||pred - v_j||^2 per sample, taken as ||pred - target||^2 + spread."""
+        return sum_sq(pred - self.target) + self.spread
+
 
 def knn_target(schedule, xt: torch.Tensor, t: torch.Tensor, neighbours: torch.Tensor) -> KnnTarget:
     """For v_j = (x_t - gamma_t n_j) / sigma_t: the posterior weights p_j = softmax_j(-||v_j||^2 / 2),
@@ -78,7 +82,7 @@ class ReTrack(Method):
         r = noise(self.schedule, batch.retain, generator)
         pred_f, pred_r = denoise_together(denoise, [(f.xt, f.t, batch.forget_cond), (r.xt, r.t, batch.retain_cond)])
         knn = knn_target(self.schedule, f.xt, f.t, batch.neighbours)
-        loss_knn = (sum_sq(pred_f - knn.target) + knn.spread).mean()
+        loss_knn = knn.loss(pred_f).mean()
         loss_retain = vanilla_loss(pred_r, r.eps)
         total = lam * loss_knn + (1.0 - lam) * loss_retain
         return LossTerms(
