@@ -22,6 +22,13 @@
     python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-lambda 0.1 \
         --retrack-k 1616 --retrack-t-min 100 --retrack-lambdas "" --seeds 4000 \
         --train-seeds 0,1,2,3,4,5,6,7 --out benchmarks/results/methods_k_all.json
+    # ReTrack alone, rerun after neighbour sets were stored once per batch: the same with
+    # --methods retrack --out benchmarks/results/methods_k_all_shared_sets.json
+    # fewer updates (README, "Wall time against retraining"): the same with --methods retrack
+    # --steps 36 or 32, on panel A (as above) and panel B (--seeds 1000 --train-seeds 10,...,17),
+    # --out benchmarks/results/methods_k_all_steps{36,32}_panel_{a,b}.json
+    # K 1,616 on the full preset (README, "does not carry over"): no --quick, --methods retrack,vanilla,
+    # --lr 7e-5 or 3e-5, --out benchmarks/results/methods_k_all_full_lr{7e-5,3e-5}.json
     # the held-out panel C (methods_k_all_panel_c.json):
     python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-lambda 0.07 \
         --retrack-k 1616 --retrack-t-min 100 --retrack-lambdas 0.1 --methods retrack,vanilla --seeds 7000 \

@@ -47,7 +47,7 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
@@ -797,8 +797,7 @@ class _ScaledLosses:
 def _to_device(batch: UnlearnBatch, device: torch.device) -> UnlearnBatch:
     if device.type == "cpu":
         return batch
-    move = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
-    return UnlearnBatch(*(move(getattr(batch, f)) for f in ("retain", "forget", "neighbours", "retain_cond", "forget_cond")))
+    return UnlearnBatch(**{f.name: None if (x := getattr(batch, f.name)) is None else x.to(device, non_blocking=True) for f in fields(batch)})
 
 
 def _device_generator(gen: torch.Generator, device: torch.device) -> torch.Generator:

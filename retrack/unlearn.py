@@ -79,10 +79,12 @@ class BatchDrawer:
         f, r = torch.from_numpy(f_rows[sl]), torch.from_numpy(r_rows[sl])
         d, needs = self.data, self.needs
         pick = lambda x, rows: None if x is None else x[rows]  # noqa: E731
+        sets, neighbour_of = torch.unique(f, return_inverse=True) if needs.neighbours else (None, None)
         batch = UnlearnBatch(
             retain=pick(d.retain, r) if needs.retain else None,
             forget=pick(d.forget, f) if needs.forget else None,
-            neighbours=pick(d.neighbours, f) if needs.neighbours else None,
+            neighbours=pick(d.neighbours, sets) if needs.neighbours else None,
+            neighbour_of=neighbour_of,
             retain_cond=pick(d.retain_cond, r) if needs.retain else None,
             forget_cond=pick(d.forget_cond, f) if needs.forget else None,
         )

@@ -175,7 +175,7 @@ def test_knn_with_k_equal_to_retain_set_is_the_full_posterior_objective(schedule
     eps = torch.randn(a_u.shape, generator=g)
     xt = schedule.add_noise(a_u, t, eps)
     pred = TinyDenoiser()(xt, t).detach()
-    knn = knn_target(schedule, xt, t, retain_set.expand(len(t), *retain_set.shape))
+    knn = knn_target(schedule, xt, t, retain_set[None], torch.zeros(len(t), dtype=torch.long))  # one set shared by all
     per = knn.loss(pred)
     for i in range(len(t)):
         gi, si = schedule.gamma[t[i]].double(), schedule.sigma[t[i]].double()
@@ -184,6 +184,21 @@ def test_knn_with_k_equal_to_retain_set_is_the_full_posterior_objective(schedule
         w = torch.softmax(logw, 0)
         full = sum(float(w[a]) * sq(pred[i] - (xt[i] - gi * retain_set[a]) / si) for a in range(6))
         assert float(per[i]) == pytest.approx(full, rel=1e-4)
+
+
+def test_knn_sets_stored_once_equal_one_set_per_sample(schedule):
+    """The drawer stores each forget item's neighbour set once and points every sample at it:
+    the same target, spread and weights as one gathered set per sample."""
+    g = gen(5)
+    sets = torch.rand((3, K, *SHAPE), generator=g) * 2 - 1
+    of = torch.tensor([2, 0, 2, 2, 1, 0])
+    t = torch.tensor([0, 3, 40, 400, 999, 7])
+    xt = torch.rand((len(of), *SHAPE), generator=g) * 2 - 1
+    shared, gathered = knn_target(schedule, xt, t, sets, of), knn_target(schedule, xt, t, sets[of])
+    for a, b in zip(shared, gathered):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="3 neighbour sets for 6 forget samples"):
+        knn_target(schedule, xt, t, sets)
 
 
 def test_knn_weights_and_targets_carry_no_gradient(schedule):

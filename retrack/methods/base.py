@@ -29,13 +29,16 @@ class DataRequirements:
 class UnlearnBatch:
     """One micro-batch. Images are in the space the model denoises (pixels in [-1, 1] or latents).
 
-    `neighbours[i]` holds the K nearest retained items of `forget[i]`; `*_cond` is the text
-    conditioning (encoder hidden states) of each item for conditional models, else None.
+    `neighbours[neighbour_of[i]]` holds the K nearest retained items of `forget[i]` (without
+    `neighbour_of`, `neighbours[i]` does): forget items repeat within a batch, their neighbour sets
+    are stored once. `*_cond` is the text conditioning (encoder hidden states) of each item for
+    conditional models, else None.
     """
 
     retain: torch.Tensor | None = None
     forget: torch.Tensor | None = None
     neighbours: torch.Tensor | None = None
+    neighbour_of: torch.Tensor | None = None
     retain_cond: torch.Tensor | None = None
     forget_cond: torch.Tensor | None = None
 

@@ -35,28 +35,44 @@ class KnnTarget(NamedTuple):
         return sum_sq(pred - self.target) + self.spread
 
 
-def knn_target(schedule, xt: torch.Tensor, t: torch.Tensor, neighbours: torch.Tensor) -> KnnTarget:
+def knn_target(schedule, xt: torch.Tensor, t: torch.Tensor, neighbours: torch.Tensor, neighbour_of: torch.Tensor | None = None) -> KnnTarget:
     """For v_j = (x_t - gamma_t n_j) / sigma_t: the posterior weights p_j = softmax_j(-||v_j||^2 / 2),
     the weighted target sum_j p_j v_j and the spread sum_j p_j ||v_j - target||^2.
+
+    `neighbours` holds S neighbour sets (S, K, ...); sample i uses set `neighbour_of[i]` (None: set i).
+    A batch draws its forget items with replacement, so a few sets serve the whole batch and the
+    (batch, K, ...) gather is never made.
 
     sum_j p_j ||eps_theta - v_j||^2 = ||eps_theta - target||^2 + spread, and only the first part
     depends on theta: the loss is taken in that form, so autograd never holds the (batch, K, ...)
     residuals. The v_j are not formed either: ||v_j||^2 expands into matrix products over the
-    neighbours (K may be the whole retain set). The expansion is taken about each row's first
+    neighbours (K may be the whole retain set). The expansion is taken about each set's first
     neighbour and its terms are combined in float64: near t = 0 they are divided by
     sigma_t^2 ~ 1e-4, and near-duplicate neighbours differ by little.
     """
+    b = len(xt)
+    if neighbour_of is None:
+        if len(neighbours) != b:
+            raise InputError(f"{len(neighbours)} neighbour sets for {b} forget samples and no neighbour_of")
+        neighbour_of = torch.arange(b, device=neighbours.device)
     with torch.no_grad():
-        n = neighbours.flatten(2).float()  # (B, K, D)
+        n = neighbours.flatten(2).float()  # (S, K, D)
         g, s = (c.double() for c in schedule.coefficients(t, 2))  # (B, 1) each
         anchor = n[:, 0]
-        d = n - anchor.unsqueeze(1)  # n_j - n_1
-        y = xt.flatten(1).float() - g.float() * anchor  # x_t - gamma_t n_1
-        yd = torch.bmm(d, y.unsqueeze(2)).squeeze(2).double()
-        dd = torch.linalg.vector_norm(d, dim=2).double().square()
-        sq_dist = y.double().square().sum(1, keepdim=True) - 2 * g * yd + g.square() * dd  # ||x_t - gamma_t n_j||^2
+        d = n - anchor.unsqueeze(1)  # n_j - n_1, once per set
+        dd = torch.linalg.vector_norm(d, dim=2).double().square()[neighbour_of]  # (B, K)
+        y = xt.flatten(1).float() - g.float() * anchor[neighbour_of]  # x_t - gamma_t n_1
+        # The samples of each set, grouped with one sort (and one device sync for the counts).
+        sizes = torch.bincount(neighbour_of, minlength=len(n)).tolist()
+        groups = [(j, rows) for j, rows in enumerate(torch.split(torch.argsort(neighbour_of), sizes)) if len(rows)]
+        yd = y.new_empty(b, n.shape[1])
+        for j, rows in groups:
+            yd[rows] = y[rows] @ d[j].T
+        sq_dist = y.double().square().sum(1, keepdim=True) - 2 * g * yd.double() + g.square() * dd  # ||x_t - gamma_t n_j||^2
         p = torch.softmax(-0.5 * sq_dist / s.square(), dim=1)
-        mean_d = torch.bmm(p.to(d.dtype).unsqueeze(1), d).squeeze(1)  # sum_j p_j (n_j - n_1)
+        mean_d = torch.empty_like(y)  # sum_j p_j (n_j - n_1)
+        for j, rows in groups:
+            mean_d[rows] = p[rows].to(d.dtype) @ d[j]
         target = ((y - g.float() * mean_d) / s.float()).view_as(xt).to(xt.dtype)
         # ||v_j - target||^2 = gamma_t^2 / sigma_t^2 ||n_j - sum_i p_i n_i||^2: the neighbours' weighted variance
         variance = ((p * dd).sum(1) - mean_d.double().square().sum(1)).clamp_min(0.0)
@@ -81,7 +97,7 @@ class ReTrack(Method):
         f = noise(self.schedule, batch.forget, generator, t_min=self.params.t_min)
         r = noise(self.schedule, batch.retain, generator)
         pred_f, pred_r = denoise_together(denoise, [(f.xt, f.t, batch.forget_cond), (r.xt, r.t, batch.retain_cond)])
-        knn = knn_target(self.schedule, f.xt, f.t, batch.neighbours)
+        knn = knn_target(self.schedule, f.xt, f.t, batch.neighbours, batch.neighbour_of)
         loss_knn = knn.loss(pred_f).mean()
         loss_retain = vanilla_loss(pred_r, r.eps)
         total = lam * loss_knn + (1.0 - lam) * loss_retain
