@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from retrack.config import MethodConfig, TrainConfig
@@ -54,7 +53,6 @@ def main(argv: list[str] | None = None) -> Path:
     pre = ensure_pretrained(ws, preset)
     corpus = read_corpus(ws.benchmark.corpus)
     forget_ids = read_forget_ids(ws.benchmark.forget_ids)
-    keep = np.setdiff1d(np.arange(len(corpus)), corpus.index_of(forget_ids))
     cfg = MethodConfig(name="retrack", params={"lambda": args.retrack_lambda, "k": args.retrack_k, "t_min": args.retrack_t_min})
     data = split_for_unlearning(corpus, forget_ids, cfg)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
@@ -62,7 +60,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     repeats = []
     for r in range(args.repeats):
-        _, retrain_s = pretrain(corpus.images[keep], PRESETS[preset])
+        _, retrain_s = pretrain(data.retain.numpy(), PRESETS[preset])  # what ensure_pretrained trains the gold standard on
         unlearn_s = []
         for ts in train_seeds:
             _, secs = run_unlearning(load_pixel_model(pre.original), data, cfg, train.model_copy(update={"seed": ts}))
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     result = {
         "settings": {"preset": preset, "retrain_steps": PRESETS[preset].steps, "retrain_batch": PRESETS[preset].batch_size,
-                     "retained_items": int(len(keep)), "method": cfg.params, "steps": args.steps, "batch_size": args.batch_size,
+                     "retained_items": len(data.retain), "method": cfg.params, "steps": args.steps, "batch_size": args.batch_size,
                      "lr": args.lr, "training_seeds": train_seeds},
         "retrain_seconds": statistics.median(r["retrain_seconds"] for r in repeats),
         "retrack_seconds": statistics.median(s for r in repeats for s in r["retrack_seconds"]),

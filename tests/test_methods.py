@@ -197,7 +197,7 @@ def test_knn_sets_stored_once_equal_one_set_per_sample(schedule):
     shared, gathered = knn_target(schedule, xt, t, sets, of), knn_target(schedule, xt, t, sets[of])
     for a, b in zip(shared, gathered):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    with pytest.raises(InputError, match="3 neighbour sets for 6 forget samples"):
+    with pytest.raises(ValueError, match="3 neighbour sets for 6 forget samples"):
         knn_target(schedule, xt, t, sets)
 
 

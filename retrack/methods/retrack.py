@@ -53,7 +53,7 @@ def knn_target(schedule, xt: torch.Tensor, t: torch.Tensor, neighbours: torch.Te
     b = len(xt)
     if neighbour_of is None:
         if len(neighbours) != b:
-            raise InputError(f"{len(neighbours)} neighbour sets for {b} forget samples and no neighbour_of")
+            raise ValueError(f"{len(neighbours)} neighbour sets for {b} forget samples and no neighbour_of")  # a caller bug, not user input
         neighbour_of = torch.arange(b, device=neighbours.device)
     with torch.no_grad():
         n = neighbours.flatten(2).float()  # (S, K, D)
