@@ -10,6 +10,7 @@ version left incomplete by a crash is deleted and registered again.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -85,6 +86,10 @@ def _short(exc: Exception) -> str:
     return text[:300]
 
 
+def _already_exists(exc: StorageError) -> bool:
+    return "RESOURCE_ALREADY_EXISTS" in str(exc) or "already exists" in str(exc)
+
+
 def check_tracking_server(tracking_uri: str, timeout: float = 5.0) -> None:
     """Fail fast, before any training, when the tracking server cannot be reached."""
     if not tracking_uri.startswith(("http://", "https://")):
@@ -121,7 +126,13 @@ class LineageStore:
         exp = self._call("get experiment", lambda: self.client.get_experiment_by_name(name))
         if exp is not None:
             return exp.experiment_id
-        return self._call("create experiment", lambda: self.client.create_experiment(name, artifact_location=artifact_location))
+        try:
+            return self._call("create experiment", lambda: self.client.create_experiment(name, artifact_location=artifact_location))
+        except StorageError as exc:
+            if not _already_exists(exc):
+                raise
+            # Another job created it between our read and our create.
+            return self._call("get experiment", lambda: self.client.get_experiment_by_name(name)).experiment_id
 
     def request_run(self, experiment: str, run_name: str, request_id: str, config_hash: str, artifact_location: str | None = None) -> str:
         """The run of this (request, config): reused on rerun, created otherwise."""
@@ -208,8 +219,6 @@ class LineageStore:
 
     def register(self, name: str, run_id: str, model_dir: str | Path, lineage: Lineage, alias: str | None) -> str:
         """Register `model_dir` as a new version of `name` (or reuse this request's), alias last."""
-        from mlflow.exceptions import MlflowException
-
         done = self.complete_version(name, lineage)
         if done is None:
             for stale in self._versions_of(name, lineage):  # left incomplete by a crash
@@ -218,10 +227,7 @@ class LineageStore:
             try:
                 self._call("create registered model", lambda: self.client.create_registered_model(name))
             except StorageError as exc:
-                if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
-                    raise
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                if not _already_exists(exc):
                     raise
             source = self._call("get run", lambda: self.client.get_run(run_id)).info.artifact_uri.rstrip("/") + "/model"
             mv = self._call(
@@ -256,19 +262,32 @@ class LineageStore:
             target = str(max(int(v) for v in [*complete, version, *([current] if current else [])]))
             if current == target:
                 return target
-            try:
-                self._call("move alias", lambda: self.client.set_registered_model_alias(name, alias, target))
-            except StorageError as exc:
-                # MLflow's SQL store sets an alias by read-then-insert: two writers at once make one
-                # fail on the alias table's unique key. That writer lost this round: read again.
-                text = str(exc).lower()
-                if not any(w in text for w in ("unique constraint", "integrityerror", "duplicate entry", "duplicate key")):
-                    raise
-                time.sleep(0.1 + 0.2 * (os.getpid() % 5) / 5)
+            if not self._write_unless_raced("move alias", lambda: self.client.set_registered_model_alias(name, alias, target)):
                 continue
             record = json.dumps({"version": target, "request_id": request_id, "time": time.time()})
-            self._call("record alias move", lambda: self.client.set_registered_model_tag(name, f"{TAG_PREFIX}alias.{alias}", record))
+            # The record is an upsert too: after a lost race the other writer's row exists, so the
+            # next attempt updates it.
+            tag = f"{TAG_PREFIX}alias.{alias}"
+            if not any(self._write_unless_raced("record alias move", lambda: self.client.set_registered_model_tag(name, tag, record)) for _ in range(3)):
+                raise StorageError(f"the record of alias {alias!r} of {name} lost 3 write races in a row")
         raise StorageError(f"alias {alias!r} of {name} kept changing under {rounds} rounds of compare-and-set")
+
+    def _write_unless_raced(self, what: str, fn: Callable[[], object]) -> bool:
+        """Run a registry write; False when it lost a race to a concurrent writer of the same row.
+
+        MLflow's SQL store writes aliases and registered-model tags by read-then-insert: two writers
+        at once make one fail on the table's unique key. The loser backs off a random moment (so
+        threads of one process do not collide again) and the caller reads again or retries.
+        """
+        try:
+            self._call(what, fn)
+            return True
+        except StorageError as exc:
+            text = str(exc).lower()
+            if not any(w in text for w in ("unique constraint", "integrityerror", "duplicate entry", "duplicate key")):
+                raise
+            time.sleep(random.uniform(0.05, 0.3))
+            return False
 
     def alias_version(self, name: str, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException

@@ -412,7 +412,10 @@ def test_alias_never_moves_back_to_an_older_version(mlflow_server, s3_env, tiny_
 
 
 def test_concurrent_registrations_keep_every_version_and_the_alias_on_the_newest(mlflow_server, s3_env, tiny_model):
-    """Two registrations of different requests at once (threads released together), three times."""
+    """Two registrations of different requests at once, three times.
+
+    The threads start together (the experiment's creation races) and are released together again
+    before registering (the registered model, the alias and its record race)."""
     from retrack.lineage import COMPLETE_TAG, LineageStore
 
     for round_ in range(3):
@@ -424,7 +427,7 @@ def test_concurrent_registrations_keep_every_version_and_the_alias_on_the_newest
             try:
                 store = LineageStore(mlflow_server.tracking_uri)
                 lin = _lineage(rid)
-                run_id = store.request_run("faults", rid, lin.request_id, lin.config_hash)
+                run_id = store.request_run(name, rid, lin.request_id, lin.config_hash)  # a new experiment: its creation races too
                 store.log_artifacts(run_id, tiny_model, "model")  # the slow part, before the race
                 gate.wait(60)
                 got[rid] = store.register(name, run_id, tiny_model, lin, alias="production")
