@@ -8,11 +8,12 @@ registration exactly as `retrack run` does.
   smaller K uses the nearest K of those.
 - Each trial is a Ray Tune driver function that builds the Ray Train `TorchTrainer` (the Train V2
   pattern) through `pipelines.unlearn.unlearn`, then scores its model in-process on the same
-  sampling seeds as the original. While training, the workers report one health scalar (the
-  retain-loss ratio, `retrack.tuning.RetainLossRatio`) through Tune's TuneReportCallback; a trial
-  whose ratio passes `tune.collapse_ratio` stops itself there (the workers end cleanly, so Ray
-  Train frees their resources; a trial killed from outside would leave its workers' placement
-  group behind), and a non-finite loss ends a trial at once.
+  sampling seeds as the original; with `tune.seeds_per_trial` > 1 it trains and scores once per
+  training seed and reports the mean (one seed's score is partly noise). While training, the
+  workers report one health scalar (the retain-loss ratio, `retrack.tuning.RetainLossRatio`)
+  through Tune's TuneReportCallback; a trial whose ratio passes `tune.collapse_ratio` stops itself
+  there (the workers end cleanly, so Ray Train frees their resources; a trial killed from outside
+  would leave its workers' placement group behind), and a non-finite loss ends a trial at once.
 - Trials are MLflow child runs of the request's tuning run, logged from the driver by a Tune
   callback (Ray's MLflow callback would not nest them).
 - The experiment lives under the job's storage prefix: rerunning the command restores it
@@ -94,7 +95,8 @@ def trial_key(params: dict[str, float]) -> str:
 
 
 def _trial(config: dict, ctx: TrialContext) -> None:
-    """One Tune trial: train (Ray Train workers), then score the model on the original's seeds."""
+    """One Tune trial: train (Ray Train workers), then score the model on the original's sampling
+    seeds; with `tune.seeds_per_trial` > 1, once per training seed, reporting the mean."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -109,30 +111,47 @@ def _trial(config: dict, ctx: TrialContext) -> None:
     job = JobDir(ctx.spec)
     key = trial_key(params)
     out = job.local / TUNE_DIR / "models" / key
-    request = unlearn_request(spec, ctx.pre, job, out, f"{ctx.spec.run_name}-trial-{key}")
     record = Location.parse(job.local / TUNE_DIR / "outcomes" / f"{key}.json")
     saved = _saved_outcome(record, out)
     if saved is not None:
-        tune.report(saved)
+        tune.report(_tune_result(saved))
         return
 
     def finish(report: dict) -> None:
         record.write_json(report)
-        tune.report(report)
+        tune.report(_tune_result(report))
 
     tuning = ctx.spec.tune
-    monitor = TrainMonitor(every=tuning.report_every, callbacks=(TuneReportCallback(),), collapse_ratio=tuning.collapse_ratio)
-    try:
-        result = unlearn(request, monitor=monitor)
-    except QualityCollapseError as exc:
-        finish({"status": "collapsed", "stopped_step": exc.step, HEALTH_METRIC: exc.ratio})
-        return
-    except TrainingDivergedError as exc:
-        finish({"status": "diverged", "stopped_step": exc.step})
-        return
-    metrics, _ = evaluate_model(load_pixel_model(out), ctx.reference, tuning.num_samples, ctx.spec.evaluation.seed, ctx.original_samples01)
-    finish({"status": "ok", **{k: metrics[k] for k in METRIC_KEYS if k in metrics}, "unlearn_seconds": result.seconds,
-            "model_dir": str(out), "model_digest": result.digest, "steps_done": result.steps})
+    per_seed, kept = [], None
+    for n in range(tuning.seeds_per_trial):
+        seed = train.seed + n
+        # The trial keeps train.seed's model; another seed's is scored, then deleted.
+        seed_out = out if n == 0 else out.with_name(f"{key}.seed-{seed}")
+        name = f"{ctx.spec.run_name}-trial-{key}" + (f"-seed-{seed}" if n else "")
+        seed_spec = spec.model_copy(update={"train": train.model_copy(update={"seed": seed})})
+        monitor = TrainMonitor(every=tuning.report_every, callbacks=(TuneReportCallback(),), collapse_ratio=tuning.collapse_ratio)
+        try:
+            result = unlearn(unlearn_request(seed_spec, ctx.pre, job, seed_out, name), monitor=monitor)
+        except QualityCollapseError as exc:
+            finish({"status": "collapsed", "stopped_step": exc.step, HEALTH_METRIC: exc.ratio, "seed": seed})
+            return
+        except TrainingDivergedError as exc:
+            finish({"status": "diverged", "stopped_step": exc.step, "seed": seed})
+            return
+        metrics, _ = evaluate_model(load_pixel_model(seed_out), ctx.reference, tuning.num_samples, ctx.spec.evaluation.seed, ctx.original_samples01)
+        per_seed.append({"seed": seed, **{k: metrics[k] for k in METRIC_KEYS if k in metrics}, "unlearn_seconds": result.seconds})
+        if n == 0:
+            kept = result
+        else:
+            shutil.rmtree(seed_out, ignore_errors=True)
+    mean = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0] if k != "seed"}
+    finish({"status": "ok", **mean, "model_dir": str(out), "model_digest": kept.digest, "steps_done": kept.steps,
+            "seeds": len(per_seed), "per_seed": per_seed})
+
+
+def _tune_result(report: dict) -> dict:
+    """What Tune sees of a trial's record: its scalars (the per-seed scores stay in the record)."""
+    return {k: v for k, v in report.items() if k != "per_seed"}
 
 
 def _saved_outcome(record: Location, model_dir: Path) -> dict | None:

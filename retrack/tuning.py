@@ -99,6 +99,10 @@ class TuneSpec(StrictModel):
     trials: int = Field(8, ge=1, description="Trial budget (for grid: at least the number of grid points).")
     space: dict[str, ParamRange] = Field(..., min_length=1, description="Tuned parameters: the method's own (e.g. k, lambda for retrack; lambda, scale for siss; eta for erasediff) and lr, steps of training.")
     include_default: bool = Field(True, description="Also run the spec's own method/train settings as the first trial, the baseline every other trial is compared to.")
+    seeds_per_trial: int = Field(1, ge=1, description=(
+        "Training seeds per trial (train.seed, train.seed + 1, ...): a trial reports the mean of their "
+        "scores and keeps the model of train.seed. A 40-step fine-tune's Fréchet distance moves by up to 2x "
+        "between training seeds at the same settings (README), so with one seed the search partly ranks that noise."))
     num_samples: int = Field(500, ge=16, description="Samples per trial for its forget frequency and Fréchet distance (the chosen model is evaluated again with evaluation.num_samples).")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Trials run at once; default: as many as the cluster's CPUs (or GPUs) hold workers for.")
     collapse_ratio: float = Field(3.0, gt=1, description="Stop a trial early once its retain-branch denoising loss (smoothed) exceeds this multiple of its lowest value in the first updates: the model is collapsing.")

@@ -92,9 +92,10 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, benc
     before Tune has saved that trial's end (Tune saves its state at most every 10 s; the killed
     run is made to save it only once, at the start, so the kill always lands in that window).
     The rerun restores the Tune experiment; the finished trial is started again but repeats its
-    recorded report (same scores and unlearning time) without training again; the rest run."""
+    recorded report (same scores and unlearning time) without training again; the rest run.
+    Each trial trains two seeds and reports their mean."""
     path = write_spec(bench, memorising_model, tmp_path, "req-resume", {
-        "search": "optuna", "trials": 3, "num_samples": 64, "max_concurrent_trials": 1,
+        "search": "optuna", "trials": 3, "num_samples": 64, "max_concurrent_trials": 1, "seeds_per_trial": 2,
         "space": {"lambda": {"low": 0.05, "high": 0.2}}, "select": {"max_frequency_ratio": 1.0},
     }, train={"steps": 4, "batch_size": 16, "lr": 5e-5}, evaluation={"num_samples": 64})
     spec = load_spec(path)
@@ -108,6 +109,13 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, benc
     done_before = finished()
     assert 1 <= len(done_before) < 3
     trained = {r["model_dir"]: (Path(r["model_dir"]) / DIGEST_FILE).stat().st_mtime_ns for r in done_before}
+
+    for report in done_before:  # two training seeds scored; the trial reports their mean, keeps seed 0's model
+        assert [r["seed"] for r in report["per_seed"]] == [0, 1] and report["seeds"] == 2
+        for k in ("forget_loss", "frechet_distance", "integrity"):
+            assert report[k] == pytest.approx(sum(r[k] for r in report["per_seed"]) / 2)
+        assert report["per_seed"][0]["forget_loss"] != report["per_seed"][1]["forget_loss"]
+        assert not list(Path(report["model_dir"]).parent.glob("*.seed-*")), "a scratch seed's model was kept"
 
     result = run_tune(spec)
     assert sorted(o.status for o in result.outcomes) == ["ok", "ok", "ok"]
