@@ -145,8 +145,7 @@ def _trial(config: dict, ctx: TrialContext) -> None:
         else:
             shutil.rmtree(seed_out, ignore_errors=True)
     mean = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0] if k != "seed"}
-    finish({"status": "ok", **mean, "model_dir": str(out), "model_digest": kept.digest, "steps_done": kept.steps,
-            "seeds": len(per_seed), "per_seed": per_seed})
+    finish({"status": "ok", **mean, "model_dir": str(out), "model_digest": kept.digest, "steps_done": kept.steps, "per_seed": per_seed})
 
 
 def _tune_result(report: dict) -> dict:

@@ -111,7 +111,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, benc
     trained = {r["model_dir"]: (Path(r["model_dir"]) / DIGEST_FILE).stat().st_mtime_ns for r in done_before}
 
     for report in done_before:  # two training seeds scored; the trial reports their mean, keeps seed 0's model
-        assert [r["seed"] for r in report["per_seed"]] == [0, 1] and report["seeds"] == 2
+        assert [r["seed"] for r in report["per_seed"]] == [0, 1]
         for k in ("forget_loss", "frechet_distance", "integrity"):
             assert report[k] == pytest.approx(sum(r[k] for r in report["per_seed"]) / 2)
         assert report["per_seed"][0]["forget_loss"] != report["per_seed"][1]["forget_loss"]
