@@ -33,6 +33,11 @@
     python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-lambda 0.07 \
         --retrack-k 1616 --retrack-t-min 100 --retrack-lambdas 0.1 --methods retrack,vanilla --seeds 7000 \
         --train-seeds 20,21,22,23,24,25,26,27 --out benchmarks/results/methods_k_all_panel_c.json
+    # six held-out sampling sets, 95% intervals under "vs_original" (methods_k_all_six_sets.json; the
+    # file merges this command's parts, run separately: retrack at 0.1 and 0.07, at 0.05, and vanilla):
+    python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-k 1616 \
+        --retrack-t-min 100 --methods retrack,vanilla --seeds 10000,13000,16000,19000,22000,25000 \
+        --train-seeds 30,31,32,33,34,35,36,37 --retrack-lambda 0.1 --retrack-lambdas 0.07,0.05
 
 Each method starts from the same original model, trains with the same steps, batch, learning rate
 and training seeds, and is scored on the same sampling seeds as the original (paired integrity).
@@ -57,6 +62,7 @@ from retrack.evaluation import build_reference, evaluate_model
 from retrack.metrics import load_classifier
 from retrack.models import load_pixel_model
 from retrack.pretrain import ensure_pretrained
+from retrack.stats import ratio_of_means
 from retrack.unlearn import run_unlearning, split_for_unlearning
 from retrack.workspace import Workspace
 
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--retrack-t-min", type=int, default=0, help="ReTrack's smallest forget-branch timestep")
     ap.add_argument("--seeds", default="0", help="comma-separated sampling seeds, one sample set each (batch b of a set uses seed + b, so "
                                                  "keep them >= samples/500 apart); every model is scored on every set (per_run in the JSON) and the figures are the "
-                                                 "mean over runs: the Fréchet distance of 2,000 samples moves by ~20%% between sets")
+                                                 "mean over runs: the Fréchet distance of 2,000 samples moves by ~10%% (one standard deviation) between independent sets")
     ap.add_argument("--train-seeds", default="0", help="comma-separated training seeds: each method is trained once per seed and its figures are "
                                                        "the mean over seeds x sets (the reference averages 10 seeds); one seed's Fréchet distance "
                                                        "moves by 20-100%% between seeds at the same settings")
@@ -121,7 +127,19 @@ def main(argv: list[str] | None = None) -> Path:
                                              evaluate_model(model, ref, n, seed=seed, original_samples01=before[seed][1])[0]).items()}}
                 for ts, model in models.items() for seed in seeds]
         mean = {k: sum(r.get(k, 0.0) for r in runs) / len(runs) for k in (*KEYS[:-1], "feature_integrity")}
-        return mean | {"wall_seconds": statistics.median(walls), "per_run": runs}
+        return mean | {"wall_seconds": statistics.median(walls), "per_run": runs, "vs_original": vs_original(runs)}
+
+    def vs_original(runs: list[dict]) -> dict:
+        """The acceptance lines' ratios to the original (mean over seeds x sets) with 95% bootstrap
+        intervals over both: one set of 2,000 samples moves the Fréchet distance by ~10%."""
+        ts = sorted({r["train_seed"] for r in runs}, key=str)
+        out = {}
+        for key in ("forget_frequency", "frechet_distance"):
+            table = {(r["train_seed"], r["sampling_seed"]): r[key] for r in runs}
+            model = [[table[t, s] for s in seeds] for t in ts]
+            base = [before[s][0][key] for s in seeds]
+            out[key] = ratio_of_means(model, base).to_dict() if sum(base) > 0 else None
+        return out
 
     rows: dict[str, dict] = {}
     rows["original"] = scored({None: original}, [pre.original_seconds])
@@ -145,7 +163,8 @@ def main(argv: list[str] | None = None) -> Path:
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "command": " ".join(["python benchmarks/methods.py", *(argv if argv is not None else sys.argv[1:])]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "models": {name: {k: float(m[k]) for k in KEYS if k in m} | {"feature_integrity": float(m.get("feature_integrity", 0.0)), "per_run": m["per_run"]}
+        "models": {name: {k: float(m[k]) for k in KEYS if k in m} | {"feature_integrity": float(m.get("feature_integrity", 0.0)),
+                                                                       "vs_original": m["vs_original"], "per_run": m["per_run"]}
                    for name, m in rows.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
