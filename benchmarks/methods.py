@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> Path:
         """The acceptance lines' ratios to the original (mean over seeds x sets) with 95% bootstrap
         intervals over both: one set of 2,000 samples moves the Fréchet distance by ~10%."""
         ts = sorted({r["train_seed"] for r in runs}, key=str)
+        table = {(r["train_seed"], r["sampling_seed"]): r for r in runs}
         out = {}
         for key in ("forget_frequency", "frechet_distance"):
-            table = {(r["train_seed"], r["sampling_seed"]): r[key] for r in runs}
-            model = [[table[t, s] for s in seeds] for t in ts]
+            model = [[table[t, s][key] for s in seeds] for t in ts]
             base = [before[s][0][key] for s in seeds]
             out[key] = ratio_of_means(model, base).to_dict() if sum(base) > 0 else None
         return out

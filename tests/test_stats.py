@@ -57,3 +57,8 @@ def test_more_sets_narrow_the_interval():
 def test_bad_shapes_and_a_zero_baseline_are_refused(model, original, match):
     with pytest.raises(ValueError, match=match):
         ratio_of_means(model, original)
+
+
+def test_a_level_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match="level"):
+        ratio_of_means(np.ones((2, 3)), np.ones(3), level=1.0)
