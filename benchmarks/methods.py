@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> Path:
                                              evaluate_model(model, ref, n, seed=seed, original_samples01=before[seed][1])[0]).items()}}
                 for ts, model in models.items() for seed in seeds]
         mean = {k: sum(r.get(k, 0.0) for r in runs) / len(runs) for k in (*KEYS[:-1], "feature_integrity")}
-        return mean | {"wall_seconds": statistics.median(walls), "per_run": runs, "vs_original": vs_original(runs)}
+        return mean | {"wall_seconds": statistics.median(walls), "per_run": runs,
+                       "vs_original": None if models.get(None) is original else vs_original(runs)}
 
     def vs_original(runs: list[dict]) -> dict:
         """The acceptance lines' ratios to the original (mean over seeds x sets) with 95% bootstrap
