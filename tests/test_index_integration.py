@@ -101,8 +101,13 @@ def test_image_folder_on_s3_and_bad_input_through_ray(ray_local, s3_env, tmp_pat
     rows = [{"id": i, "image": encode_image(im)} for i, im in zip(ids, clustered_images(20, seed=6))]
     rows[13]["image"] = b"garbage"
     write_shards(local, rows, shard_size=10)
+    bad_uri = upload(local, s3_env, f"{run}/bad")
     with pytest.raises(CorpusError, match="item 'item-000013'.*cannot be decoded"):
-        build(upload(local, s3_env, f"{run}/bad"), s3_env.uri(f"{run}/idx-bad"))
+        build(bad_uri, s3_env.uri(f"{run}/idx-bad"))
+    skipped = build(bad_uri, s3_env.uri(f"{run}/idx-bad"), on_bad="skip")
+    assert skipped.manifest.count == 19 and skipped.manifest.skipped == 1
+    report = (Location.parse(s3_env.uri(f"{run}/idx-bad")) / "bad_rows.jsonl").read_text().splitlines()
+    assert [json.loads(r)["id"] for r in report] == ["item-000013"]
 
     with pytest.raises(StorageError, match=f"bucket 'no-such-bucket-{run}' does not exist"):
         build(f"s3://no-such-bucket-{run}/corpus", s3_env.uri(f"{run}/idx-x"))

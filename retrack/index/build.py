@@ -40,7 +40,16 @@ from retrack.index.shards import (
     train_quantizer,
     write_bad_rows,
 )
-from retrack.index.source import ON_BAD, Chunk, CorpusPlan, decode_batch, iter_file_batches, scan_corpus, vectors_table
+from retrack.index.source import (
+    ON_BAD,
+    Chunk,
+    CorpusPlan,
+    SourceFile,
+    decode_batch,
+    iter_file_batches,
+    scan_corpus,
+    vectors_table,
+)
 from retrack.storage import Location, S3Options
 
 log = logging.getLogger(__name__)
@@ -93,29 +102,36 @@ def encode_chunk_loop(plan: CorpusPlan, job: EncodeJob, encoder, on_bad: str, ba
     """Encode one chunk in this process: one embedding parquet file per corpus file."""
     job.dest.remove()
     for n, f in enumerate(job.chunk.files):
-        sink = None
-        bad_all = []
-        try:
-            for ids, blobs in iter_file_batches(plan, f, batch_size):
-                keep, pixels, bad = decode_batch(ids, blobs, [f.rel] * len(ids), plan.image_shape, on_bad)
-                bad_all.extend(bad)
-                if keep:
-                    table = vectors_table(keep, encoder(pixels, keep))
-                    if sink is None:
-                        out = (job.dest / f"part-{n:06d}.parquet").open_output()
-                        sink = (out, pq.ParquetWriter(out, table.schema))
-                    sink[1].write_table(table)
-                if progress:
-                    progress(len(ids))
-        except CorpusError as exc:
-            if on_bad == "fail" or plan.kind == "parquet":
-                raise
-            bad_all.append(_bad_file(f.rel, exc))
-        finally:
-            if sink is not None:
-                sink[1].close()
-                sink[0].close()
-        write_bad_rows(job.dest, f"part-{n:06d}", bad_all)
+        encode_file(plan, f, n, job.dest, encoder, on_bad, batch_size, progress)
+
+
+def encode_file(plan: CorpusPlan, f: SourceFile, n: int, dest: Location, encoder, on_bad: str, batch_size: int = 512,
+                progress: Callable[[int], None] | None = None) -> None:
+    """Encode corpus file `f` into `dest/part-<n>.parquet`, batch by batch (never the whole file in
+    memory), and its skipped rows into `dest/_bad/`. Rerunning it rewrites the same part."""
+    sink = None
+    bad_all = []
+    try:
+        for ids, blobs in iter_file_batches(plan, f, batch_size):
+            keep, pixels, bad = decode_batch(ids, blobs, [f.rel] * len(ids), plan.image_shape, on_bad)
+            bad_all.extend(bad)
+            if keep:
+                table = vectors_table(keep, encoder(pixels, keep))
+                if sink is None:
+                    out = (dest / f"part-{n:06d}.parquet").open_output()
+                    sink = (out, pq.ParquetWriter(out, table.schema))
+                sink[1].write_table(table)
+            if progress:
+                progress(len(ids))
+    except CorpusError as exc:
+        if on_bad == "fail" or plan.kind == "parquet":
+            raise
+        bad_all.append(_bad_file(f.rel, exc))
+    finally:
+        if sink is not None:
+            sink[1].close()
+            sink[0].close()
+    write_bad_rows(dest, f"part-{n:06d}", bad_all)
 
 
 def _bad_file(rel: str, exc: Exception):
