@@ -198,57 +198,55 @@ class RayExecutor:
             ctx.target_max_block_size = saved_block_size
 
     def _encode(self, ray, plan, jobs, encoder, on_bad, progress):
-        fs = plan.root.fs
-        root_prefix = plan.root.path.rstrip("/") + "/"
-        cpus = ray.cluster_resources().get("CPU", 1)
-        gpus = ray.cluster_resources().get("GPU", 0)
         for n, job in enumerate(jobs):
-            if plan.kind == "parquet" and encoder.kind == "pixels":
-                self._encode_files(ray, replace(plan, files=job.chunk.files, chunks=[]), job.dest, encoder, on_bad)
-                if progress:
-                    progress("encode", n + 1, len(jobs))
-                continue
-            paths = [plan.location_of(f).path for f in job.chunk.files]
-            if plan.kind == "parquet":
-                ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
-                id_col, img_col = "id", "image"
-            else:
-                ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
-                id_col, img_col = None, "bytes"
-            kwargs = dict(spec=encoder, image_shape=plan.image_shape, on_bad=on_bad, dest=job.dest,
-                          id_column=id_col, image_column=img_col)
-            if encoder.kind == "pixels":
-                ds = ds.map_batches(_encode_fn, batch_format="pyarrow", batch_size=None,
-                                    fn_kwargs={**kwargs, "root_prefix": root_prefix, "batch_size": self.batch_size})
-            else:
-                use_gpu = gpus >= 1 and encoder.device != "cpu"
-                spec = encoder if use_gpu else type(encoder)(**{**encoder.to_dict(), "device": "cpu"})
-                size = self.concurrency or (int(gpus) if use_gpu else max(1, int(cpus // 1)))
-                udf_kwargs = {**kwargs, "spec": spec}
-
-                class _Udf(_EncodeBatch):
-                    dest_root_prefix = root_prefix
-
-                ds = ds.map_batches(_Udf, fn_constructor_kwargs=udf_kwargs, batch_format="pyarrow",
-                                    batch_size=self.batch_size, concurrency=size,
-                                    num_gpus=1 if use_gpu else 0, num_cpus=self.actor_cpus)
             try:
-                ds.write_parquet(job.dest.path, filesystem=job.dest.fs)
+                if plan.kind == "parquet" and encoder.kind == "pixels":
+                    self._encode_per_file(ray, replace(plan, files=job.chunk.files, chunks=[]), job.dest, encoder, on_bad)
+                else:
+                    self._encode_blocks(ray, plan, job, encoder, on_bad)
             except Exception as exc:  # noqa: BLE001 - re-raised as the retrack error inside, if any
                 raise unwrap_ray_error(exc) from None
             if progress:
                 progress("encode", n + 1, len(jobs))
 
-    def _encode_files(self, ray, plan, dest, encoder, on_bad):
+    def _encode_per_file(self, ray, plan, dest, encoder, on_bad):
         """One task per corpus file (`plan` holds the chunk's files only: it travels to every task)."""
         files = ray.data.from_items([{"n": n} for n in range(len(plan.files))], override_num_blocks=len(plan.files))
         done = files.map_batches(_encode_files, batch_size=1, fn_kwargs={
             "plan": plan, "dest": dest, "spec": encoder, "on_bad": on_bad, "batch_size": self.batch_size})
-        try:
-            for _ in done.iter_batches(batch_size=None):
-                pass
-        except Exception as exc:  # noqa: BLE001 - re-raised as the retrack error inside, if any
-            raise unwrap_ray_error(exc) from None
+        for _ in done.iter_batches(batch_size=None):
+            pass
+
+    def _encode_blocks(self, ray, plan, job, encoder, on_bad):
+        """Read blocks -> decode and encode (a fused function for pixels, an actor pool for the VAE) -> write."""
+        root_prefix = plan.root.path.rstrip("/") + "/"
+        paths = [plan.location_of(f).path for f in job.chunk.files]
+        if plan.kind == "parquet":
+            ds = ray.data.read_parquet(paths, filesystem=plan.root.fs, include_paths=True)
+            id_col, img_col = "id", "image"
+        else:
+            ds = ray.data.read_binary_files(paths, filesystem=plan.root.fs, include_paths=True)
+            id_col, img_col = None, "bytes"
+        kwargs = dict(spec=encoder, image_shape=plan.image_shape, on_bad=on_bad, dest=job.dest,
+                      id_column=id_col, image_column=img_col)
+        if encoder.kind == "pixels":
+            ds = ds.map_batches(_encode_fn, batch_format="pyarrow", batch_size=None,
+                                fn_kwargs={**kwargs, "root_prefix": root_prefix, "batch_size": self.batch_size})
+        else:
+            cpus = ray.cluster_resources().get("CPU", 1)
+            gpus = ray.cluster_resources().get("GPU", 0)
+            use_gpu = gpus >= 1 and encoder.device != "cpu"
+            spec = encoder if use_gpu else type(encoder)(**{**encoder.to_dict(), "device": "cpu"})
+            size = self.concurrency or (int(gpus) if use_gpu else max(1, int(cpus // 1)))
+            udf_kwargs = {**kwargs, "spec": spec}
+
+            class _Udf(_EncodeBatch):
+                dest_root_prefix = root_prefix
+
+            ds = ds.map_batches(_Udf, fn_constructor_kwargs=udf_kwargs, batch_format="pyarrow",
+                                batch_size=self.batch_size, concurrency=size,
+                                num_gpus=1 if use_gpu else 0, num_cpus=self.actor_cpus)
+        ds.write_parquet(job.dest.path, filesystem=job.dest.fs)
 
     def build_shards(self, root, jobs, params, quantizer, progress=None):
         import ray
