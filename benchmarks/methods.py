@@ -38,6 +38,13 @@
     python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-k 1616 \
         --retrack-t-min 100 --methods retrack,vanilla --seeds 10000,13000,16000,19000,22000,25000 \
         --train-seeds 30,31,32,33,34,35,36,37 --retrack-lambda 0.1 --retrack-lambdas 0.07,0.05
+    # a forget batch of its own (README, "A forget batch of its own"): 32 forget + 128 retain samples
+    # for 60 updates, on fresh sets and seeds (methods_forget_batch_32.json); the 40-update recipe on the
+    # same panel is the same command with --steps 40 and no --forget-batch-size (methods_forget_batch_128.json)
+    python benchmarks/methods.py --quick --samples 2000 --steps 60 --forget-batch-size 32 --lr 7e-5 \
+        --retrack-k 1616 --retrack-t-min 100 --methods retrack --seeds 28000,31000,34000,37000,40000,43000 \
+        --train-seeds 40,41,42,43,44,45,46,47 --retrack-lambda 0.1 --retrack-lambdas 0.07 \
+        --out benchmarks/results/methods_forget_batch_32.json
 
 Each method starts from the same original model, trains with the same steps, batch, learning rate
 and training seeds, and is scored on the same sampling seeds as the original (paired integrity).
@@ -59,6 +66,7 @@ from retrack.benchmark import BenchmarkInfo
 from retrack.config import MethodConfig, TrainConfig
 from retrack.corpus import read_corpus, read_forget_ids
 from retrack.evaluation import build_reference, evaluate_model
+from retrack.methods import method_class
 from retrack.metrics import load_classifier
 from retrack.models import load_pixel_model
 from retrack.pretrain import ensure_pretrained
@@ -88,6 +96,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--batch-size", type=int, default=128, help="per branch (forget and retain) per update")
+    ap.add_argument("--forget-batch-size", type=int, default=None,
+                    help="forget-branch batch per update, when it should differ from --batch-size (siss pairs its samples and keeps --batch-size)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     ap.add_argument("--retrack-lambda", type=float, default=METHODS["retrack"]["lambda"], help="ReTrack's lambda")
     ap.add_argument("--retrack-k", type=int, default=METHODS["retrack"]["k"], help="ReTrack's K")
@@ -110,7 +120,7 @@ def main(argv: list[str] | None = None) -> Path:
     corpus = read_corpus(ws.benchmark.corpus)
     forget_ids = read_forget_ids(ws.benchmark.forget_ids)
     ref = build_reference(corpus, forget_ids, info.forget_threshold, load_classifier(pre.classifier))
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, forget_batch_size=args.forget_batch_size, lr=args.lr)
 
     methods = {**METHODS, "retrack": {"lambda": args.retrack_lambda, "k": args.retrack_k, "t_min": args.retrack_t_min}}
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -153,14 +163,15 @@ def main(argv: list[str] | None = None) -> Path:
         models, walls = {}, []
         for ts in train_seeds:
             models[ts] = load_pixel_model(pre.original)
-            _, secs = run_unlearning(models[ts], data, cfg, train.model_copy(update={"seed": ts}))
+            paired = method_class(method).requirements.paired
+            _, secs = run_unlearning(models[ts], data, cfg, train.model_copy(update={"seed": ts, **({"forget_batch_size": None} if paired else {})}))
             walls.append(secs)
         rows[name] = scored(models, walls)
         print(f"{name:10s} " + "  ".join(f"{k}={rows[name][k]:.4g}" for k in KEYS), file=sys.stderr, flush=True)
 
     result = {
         "benchmark": {"name": info.name, "corpus_size": info.corpus_size, "forget_count": info.forget_count, "image": f"{info.image_size}x{info.image_size}x{info.channels}", "threshold": info.forget_threshold},
-        "settings": {"preset": preset, "samples_per_model": n, "sampling_seeds": seeds, "training_seeds": train_seeds, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "methods": {name: {"method": method, **params} for name, method, params in runs}},
+        "settings": {"preset": preset, "samples_per_model": n, "sampling_seeds": seeds, "training_seeds": train_seeds, "steps": args.steps, "batch_size": args.batch_size, "forget_batch_size": args.forget_batch_size, "lr": args.lr, "methods": {name: {"method": method, **params} for name, method, params in runs}},
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "command": " ".join(["python benchmarks/methods.py", *(argv if argv is not None else sys.argv[1:])]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

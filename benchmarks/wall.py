@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=7e-5)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--forget-batch-size", type=int, default=None, help="forget-branch batch (default: --batch-size)")
     ap.add_argument("--retrack-lambda", type=float, default=0.1)
     ap.add_argument("--retrack-k", type=int, default=1616, help="1,616 = the quick benchmark's whole retain set")
     ap.add_argument("--retrack-t-min", type=int, default=100)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> Path:
     forget_ids = read_forget_ids(ws.benchmark.forget_ids)
     cfg = MethodConfig(name="retrack", params={"lambda": args.retrack_lambda, "k": args.retrack_k, "t_min": args.retrack_t_min})
     data = split_for_unlearning(corpus, forget_ids, cfg)
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, forget_batch_size=args.forget_batch_size, lr=args.lr)
     train_seeds = [int(x) for x in args.train_seeds.split(",")]
 
     repeats = []
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     result = {
         "settings": {"preset": preset, "retrain_steps": PRESETS[preset].steps, "retrain_batch": PRESETS[preset].batch_size,
-                     "retained_items": len(data.retain), "method": cfg.params, "steps": args.steps, "batch_size": args.batch_size,
+                     "retained_items": len(data.retain), "method": cfg.params, "steps": args.steps, "batch_size": args.batch_size, "forget_batch_size": args.forget_batch_size,
                      "lr": args.lr, "training_seeds": train_seeds},
         "retrain_seconds": statistics.median(r["retrain_seconds"] for r in repeats),
         "retrack_seconds": statistics.median(s for r in repeats for s in r["retrack_seconds"]),

@@ -121,6 +121,7 @@ class UnlearnRequest(StrictModel):
                 f"train.grad_accum ({accum}) must be a multiple of scaling.num_workers ({w}): grad_accum is the number of "
                 f"GLOBAL micro-batches per update and micro-batch m runs on worker m % {w}"
             )
+        self.train.check_pairing(method_class(self.method.name).requirements)
         return self
 
 
@@ -1308,6 +1309,7 @@ def unlearn_command(
     param: list[str] = typer.Option([], "--param", help="One method parameter KEY=VALUE (repeatable; wins over --params)."),
     steps: int = typer.Option(50, "--steps"),
     batch_size: int = typer.Option(128, "--batch-size", help="Global batch per branch."),
+    forget_batch_size: Optional[int] = typer.Option(None, "--forget-batch-size", help="Global forget-branch batch, when it should differ from --batch-size."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Global micro-batches per update (default: the worker count)."),
     lr: float = typer.Option(5e-5, "--lr"),
     seed: int = typer.Option(0, "--seed"),
@@ -1335,7 +1337,7 @@ def unlearn_command(
             neighbours_file=neighbours,
             method=MethodConfig(name=method, params={**_parse_json_params(params), **_parse_params(param)}),
             train=TrainConfig(
-                steps=steps, batch_size=batch_size, grad_accum=grad_accum or max(workers, 1), lr=lr, seed=seed,
+                steps=steps, batch_size=batch_size, forget_batch_size=forget_batch_size, grad_accum=grad_accum or max(workers, 1), lr=lr, seed=seed,
                 mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
             ),
             scaling=ScalingSettings(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker),

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from retrack.config import MethodConfig, StrictModel, TrainConfig
 from retrack.digest import config_digest
 from retrack.errors import InputError, describe_validation_error
+from retrack.methods import method_class
 from retrack.tuning import TuneSpec
 
 # Ids become path components and run names: a strict alphabet rules out traversal ("../") by design.
@@ -189,7 +190,8 @@ class JobSpec(StrictModel):
         return check_safe_name(v, "request_id")
 
     @model_validator(mode="after")
-    def _tunable(self) -> "JobSpec":
+    def _consistent(self) -> "JobSpec":
+        self.train.check_pairing(method_class(self.method.name).requirements)
         if self.tune is not None:
             self.tune.check_against(self.method, self.train)
         return self
@@ -199,6 +201,8 @@ class JobSpec(StrictModel):
         fields = self.model_dump(mode="json", exclude={"storage", "mlflow", "scaling"})
         if fields["tune"] is None:  # specs without a search keep the hash they had before tuning existed
             del fields["tune"]
+        if fields["train"]["forget_batch_size"] is None:  # likewise specs without a forget batch of its own
+            del fields["train"]["forget_batch_size"]
         return config_digest(fields)[:16]
 
     @property

@@ -65,18 +65,19 @@ class BatchDrawer:
     """Draws step `s`'s global batch from (seed, s) and serves it as `grad_accum` micro-batches."""
 
     def __init__(self, data: UnlearnData, needs: DataRequirements, train: TrainConfig):
+        train.check_pairing(needs)
         self.data, self.needs, self.train = data, needs, train
         self.micro_size = train.batch_size // train.grad_accum
+        self.forget_micro_size = train.forget_batch // train.grad_accum
 
     def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.train.seed, step])
-        b = self.train.batch_size
-        return rng.integers(0, len(self.data.forget), b), rng.integers(0, len(self.data.retain), b)
+        return rng.integers(0, len(self.data.forget), self.train.forget_batch), rng.integers(0, len(self.data.retain), self.train.batch_size)
 
     def microbatch(self, step: int, micro: int) -> tuple[UnlearnBatch, torch.Generator]:
         f_rows, r_rows = self.rows(step)
-        sl = slice(micro * self.micro_size, (micro + 1) * self.micro_size)
-        f, r = torch.from_numpy(f_rows[sl]), torch.from_numpy(r_rows[sl])
+        fs, rs = self.forget_micro_size, self.micro_size
+        f, r = torch.from_numpy(f_rows[micro * fs : (micro + 1) * fs]), torch.from_numpy(r_rows[micro * rs : (micro + 1) * rs])
         d, needs = self.data, self.needs
         pick = lambda x, rows: None if x is None else x[rows]  # noqa: E731
         sets, neighbour_of = torch.unique(f, return_inverse=True) if needs.neighbours else (None, None)

@@ -76,6 +76,17 @@ def spec_field(dotted: str, value, command: str = "validate"):
     return build
 
 
+def with_fields(spec: dict, fields: dict) -> dict:
+    """`spec` with each field changed (dotted path with "__" for ".")."""
+    for dotted, value in fields.items():
+        with_field(spec, dotted.replace("__", "."), value)
+    return spec
+
+
+def spec_fields(**fields):
+    return lambda env, tmp: ["validate", str(write_yaml(tmp, with_fields(base_spec(env, tmp), fields)))]
+
+
 def spec_text(text: str):
     return lambda env, tmp: ["validate", str(write_yaml(tmp, text))]
 
@@ -94,9 +105,7 @@ def copy_edit(name: str, field: str, edit: Callable[[Path], None], **fields):
         copy = tmp / name
         shutil.copytree(env / name, copy)
         edit(copy)
-        spec = with_field(base_spec(env, tmp), field, str(copy))
-        for dotted, value in fields.items():
-            with_field(spec, dotted.replace("__", "."), value)
+        spec = with_fields(with_field(base_spec(env, tmp), field, str(copy)), fields)
         return ["run", str(write_yaml(tmp, spec))]
     return build
 
@@ -186,6 +195,10 @@ CASES = [
     Case("spec: forget ids and file both given", spec_field("forget.ids", ["img-000001"]), "exactly one of forget.ids and forget.file"),
     Case("spec: unknown field", spec_field("train.unknown", 1), "train.unknown: Extra inputs are not permitted"),
     Case("spec: batch not divisible by grad_accum", spec_field("train.grad_accum", 3), "batch_size 8 is not divisible by grad_accum 3"),
+    Case("spec: forget batch not divisible by grad_accum", spec_field("train", {"steps": 2, "batch_size": 8, "forget_batch_size": 3, "grad_accum": 2}),
+         "forget_batch_size 3 is not divisible by grad_accum 2"),
+    Case("spec: siss with a forget batch of its own", spec_fields(method={"name": "siss", "params": {}}, train__forget_batch_size=4),
+         "forget_batch_size 4 must equal batch_size 8"),
     Case("spec: too few evaluation samples", spec_field("evaluation.num_samples", 4), "evaluation.num_samples: Input should be greater than or equal to 16"),
     Case("spec: unknown duplicate policy", spec_field("forget.duplicates", "maybe"), "forget.duplicates: Input should be 'fail', 'warn' or 'add'"),
     Case("spec: YAML with a python tag (unsafe)", spec_text("!!python/object/apply:os.system ['echo pwned']"), "is not valid YAML"),
@@ -229,6 +242,8 @@ CASES = [
     Case("cli: --params not an object", unlearn_args(**{"--params": "[1, 2]"}), "--params must be a JSON object"),
     Case("cli: --param without =", unlearn_args(**{"--param": "lambda"}), "expected KEY=VALUE, got 'lambda'"),
     Case("cli: zero workers", unlearn_args(**{"--workers": "0"}), "num_workers: Input should be greater than or equal to 1"),
+    Case("cli: siss with a forget batch of its own", unlearn_args(**{"--method": "siss", "--forget-batch-size": "2"}),
+         "forget_batch_size 2 must equal batch_size 4"),
     Case("cli: unknown mixed precision", unlearn_args(**{"--mixed-precision": "fp8"}), "mixed_precision: Input should be 'no', 'bf16' or 'fp16'"),
     Case("cli: audit with nothing to show", lambda env, tmp: ["audit", "--root", str(tmp / "jobs")], "give a REQUEST_ID or --model NAME"),
     Case("cli: audit request id with ../", lambda env, tmp: ["audit", "../../etc", "--root", str(tmp / "jobs")], "request id '../../etc' must be"),

@@ -100,3 +100,34 @@ def test_retrack_pulls_the_prediction_toward_the_neighbour_target():
     before = knn_loss()
     run_unlearning(model, data, cfg, TrainConfig(steps=20, batch_size=16, lr=1e-3))
     assert knn_loss() < 0.8 * before
+
+
+def test_a_forget_batch_of_its_own_is_drawn_and_split_into_micro_batches():
+    from retrack.methods import method_class
+
+    data = split_for_unlearning(toy_corpus(), ["i3", "i7"], MethodConfig(name="retrack", params={"k": 3}))
+    req = method_class("retrack").requirements
+    # Unset and explicitly equal draw the same rows: earlier runs' batches are unchanged.
+    unset = BatchDrawer(data, req, TrainConfig(batch_size=8, seed=5))
+    equal = BatchDrawer(data, req, TrainConfig(batch_size=8, forget_batch_size=8, seed=5))
+    for a, b in zip(unset.rows(2), equal.rows(2)):
+        np.testing.assert_array_equal(a, b)
+    small = BatchDrawer(data, req, TrainConfig(batch_size=8, forget_batch_size=4, grad_accum=2, seed=5))
+    f_rows, r_rows = small.rows(3)
+    assert (len(f_rows), len(r_rows)) == (4, 8)
+    parts = [small.microbatch(3, m)[0] for m in range(2)]
+    assert [(len(p.forget), len(p.retain), len(p.neighbour_of)) for p in parts] == [(2, 4, 2), (2, 4, 2)]
+    torch.testing.assert_close(torch.cat([p.forget for p in parts]), data.forget[torch.from_numpy(f_rows)])
+    torch.testing.assert_close(torch.cat([p.retain for p in parts]), data.retain[torch.from_numpy(r_rows)])
+    with pytest.raises(InputError, match="forget_batch_size 4 must equal batch_size 8"):
+        BatchDrawer(data, method_class("siss").requirements, TrainConfig(batch_size=8, forget_batch_size=4))
+
+
+@pytest.mark.parametrize("name", ["retrack", "erasediff", "neggrad"])
+def test_methods_with_a_forget_branch_train_with_a_smaller_forget_batch(name):
+    torch.manual_seed(0)
+    model = PixelDiffusion(tiny_pixel_unet(8), default_scheduler())
+    cfg = MethodConfig(name=name, params={"k": 3} if name == "retrack" else {})
+    data = split_for_unlearning(toy_corpus(), ["i0", "i1"], cfg)
+    history, _ = run_unlearning(model, data, cfg, TrainConfig(steps=2, batch_size=4, forget_batch_size=2, lr=1e-3))
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)

@@ -135,6 +135,14 @@ def test_two_gradient_methods_all_reduce_before_combining(ray_local, bench, mode
     assert max_weight_diff(load_pixel_model(result.output_dir).unet, reference.unet) < WEIGHT_ATOL
 
 
+def test_a_forget_batch_of_its_own_on_two_workers_reproduces_the_single_process_update(ray_local, bench, model_dir, tmp_path):
+    req = make_request(bench, model_dir, tmp_path, steps=3, forget_batch_size=8, checkpoint_every=0)
+    result = unlearn(req)
+    reference, history = single_process(bench, model_dir, req)
+    assert_same_curve(result.history, history, keys=("loss", "loss_knn", "loss_retain", "grad_norm"))
+    assert max_weight_diff(load_pixel_model(result.output_dir).unet, reference.unet) < WEIGHT_ATOL
+
+
 def test_world_size_invariance_one_vs_two_workers(ray_local, bench, model_dir, tmp_path):
     results = {}
     for workers in (1, 2):

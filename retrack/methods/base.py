@@ -23,6 +23,9 @@ class DataRequirements:
     retain: bool
     forget: bool
     neighbours: bool
+    # Each retain sample is used together with the forget sample at the same position (SISS's
+    # mixture), so both batches must have the same size.
+    paired: bool = False
 
 
 @dataclass

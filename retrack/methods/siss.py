@@ -27,7 +27,7 @@ def importance_weights(d_x: torch.Tensor, d_a: torch.Tensor, lam: float) -> tupl
 @register
 class SISS(Method):
     name = "siss"
-    requirements = DataRequirements(retain=True, forget=True, neighbours=False)
+    requirements = DataRequirements(retain=True, forget=True, neighbours=False, paired=True)
     Params = SISSParams
 
     def losses(self, denoise, batch: UnlearnBatch, generator) -> LossTerms:
