@@ -40,7 +40,8 @@
         --train-seeds 30,31,32,33,34,35,36,37 --retrack-lambda 0.1 --retrack-lambdas 0.07,0.05
     # a forget batch of its own (README, "A forget batch of its own"): 32 forget + 128 retain samples
     # for 60 updates, on fresh sets and seeds (methods_forget_batch_32.json); the 40-update recipe on the
-    # same panel is the same command with --steps 40 and no --forget-batch-size (methods_forget_batch_128.json)
+    # same panel is the same command with --steps 40, --retrack-lambdas "" and no --forget-batch-size
+    # (methods_forget_batch_128.json)
     python benchmarks/methods.py --quick --samples 2000 --steps 60 --forget-batch-size 32 --lr 7e-5 \
         --retrack-k 1616 --retrack-t-min 100 --methods retrack --seeds 28000,31000,34000,37000,40000,43000 \
         --train-seeds 40,41,42,43,44,45,46,47 --retrack-lambda 0.1 --retrack-lambdas 0.07 \

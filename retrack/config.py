@@ -46,7 +46,7 @@ class TrainConfig(StrictModel):
     """Optimisation settings (the same budget is given to every method being compared)."""
 
     steps: int = Field(50, ge=1, description="Optimiser updates.")
-    batch_size: int = Field(128, ge=1, description="Global batch per branch (forget and retain) per update.")
+    batch_size: int = Field(128, ge=1, description="Global batch per branch (forget and retain, unless forget_batch_size is set) per update.")
     forget_batch_size: int | None = Field(None, ge=1, description=(
         "Global forget-branch batch per update when it should differ from batch_size (None: batch_size, "
         "the paper's). A smaller forget batch frees compute for more updates of the retain branch: on the "

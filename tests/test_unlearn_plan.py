@@ -16,6 +16,7 @@ from pipelines.unlearn import (
     UnlearnRequest,
     _decode_batch,
     check_run_storage,
+    config_hash,
     micro_batches_of,
     needed_retain_rows,
     prepare,
@@ -198,3 +199,16 @@ def test_gradient_checkpointing_gives_the_same_update(name):
 
     (loss0, w0), (loss1, w1) = run(False), run(True)
     assert loss0 == loss1 and torch.equal(w0, w1)
+
+
+def test_an_unset_forget_batch_keeps_the_config_hash_of_runs_made_before_it_existed():
+    from types import SimpleNamespace
+
+    def request(**train):
+        return UnlearnRequest(request_id="r", model_dir="/m", corpus_dir="/c", forget_ids=["a"], output_dir="/o",
+                              storage_path="/s", method=MethodConfig(name="retrack"), train=TrainConfig(steps=7, **train))
+
+    plan = SimpleNamespace(kind="pixel", corpus_fingerprint="c", forget_digest="f", neighbours_digest="n")
+    # The digest of this request before train.forget_batch_size existed: its checkpoints stay resumable.
+    assert config_hash(request(), plan, "sha") == "f291d5e3fa04e7c1d8467937304c7535cb2547eda471fb32b85cc6a3b1ba6deb"
+    assert config_hash(request(forget_batch_size=32), plan, "sha") != config_hash(request(), plan, "sha")
