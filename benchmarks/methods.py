@@ -46,6 +46,8 @@
         --retrack-k 1616 --retrack-t-min 100 --methods retrack --seeds 28000,31000,34000,37000,40000,43000 \
         --train-seeds 40,41,42,43,44,45,46,47 --retrack-lambda 0.1 --retrack-lambdas 0.07 \
         --out benchmarks/results/methods_forget_batch_32.json
+    # 56 updates at lambda 0.07 (methods_forget_batch_32_steps56.json): the same with --steps 56
+    # --retrack-lambda 0.07 --retrack-lambdas ""
 
 Each method starts from the same original model, trains with the same steps, batch, learning rate
 and training seeds, and is scored on the same sampling seeds as the original (paired integrity).

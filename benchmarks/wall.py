@@ -5,6 +5,8 @@ run; writes benchmarks/results/wall.json.
     python benchmarks/wall.py --quick --repeats 3 --train-seeds 0,1,2
     python benchmarks/wall.py --quick --steps 60 --forget-batch-size 32 \
         --out benchmarks/results/wall_forget_batch_32.json   # README, "A forget batch of its own"
+    python benchmarks/wall.py --quick --steps 56 --forget-batch-size 32 --retrack-lambda 0.07 \
+        --out benchmarks/results/wall_forget_batch_32_steps56.json
 
 The issue's target is "ReTrack's wall time at most 5% of the retrained model's training time".
 methods.py reports each model's training time from when it was trained; on a shared machine the
