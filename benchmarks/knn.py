@@ -204,17 +204,6 @@ def make_image_corpus(out: Path, n: int, size: int = 64, seed: int = 0) -> None:
     write_shards(out, rows(), shard_size=2000)
 
 
-def _encode_files_in_process(plan, numbers: list[int], dest) -> None:
-    """One plain process's share of the corpus files, encoded by the loop's own per-file function."""
-    from retrack.index import EncoderSpec
-    from retrack.index.build import encode_file
-    from retrack.index.encoders import build_encoder
-
-    encoder = build_encoder(EncoderSpec())
-    for n in numbers:
-        encode_file(plan, plan.files[n], n, dest, encoder, "fail", 500)
-
-
 def encode_benchmark(n: int, cpus: int) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -222,7 +211,8 @@ def encode_benchmark(n: int, cpus: int) -> dict:
     # jobs that alone would starve the Ray side, so both run at the same priority here.
     os.environ.setdefault("RAY_worker_niceness", "0")
     from retrack.index import EncoderSpec
-    from retrack.index.build import EncodeJob, LocalExecutor
+    from retrack.index.build import EncodeJob, LocalExecutor, encode_files
+    from retrack.index.encoders import build_encoder
     from retrack.index.source import scan_corpus
     from retrack.storage import Location
 
@@ -247,14 +237,15 @@ def encode_benchmark(n: int, cpus: int) -> dict:
         files = list(range(len(plan.chunks[0].files)))
         proc_times = []
         ctx = multiprocessing.get_context("spawn")
+        encoder = build_encoder(spec)
         with concurrent.futures.ProcessPoolExecutor(cpus, mp_context=ctx) as pool:
-            warmed = [pool.submit(_encode_files_in_process, plan, files[i:i + 1], Location.parse(Path(tmp) / "pwarm"))
+            warmed = [pool.submit(encode_files, plan, files[i:i + 1], Location.parse(Path(tmp) / "pwarm"), encoder, "fail", 500)
                       for i in range(cpus)]
             concurrent.futures.wait(warmed)
             for r in range(3):
                 dest = Location.parse(Path(tmp) / f"proc{r}" / "0")
                 t = time.perf_counter()
-                for f in [pool.submit(_encode_files_in_process, plan, files[i::cpus], dest) for i in range(cpus)]:
+                for f in [pool.submit(encode_files, plan, files[i::cpus], dest, encoder, "fail", 500) for i in range(cpus)]:
                     f.result()
                 proc_times.append(time.perf_counter() - t)
 

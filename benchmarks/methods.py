@@ -163,11 +163,11 @@ def main(argv: list[str] | None = None) -> Path:
     for name, method, params in runs:
         cfg = MethodConfig(name=method, params=params)
         data = split_for_unlearning(corpus, forget_ids, cfg)
+        method_train = train.model_copy(update={"forget_batch_size": None}) if method_class(method).requirements.paired else train
         models, walls = {}, []
         for ts in train_seeds:
             models[ts] = load_pixel_model(pre.original)
-            paired = method_class(method).requirements.paired
-            _, secs = run_unlearning(models[ts], data, cfg, train.model_copy(update={"seed": ts, **({"forget_batch_size": None} if paired else {})}))
+            _, secs = run_unlearning(models[ts], data, cfg, method_train.model_copy(update={"seed": ts}))
             walls.append(secs)
         rows[name] = scored(models, walls)
         print(f"{name:10s} " + "  ".join(f"{k}={rows[name][k]:.4g}" for k in KEYS), file=sys.stderr, flush=True)

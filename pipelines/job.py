@@ -422,7 +422,7 @@ def _register_stage(spec: JobSpec, pre: Preflight, job: JobDir, idx: dict, nb: d
         model_digest=un["model_digest"],
     )
     run_id = store.request_run(spec.mlflow.experiment, spec.run_name, spec.request_id, spec.config_hash(), spec.mlflow.artifact_location)
-    params = {f"method.{k}": v for k, v in spec.method.params.items()} | {f"train.{k}": v for k, v in spec.train.model_dump(exclude_none=True).items()}
+    params = {f"method.{k}": v for k, v in spec.method.params.items()} | {f"train.{k}": v for k, v in spec.train.recorded().items()}
     params |= {"method": spec.method.name, "model.kind": spec.model.kind, "model.uri": spec.model.uri, "corpus.uri": spec.corpus.uri, "forget.count": nb["forget_count"], "workers": spec.scaling.num_workers}
     store.log_params(run_id, params)
     store.log_metrics(run_id, flat_metrics(ev["metrics"]) | {"unlearn.wall_seconds": un["wall_seconds"]})

@@ -443,9 +443,7 @@ def config_hash(request: UnlearnRequest, plan: DataPlan, model_sha: str) -> str:
             "forget": plan.forget_digest,
             "neighbours": plan.neighbours_digest,
             "method": request.method.model_dump(by_alias=True),
-            # Unset optional fields are left out, so adding one keeps the hashes (and the
-            # checkpoints they name) of runs made before it existed.
-            "train": request.train.model_dump(exclude_none=True),
+            "train": request.train.recorded(),
         }
     )
 

@@ -201,8 +201,7 @@ class JobSpec(StrictModel):
         fields = self.model_dump(mode="json", exclude={"storage", "mlflow", "scaling"})
         if fields["tune"] is None:  # specs without a search keep the hash they had before tuning existed
             del fields["tune"]
-        if fields["train"]["forget_batch_size"] is None:  # likewise specs without a forget batch of its own
-            del fields["train"]["forget_batch_size"]
+        fields["train"] = self.train.recorded()
         return config_digest(fields)[:16]
 
     @property

@@ -40,7 +40,7 @@ def test_build_from_s3_reuse_change_and_truncated_shard(ray_local, s3_env, bench
     reservation = ray.data.DataContext.get_current().op_resource_reservation_enabled
     first = build(corpus_uri, index_uri, rows_per_chunk=500)
     assert first.status == "built" and first.manifest.count == len(corpus) and len(first.manifest.shards) == 4
-    # The per-file encode turns Ray Data's CPU reservation off for its own datasets only.
+    # The per-file encode turns Ray Data's CPU reservation off for its own dataset only.
     assert ray.data.DataContext.get_current().op_resource_reservation_enabled == reservation
     assert first.manifest.corpus["uri"] == corpus_uri
     idx = open_index(index_uri)

@@ -92,6 +92,16 @@ def test_a_search_changes_the_config_hash_and_its_absence_does_not(tmp_path):
     assert tuned.config_hash() != plain.config_hash()
 
 
+def test_an_unset_forget_batch_keeps_the_spec_hash_it_had_before_the_field_existed():
+    spec = {"request_id": "req-hash", "model": {"uri": "/models/m"}, "corpus": {"uri": "/data/corpus"}, "forget": {"ids": ["a"]},
+            "method": {"name": "retrack", "params": {"lambda": 0.05, "k": 10}}, "train": {"steps": 40, "lr": 7e-5},
+            "storage": {"root": "/jobs"}, "mlflow": {"tracking_uri": "sqlite:////tmp/m.db", "registered_model": "m"}}
+    # Computed with the code before train.forget_batch_size existed: storage prefixes stay where they were.
+    assert parse_spec(yaml.safe_dump(spec), "a").config_hash() == "9556deee0ab5c7b1"
+    spec["train"]["forget_batch_size"] = 32
+    assert parse_spec(yaml.safe_dump(spec), "b").config_hash() != "9556deee0ab5c7b1"
+
+
 def test_grid_and_default_point(tmp_path):
     spec = parse(tmp_path, {"search": "grid", "trials": 4, "space": {"lambda": {"values": [0.03, 0.05]}, "lr": {"values": [5e-5, 1e-4]}}})
     assert spec.tune.grid() == [{"lambda": 0.03, "lr": 5e-5}, {"lambda": 0.03, "lr": 1e-4}, {"lambda": 0.05, "lr": 5e-5}, {"lambda": 0.05, "lr": 1e-4}]

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import pyarrow.parquet as pq
 
@@ -103,6 +103,13 @@ def encode_chunk_loop(plan: CorpusPlan, job: EncodeJob, encoder, on_bad: str, ba
     job.dest.remove()
     for n, f in enumerate(job.chunk.files):
         encode_file(plan, f, n, job.dest, encoder, on_bad, batch_size, progress)
+
+
+def encode_files(plan: CorpusPlan, numbers: Iterable[int], dest: Location, encoder, on_bad: str, batch_size: int = 512) -> None:
+    """Encode the corpus files `plan.files[n]` for n in `numbers`, each into its own part: one Ray
+    task's (or one plain process's) share of a chunk."""
+    for n in numbers:
+        encode_file(plan, plan.files[n], int(n), dest, encoder, on_bad, batch_size)
 
 
 def encode_file(plan: CorpusPlan, f: SourceFile, n: int, dest: Location, encoder, on_bad: str, batch_size: int = 512,
