@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,6 +20,7 @@ from retrack.diffusion import NoiseSchedule
 from retrack.errors import InputError
 from retrack.knn import exact_knn
 from retrack.methods import DataRequirements, Method, UnlearnBatch, build_method
+from retrack.methods.neighbour_sets import NeighbourSets
 from retrack.models import PixelDiffusion
 from retrack.step import make_optimizer, unlearning_step
 
@@ -70,6 +72,10 @@ class BatchDrawer:
         self.micro_size = train.batch_size // train.grad_accum
         self.forget_micro_size = train.forget_batch // train.grad_accum
 
+    @cached_property
+    def neighbour_sets(self) -> NeighbourSets:
+        return NeighbourSets.of(self.data.neighbours)
+
     def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.train.seed, step])
         return rng.integers(0, len(self.data.forget), self.train.forget_batch), rng.integers(0, len(self.data.retain), self.train.batch_size)
@@ -80,12 +86,11 @@ class BatchDrawer:
         f, r = torch.from_numpy(f_rows[micro * fs : (micro + 1) * fs]), torch.from_numpy(r_rows[micro * rs : (micro + 1) * rs])
         d, needs = self.data, self.needs
         pick = lambda x, rows: None if x is None else x[rows]  # noqa: E731
-        sets, neighbour_of = torch.unique(f, return_inverse=True) if needs.neighbours else (None, None)
         batch = UnlearnBatch(
             retain=pick(d.retain, r) if needs.retain else None,
             forget=pick(d.forget, f) if needs.forget else None,
-            neighbours=pick(d.neighbours, sets) if needs.neighbours else None,
-            neighbour_of=neighbour_of,
+            neighbours=self.neighbour_sets if needs.neighbours else None,
+            neighbour_of=f if needs.neighbours else None,
             retain_cond=pick(d.retain_cond, r) if needs.retain else None,
             forget_cond=pick(d.forget_cond, f) if needs.forget else None,
         )

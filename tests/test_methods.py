@@ -10,6 +10,7 @@ import torch
 from retrack.diffusion import NoiseSchedule
 from retrack.errors import InputError, TrainingDivergedError
 from retrack.methods import UnlearnBatch, build_method, method_class, method_names
+from retrack.methods.neighbour_sets import NeighbourSets
 from retrack.methods.retrack import knn_target
 from retrack.methods.siss import importance_weights
 from retrack.models import default_scheduler
@@ -199,6 +200,22 @@ def test_knn_sets_stored_once_equal_one_set_per_sample(schedule):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="3 neighbour sets for 6 forget samples"):
         knn_target(schedule, xt, t, sets)
+
+
+def test_neighbour_sets_hold_differences_from_the_first_neighbour_and_move_once():
+    g = gen(7)
+    sets = torch.rand((3, K, *SHAPE), generator=g) * 2 - 1
+    prepared = NeighbourSets.of(sets)
+    flat = sets.flatten(2)
+    torch.testing.assert_close(prepared.anchor, flat[:, 0])
+    torch.testing.assert_close(prepared.diffs, flat - flat[:, :1])
+    assert prepared.sq_norms.dtype == torch.float64
+    torch.testing.assert_close(prepared.sq_norms, ((flat - flat[:, :1]).double() ** 2).sum(2))
+    assert prepared.to("cpu") is prepared
+    # Every micro-batch moves the batch to the training device: the sets are copied there once.
+    moved = prepared.to("meta")
+    assert moved.diffs.device.type == "meta" and moved.diffs.shape == prepared.diffs.shape
+    assert prepared.to("meta") is moved
 
 
 def test_knn_weights_and_targets_carry_no_gradient(schedule):

@@ -53,12 +53,13 @@ def test_microbatches_partition_the_global_batch_deterministically():
     whole, _ = one.microbatch(step=3, micro=0)
     parts = [four.microbatch(step=3, micro=m)[0] for m in range(4)]
     torch.testing.assert_close(torch.cat([p.retain for p in parts]), whole.retain)
-    per_sample = lambda b: b.neighbours[b.neighbour_of]  # noqa: E731
-    torch.testing.assert_close(torch.cat([per_sample(p) for p in parts]), per_sample(whole))
-    # Each set is stored once (two forget items here) and each sample points at its own item's set.
-    assert len(whole.neighbours) == len(torch.unique(whole.forget, dim=0)) <= 2
-    rows = [next(r for r in range(len(data.forget)) if torch.equal(data.forget[r], x)) for x in whole.forget]
-    torch.testing.assert_close(per_sample(whole), data.neighbours[rows])
+    torch.testing.assert_close(torch.cat([p.neighbour_of for p in parts]), whole.neighbour_of)
+    # A drawer's batches point into one set per forget item, prepared once, each sample at its own item's.
+    sets = whole.neighbours
+    assert all(p.neighbours is parts[0].neighbours for p in parts) and len(sets) == len(data.forget) == 2
+    torch.testing.assert_close(data.forget[whole.neighbour_of], whole.forget)
+    rebuilt = (sets.anchor.unsqueeze(1) + sets.diffs).view_as(data.neighbours)
+    torch.testing.assert_close(rebuilt, data.neighbours)
     again, gen = four.microbatch(step=3, micro=2)
     torch.testing.assert_close(again.forget, parts[2].forget)
     assert torch.equal(torch.randn(3, generator=gen), torch.randn(3, generator=four.microbatch(3, 2)[1]))

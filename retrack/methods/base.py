@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from retrack.diffusion import NoiseSchedule
 from retrack.errors import InputError
+from retrack.methods.neighbour_sets import NeighbourSets
 
 # A denoiser maps (x_t, t, conditioning or None) to the predicted noise eps_theta(x_t, t[, c]).
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -34,13 +35,14 @@ class UnlearnBatch:
 
     `neighbours[neighbour_of[i]]` holds the K nearest retained items of `forget[i]` (without
     `neighbour_of`, `neighbours[i]` does): forget items repeat within a batch, their neighbour sets
-    are stored once. `*_cond` is the text conditioning (encoder hidden states) of each item for
-    conditional models, else None.
+    are stored once. The drawer passes every forget item's set, prepared once per run
+    (NeighbourSets), and `neighbour_of` the forget rows. `*_cond` is the text conditioning (encoder
+    hidden states) of each item for conditional models, else None.
     """
 
     retain: torch.Tensor | None = None
     forget: torch.Tensor | None = None
-    neighbours: torch.Tensor | None = None
+    neighbours: torch.Tensor | NeighbourSets | None = None
     neighbour_of: torch.Tensor | None = None
     retain_cond: torch.Tensor | None = None
     forget_cond: torch.Tensor | None = None

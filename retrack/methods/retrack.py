@@ -11,6 +11,7 @@ from retrack.diffusion import sum_sq
 from retrack.errors import InputError
 from retrack.methods.base import DataRequirements, LossTerms, Method, MethodParams, UnlearnBatch, register
 from retrack.methods.branches import denoise_together, noise, vanilla_loss
+from retrack.methods.neighbour_sets import NeighbourSets
 
 
 class ReTrackParams(MethodParams):
@@ -35,13 +36,15 @@ class KnnTarget(NamedTuple):
         return sum_sq(pred - self.target) + self.spread
 
 
-def knn_target(schedule, xt: torch.Tensor, t: torch.Tensor, neighbours: torch.Tensor, neighbour_of: torch.Tensor | None = None) -> KnnTarget:
+def knn_target(schedule, xt: torch.Tensor, t: torch.Tensor, neighbours: torch.Tensor | NeighbourSets,
+               neighbour_of: torch.Tensor | None = None) -> KnnTarget:
     """For v_j = (x_t - gamma_t n_j) / sigma_t: the posterior weights p_j = softmax_j(-||v_j||^2 / 2),
     the weighted target sum_j p_j v_j and the spread sum_j p_j ||v_j - target||^2.
 
-    `neighbours` holds S neighbour sets (S, K, ...); sample i uses set `neighbour_of[i]` (None: set i).
-    A batch draws its forget items with replacement, so a few sets serve the whole batch and the
-    (batch, K, ...) gather is never made.
+    `neighbours` holds S neighbour sets (S, K, ...), or their NeighbourSets (what the drawer passes:
+    prepared once per run); sample i uses set `neighbour_of[i]` (None: set i). A batch draws its
+    forget items with replacement, so a few sets serve the whole batch and the (batch, K, ...)
+    gather is never made.
 
     sum_j p_j ||eps_theta - v_j||^2 = ||eps_theta - target||^2 + spread, and only the first part
     depends on theta: the loss is taken in that form, so autograd never holds the (batch, K, ...)
@@ -50,22 +53,21 @@ def knn_target(schedule, xt: torch.Tensor, t: torch.Tensor, neighbours: torch.Te
     neighbour and its terms are combined in float64: near t = 0 they are divided by
     sigma_t^2 ~ 1e-4, and near-duplicate neighbours differ by little.
     """
+    sets = neighbours if isinstance(neighbours, NeighbourSets) else NeighbourSets.of(neighbours)
     b = len(xt)
     if neighbour_of is None:
-        if len(neighbours) != b:
-            raise ValueError(f"{len(neighbours)} neighbour sets for {b} forget samples and no neighbour_of")  # a caller bug, not user input
-        neighbour_of = torch.arange(b, device=neighbours.device)
+        if len(sets) != b:
+            raise ValueError(f"{len(sets)} neighbour sets for {b} forget samples and no neighbour_of")  # a caller bug, not user input
+        neighbour_of = torch.arange(b, device=sets.device)
     with torch.no_grad():
-        n = neighbours.flatten(2).float()  # (S, K, D)
+        d = sets.diffs  # n_j - n_1 per set
         g, s = (c.double() for c in schedule.coefficients(t, 2))  # (B, 1) each
-        anchor = n[:, 0]
-        d = n - anchor.unsqueeze(1)  # n_j - n_1, once per set
-        dd = torch.linalg.vector_norm(d, dim=2).double().square()[neighbour_of]  # (B, K)
-        y = xt.flatten(1).float() - g.float() * anchor[neighbour_of]  # x_t - gamma_t n_1
+        dd = sets.sq_norms[neighbour_of]  # (B, K)
+        y = xt.flatten(1).float() - g.float() * sets.anchor[neighbour_of]  # x_t - gamma_t n_1
         # The samples of each set, grouped with one sort (and one device sync for the counts).
-        sizes = torch.bincount(neighbour_of, minlength=len(n)).tolist()
+        sizes = torch.bincount(neighbour_of, minlength=len(sets)).tolist()
         groups = [(j, rows) for j, rows in enumerate(torch.split(torch.argsort(neighbour_of), sizes)) if len(rows)]
-        yd = y.new_empty(b, n.shape[1])
+        yd = y.new_empty(b, d.shape[1])
         for j, rows in groups:
             yd[rows] = y[rows] @ d[j].T
         sq_dist = y.double().square().sum(1, keepdim=True) - 2 * g * yd.double() + g.square() * dd  # ||x_t - gamma_t n_j||^2
