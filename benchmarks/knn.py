@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -210,6 +211,9 @@ def encode_benchmark(n: int, cpus: int) -> dict:
     # Ray renices its workers (+15 by default); the loop runs at 0. On a machine shared with other
     # jobs that alone would starve the Ray side, so both run at the same priority here.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    import ray
+
+    from pipelines.index import RayExecutor, ensure_ray
     from retrack.index import EncoderSpec
     from retrack.index.build import EncodeJob, LocalExecutor, encode_files
     from retrack.index.encoders import build_encoder
@@ -221,50 +225,59 @@ def encode_benchmark(n: int, cpus: int) -> dict:
         make_image_corpus(corpus, n)
         plan = scan_corpus(corpus, rows_per_chunk=n)
         spec = EncoderSpec()
+        files = list(range(len(plan.chunks[0].files)))
 
         def jobs(name):
             return [EncodeJob(c, f"{name}-{c.number}", Location.parse(Path(tmp) / name / str(c.number))) for c in plan.chunks]
 
-        loop_times, loop_cpu = [], []
-        for r in range(3):
-            t, c = time.perf_counter(), cpu_seconds()
-            LocalExecutor().encode(plan, jobs(f"loop{r}"), spec, "fail")
-            loop_times.append(time.perf_counter() - t)
-            loop_cpu.append(cpu_seconds() - c)
+        def loop(name):
+            LocalExecutor().encode(plan, jobs(name), spec, "fail")
 
         # What this machine itself gives `cpus` cores: as many plain processes, each encoding every
         # `cpus`-th file. Ray cannot do better than this; the gap between the two is Ray's.
-        files = list(range(len(plan.chunks[0].files)))
-        proc_times = []
-        ctx = multiprocessing.get_context("spawn")
+        def processes(name):
+            dest = Location.parse(Path(tmp) / name / "0")
+            for f in [pool.submit(encode_files, plan, files[i::cpus], dest, encoder, "fail", 500) for i in range(cpus)]:
+                f.result()
+
+        def ray_data(name):
+            ex.encode(plan, jobs(name), spec, "fail")
+
+        def start_ray() -> RayExecutor:
+            ensure_ray(num_cpus=cpus)
+            started = RayExecutor(batch_size=500)
+            # Start every worker (one file each) so that the timed run measures the steady state.
+            warm = scan_corpus(corpus, rows_per_chunk=2000 * cpus)
+            started.encode(warm, [EncodeJob(warm.chunks[0], "warm", Location.parse(Path(tmp) / "warm"))], spec, "fail")
+            return started
+
         encoder = build_encoder(spec)
-        with concurrent.futures.ProcessPoolExecutor(cpus, mp_context=ctx) as pool:
-            warmed = [pool.submit(encode_files, plan, files[i:i + 1], Location.parse(Path(tmp) / "pwarm"), encoder, "fail", 500)
-                      for i in range(cpus)]
-            concurrent.futures.wait(warmed)
+        with concurrent.futures.ProcessPoolExecutor(cpus, mp_context=multiprocessing.get_context("spawn")) as pool:
+            concurrent.futures.wait([pool.submit(encode_files, plan, files[i:i + 1], Location.parse(Path(tmp) / "pwarm"), encoder, "fail", 500)
+                                     for i in range(cpus)])
+            # The three run side by side in every repeat, in a rotating order: a machine's speed
+            # drifts within minutes. Each run's output (~2 GB at 40,000 images) is deleted before
+            # the next (a page cache filled by earlier runs slows whichever runs last), and Ray is
+            # up only for its own run (its idle processes would otherwise share the cores with the others).
+            times: dict[str, list[float]] = {"loop": [], "processes": [], "ray": []}
+            # CPU time: the loop's own process; Ray's whole tree (driver, GCS, raylet, workers).
+            cpu: dict[str, list[float]] = {"loop": [], "ray": []}
+            cpu_of = {"loop": time.process_time, "ray": cpu_seconds}
+            contenders = [("loop", loop), ("processes", processes), ("ray", ray_data)]
             for r in range(3):
-                dest = Location.parse(Path(tmp) / f"proc{r}" / "0")
-                t = time.perf_counter()
-                for f in [pool.submit(encode_files, plan, files[i::cpus], dest, encoder, "fail", 500) for i in range(cpus)]:
-                    f.result()
-                proc_times.append(time.perf_counter() - t)
-
-        import ray
-
-        from pipelines.index import RayExecutor, ensure_ray
-
-        ensure_ray(num_cpus=cpus)
-        ex = RayExecutor(batch_size=500)
-        # Start every worker (one file each) so that the timed runs measure the steady state.
-        warm = scan_corpus(corpus, rows_per_chunk=2000 * cpus)
-        ex.encode(warm, [EncodeJob(warm.chunks[0], "warm", Location.parse(Path(tmp) / "warm"))], spec, "fail")
-        ray_times, ray_cpu = [], []
-        for r in range(3):
-            t, c = time.perf_counter(), cpu_seconds()
-            ex.encode(plan, jobs(f"ray{r}"), spec, "fail")
-            ray_times.append(time.perf_counter() - t)
-            ray_cpu.append(cpu_seconds() - c)
-        ray.shutdown()
+                for name, run in contenders[r:] + contenders[:r]:
+                    if name == "ray":
+                        ex = start_ray()
+                    t, c = time.perf_counter(), cpu_of[name]() if name in cpu_of else 0.0
+                    run(f"{name}{r}")
+                    times[name].append(time.perf_counter() - t)
+                    if name in cpu_of:
+                        cpu[name].append(cpu_of[name]() - c)
+                    if name == "ray":
+                        ray.shutdown()
+                    shutil.rmtree(Path(tmp) / f"{name}{r}")
+    loop_times, proc_times, ray_times = times["loop"], times["processes"], times["ray"]
+    loop_cpu, ray_cpu = cpu["loop"], cpu["ray"]
     loop_rps = n / statistics.median(loop_times)
     ray_rps = n / statistics.median(ray_times)
     proc_rps = n / statistics.median(proc_times)
@@ -282,7 +295,9 @@ def encode_benchmark(n: int, cpus: int) -> dict:
         "processes_ratio_definition": "(rows/s of as many plain processes as Ray CPUs / CPUs) / (single-process loop rows/s): "
                                       "the machine's own scaling, the ceiling for encode_ratio",
         "encode_ratio_cpu_time": round(cpu_ratio, 3),
-        "encode_ratio_cpu_time_definition": "loop CPU-seconds / Ray CPU-seconds (driver, GCS, raylet, workers) for the same images",
+        "encode_ratio_cpu_time_definition": "loop CPU-seconds (its own process) / Ray CPU-seconds (driver, GCS, raylet, workers) for the same images",
+        "schedule": "3 repeats; loop, processes and Ray side by side in each, order rotated per repeat; each run's output deleted "
+                    "before the next; Ray started (and its workers warmed) before its run and shut down after it",
         "loop_seconds": [round(t, 3) for t in loop_times],
         "ray_seconds": [round(t, 3) for t in ray_times],
         "processes_seconds": [round(t, 3) for t in proc_times],
