@@ -257,8 +257,8 @@ def encode_benchmark(n: int, cpus: int) -> dict:
                                      for i in range(cpus)])
             # The three run side by side in every repeat, in a rotating order: a machine's speed
             # drifts within minutes. Each run's output (~2 GB at 40,000 images) is deleted before
-            # the next (a page cache filled by earlier runs slows whichever runs last), and Ray is
-            # up only for its own run (its idle processes would otherwise share the cores with the others).
+            # the next (kept, Ray's runs slowed one after another), and Ray is up only for its own
+            # run (an idle Ray instance slowed the loop by ~1%).
             times: dict[str, list[float]] = {"loop": [], "processes": [], "ray": []}
             # CPU time: the loop's own process; Ray's whole tree (driver, GCS, raylet, workers).
             cpu: dict[str, list[float]] = {"loop": [], "ray": []}

@@ -73,8 +73,9 @@ class BatchDrawer:
         self.forget_micro_size = train.forget_batch // train.grad_accum
 
     @cached_property
-    def neighbour_sets(self) -> NeighbourSets:
-        return NeighbourSets.of(self.data.neighbours)
+    def neighbour_sets(self) -> NeighbourSets | None:
+        # None when the data has none: the method's check_batch then names what is missing.
+        return None if self.data.neighbours is None else NeighbourSets.of(self.data.neighbours)
 
     def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.train.seed, step])
@@ -90,7 +91,7 @@ class BatchDrawer:
             retain=pick(d.retain, r) if needs.retain else None,
             forget=pick(d.forget, f) if needs.forget else None,
             neighbours=self.neighbour_sets if needs.neighbours else None,
-            neighbour_of=f if needs.neighbours else None,
+            neighbour_of=f if needs.neighbours and self.neighbour_sets is not None else None,
             retain_cond=pick(d.retain_cond, r) if needs.retain else None,
             forget_cond=pick(d.forget_cond, f) if needs.forget else None,
         )

@@ -132,3 +132,16 @@ def test_methods_with_a_forget_branch_train_with_a_smaller_forget_batch(name):
     data = split_for_unlearning(toy_corpus(), ["i0", "i1"], cfg)
     history, _ = run_unlearning(model, data, cfg, TrainConfig(steps=2, batch_size=4, forget_batch_size=2, lr=1e-3))
     assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
+
+
+def test_data_without_neighbours_gets_the_methods_own_error_not_a_crash():
+    from retrack.diffusion import NoiseSchedule
+    from retrack.methods import build_method
+
+    data = split_for_unlearning(toy_corpus(), ["i3"], MethodConfig(name="vanilla"))
+    assert data.neighbours is None
+    method = build_method("retrack", NoiseSchedule.from_scheduler(default_scheduler()), {"k": 3})
+    batch, gen = BatchDrawer(data, method.requirements, TrainConfig(batch_size=4)).microbatch(0, 0)
+    assert batch.neighbours is None and batch.neighbour_of is None
+    with pytest.raises(InputError, match="needs a neighbours batch"):
+        method.losses(lambda x, t, c=None: x, batch, gen)

@@ -33,9 +33,9 @@ class DataRequirements:
 class UnlearnBatch:
     """One micro-batch. Images are in the space the model denoises (pixels in [-1, 1] or latents).
 
-    `neighbours[neighbour_of[i]]` holds the K nearest retained items of `forget[i]` (without
-    `neighbour_of`, `neighbours[i]` does): forget items repeat within a batch, their neighbour sets
-    are stored once. The drawer passes every forget item's set, prepared once per run
+    Set `neighbour_of[i]` of `neighbours` holds the K nearest retained items of `forget[i]` (without
+    `neighbour_of`, set i does): forget items repeat within a batch, their neighbour sets are
+    stored once. The drawer passes every forget item's set, prepared once per run
     (NeighbourSets), and `neighbour_of` the forget rows. `*_cond` is the text conditioning (encoder
     hidden states) of each item for conditional models, else None.
     """
