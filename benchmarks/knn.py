@@ -213,7 +213,7 @@ def encode_benchmark(n: int, cpus: int) -> dict:
     os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
-    from pipelines.index import RayExecutor, ensure_ray
+    from pipelines.index import RayExecutor, ensure_ray, files_per_task
     from retrack.index import EncoderSpec
     from retrack.index.build import EncodeJob, LocalExecutor, encode_files
     from retrack.index.encoders import build_encoder
@@ -225,7 +225,8 @@ def encode_benchmark(n: int, cpus: int) -> dict:
         make_image_corpus(corpus, n)
         plan = scan_corpus(corpus, rows_per_chunk=n)
         spec = EncoderSpec()
-        files = list(range(len(plan.chunks[0].files)))
+        files = list(zip(plan.chunks[0].files, range(len(plan.chunks[0].files))))
+        per_task = files_per_task([f.size for f in plan.files], cpus)
 
         def jobs(name):
             return [EncodeJob(c, f"{name}-{c.number}", Location.parse(Path(tmp) / name / str(c.number))) for c in plan.chunks]
@@ -289,6 +290,7 @@ def encode_benchmark(n: int, cpus: int) -> dict:
         "loop_rows_per_second": round(loop_rps, 1),
         "ray_rows_per_second": round(ray_rps, 1),
         "ray_cpus": cpus,
+        "ray_files_per_task": per_task,
         "encode_ratio": round(ray_rps / (cpus * loop_rps), 3),
         "encode_ratio_definition": "(Ray Data rows/s / Ray CPUs) / (single-process loop rows/s)",
         "processes_ratio": round(proc_rps / (cpus * loop_rps), 3),

@@ -72,8 +72,6 @@ def unwrap_ray_error(exc: BaseException) -> BaseException:
     """
     import re
 
-    from retrack import errors
-
     seen, stack = set(), [exc]
     while stack:
         e = stack.pop()
@@ -86,10 +84,19 @@ def unwrap_ray_error(exc: BaseException) -> BaseException:
         stack.extend([cause if isinstance(cause, BaseException) else None, e.__cause__])
     found = re.findall(r"retrack\.errors\.(\w+): (.+)", str(exc))
     for name, message in reversed(found):
-        cls = getattr(errors, name, None)
-        if isinstance(cls, type) and issubclass(cls, RetrackError) and name != "TrainingDivergedError":
-            return cls(message.strip())
+        if (error := retrack_error(name, message.strip())) is not None:
+            return error
     return exc
+
+
+def retrack_error(name: str, message: str) -> RetrackError | None:
+    """The error class `name` of retrack.errors re-created with `message`; None if there is none."""
+    from retrack import errors
+
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, RetrackError) and name != "TrainingDivergedError":
+        return cls(message)
+    return None
 
 
 class _EncodeBatch:
@@ -153,12 +160,39 @@ def _pixel_encoder(spec):
     return build_encoder(spec)
 
 
-def _encode_files(batch, plan, dest, spec, on_bad, batch_size):
-    """map_batches UDF: encode the corpus files numbered in `batch` into `dest`, one part each."""
+def _encode_files(batch, plan, s3, spec, on_bad, batch_size):
+    """map_batches UDF: encode the corpus files listed in `batch` (one row per file: its chunk's
+    destination, its part number there and the file itself), each into its own part."""
     from retrack.index.build import encode_files
+    from retrack.index.source import SourceFile
+    from retrack.storage import Location
 
-    encode_files(plan, batch["n"], dest, _pixel_encoder(spec), on_bad, batch_size)
-    return {"n": batch["n"]}
+    rows = [dict(zip(batch, values)) for values in zip(*(v.tolist() for v in batch.values()))]
+    try:
+        for dest in dict.fromkeys(r["dest"] for r in rows):
+            files = [(SourceFile(*(r[k] for k in _FILE_FIELDS)), r["n"]) for r in rows if r["dest"] == dest]
+            encode_files(plan, files, Location(dest, s3), _pixel_encoder(spec), on_bad, batch_size)
+    except RetrackError as exc:
+        # Returned, not raised: a failed task makes Ray Data drop the outputs of tasks that had
+        # finished but not yet reached the driver, and their chunks would not be marked complete.
+        return {"job": [-1], "rows": [0], "error": [type(exc).__name__], "message": [str(exc)]}
+    return {"job": batch["job"], "rows": batch["rows"], "error": [""] * len(rows), "message": [""] * len(rows)}
+
+
+_FILE_FIELDS = ("uri", "rel", "size", "mtime_ns", "rows")
+# Ray's own processes work for every task, on the workers' cores: 20 one-file tasks of 0.5 s took
+# 6.5 s where 10 two-file tasks took 6.35 s (docs/scaling.md). A task takes files while it stays
+# under _TASK_BYTES; at least _TASKS_PER_CPU tasks per CPU keep the last wave even.
+_TASK_BYTES = 64 << 20
+_TASKS_PER_CPU = 4
+
+
+def files_per_task(sizes: list[int], cpus: int) -> int:
+    """How many corpus files one encode task takes (at least one)."""
+    if not sizes:
+        return 1
+    by_size = _TASK_BYTES // max(1, sum(sizes) // len(sizes))
+    return max(1, min(by_size, len(sizes) // (_TASKS_PER_CPU * max(1, cpus))))
 
 
 class RayExecutor:
@@ -178,7 +212,7 @@ class RayExecutor:
 
         return max(1, int(ray.available_resources().get("CPU", 1)))
 
-    def encode(self, plan, jobs, encoder, on_bad, progress=None):
+    def encode(self, plan, jobs, encoder, on_bad, progress=None, chunk_done=None):
         import ray
         import ray.data
 
@@ -191,34 +225,50 @@ class RayExecutor:
         saved_block_size = ctx.target_max_block_size
         ctx.target_max_block_size = min(saved_block_size or 32 << 20, 32 << 20)
         try:
-            self._encode(ray, plan, jobs, encoder, on_bad, progress)
+            if plan.kind == "parquet" and encoder.kind == "pixels":
+                self._encode_per_file(ray, plan, jobs, encoder, on_bad, progress, chunk_done)
+            else:
+                for n, job in enumerate(jobs):
+                    self._encode_blocks(ray, plan, job, encoder, on_bad)
+                    if chunk_done:
+                        chunk_done(job)
+                    if progress:
+                        progress("encode", n + 1, len(jobs))
+        except Exception as exc:  # noqa: BLE001 - re-raised as the retrack error inside, if any
+            raise unwrap_ray_error(exc) from None
         finally:
             ctx.target_max_block_size = saved_block_size
 
-    def _encode(self, ray, plan, jobs, encoder, on_bad, progress):
-        for n, job in enumerate(jobs):
-            try:
-                if plan.kind == "parquet" and encoder.kind == "pixels":
-                    self._encode_per_file(ray, replace(plan, files=job.chunk.files, chunks=[]), job.dest, encoder, on_bad)
-                else:
-                    self._encode_blocks(ray, plan, job, encoder, on_bad)
-            except Exception as exc:  # noqa: BLE001 - re-raised as the retrack error inside, if any
-                raise unwrap_ray_error(exc) from None
-            if progress:
-                progress("encode", n + 1, len(jobs))
-
-    def _encode_per_file(self, ray, plan, dest, encoder, on_bad):
-        """One task per corpus file (`plan` holds the chunk's files only: it travels to every task)."""
-        files = ray.data.from_items([{"n": n} for n in range(len(plan.files))], override_num_blocks=len(plan.files))
-        done = files.map_batches(_encode_files, batch_size=1, fn_kwargs={
-            "plan": plan, "dest": dest, "spec": encoder, "on_bad": on_bad, "batch_size": self.batch_size})
+    def _encode_per_file(self, ray, plan, jobs, encoder, on_bad, progress, chunk_done):
+        """One dataset over every job's files, so the chunks stream into each other (no idle CPUs
+        at each chunk's end); a chunk is reported done as soon as its last file is written."""
+        items = [{"job": j, "dest": job.dest.uri, "n": n, **{k: getattr(f, k) for k in _FILE_FIELDS}}
+                 for j, job in enumerate(jobs) for n, f in enumerate(job.chunk.files)]
+        if not items:
+            return
+        per_task = files_per_task([i["size"] for i in items], int(ray.cluster_resources().get("CPU", 1)))
+        files = ray.data.from_items(items, override_num_blocks=-(-len(items) // per_task))
+        # The plan travels to every task without its file list (each row names its own file).
+        done = files.map_batches(_encode_files, batch_size=per_task, fn_kwargs={
+            "plan": replace(plan, files=[], chunks=[]), "s3": jobs[0].dest.s3, "spec": encoder, "on_bad": on_bad,
+            "batch_size": self.batch_size})
         # Ray Data reserves part of the CPUs for each operator of a plan. This plan has one real
         # operator; with the reservation on, a 2-CPU node ran one task at a time for the first
         # second and left each worker idle ~0.2 s between tasks (8.0 s against 6.0 s without).
         # Set on this dataset's own context (the one it executes with), not the driver's.
         done.context.op_resource_reservation_enabled = False
-        for _ in done.iter_batches(batch_size=None):
-            pass
+        left = [len(job.chunk.files) for job in jobs]
+        total, rows = sum(job.chunk.rows for job in jobs), 0
+        for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
+            for j, r, error, message in zip(*(batch[k].tolist() for k in ("job", "rows", "error", "message"))):
+                if error:
+                    raise retrack_error(error, message) or RetrackError(message)
+                left[j] -= 1
+                rows += r
+                if left[j] == 0 and chunk_done:
+                    chunk_done(jobs[j])
+            if progress:
+                progress("encode", rows, total)
 
     def _encode_blocks(self, ray, plan, job, encoder, on_bad):
         """Read blocks -> decode and encode (a fused function for pixels, an actor pool for the VAE) -> write."""

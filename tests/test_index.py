@@ -206,6 +206,30 @@ def test_reuse_rebuild_after_change_and_repair_of_a_truncated_shard(tmp_path):
     assert ivf.status == "built" and ivf.manifest.index_type == "ivf" and ivf.encoded_chunks == 0
 
 
+def run_failing_in_its_last_chunk(tmp_path, build) -> tuple[int, int]:
+    """Build a corpus of 6 one-file chunks whose last file holds an undecodable image: the run
+    fails; fix the file and build again. Returns (chunks finished by the failed run, chunks the
+    rerun encoded)."""
+    images = clustered_images(60, seed=7)
+    rows = list(_rows(images, [f"k{i}" for i in range(60)]))
+    rows[55]["image"] = b"garbage"
+    write_shards(tmp_path / "c", rows, shard_size=10)
+    with pytest.raises(CorpusError, match="item 'k55'.*cannot be decoded"):
+        build(tmp_path / "c", tmp_path / "idx", rows_per_chunk=10)
+    finished = sum((d / "_SUCCESS.json").exists() for d in (tmp_path / "idx" / "embeddings").iterdir())
+    rows[55]["image"] = encode_image(images[55])
+    write_shards(tmp_path / "fixed", rows[50:], shard_size=10)
+    (tmp_path / "fixed" / "part-00000.parquet").replace(tmp_path / "c" / "part-00005.parquet")
+    rerun = build(tmp_path / "c", tmp_path / "idx", rows_per_chunk=10)
+    assert rerun.manifest.count == 60 and rerun.built_shards == 6
+    return finished, rerun.encoded_chunks
+
+
+def test_a_failed_run_keeps_the_chunks_it_finished(tmp_path):
+    # Each chunk is marked complete as it finishes, not after the whole encode stage.
+    assert run_failing_in_its_last_chunk(tmp_path, build_index) == (5, 1)
+
+
 def test_corrupt_shard_of_the_right_size_is_caught_by_its_checksum(tmp_path):
     corpus = tmp_path / "corpus"
     write_corpus(corpus, clustered_images(200, seed=3), shard_size=100)

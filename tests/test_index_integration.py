@@ -15,7 +15,7 @@ from retrack.errors import CorpusError, StorageError
 from retrack.index import IndexParams, find_duplicates, find_neighbours, open_index
 from retrack.storage import Location
 from tests.index_helpers import bench, clustered_images, write_corpus  # noqa: F401  (bench: fixture)
-from tests.test_index import assert_same_neighbours, brute_force
+from tests.test_index import assert_same_neighbours, brute_force, run_failing_in_its_last_chunk
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +116,26 @@ def test_image_folder_on_s3_and_bad_input_through_ray(ray_local, s3_env, tmp_pat
 
     with pytest.raises(StorageError, match=f"bucket 'no-such-bucket-{run}' does not exist"):
         build(f"s3://no-such-bucket-{run}/corpus", s3_env.uri(f"{run}/idx-x"))
+
+
+def test_a_failed_ray_run_keeps_the_chunks_it_finished(ray_local, tmp_path):
+    from pipelines.index import build
+
+    # One dataset streams all six chunks; with 2 CPUs the bad last file starts after 4 are written.
+    finished, encoded = run_failing_in_its_last_chunk(tmp_path, build)
+    assert finished >= 4 and encoded == 6 - finished
+
+
+def test_encode_tasks_group_small_files_but_keep_tasks_for_every_cpu():
+    from pipelines.index import files_per_task
+
+    mib = 1 << 20
+    assert files_per_task([24 * mib] * 20, cpus=2) == 2  # 64 MiB a task: 10 tasks for 2 CPUs
+    assert files_per_task([mib] * 20, cpus=2) == 2  # 4 tasks a CPU at least
+    assert files_per_task([mib] * 1000, cpus=2) == 64  # up to 64 MiB a task
+    assert files_per_task([200 * mib] * 100, cpus=2) == 1  # a big file is a task of its own
+    assert files_per_task([mib] * 3, cpus=64) == 1
+    assert files_per_task([], cpus=2) == 1
 
 
 def test_cli_build_on_ray_from_s3(ray_local, s3_env, bench, tmp_path):

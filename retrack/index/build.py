@@ -71,8 +71,11 @@ class ShardJob:
 
 
 class Executor(Protocol):
-    def encode(self, plan: CorpusPlan, jobs: list[EncodeJob], encoder: EncoderSpec, on_bad: str, progress: Progress | None) -> None:
-        """Write each job's embedding parquet files under job.dest (finish_chunk is called after)."""
+    def encode(self, plan: CorpusPlan, jobs: list[EncodeJob], encoder: EncoderSpec, on_bad: str, progress: Progress | None,
+               chunk_done: Callable[[EncodeJob], None] | None = None) -> None:
+        """Write each job's embedding parquet files under job.dest, calling `chunk_done(job)` as soon
+        as a job's files are all written (build_index marks the chunk complete there, so a crash
+        later in the run keeps it)."""
 
     def build_shards(self, root: Location, jobs: list[ShardJob], params: IndexParams, quantizer: FileRecord | None,
                      progress: Progress | None) -> list[ShardRecord]:
@@ -105,11 +108,12 @@ def encode_chunk_loop(plan: CorpusPlan, job: EncodeJob, encoder, on_bad: str, ba
         encode_file(plan, f, n, job.dest, encoder, on_bad, batch_size, progress)
 
 
-def encode_files(plan: CorpusPlan, numbers: Iterable[int], dest: Location, encoder, on_bad: str, batch_size: int = 512) -> None:
-    """Encode the corpus files `plan.files[n]` for n in `numbers`, each into its own part: one Ray
-    task's (or one plain process's) share of a chunk."""
-    for n in numbers:
-        encode_file(plan, plan.files[n], int(n), dest, encoder, on_bad, batch_size)
+def encode_files(plan: CorpusPlan, files: Iterable[tuple[SourceFile, int]], dest: Location, encoder, on_bad: str,
+                 batch_size: int = 512) -> None:
+    """Encode each corpus file `f` of (f, n) in `files` into part n of `dest`: one Ray task's (or
+    one plain process's) share of a chunk."""
+    for f, n in files:
+        encode_file(plan, f, int(n), dest, encoder, on_bad, batch_size)
 
 
 def encode_file(plan: CorpusPlan, f: SourceFile, n: int, dest: Location, encoder, on_bad: str, batch_size: int = 512,
@@ -152,7 +156,7 @@ class LocalExecutor:
         self.threads = threads
         self.batch_size = batch_size
 
-    def encode(self, plan, jobs, encoder, on_bad, progress=None):
+    def encode(self, plan, jobs, encoder, on_bad, progress=None, chunk_done=None):
         enc = build_encoder(encoder)
         total = sum(j.chunk.rows for j in jobs)
         done = 0
@@ -165,6 +169,8 @@ class LocalExecutor:
 
         for job in jobs:
             encode_chunk_loop(plan, job, enc, on_bad, self.batch_size, tick)
+            if chunk_done:
+                chunk_done(job)
 
     def build_shards(self, root, jobs, params, quantizer, progress=None):
         out = []
@@ -234,9 +240,7 @@ def build_index(
         log.info("encoding %d of %d chunk(s) (%d items)", len(todo), len(jobs), sum(j.chunk.rows for j in todo))
         for j in todo:
             j.dest.remove()
-        executor.encode(plan, todo, encoder, on_bad, progress)
-        for j in todo:
-            finish_chunk(j.dest)
+        executor.encode(plan, todo, encoder, on_bad, progress, chunk_done=lambda j: finish_chunk(j.dest))
     infos = [chunk_info(j.dest) for j in jobs]
     if any(i is None for i in infos):
         raise StorageError(f"the encode stage left unfinished embedding chunks under {root.uri}/embeddings")
