@@ -228,12 +228,14 @@ class RayExecutor:
             if plan.kind == "parquet" and encoder.kind == "pixels":
                 self._encode_per_file(ray, plan, jobs, encoder, on_bad, progress, chunk_done)
             else:
-                for n, job in enumerate(jobs):
+                total, rows = sum(job.chunk.rows for job in jobs), 0
+                for job in jobs:
                     self._encode_blocks(ray, plan, job, encoder, on_bad)
                     if chunk_done:
                         chunk_done(job)
+                    rows += job.chunk.rows
                     if progress:
-                        progress("encode", n + 1, len(jobs))
+                        progress("encode", rows, total)
         except Exception as exc:  # noqa: BLE001 - re-raised as the retrack error inside, if any
             raise unwrap_ray_error(exc) from None
         finally:

@@ -230,6 +230,18 @@ def test_a_failed_run_keeps_the_chunks_it_finished(tmp_path):
     assert run_failing_in_its_last_chunk(tmp_path, build_index) == (5, 1)
 
 
+def test_ray_encode_tasks_group_small_files_but_keep_tasks_for_every_cpu():
+    from pipelines.index import files_per_task  # imports no Ray
+
+    mib = 1 << 20
+    assert files_per_task([24 * mib] * 20, cpus=2) == 2  # 64 MiB a task: 10 tasks for 2 CPUs
+    assert files_per_task([mib] * 20, cpus=2) == 2  # 4 tasks a CPU at least
+    assert files_per_task([mib] * 1000, cpus=2) == 64  # up to 64 MiB a task
+    assert files_per_task([200 * mib] * 100, cpus=2) == 1  # a big file is a task of its own
+    assert files_per_task([mib] * 3, cpus=64) == 1
+    assert files_per_task([], cpus=2) == 1
+
+
 def test_corrupt_shard_of_the_right_size_is_caught_by_its_checksum(tmp_path):
     corpus = tmp_path / "corpus"
     write_corpus(corpus, clustered_images(200, seed=3), shard_size=100)

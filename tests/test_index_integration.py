@@ -126,18 +126,6 @@ def test_a_failed_ray_run_keeps_the_chunks_it_finished(ray_local, tmp_path):
     assert finished >= 4 and encoded == 6 - finished
 
 
-def test_encode_tasks_group_small_files_but_keep_tasks_for_every_cpu():
-    from pipelines.index import files_per_task
-
-    mib = 1 << 20
-    assert files_per_task([24 * mib] * 20, cpus=2) == 2  # 64 MiB a task: 10 tasks for 2 CPUs
-    assert files_per_task([mib] * 20, cpus=2) == 2  # 4 tasks a CPU at least
-    assert files_per_task([mib] * 1000, cpus=2) == 64  # up to 64 MiB a task
-    assert files_per_task([200 * mib] * 100, cpus=2) == 1  # a big file is a task of its own
-    assert files_per_task([mib] * 3, cpus=64) == 1
-    assert files_per_task([], cpus=2) == 1
-
-
 def test_cli_build_on_ray_from_s3(ray_local, s3_env, bench, tmp_path):
     from typer.testing import CliRunner
 
@@ -173,8 +161,11 @@ def test_vae_latents_through_a_ray_actor_pool_match_the_local_loop(ray_local, tm
     images = np.random.default_rng(2).integers(0, 256, size=(24, 16, 16, 3), dtype=np.uint8)
     write_corpus(tmp_path / "c", images, shard_size=8)
     spec = EncoderSpec(kind="vae", model_dir=str(tmp_path / "vae"), device="cuda")
-    on_ray = build(str(tmp_path / "c"), str(tmp_path / "ray-idx"), encoder=spec)
-    local = build_index(tmp_path / "c", tmp_path / "local-idx", encoder=spec)
+    seen = []
+    on_ray = build(str(tmp_path / "c"), str(tmp_path / "ray-idx"), encoder=spec, rows_per_chunk=8,
+                   progress=lambda phase, done, total: seen.append((done, total)) if phase == "encode" else None)
+    assert seen == [(8, 24), (16, 24), (24, 24)]  # rows, chunk by chunk, as every executor counts them
+    local = build_index(tmp_path / "c", tmp_path / "local-idx", encoder=spec, rows_per_chunk=8)
     assert on_ray.manifest.dim == local.manifest.dim == 256
     a, b = open_index(tmp_path / "ray-idx"), open_index(tmp_path / "local-idx")
     rows_b = {i: n for n, i in enumerate(b.ids.to_pylist())}
