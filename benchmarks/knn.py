@@ -67,7 +67,7 @@ def write_chunks(root, vectors: np.ndarray, rows_per_chunk: int) -> list[str]:
     import pyarrow.parquet as pq
 
     from retrack.index.shards import embeddings_dir, finish_chunk
-    from retrack.index.source import vectors_table
+    from retrack.data.source import vectors_table
 
     keys = []
     for c, s in enumerate(range(0, len(vectors), rows_per_chunk)):
@@ -103,12 +103,12 @@ def measure(n: int, queries: int, runs: int, real: bool = False) -> dict:
     from retrack.index.build import index_chunks
     from retrack.index.manifest import Manifest
     from retrack.index.search import open_index
-    from retrack.storage import Location
+    from retrack.storage.location import Location
 
     threads = os.cpu_count() or 1
     faiss.omp_set_num_threads(threads)
     if real:
-        from retrack.benchmark import load_fashion_mnist_u8
+        from retrack.embedded.benchmark import load_fashion_mnist_u8
 
         imgs, _ = load_fashion_mnist_u8()
         x = (imgs.reshape(len(imgs), -1).astype(np.float32) / 127.5 - 1.0)
@@ -192,7 +192,7 @@ def cpu_seconds() -> float:
 
 
 def make_image_corpus(out: Path, n: int, size: int = 64, seed: int = 0) -> None:
-    from retrack.corpus import encode_image, write_shards
+    from retrack.data.corpus import encode_image, write_shards
 
     rng = np.random.default_rng(seed)
     centres = rng.uniform(30, 225, size=(32, size, size, 3))
@@ -216,9 +216,9 @@ def encode_benchmark(n: int, cpus: int) -> dict:
     from pipelines.index import RayExecutor, ensure_ray, files_per_task
     from retrack.index import EncoderSpec
     from retrack.index.build import EncodeJob, LocalExecutor, encode_files
-    from retrack.index.encoders import build_encoder
-    from retrack.index.source import scan_corpus
-    from retrack.storage import Location
+    from retrack.models.encoders import build_encoder
+    from retrack.data.source import scan_corpus
+    from retrack.storage.location import Location
 
     with tempfile.TemporaryDirectory(prefix="encode-bench-") as tmp:
         corpus = Path(tmp) / "corpus"
@@ -361,7 +361,7 @@ def main() -> None:
     for n in [int(s) for s in args.sizes.split(",")]:
         rows.append(child("--one", str(n)))
         print(json.dumps(rows[-1]), flush=True)
-    from retrack.benchmark import fashion_mnist_available
+    from retrack.embedded.benchmark import fashion_mnist_available
 
     real = child("--real") if fashion_mnist_available() else None
     if real:

@@ -65,17 +65,17 @@ from pathlib import Path
 
 import torch
 
-from retrack.benchmark import BenchmarkInfo
-from retrack.config import MethodConfig, TrainConfig
-from retrack.corpus import read_corpus, read_forget_ids
-from retrack.evaluation import build_reference, evaluate_model
+from retrack.embedded.benchmark import BenchmarkInfo
+from retrack.config.train import MethodConfig, TrainConfig
+from retrack.data.corpus import read_corpus, read_forget_ids
+from retrack.evaluation.pixel import build_reference, evaluate_model
 from retrack.methods import method_class
-from retrack.metrics import load_classifier
-from retrack.models import load_pixel_model
-from retrack.pretrain import ensure_pretrained
-from retrack.stats import ratio_of_means
-from retrack.unlearn import run_unlearning, split_for_unlearning
-from retrack.workspace import Workspace
+from retrack.evaluation.metrics import load_classifier
+from retrack.models.pixel import load_pixel_model
+from retrack.embedded.pretrain import ensure_pretrained
+from retrack.evaluation.stats import ratio_of_means
+from retrack.training.loop import run_unlearning, split_for_unlearning
+from retrack.embedded.workspace import Workspace
 
 RESULTS = Path(__file__).parent / "results"
 

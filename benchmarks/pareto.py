@@ -23,12 +23,12 @@ from pathlib import Path
 import yaml
 
 from pipelines.tune import search
-from retrack.benchmark import BenchmarkInfo
-from retrack.pareto_plot import plot_fronts
-from retrack.pretrain import ensure_pretrained
-from retrack.spec import load_spec
-from retrack.tuning import OBJECTIVES, TrialOutcome, dominates
-from retrack.workspace import Workspace
+from retrack.embedded.benchmark import BenchmarkInfo
+from retrack.tuning.plot import plot_fronts
+from retrack.embedded.pretrain import ensure_pretrained
+from retrack.config.spec import load_spec
+from retrack.tuning.search import OBJECTIVES, TrialOutcome, dominates
+from retrack.embedded.workspace import Workspace
 
 RESULTS = Path(__file__).parent / "results"
 

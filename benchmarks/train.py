@@ -43,14 +43,14 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from retrack.benchmark import BenchmarkPaths, ensure_benchmark  # noqa: E402
-from retrack.config import MethodConfig, TrainConfig  # noqa: E402
-from retrack.corpus import read_corpus, read_forget_ids  # noqa: E402
-from retrack.diffusion import NoiseSchedule  # noqa: E402
+from retrack.embedded.benchmark import BenchmarkPaths, ensure_benchmark  # noqa: E402
+from retrack.config.train import MethodConfig, TrainConfig  # noqa: E402
+from retrack.data.corpus import read_corpus, read_forget_ids  # noqa: E402
+from retrack.models.schedule import NoiseSchedule  # noqa: E402
 from retrack.methods import build_method  # noqa: E402
-from retrack.models import PixelDiffusion, default_scheduler, load_pixel_model, save_pixel_model, tiny_pixel_unet  # noqa: E402
-from retrack.step import MAX_GRAD_NORM, make_optimizer  # noqa: E402
-from retrack.unlearn import BatchDrawer, pixel_denoiser, run_unlearning, split_for_unlearning  # noqa: E402
+from retrack.models.pixel import PixelDiffusion, default_scheduler, load_pixel_model, save_pixel_model, tiny_pixel_unet  # noqa: E402
+from retrack.training.step import MAX_GRAD_NORM, make_optimizer  # noqa: E402
+from retrack.training.loop import BatchDrawer, pixel_denoiser, run_unlearning, split_for_unlearning  # noqa: E402
 
 WARMUP = 3
 METHODS = {"retrack": {"k": 10, "lambda": 0.005}, "vanilla": {}, "siss": {}, "erasediff": {}}
@@ -145,7 +145,7 @@ def main() -> None:
     # World-size invariance: same global batch (2 micro-batches), seed and data on 1 and 2 workers.
     inv_train = TrainConfig(steps=args.steps, batch_size=args.batch, grad_accum=2, lr=5e-5, checkpoint_every=0)
     curves = {w: [h["loss"] for h in ray_run(bench, model_dir, tmp, "retrack", inv_train, w, f"ws{w}").history] for w in (1, 2)}
-    from retrack.unlearn import run_unlearning
+    from retrack.training.loop import run_unlearning
 
     ref_model = load_pixel_model(model_dir)
     ref_hist, _ = run_unlearning(ref_model, data, MethodConfig(name="retrack", params=METHODS["retrack"]), inv_train)

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from retrack.config import MethodConfig, TrainConfig
-from retrack.corpus import read_corpus, read_forget_ids
-from retrack.models import load_pixel_model
-from retrack.pretrain import PRESETS, ensure_pretrained, pretrain
-from retrack.unlearn import run_unlearning, split_for_unlearning
-from retrack.workspace import Workspace
+from retrack.config.train import MethodConfig, TrainConfig
+from retrack.data.corpus import read_corpus, read_forget_ids
+from retrack.models.pixel import load_pixel_model
+from retrack.embedded.pretrain import PRESETS, ensure_pretrained, pretrain
+from retrack.training.loop import run_unlearning, split_for_unlearning
+from retrack.embedded.workspace import Workspace
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -12,7 +12,7 @@ import typer
 def _settings(spec: Optional[Path], root: Optional[str], endpoint: Optional[str], tracking_uri: Optional[str], model: Optional[str]):
     """Storage root, endpoint, tracking URI and model name: options first, then the job spec."""
     if spec is not None:
-        from retrack.spec import load_spec
+        from retrack.config.spec import load_spec
 
         s = load_spec(spec)
         root = root or s.storage.root
@@ -26,7 +26,7 @@ def _client(tracking_uri: Optional[str]):
     from mlflow import MlflowClient
 
     from retrack.errors import InputError
-    from retrack.lineage import check_tracking_server
+    from retrack.lineage.store import check_tracking_server
 
     if not tracking_uri:
         raise InputError("listing or tracing model versions needs MLflow: give --tracking-uri or --spec")

@@ -38,8 +38,8 @@ def pretrain(
 ) -> None:
     """Build the embedded benchmark and pretrain the original and retrained DDPMs (cached)."""
     from pipelines.progress import console, stage_bar
-    from retrack.pretrain import PRESETS, ensure_pretrained
-    from retrack.workspace import Workspace
+    from retrack.embedded.pretrain import PRESETS, ensure_pretrained
+    from retrack.embedded.workspace import Workspace
 
     ws = Workspace.default(scenario)
     steps = PRESETS[preset].steps if preset in PRESETS else 0
@@ -59,13 +59,13 @@ def evaluate(
 ) -> None:
     """Score a model on the embedded benchmark against the original (same-seed samples)."""
     from pipelines.demo import print_metrics
-    from retrack.benchmark import BenchmarkInfo
-    from retrack.corpus import read_corpus, read_forget_ids
-    from retrack.evaluation import build_reference, evaluate_model
-    from retrack.metrics import load_classifier
-    from retrack.models import check_pixel_model_dir, load_pixel_model
-    from retrack.pretrain import ensure_pretrained
-    from retrack.workspace import Workspace
+    from retrack.embedded.benchmark import BenchmarkInfo
+    from retrack.data.corpus import read_corpus, read_forget_ids
+    from retrack.evaluation.pixel import build_reference, evaluate_model
+    from retrack.evaluation.metrics import load_classifier
+    from retrack.models.pixel import check_pixel_model_dir, load_pixel_model
+    from retrack.embedded.pretrain import ensure_pretrained
+    from retrack.embedded.workspace import Workspace
 
     check_pixel_model_dir(model)
     ws = Workspace.default(scenario)
@@ -101,7 +101,7 @@ def run(
     Completed stages are skipped on rerun."""
     from pipelines.demo import print_summary
     from pipelines.job import run_job
-    from retrack.spec import load_spec
+    from retrack.config.spec import load_spec
 
     print_summary(run_job(load_spec(job), address=address))
 
@@ -116,7 +116,7 @@ def tune(
     quality, then evaluate and register the chosen configuration. Rerun to resume."""
     from pipelines.demo import print_summary
     from pipelines.tune import run_tune
-    from retrack.spec import load_spec
+    from retrack.config.spec import load_spec
 
     print_summary(run_tune(load_spec(job), address=address).job)
 
@@ -125,7 +125,7 @@ def tune(
 @refusing_bad_input
 def validate(job: Path = typer.Argument(..., help="Job spec (YAML).")) -> None:
     """Check a job spec without running anything; exit 2 naming each invalid field."""
-    from retrack.spec import load_spec
+    from retrack.config.spec import load_spec
 
     spec = load_spec(job)
     typer.echo(f"{job}: valid (request {spec.request_id}, method {spec.method.name}, config hash {spec.config_hash()})")
@@ -134,7 +134,7 @@ def validate(job: Path = typer.Argument(..., help="Job spec (YAML).")) -> None:
 @app.command()
 def schema() -> None:
     """Print the job spec's JSON schema."""
-    from retrack.spec import JobSpec
+    from retrack.config.spec import JobSpec
 
     typer.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
 

@@ -8,9 +8,9 @@ evaluate -> register) on a local Ray instance with a local SQLite MLflow store.
 from __future__ import annotations
 
 from pipelines.progress import console, stage_bar
-from retrack.pretrain import PRESETS, ensure_pretrained
-from retrack.spec import JobSpec
-from retrack.workspace import Workspace
+from retrack.embedded.pretrain import PRESETS, ensure_pretrained
+from retrack.config.spec import JobSpec
+from retrack.embedded.workspace import Workspace
 
 # ReTrack on the embedded digits: the paper's MNIST budget (50 steps, batch 128, lr 5e-5) with
 # lambda 0.05 for 8x8 images (see README "Results").

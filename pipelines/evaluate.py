@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from retrack.evaluation import EvalReference, membership, score
-from retrack.metrics import nearest_forget_distance
-from retrack.models import load_pixel_model
-from retrack.report import write_report
-from retrack.verdict import Verdict, decide
+from retrack.evaluation.pixel import EvalReference, membership, score
+from retrack.evaluation.metrics import nearest_forget_distance
+from retrack.models.pixel import load_pixel_model
+from retrack.evaluation.report import write_report
+from retrack.evaluation.verdict import Verdict, decide
 
 
 SAMPLE_RETRIES = 3
@@ -48,7 +48,7 @@ def model_source(model: str | Path, endpoint: str | None = None):
     arguments) or a local directory's files."""
     import ray
 
-    from retrack.storage import S3Options, is_s3
+    from retrack.storage.location import S3Options, is_s3
 
     if is_s3(model):
         return ray.put({"uri": str(model), "s3": S3Options(endpoint=endpoint).resolved()})
@@ -56,7 +56,7 @@ def model_source(model: str | Path, endpoint: str | None = None):
 
 
 def _open_model(source: dict, tmp: str) -> Path:
-    from retrack.sd import local_model_dir
+    from retrack.models.sd import local_model_dir
 
     if "uri" in source:
         return local_model_dir(source["uri"], Path(tempfile.gettempdir()) / "retrack-models", s3=source["s3"])
@@ -66,7 +66,7 @@ def _open_model(source: dict, tmp: str) -> Path:
 def _sample_range(source: dict, n: int, first_batch: int, seed: int, batch_size: int, threads: int) -> np.ndarray:
     import torch
 
-    from retrack.sampling import generate
+    from retrack.evaluation.sampling import generate
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,14 +162,14 @@ class SdItems:
 def _sd_model(source: dict, tmp: str, threads: int):
     import torch
 
-    from retrack.sd import load_sd_model
+    from retrack.models.sd import load_sd_model
 
     torch.set_num_threads(threads)
     return load_sd_model(_open_model(source, tmp))
 
 
 def _sd_encode(source: dict, groups: dict[str, tuple[np.ndarray, list[str]]], threads: int) -> dict[str, np.ndarray]:
-    from retrack.sd_evaluation import item_latents
+    from retrack.evaluation.sd import item_latents
 
     with tempfile.TemporaryDirectory() as tmp:
         model = _sd_model(source, tmp, threads)
@@ -177,7 +177,7 @@ def _sd_encode(source: dict, groups: dict[str, tuple[np.ndarray, list[str]]], th
 
 
 def _sd_generate(source: dict, work: dict, threads: int) -> tuple[np.ndarray, np.ndarray | None]:
-    from retrack.sd_evaluation import generate_latents
+    from retrack.evaluation.sd import generate_latents
 
     with tempfile.TemporaryDirectory() as tmp:
         model = _sd_model(source, tmp, threads)
@@ -185,7 +185,7 @@ def _sd_generate(source: dict, work: dict, threads: int) -> tuple[np.ndarray, np
 
 
 def _sd_losses(source: dict, work: dict, threads: int) -> np.ndarray:
-    from retrack.sd_evaluation import item_losses
+    from retrack.evaluation.sd import item_losses
 
     with tempfile.TemporaryDirectory() as tmp:
         model = _sd_model(source, tmp, threads)
@@ -220,8 +220,8 @@ def evaluate_sd_request(
     inference_steps, guidance_scale (`retrack.spec.EvaluationSpec` and its `stable_diffusion`)."""
     import ray
 
-    from retrack.metrics import membership_test
-    from retrack.sd_evaluation import SD_METRIC_KEYS, ForgetReference, copy_thresholds, is_copy, memorisation, sd_integrity
+    from retrack.evaluation.metrics import membership_test
+    from retrack.evaluation.sd import SD_METRIC_KEYS, ForgetReference, copy_thresholds, is_copy, memorisation, sd_integrity
 
     sd_settings = settings.stable_diffusion
     sources = [model_source(original, endpoint), model_source(unlearned, endpoint)]

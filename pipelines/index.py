@@ -104,7 +104,7 @@ class _EncodeBatch:
     reported to `<chunk>/_bad/` (never to logs)."""
 
     def __init__(self, spec, image_shape, on_bad, dest, id_column, image_column):
-        from retrack.index.encoders import build_encoder
+        from retrack.models.encoders import build_encoder
 
         self.encoder = build_encoder(spec)
         self.image_shape, self.on_bad, self.dest = tuple(image_shape), on_bad, dest
@@ -118,7 +118,7 @@ class _EncodeBatch:
         import pyarrow as pa
 
         from retrack.index.shards import write_bad_rows
-        from retrack.index.source import decode_batch, image_id, vectors_table
+        from retrack.data.source import decode_batch, image_id, vectors_table
 
         sources = [str(p) for p in batch.column("path").to_pylist()]
         if self.id_column is None:
@@ -155,7 +155,7 @@ _encode_fn_cache: dict = {}
 
 @functools.cache
 def _pixel_encoder(spec):
-    from retrack.index.encoders import build_encoder
+    from retrack.models.encoders import build_encoder
 
     return build_encoder(spec)
 
@@ -164,8 +164,8 @@ def _encode_files(batch, plan, s3, spec, on_bad, batch_size):
     """map_batches UDF: encode the corpus files listed in `batch` (one row per file: its chunk's
     destination, its part number there and the file itself), each into its own part."""
     from retrack.index.build import encode_files
-    from retrack.index.source import SourceFile
-    from retrack.storage import Location
+    from retrack.data.source import SourceFile
+    from retrack.storage.location import Location
 
     rows = [dict(zip(batch, values)) for values in zip(*(v.tolist() for v in batch.values()))]
     try:
@@ -351,14 +351,14 @@ def _fail(exc: RetrackError) -> None:
 
 
 def _read_ids(uri: str, endpoint: str | None) -> list[str]:
-    from retrack.storage import Location
+    from retrack.storage.location import Location
 
     text = Location.parse(uri, endpoint=endpoint).read_text()
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
 def _write(uri: str, text: str, endpoint: str | None) -> None:
-    from retrack.storage import Location
+    from retrack.storage.location import Location
 
     Location.parse(uri, endpoint=endpoint).write_text(text)
 

@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from pipelines.progress import console
-from retrack.corpus import Corpus, read_corpus, read_forget_ids
+from retrack.data.corpus import Corpus, read_corpus, read_forget_ids
 from retrack.digest import ids_digest
 from retrack.errors import InputError, StorageError
-from retrack.spec import JobSpec
-from retrack.storage import Location, is_s3
-from retrack.workspace import retrack_home
+from retrack.config.spec import JobSpec
+from retrack.storage.location import Location, is_s3
+from retrack.embedded.workspace import retrack_home
 
 if TYPE_CHECKING:
     from pipelines.unlearn import UnlearnRequest
     from pipelines.evaluate import SdItems
-    from retrack.evaluation import EvalReference
+    from retrack.evaluation.pixel import EvalReference
 
 STAGES = ("index", "neighbours", "unlearn", "evaluate", "register")
 
@@ -108,7 +108,7 @@ class JobDir:
 
 
 def _local_dir(uri: str, endpoint: str | None) -> Path:
-    from retrack.sd import local_model_dir
+    from retrack.models.sd import local_model_dir
 
     if endpoint and uri.startswith("s3://"):
         import os
@@ -143,12 +143,12 @@ class Preflight:
 
 def preflight(spec: JobSpec) -> Preflight:
     """Every check that can refuse the job, before any index, training or registration."""
-    from retrack.corpus import check_forget_ids
-    from retrack.lineage import check_tracking_server
+    from retrack.data.corpus import check_forget_ids
+    from retrack.lineage.store import check_tracking_server
     from retrack.errors import CorpusError
-    from retrack.models import check_pixel_model_dir, scheduler_timesteps
-    from retrack.sd import check_sd_model_dir
-    from retrack.unlearn import check_k
+    from retrack.models.pixel import check_pixel_model_dir, scheduler_timesteps
+    from retrack.models.sd import check_sd_model_dir
+    from retrack.training.loop import check_k
 
     check_tracking_server(spec.mlflow.tracking_uri)
     root = Location.parse(spec.storage.root, endpoint=spec.storage.endpoint_url)
@@ -259,7 +259,7 @@ def _default_duplicate_threshold(pre: Preflight, index=None) -> float:
     """Model-space L2 under which two items are copies: a tenth of the typical nearest-neighbour
     distance between distinct retained items (exact copies sit at 0). With `index`, measured on
     its vectors (Stable Diffusion: VAE latents, the space duplicates are searched in)."""
-    from retrack.knn import exact_knn
+    from retrack.index.exact import exact_knn
 
     rng = np.random.default_rng(0)
     if index is not None:
@@ -307,8 +307,8 @@ def _unlearn_stage(spec: JobSpec, pre: Preflight, job: JobDir, nb: dict, address
 def evaluation_reference(spec: JobSpec, pre: Preflight, job: JobDir, forget: list[str]) -> tuple["EvalReference", float]:
     """What samples are scored against (retained data, the feature classifier trained on it,
     the copy threshold, held-out items), and the threshold used."""
-    from retrack.evaluation import build_reference
-    from retrack.metrics import load_classifier, save_classifier, train_classifier
+    from retrack.evaluation.pixel import build_reference
+    from retrack.evaluation.metrics import load_classifier, save_classifier, train_classifier
 
     corpus = pre.corpus
     if corpus.labels is None:
@@ -343,7 +343,7 @@ def sd_evaluation_items(spec: JobSpec, pre: Preflight, forget: list[str], idx: d
     items in the index (VAE latents: they calibrate each item's copy threshold), a seeded sample
     of retained captions that are not also a forgotten item's caption (integrity), the held-out items."""
     from pipelines.evaluate import SdItems
-    from retrack.corpus import from_model_space
+    from retrack.data.corpus import from_model_space
     from retrack.index import find_neighbours, open_index
 
     corpus = pre.corpus
@@ -392,8 +392,8 @@ def _default_forget_threshold(corpus: Corpus, forget: list[str]) -> float:
     """Half the [0,1]-pixel distance from the forget images to their nearest retained item (the
     rule the embedded benchmark uses), so a sample under it is closer to a forgotten image than
     to anything retained."""
-    from retrack.corpus import to_unit_range
-    from retrack.knn import exact_knn
+    from retrack.data.corpus import to_unit_range
+    from retrack.index.exact import exact_knn
 
     rows = corpus.index_of(forget)
     retained = np.delete(corpus.images, rows, axis=0)
@@ -403,7 +403,7 @@ def _default_forget_threshold(corpus: Corpus, forget: list[str]) -> float:
 
 def _register_stage(spec: JobSpec, pre: Preflight, job: JobDir, idx: dict, nb: dict, un: dict, ev: dict) -> dict:
     from retrack.audit import flat_metrics
-    from retrack.lineage import Lineage, LineageStore, code_version, mlflow_env_for_storage
+    from retrack.lineage.store import Lineage, LineageStore, code_version, mlflow_env_for_storage
 
     mlflow_env_for_storage(spec.storage.endpoint_url)
     store = LineageStore(spec.mlflow.tracking_uri)

@@ -37,10 +37,10 @@ from ray.tune.search.optuna import OptunaSearch
 from pipelines.job import JobDir, Preflight, evaluation_reference, preflight, run_job, unlearn_request
 from pipelines.progress import console
 from retrack.errors import InputError
-from retrack.evaluation import METRIC_KEYS, EvalReference
-from retrack.spec import JobSpec
-from retrack.storage import Location
-from retrack.tuning import (
+from retrack.evaluation.pixel import METRIC_KEYS, EvalReference
+from retrack.config.spec import JobSpec
+from retrack.storage.location import Location
+from retrack.tuning.search import (
     HEALTH_METRIC,
     OBJECTIVES,
     TrialOutcome,
@@ -102,8 +102,8 @@ def _trial(config: dict, ctx: TrialContext) -> None:
 
     from pipelines.unlearn import TrainMonitor, unlearn
     from retrack.errors import QualityCollapseError, TrainingDivergedError
-    from retrack.evaluation import evaluate_model
-    from retrack.models import load_pixel_model
+    from retrack.evaluation.pixel import evaluate_model
+    from retrack.models.pixel import load_pixel_model
 
     params = trial_params(config, ctx.kinds)
     method, train = apply_params(ctx.spec.method, ctx.spec.train, params)
@@ -158,7 +158,7 @@ def _saved_outcome(record: Location, model_dir: Path) -> dict | None:
     one it scored. Tune saves its experiment state at most every 10 s, so a trial that finished
     just before the driver was killed runs again on restore: it repeats its report instead of
     training and scoring again (which would also report 0 s of unlearning for a reused model)."""
-    from retrack.models import model_digest
+    from retrack.models.pixel import model_digest
 
     if not record.exists():
         return None
@@ -201,7 +201,7 @@ class TrialRuns(tune.Callback):
         return {**self.__dict__, "_store": None}
 
     def _log(self, trial, failed: bool) -> None:
-        from retrack.lineage import LineageStore
+        from retrack.lineage.store import LineageStore
 
         self._store = self._store or LineageStore(self.tracking_uri)
         o = outcome(trial.trial_id, trial.config, self.kinds, trial.last_result, failed, self.default)
@@ -282,9 +282,9 @@ def search(spec: JobSpec, address: str | None = None) -> Search:
 
     from pipelines.index import ensure_ray
     from pipelines.job import _index_stage, _neighbours_stage
-    from retrack.evaluation import evaluate_model
-    from retrack.lineage import LineageStore
-    from retrack.models import load_pixel_model
+    from retrack.evaluation.pixel import evaluate_model
+    from retrack.lineage.store import LineageStore
+    from retrack.models.pixel import load_pixel_model
 
     if spec.tune is None:
         raise InputError("the job spec has no `tune` section: add one with the search space (see `retrack schema`)")
@@ -327,7 +327,7 @@ def search(spec: JobSpec, address: str | None = None) -> Search:
 
 def run_tune(spec: JobSpec, address: str | None = None) -> TuneResult:
     """Search, report the front, and finish the request with the chosen configuration."""
-    from retrack.lineage import LineageStore
+    from retrack.lineage.store import LineageStore
 
     found = search(spec, address)
     _print_front(found.outcomes, found.front)
@@ -369,7 +369,7 @@ def _fit(spec: JobSpec, job: JobDir, trainable, default: dict, parent_run_id: st
 
 
 def _write_front(job: JobDir, outcomes: list[TrialOutcome], front: list[TrialOutcome], original: dict, chosen: TrialOutcome | None) -> None:
-    from retrack.pareto_plot import plot_fronts
+    from retrack.tuning.plot import plot_fronts
 
     out = job.local / TUNE_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -397,7 +397,7 @@ def _print_front(outcomes: list[TrialOutcome], front: list[TrialOutcome]) -> Non
 def _continue_with(spec: JobSpec, chosen: TrialOutcome, address: str | None) -> tuple[JobSpec, Any]:
     """The chosen trial's model becomes the unlearn stage of a plain job (no `tune` section), so
     `retrack run`'s evaluate and register stages finish the request without training again."""
-    from retrack.models import DIGEST_FILE
+    from retrack.models.pixel import DIGEST_FILE
 
     method, train = apply_params(spec.method, spec.train, chosen.params)
     final = spec.model_copy(update={"method": method, "train": train, "tune": None})

@@ -56,15 +56,15 @@ import torch
 import typer
 from pydantic import Field, model_validator
 
-from retrack.config import MethodConfig, StrictModel, TrainConfig
-from retrack.corpus import check_forget_ids, decode_image, read_forget_ids, shard_paths, to_model_space
+from retrack.config.train import MethodConfig, StrictModel, TrainConfig
+from retrack.data.corpus import check_forget_ids, decode_image, read_forget_ids, shard_paths, to_model_space
 from retrack.digest import config_digest, ids_digest, sha256_bytes
 from retrack.errors import CorpusError, InputError, ModelLayoutError, QualityCollapseError, RetrackError, TrainingDivergedError, stopped_error
 from retrack.methods import DataRequirements, UnlearnBatch, build_method, method_class
-from retrack.tuning import HEALTH_METRIC, RetainLossRatio
+from retrack.tuning.search import HEALTH_METRIC, RetainLossRatio
 
 if TYPE_CHECKING:
-    from retrack.unlearn import BatchDrawer, UnlearnData
+    from retrack.training.loop import BatchDrawer, UnlearnData
 
 STATE_FILE = "retrack_state.json"
 UNET_FILE = "unet.safetensors"
@@ -218,7 +218,7 @@ class DataPlan:
 
 
 def _drawer(plan: DataPlan, train: TrainConfig) -> BatchDrawer:
-    from retrack.unlearn import BatchDrawer, UnlearnData
+    from retrack.training.loop import BatchDrawer, UnlearnData
 
     return BatchDrawer(UnlearnData(retain=_Sized(plan.n_retain), forget=_Sized(plan.n_forget)), plan.needs, train)  # type: ignore[arg-type]
 
@@ -282,9 +282,9 @@ def corpus_fingerprint(index: CorpusIndex) -> str:
 
 def resolve_model(request: UnlearnRequest) -> tuple[str, Path]:
     """(kind, local directory) after checking the layout; a kind other than the expected one is refused."""
-    from retrack.sd import check_sd_model_dir, local_model_dir, model_kind
+    from retrack.models.sd import check_sd_model_dir, local_model_dir, model_kind
 
-    from retrack.models import check_pixel_model_dir
+    from retrack.models.pixel import check_pixel_model_dir
 
     local = local_model_dir(request.model_dir)
     kind = model_kind(local)
@@ -333,8 +333,8 @@ def _read_neighbours_file(path: str, forget_ids: list[str], retain_pos: dict[str
 def _exact_neighbours(kind: str, model_dir: Path, corpus: CorpusIndex, forget_rows: np.ndarray, retain_rows: np.ndarray, k: int, geometry) -> np.ndarray:
     """Exact K nearest retained items of every forget item, in the space the model denoises
     (the small-corpus path; large corpora pass the index stage's neighbours file)."""
-    from retrack.corpus import read_corpus
-    from retrack.knn import exact_knn
+    from retrack.data.corpus import read_corpus
+    from retrack.index.exact import exact_knn
 
     if kind == "pixel":
         c = read_corpus(corpus.shards[0].parent)
@@ -342,8 +342,8 @@ def _exact_neighbours(kind: str, model_dir: Path, corpus: CorpusIndex, forget_ro
         return idx.astype(np.int64)
     from diffusers import AutoencoderKL
 
-    from retrack.corpus import iter_rows
-    from retrack.sd import encode_latents, item_seed, to_sd_pixels
+    from retrack.data.corpus import iter_rows
+    from retrack.models.sd import encode_latents, item_seed, to_sd_pixels
 
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", use_safetensors=True).float().eval()
     res = geometry[0]
@@ -377,7 +377,7 @@ class Prepared:
 
 def prepare(request: UnlearnRequest) -> Prepared:
     """All validation and planning that needs no cluster."""
-    from retrack.models import model_digest
+    from retrack.models.pixel import model_digest
 
     kind, model_dir = resolve_model(request)
     corpus = read_corpus_index(request.corpus_dir)
@@ -399,7 +399,7 @@ def prepare(request: UnlearnRequest) -> Prepared:
     neighbours = None
     nbr_digest = None
     if needs.neighbours:
-        from retrack.unlearn import check_k
+        from retrack.training.loop import check_k
 
         k = request.method.k
         check_k(k, len(retain_rows))
@@ -454,14 +454,14 @@ def config_hash(request: UnlearnRequest, plan: DataPlan, model_sha: str) -> str:
 def _storage(storage_path: str, s3=None):
     """(pyarrow filesystem, path on it) of the job storage: a local directory (made absolute) or
     s3://bucket/prefix (endpoint and credentials from `s3`, else the AWS_* environment)."""
-    from retrack.storage import Location
+    from retrack.storage.location import Location
 
     loc = Location.parse(storage_path, s3=s3)
     return loc.fs, loc.path.rstrip("/")
 
 
 def _model_options(model_dir: str):
-    from retrack.storage import S3Options, is_s3
+    from retrack.storage.location import S3Options, is_s3
 
     return S3Options().resolved() if is_s3(model_dir) else None
 
@@ -470,7 +470,7 @@ def _storage_options(request: "UnlearnRequest"):
     """S3 options resolved on the driver: workers started before the AWS_* variables were set
     (a local instance, a test) still reach the store. They travel inside an object reference,
     never in the train loop config (Ray exports that config to its state API / dashboard)."""
-    from retrack.storage import S3Options, is_s3
+    from retrack.storage.location import S3Options, is_s3
 
     return S3Options(endpoint=request.storage_endpoint).resolved() if is_s3(request.storage_path) else None
 
@@ -558,7 +558,7 @@ def check_placement(scaling: ScalingSettings) -> None:
 def _decode_batch(batch: dict, wanted: dict[str, tuple[int, int]], kind: str, shape: tuple[int, int, int]) -> dict:
     """Keep the wanted ids of a corpus batch, decoded to uint8 HxWxC at the model's geometry.
     `wanted[id] = (row, pos)`: global retain index (or -1) and forget position (or -1)."""
-    from retrack.sd import item_seed
+    from retrack.models.sd import item_seed
 
     keep = [n for n, i in enumerate(batch["id"]) if i in wanted]
     h, w, c = shape
@@ -731,7 +731,7 @@ class _Encoder:
     def images(self, part: dict[str, np.ndarray]) -> torch.Tensor:
         if self.kind == "pixel":
             return torch.from_numpy(to_model_space(part["image"].astype(np.uint8)))
-        from retrack.sd import encode_latents, to_sd_pixels
+        from retrack.models.sd import encode_latents, to_sd_pixels
 
         m = self.bundle
         return encode_latents(m.vae, to_sd_pixels(part["image"].astype(np.uint8), m.resolution), [int(s) for s in part["seed"]])
@@ -739,7 +739,7 @@ class _Encoder:
     def conds(self, part: dict[str, np.ndarray]) -> torch.Tensor | None:
         if self.kind == "pixel":
             return None
-        from retrack.sd import encode_captions, tokenize
+        from retrack.models.sd import encode_captions, tokenize
 
         return encode_captions(self.bundle.text_encoder, tokenize(self.bundle.tokenizer, list(part["caption"])))
 
@@ -747,7 +747,7 @@ class _Encoder:
 def _worker_data(plan: DataPlan, encoder: _Encoder, train: TrainConfig, rank: int, world: int, start_step: int) -> UnlearnData:
     import ray.train
 
-    from retrack.unlearn import UnlearnData
+    from retrack.training.loop import UnlearnData
 
     forget_part = _collect(ray.train.get_dataset_shard("forget"), plan.item_shape)
     f_idx = np.where(forget_part["pos"] >= 0)[0]
@@ -809,11 +809,11 @@ def _device_generator(gen: torch.Generator, device: torch.device) -> torch.Gener
 
 def _load_bundle(kind: str, model_dir: str, device: torch.device):
     if kind == "pixel":
-        from retrack.models import load_pixel_model
+        from retrack.models.pixel import load_pixel_model
 
         m = load_pixel_model(model_dir, device)
         return m, m.unet, m.scheduler
-    from retrack.sd import load_sd_model
+    from retrack.models.sd import load_sd_model
 
     m = load_sd_model(model_dir, device)
     return m, m.unet, m.scheduler
@@ -836,7 +836,7 @@ def _save_checkpoint(unet, opt, step: int, history: list[dict], chash: str, worl
 
     tmp = tempfile.mkdtemp(prefix="retrack-ckpt-")
     save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, os.path.join(tmp, UNET_FILE))
-    from retrack.step import save_optimizer_state
+    from retrack.training.step import save_optimizer_state
 
     save_optimizer_state(opt, os.path.join(tmp, OPTIMIZER_FILE))
     files = {name: _sha256_file(os.path.join(tmp, name)) for name in (UNET_FILE, OPTIMIZER_FILE)}
@@ -929,9 +929,9 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from retrack.diffusion import NoiseSchedule
-    from retrack.step import load_optimizer_state, make_optimizer, unlearning_step
-    from retrack.unlearn import BatchDrawer, pixel_denoiser
+    from retrack.models.schedule import NoiseSchedule
+    from retrack.training.step import load_optimizer_state, make_optimizer, unlearning_step
+    from retrack.training.loop import BatchDrawer, pixel_denoiser
 
     import ray
 
@@ -958,7 +958,7 @@ def train_loop(config: dict) -> None:
         ray.train.report({"diverged_step": diverged["step"]})
         return
 
-    from retrack.sd import local_model_dir
+    from retrack.models.sd import local_model_dir
 
     bundle, unet, scheduler = _load_bundle(plan.kind, str(local_model_dir(cfg["model_dir"], s3=cfg["model_s3"])), device)
     if train.gradient_checkpointing:
@@ -994,7 +994,7 @@ def train_loop(config: dict) -> None:
     if plan.kind == "pixel":
         denoise = pixel_denoiser(model)
     else:
-        from retrack.sd import ConditionalDenoiser
+        from retrack.models.sd import ConditionalDenoiser
 
         denoise = ConditionalDenoiser(model)
     reduce = None
@@ -1087,7 +1087,7 @@ def _drain(sink, stop: threading.Event, progress: Progress | None, events: list[
 def _save_output(prep: Prepared, ckpt_dir: str, state: dict, scaling: ScalingSettings) -> str:
     from safetensors.torch import load_file
 
-    from retrack.models import model_digest
+    from retrack.models.pixel import model_digest
 
     req = prep.request
     meta = {
@@ -1103,14 +1103,14 @@ def _save_output(prep: Prepared, ckpt_dir: str, state: dict, scaling: ScalingSet
     }
     weights = load_file(os.path.join(ckpt_dir, UNET_FILE))
     if prep.kind == "pixel":
-        from retrack.models import load_pixel_model, save_pixel_model
+        from retrack.models.pixel import load_pixel_model, save_pixel_model
 
         model = load_pixel_model(prep.model_dir)
         model.unet.load_state_dict(weights)
         return save_pixel_model(model, req.output_dir, metadata=meta)
     from diffusers import UNet2DConditionModel
 
-    from retrack.sd import save_finetuned_unet
+    from retrack.models.sd import save_finetuned_unet
 
     unet = UNet2DConditionModel.from_pretrained(prep.model_dir, subfolder="unet", use_safetensors=True).float()
     unet.load_state_dict(weights)
@@ -1118,7 +1118,7 @@ def _save_output(prep: Prepared, ckpt_dir: str, state: dict, scaling: ScalingSet
 
 
 def _existing_output(prep: Prepared) -> str | None:
-    from retrack.models import DIGEST_FILE
+    from retrack.models.pixel import DIGEST_FILE
 
     marker = Path(prep.request.output_dir) / DIGEST_FILE
     if marker.is_file():

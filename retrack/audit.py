@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Iterator
 
 from retrack.digest import ids_digest
 from retrack.errors import InputError, StorageError
-from retrack.storage import Location
+from retrack.storage.location import Location
 
 if TYPE_CHECKING:
-    from retrack.spec import JobSpec
+    from retrack.config.spec import JobSpec
 
 FORMAT = 1
 AUDIT_DIR = "audit"
@@ -76,7 +76,7 @@ class AuditLog:
         self.root = Location.parse(root, endpoint=endpoint) / AUDIT_DIR
 
     def request_dir(self, request_id: str) -> Location:
-        from retrack.spec import check_safe_name
+        from retrack.config.spec import check_safe_name
 
         try:  # the id becomes a path component: the same alphabet as the spec's request_id
             check_safe_name(request_id, "request id")
@@ -154,7 +154,7 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
 def audit_attempt(spec: "JobSpec", forget_ids: list[str], ran: list[str], skipped: list[str]) -> Iterator[AuditAttempt]:
     """Record an attempt at `spec`'s request: "running" now, "failed" (error class only) if the body
     raises. `ran` / `skipped` are the job's own stage lists, read when the attempt ends."""
-    from retrack.lineage import code_version
+    from retrack.lineage.store import code_version
 
     record = AuditRecord(
         request_id=spec.request_id,
@@ -184,7 +184,7 @@ def audit_attempt(spec: "JobSpec", forget_ids: list[str], ran: list[str], skippe
 
 def log_to_mlflow(tracking_uri: str, record: AuditRecord, record_uri: str, endpoint_url: str | None = None) -> None:
     """The record as the run's artifact `audit/<attempt>.json` plus tags on the run and version."""
-    from retrack.lineage import LineageStore, mlflow_env_for_storage
+    from retrack.lineage.store import LineageStore, mlflow_env_for_storage
 
     mlflow_env_for_storage(endpoint_url)
     store = LineageStore(tracking_uri)

@@ -53,8 +53,8 @@ from typing import Any, Callable, Iterator
 
 from retrack.digest import ids_digest
 from retrack.errors import InputError, RetrackError, StorageError
-from retrack.spec import JobSpec, check_safe_name, parse_spec
-from retrack.storage import Location, S3Options
+from retrack.config.spec import JobSpec, check_safe_name, parse_spec
+from retrack.storage.location import Location, S3Options
 
 DEFAULT_LEASE_SECONDS = 900.0
 PENDING, CLAIMS, DONE, FAILED = "pending", "claims", "done", "failed"
@@ -436,7 +436,7 @@ class DeletionQueue:
     # -- submitting ---------------------------------------------------------------------
     def submit(self, spec_path: str | Path) -> JobSpec:
         """Queue a validated job spec (kept as written); a request id is queued or done only once."""
-        from retrack.spec import load_spec
+        from retrack.config.spec import load_spec
 
         spec = load_spec(spec_path)
         rid = spec.request_id

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from retrack.benchmark import BenchmarkPaths, ensure_benchmark
-from retrack.corpus import read_corpus
-from retrack.models import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+from retrack.embedded.benchmark import BenchmarkPaths, ensure_benchmark
+from retrack.data.corpus import read_corpus
+from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +38,7 @@ def memorising_model(bench, tmp_path_factory) -> Path:
     given = os.environ.get("RETRACK_PRETRAINED_ORIGINAL")
     if given:
         return Path(given)
-    from retrack.pretrain import PRESETS, pretrain
+    from retrack.embedded.pretrain import PRESETS, pretrain
 
     corpus = read_corpus(bench.corpus)
     # The demo's quick preset: the recipe's lambda (0.05) is calibrated on it; the 3000-step model

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrack.corpus import encode_image, write_shards
+from retrack.data.corpus import encode_image, write_shards
 
 
 def clustered_images(n: int, size: int = 8, clusters: int = 24, noise: float = 14.0, seed: int = 0) -> np.ndarray:
@@ -31,8 +31,8 @@ def recall_at(found: list[list[str]], truth: list[list[str]]) -> float:
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """The embedded benchmark: (info, paths, corpus, forget ids). Import it into a test module to use it."""
-    from retrack.benchmark import BenchmarkPaths, ensure_benchmark
-    from retrack.corpus import read_corpus, read_forget_ids
+    from retrack.embedded.benchmark import BenchmarkPaths, ensure_benchmark
+    from retrack.data.corpus import read_corpus, read_forget_ids
 
     root = tmp_path_factory.mktemp("bench")
     info = ensure_benchmark(root)

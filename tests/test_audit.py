@@ -15,9 +15,9 @@ from pipelines.cli import app
 from retrack.audit import AuditLog, audit_attempt, trace_version
 from retrack.digest import ids_digest
 from retrack.errors import StorageError
-from retrack.lineage import Lineage, LineageStore
-from retrack.models import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
-from retrack.spec import JobSpec
+from retrack.lineage.store import Lineage, LineageStore
+from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+from retrack.config.spec import JobSpec
 
 FORGET = ["img-000007", "img-000011"]
 
@@ -128,9 +128,9 @@ def captioned(tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from retrack.benchmark import build_benchmark, load_digits_u8
-    from retrack.corpus import read_corpus
-    from retrack.pretrain import PretrainConfig, pretrain
+    from retrack.embedded.benchmark import build_benchmark, load_digits_u8
+    from retrack.data.corpus import read_corpus
+    from retrack.embedded.pretrain import PretrainConfig, pretrain
 
     root = tmp_path_factory.mktemp("captioned")
     images, labels = load_digits_u8()
@@ -150,9 +150,9 @@ def test_real_job_audit_and_privacy_scan_of_everything_it_wrote(captioned, tmp_p
     from mlflow import MlflowClient
 
     from pipelines.job import run_job
-    from retrack.corpus import decode_image, iter_rows, read_forget_ids
+    from retrack.data.corpus import decode_image, iter_rows, read_forget_ids
     from retrack.privacy import ForgetContent, mlflow_blobs, scan_location
-    from retrack.storage import Location
+    from retrack.storage.location import Location
 
     monkeypatch.setenv("RETRACK_HOME", str(tmp_path / "home"))
     root = captioned

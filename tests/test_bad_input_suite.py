@@ -23,11 +23,11 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from retrack.benchmark import load_digits_u8
-from retrack.corpus import encode_image, write_shards
+from retrack.embedded.benchmark import load_digits_u8
+from retrack.data.corpus import encode_image, write_shards
 from retrack.errors import RetrackError
 from retrack.index import build_index, open_index
-from retrack.models import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
 from tests.spec_edit import DELETE, with_field
 
 SECRET = "s3cr3t-Should-Never-Print-0123456789"
@@ -279,7 +279,7 @@ def test_refused_with_a_specific_message_and_nothing_written(case, env, tmp_path
 def test_the_good_input_passes_the_same_checks(env, tmp_path):
     """The base setup is valid: every refusal above is due to its one change."""
     from pipelines.job import preflight
-    from retrack.spec import load_spec
+    from retrack.config.spec import load_spec
 
     path = write_yaml(tmp_path, base_spec(env, tmp_path))
     assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrack.benchmark import BenchmarkPaths, ensure_benchmark, fashion_mnist_available
-from retrack.corpus import read_corpus, read_forget_ids, to_unit_range
-from retrack.knn import exact_knn
+from retrack.embedded.benchmark import BenchmarkPaths, ensure_benchmark, fashion_mnist_available
+from retrack.data.corpus import read_corpus, read_forget_ids, to_unit_range
+from retrack.index.exact import exact_knn
 
 SCENARIOS = [
     "digits",

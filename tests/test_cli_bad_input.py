@@ -15,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from retrack.benchmark import build_benchmark, load_digits_u8
-from retrack.corpus import read_forget_ids
-from retrack.models import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+from retrack.embedded.benchmark import build_benchmark, load_digits_u8
+from retrack.data.corpus import read_forget_ids
+from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
 
 
 @pytest.fixture(scope="module")

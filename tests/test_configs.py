@@ -9,10 +9,10 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from retrack.config import MethodConfig
+from retrack.config.train import MethodConfig
 from retrack.errors import InputError
 from retrack.methods import method_names
-from retrack.spec import JobSpec, load_spec
+from retrack.config.spec import JobSpec, load_spec
 from tests.spec_edit import DELETE, with_field
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

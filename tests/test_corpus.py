@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrack.corpus import (
+from retrack.data.corpus import (
     SCHEMA,
     check_forget_ids,
     encode_image,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.demo import demo_spec
-from retrack.workspace import Workspace
+from retrack.embedded.workspace import Workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

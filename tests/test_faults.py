@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from retrack.errors import StorageError
-from retrack.spec import load_spec
+from retrack.config.spec import load_spec
 from tests.processes import kill_retrack_when
 from tests.test_job import small, spec_file  # noqa: F401 - the small benchmark fixture and its job spec
 
@@ -97,7 +97,7 @@ def test_index_shard_worker_killed_is_retried_by_ray(ray_local, small, tmp_path)
     """SIGKILL the worker building shard 0; Ray reruns the task (RayExecutor.shard_retries) and
     the index equals one built without the fault."""
     from pipelines.index import RayExecutor, build
-    from retrack.corpus import read_corpus
+    from retrack.data.corpus import read_corpus
     from retrack.index import find_neighbours, open_index
 
     probe = tmp_path / "probe"
@@ -142,8 +142,8 @@ def test_sampling_worker_killed_is_retried_with_the_same_samples(ray_local, smal
     """SIGKILL a worker while it draws samples; Ray reruns the task and the samples equal a
     single-process draw with the same seeds."""
     from pipelines.evaluate import sample_on_ray
-    from retrack.models import load_pixel_model
-    from retrack.sampling import generate
+    from retrack.models.pixel import load_pixel_model
+    from retrack.evaluation.sampling import generate
 
     model_dir = small / "original"
     killer = KillWhen(lambda: ray_processes("_sample_range"))
@@ -276,7 +276,7 @@ def test_mlflow_server_killed_at_registration_then_restarted(ray_local, small, s
     from mlflow import MlflowClient
 
     from pipelines.job import run_job
-    from retrack.lineage import COMPLETE_TAG
+    from retrack.lineage.store import COMPLETE_TAG
     from tests.mlflow_service import start_mlflow
 
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_env.endpoint)
@@ -310,7 +310,7 @@ def test_mlflow_server_killed_at_registration_then_restarted(ray_local, small, s
 def test_registration_retries_are_bounded_when_mlflow_is_down(tmp_path):
     """The bound itself, without a job: 3 attempts with 0.2 s backoff against a closed port end
     in well under MLflow's own default of 7 HTTP retries with up to 120 s backoff each."""
-    from retrack.lineage import LineageStore
+    from retrack.lineage.store import LineageStore
     from tests.services import free_port
 
     store = LineageStore(f"http://127.0.0.1:{free_port()}", attempts=3, backoff=0.2)
@@ -382,7 +382,7 @@ def _lineage(request_id: str):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from retrack.models import (
+    from retrack.models.pixel import (
         PixelDiffusion,
         default_scheduler,
         save_pixel_model,
@@ -397,7 +397,7 @@ def tiny_model(tmp_path_factory):
 def test_alias_never_moves_back_to_an_older_version(mlflow_server, s3_env, tiny_model):
     """The interleaving that used to lose: A registers v1, B registers v2 and moves the alias,
     then A's alias write lands (here: A's rerun). The alias stays on v2 and the move is recorded."""
-    from retrack.lineage import LineageStore
+    from retrack.lineage.store import LineageStore
 
     store = LineageStore(mlflow_server.tracking_uri)
     versions = {}
@@ -416,7 +416,7 @@ def test_concurrent_registrations_keep_every_version_and_the_alias_on_the_newest
 
     The threads start together (the experiment's creation races) and are released together again
     before registering (the registered model, the alias and its record race)."""
-    from retrack.lineage import COMPLETE_TAG, LineageStore
+    from retrack.lineage.store import COMPLETE_TAG, LineageStore
 
     for round_ in range(3):
         name = f"faults-race-{round_}"
@@ -452,7 +452,7 @@ def test_two_jobs_for_the_same_model_at_once(small, s3_env, mlflow_server, tmp_p
     """Two `retrack run` processes, different request ids, one registered model, started together."""
     from mlflow import MlflowClient
 
-    from retrack.lineage import COMPLETE_TAG
+    from retrack.lineage.store import COMPLETE_TAG
 
     mlflow_spec = {"tracking_uri": mlflow_server.tracking_uri, "registered_model": "faults-two-jobs", "alias": "production"}
     paths = [spec_file(small, tmp_path, request_id=f"req-twin-{n}", mlflow=mlflow_spec) for n in range(2)]

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrack.corpus import encode_image, read_forget_ids, write_shards
+from retrack.data.corpus import encode_image, read_forget_ids, write_shards
 from retrack.errors import CorpusError, ForgetSetError, InputError, StorageError
 from retrack.index import (
     DuplicatesFound,
@@ -23,8 +23,8 @@ from retrack.index import (
     find_neighbours,
     open_index,
 )
-from retrack.knn import exact_knn
-from retrack.storage import Location, S3Options
+from retrack.index.exact import exact_knn
+from retrack.storage.location import Location, S3Options
 from tests.index_helpers import bench, clustered_images, recall_at, write_corpus  # noqa: F401  (bench: fixture)
 
 
@@ -433,7 +433,7 @@ def test_vae_encoder_is_latent_dist_sample_times_scaling_and_batch_independent(t
     import torch
     from diffusers import AutoencoderKL
 
-    from retrack.index.encoders import build_encoder, item_seed, vae_latents
+    from retrack.models.encoders import build_encoder, item_seed, vae_latents
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(5, 16, 16, 3), dtype=np.uint8)

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from retrack.corpus import encode_image, write_shards
+from retrack.data.corpus import encode_image, write_shards
 from retrack.errors import CorpusError, StorageError
 from retrack.index import IndexParams, find_duplicates, find_neighbours, open_index
-from retrack.storage import Location
+from retrack.storage.location import Location
 from tests.index_helpers import bench, clustered_images, write_corpus  # noqa: F401  (bench: fixture)
 from tests.test_index import assert_same_neighbours, brute_force, run_failing_in_its_last_chunk
 

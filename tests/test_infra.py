@@ -208,7 +208,7 @@ def _job_spec_texts(docs: list[dict]) -> dict:
 
 @pytest.mark.parametrize("overlay", RAY_OVERLAYS)
 def test_the_job_spec_in_the_configmap_is_valid_and_fits_the_cluster(overlay, tmp_path):
-    from retrack.spec import load_spec
+    from retrack.config.spec import load_spec
 
     docs = render(overlay)
     cm = one(docs, "ConfigMap", "retrack-job")

@@ -10,10 +10,10 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from retrack.benchmark import build_benchmark, load_digits_u8
-from retrack.corpus import read_corpus
-from retrack.models import save_pixel_model
-from retrack.pretrain import PretrainConfig, pretrain
+from retrack.embedded.benchmark import build_benchmark, load_digits_u8
+from retrack.data.corpus import read_corpus
+from retrack.models.pixel import save_pixel_model
+from retrack.embedded.pretrain import PretrainConfig, pretrain
 from tests.processes import kill_retrack_when
 
 pytestmark = pytest.mark.integration
@@ -51,7 +51,7 @@ def spec_file(root: Path, tmp: Path, request_id="req-small", **extra) -> Path:
 def test_run_writes_every_stage_and_rerun_skips_them(small, tmp_path):
     from mlflow import MlflowClient
 
-    from retrack.spec import load_spec
+    from retrack.config.spec import load_spec
 
     path = spec_file(small, tmp_path)
     result = CliRunner().invoke(app, ["run", str(path)])
@@ -77,7 +77,7 @@ def test_run_writes_every_stage_and_rerun_skips_them(small, tmp_path):
 
 def test_stage_killed_midway_is_the_only_one_redone(small, tmp_path):
     from pipelines.job import run_job
-    from retrack.spec import load_spec
+    from retrack.config.spec import load_spec
 
     spec = load_spec(spec_file(small, tmp_path, request_id="req-resume"))
     first = run_job(spec)
@@ -111,7 +111,7 @@ def test_run_killed_for_real_between_stages_resumes_without_redoing_them(small, 
     from mlflow import MlflowClient
 
     from pipelines.job import run_job
-    from retrack.spec import load_spec
+    from retrack.config.spec import load_spec
 
     path = spec_file(small, tmp_path, request_id="req-kill")
     spec = load_spec(path)

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from retrack.benchmark import build_benchmark, load_digits_u8
-from retrack.corpus import decode_image, iter_rows, read_corpus, read_forget_ids
+from retrack.embedded.benchmark import build_benchmark, load_digits_u8
+from retrack.data.corpus import decode_image, iter_rows, read_corpus, read_forget_ids
 from retrack.errors import StorageError
-from retrack.models import save_pixel_model
-from retrack.pretrain import PretrainConfig, pretrain
+from retrack.models.pixel import save_pixel_model
+from retrack.embedded.pretrain import PretrainConfig, pretrain
 from retrack.privacy import ForgetContent, mlflow_texts, scan_blob, scan_texts
-from retrack.spec import JobSpec
+from retrack.config.spec import JobSpec
 
 pytestmark = pytest.mark.integration
 

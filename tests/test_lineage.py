@@ -7,8 +7,8 @@ import json
 import pytest
 
 from retrack.errors import StorageError
-from retrack.lineage import COMPLETE_TAG, Lineage, LineageStore, check_tracking_server
-from retrack.models import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+from retrack.lineage.store import COMPLETE_TAG, Lineage, LineageStore, check_tracking_server
+from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
 
 pytestmark = pytest.mark.integration
 

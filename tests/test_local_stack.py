@@ -157,8 +157,8 @@ def test_retrack_run_on_the_embedded_default_uses_both_nodes(stack, tmp_path):
     from mlflow import MlflowClient
 
     from pipelines.demo import demo_spec
-    from retrack.pretrain import ensure_pretrained
-    from retrack.workspace import Workspace
+    from retrack.embedded.pretrain import ensure_pretrained
+    from retrack.embedded.workspace import Workspace
 
     ws = Workspace.default()  # the embedded default, pretrained once (cached) in the developer's RETRACK_HOME
     ensure_pretrained(ws, "quick")

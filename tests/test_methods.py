@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from retrack.diffusion import NoiseSchedule
+from retrack.models.schedule import NoiseSchedule
 from retrack.errors import InputError, TrainingDivergedError
 from retrack.methods import UnlearnBatch, build_method, method_class, method_names
 from retrack.methods.neighbour_sets import NeighbourSets
 from retrack.methods.retrack import knn_target
 from retrack.methods.siss import importance_weights
-from retrack.models import default_scheduler
-from retrack.step import make_optimizer, unlearning_step
+from retrack.models.pixel import default_scheduler
+from retrack.training.step import make_optimizer, unlearning_step
 
 SHAPE = (1, 4, 4)
 B, K = 3, 4

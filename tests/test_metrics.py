@@ -12,11 +12,11 @@ import scipy.linalg
 import torch
 from diffusers import UNet2DConditionModel
 
-from retrack.benchmark import load_digits_u8
-from retrack.corpus import to_model_space, to_unit_range
-from retrack.diffusion import NoiseSchedule, sum_sq
+from retrack.embedded.benchmark import load_digits_u8
+from retrack.data.corpus import to_model_space, to_unit_range
+from retrack.models.schedule import NoiseSchedule, sum_sq
 from retrack.errors import InputError, ModelLayoutError
-from retrack.metrics import (
+from retrack.evaluation.metrics import (
     ClassifierConfig,
     FeatureClassifier,
     denoising_loss,
@@ -30,7 +30,7 @@ from retrack.metrics import (
     save_classifier,
     train_classifier,
 )
-from retrack.models import default_scheduler, tiny_pixel_unet
+from retrack.models.pixel import default_scheduler, tiny_pixel_unet
 
 
 @pytest.fixture(scope="module", autouse=True)

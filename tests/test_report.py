@@ -7,9 +7,9 @@ import json
 import numpy as np
 from PIL import Image
 
-from retrack.report import write_report
-from retrack.report_images import REDACTED, grid
-from retrack.verdict import decide
+from retrack.evaluation.report import write_report
+from retrack.evaluation.report_images import REDACTED, grid
+from retrack.evaluation.verdict import decide
 
 
 def test_verdict_needs_low_frequency_and_no_remembered_item():

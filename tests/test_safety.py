@@ -13,8 +13,8 @@ import torch
 
 from retrack.audit import AuditLog
 from retrack.errors import InputError, StorageError, redact
-from retrack.step import load_optimizer_state, make_optimizer, save_optimizer_state
-from retrack.storage import Location, S3Options
+from retrack.training.step import load_optimizer_state, make_optimizer, save_optimizer_state
+from retrack.storage.location import Location, S3Options
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
@@ -90,7 +90,7 @@ def test_wrong_secret_and_missing_bucket_on_a_real_server(seaweedfs_s3, s3_env, 
     """Against SeaweedFS: a refused signature and a missing bucket fail the job's preflight with
     the endpoint and bucket named, and neither secret in the message or the output."""
     from pipelines.job import preflight
-    from retrack.spec import JobSpec
+    from retrack.config.spec import JobSpec
 
     wrong = "Wrong" + SECRET
     loc = Location.parse(s3_env.uri("jobs/x.json"), s3=S3Options(endpoint=s3_env.endpoint, access_key=s3_env.access_key, secret_key=wrong))

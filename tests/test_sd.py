@@ -1,4 +1,4 @@
-"""Stable Diffusion support (retrack/sd.py): offline CLIP tokenizer, tiny models, layout checks,
+"""Stable Diffusion support (retrack/models/sd.py): offline CLIP tokenizer, tiny models, layout checks,
 latent/caption encoding and saving the fine-tuned UNet. No Ray."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch
 if importlib.util.find_spec("open_clip") is None:  # importing it would need torchvision: only locate it
     pytest.skip("the CLIP BPE vocabulary ships in open_clip_torch (pip install --no-deps open_clip_torch)", allow_module_level=True)
 
-from retrack import sd  # noqa: E402
+from retrack.models import sd  # noqa: E402
 from retrack.digest import directory_digest  # noqa: E402
 from retrack.errors import ModelLayoutError  # noqa: E402
-from retrack.models import default_scheduler, PixelDiffusion, save_pixel_model, tiny_pixel_unet  # noqa: E402
+from retrack.models.pixel import default_scheduler, PixelDiffusion, save_pixel_model, tiny_pixel_unet  # noqa: E402
 
 
 @pytest.fixture(scope="module")

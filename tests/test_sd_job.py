@@ -15,12 +15,12 @@ import torch
 if importlib.util.find_spec("open_clip") is None:  # importing it would need torchvision: only locate it
     pytest.skip("the CLIP BPE vocabulary ships in open_clip_torch (pip install --no-deps open_clip_torch)", allow_module_level=True)
 
-from retrack import sd  # noqa: E402
-from retrack.benchmark import load_digits_u8  # noqa: E402
-from retrack.corpus import encode_image, write_shards  # noqa: E402
-from retrack.diffusion import NoiseSchedule  # noqa: E402
+from retrack.models import sd  # noqa: E402
+from retrack.embedded.benchmark import load_digits_u8  # noqa: E402
+from retrack.data.corpus import encode_image, write_shards  # noqa: E402
+from retrack.models.schedule import NoiseSchedule  # noqa: E402
 from retrack.privacy import ForgetContent, mlflow_texts, scan_texts, scan_tree  # noqa: E402
-from retrack.spec import JobSpec  # noqa: E402
+from retrack.config.spec import JobSpec  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -1,9 +1,9 @@
-"""The benchmark's ratio-to-the-original with its bootstrap interval (retrack/stats.py)."""
+"""The benchmark's ratio-to-the-original with its bootstrap interval (retrack/evaluation/stats.py)."""
 
 import numpy as np
 import pytest
 
-from retrack.stats import ratio_of_means
+from retrack.evaluation.stats import ratio_of_means
 
 
 def test_ratio_is_the_ratio_of_means_and_its_interval_holds_it():

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from pipelines.tune import TUNE_DIR, run_tune
-from retrack.benchmark import BenchmarkInfo
-from retrack.models import DIGEST_FILE
-from retrack.spec import JobSpec, load_spec
-from retrack.tuning import dominates
+from retrack.embedded.benchmark import BenchmarkInfo
+from retrack.models.pixel import DIGEST_FILE
+from retrack.config.spec import JobSpec, load_spec
+from retrack.tuning.search import dominates
 from tests.processes import kill_retrack_when
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from pipelines.cli import app
 from pipelines.tune import _searcher_and_space, outcome
 from retrack.errors import InputError
-from retrack.spec import parse_spec
-from retrack.tuning import (
+from retrack.config.spec import parse_spec
+from retrack.tuning.search import (
     HEALTH_METRIC,
     NoAcceptableTrialError,
     RetainLossRatio,
@@ -176,8 +176,8 @@ def test_cli_refuses_to_tune_a_stable_diffusion_request(tmp_path):
 
 def test_a_rerun_trial_repeats_its_report_only_while_its_model_is_the_one_it_scored(tmp_path):
     from pipelines.tune import _saved_outcome
-    from retrack.models import write_model_dir
-    from retrack.storage import Location
+    from retrack.models.pixel import write_model_dir
+    from retrack.storage.location import Location
 
     model = tmp_path / "models" / "k"
     record = Location.parse(tmp_path / "outcomes" / "k.json")

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from retrack.config import MethodConfig, TrainConfig
-from retrack.corpus import Corpus
+from retrack.config.train import MethodConfig, TrainConfig
+from retrack.data.corpus import Corpus
 from retrack.errors import InputError
-from retrack.models import PixelDiffusion, default_scheduler, tiny_pixel_unet
-from retrack.unlearn import BatchDrawer, run_unlearning, split_for_unlearning
+from retrack.models.pixel import PixelDiffusion, default_scheduler, tiny_pixel_unet
+from retrack.training.loop import BatchDrawer, run_unlearning, split_for_unlearning
 
 
 def toy_corpus(n=40, seed=0):
@@ -80,7 +80,7 @@ def test_every_method_trains_end_to_end(name):
 
 def test_retrack_pulls_the_prediction_toward_the_neighbour_target():
     """After ReTrack steps with lambda = 1, the kNN loss on fixed (t, eps) draws falls."""
-    from retrack.diffusion import NoiseSchedule
+    from retrack.models.schedule import NoiseSchedule
     from retrack.methods.retrack import knn_target
 
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def test_methods_with_a_forget_branch_train_with_a_smaller_forget_batch(name):
 
 
 def test_data_without_neighbours_gets_the_methods_own_error_not_a_crash():
-    from retrack.diffusion import NoiseSchedule
+    from retrack.models.schedule import NoiseSchedule
     from retrack.methods import build_method
 
     data = split_for_unlearning(toy_corpus(), ["i3"], MethodConfig(name="vanilla"))

@@ -21,12 +21,12 @@ from pipelines.unlearn import (
     needed_retain_rows,
     prepare,
 )
-from retrack.config import MethodConfig, TrainConfig
-from retrack.corpus import read_corpus, read_forget_ids
+from retrack.config.train import MethodConfig, TrainConfig
+from retrack.data.corpus import read_corpus, read_forget_ids
 from retrack.errors import CorpusError, ForgetSetError, InputError, ModelLayoutError
 from retrack.methods import method_class
-from retrack.models import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
-from retrack.unlearn import BatchDrawer, UnlearnData, split_for_unlearning
+from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+from retrack.training.loop import BatchDrawer, UnlearnData, split_for_unlearning
 
 
 def request(bench, model, tmp_path, **kw) -> UnlearnRequest:
@@ -175,10 +175,10 @@ def test_decode_batch_keeps_only_planned_rows(bench):
 def test_gradient_checkpointing_gives_the_same_update(name):
     """The stage's optional `unet.enable_gradient_checkpointing()` works with step.py's per-loss
     `torch.autograd.grad` (retain_graph between losses) and changes nothing but memory."""
-    from retrack.diffusion import NoiseSchedule
+    from retrack.models.schedule import NoiseSchedule
     from retrack.methods import UnlearnBatch, build_method
-    from retrack.step import make_optimizer, unlearning_step
-    from retrack.unlearn import pixel_denoiser
+    from retrack.training.step import make_optimizer, unlearning_step
+    from retrack.training.loop import pixel_denoiser
 
     def run(checkpointing: bool):
         torch.manual_seed(0)

@@ -27,12 +27,12 @@ from pipelines.unlearn import (
     cli,
     unlearn,
 )
-from retrack.config import MethodConfig, TrainConfig
-from retrack.corpus import read_corpus, read_forget_ids
+from retrack.config.train import MethodConfig, TrainConfig
+from retrack.data.corpus import read_corpus, read_forget_ids
 from retrack.digest import directory_digest
 from retrack.errors import TrainingDivergedError
-from retrack.models import DIGEST_FILE, load_pixel_model
-from retrack.unlearn import run_unlearning, split_for_unlearning
+from retrack.models.pixel import DIGEST_FILE, load_pixel_model
+from retrack.training.loop import run_unlearning, split_for_unlearning
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -240,9 +240,9 @@ def tiny_sd_job(tmp_path_factory):
 
     if importlib.util.find_spec("open_clip") is None:
         pytest.skip("needs open_clip_torch (pip install --no-deps open_clip_torch) for the CLIP vocabulary")
-    from retrack import sd
-    from retrack.benchmark import load_digits_u8
-    from retrack.corpus import encode_image, write_shards
+    from retrack.models import sd
+    from retrack.embedded.benchmark import load_digits_u8
+    from retrack.data.corpus import encode_image, write_shards
 
     root = tmp_path_factory.mktemp("sd")
     images, labels = load_digits_u8()
@@ -259,12 +259,12 @@ def tiny_sd_job(tmp_path_factory):
 
 def sd_single_process(prep, req):
     """The same update in one process: every retained latent encoded, BatchDrawer, unlearning_step."""
-    from retrack import sd
-    from retrack.corpus import read_corpus
-    from retrack.diffusion import NoiseSchedule
+    from retrack.models import sd
+    from retrack.data.corpus import read_corpus
+    from retrack.models.schedule import NoiseSchedule
     from retrack.methods import build_method
-    from retrack.step import make_optimizer, unlearning_step
-    from retrack.unlearn import BatchDrawer, UnlearnData
+    from retrack.training.step import make_optimizer, unlearning_step
+    from retrack.training.loop import BatchDrawer, UnlearnData
 
     model = sd.load_sd_model(req.model_dir)
     corpus = read_corpus(req.corpus_dir)
@@ -295,8 +295,7 @@ def test_tiny_stable_diffusion_stage_with_captions(ray_local, tiny_sd_job, tmp_p
     encoder frozen, each item conditioned on its own caption, neighbours in VAE-latent space; the
     result equals the single-process update and is saved as a diffusers SD directory."""
     from pipelines.unlearn import prepare
-    from retrack import sd
-
+    from retrack.models import sd
     root = tiny_sd_job
     req = UnlearnRequest(
         request_id="sd",
@@ -361,7 +360,7 @@ def test_cli_runs_on_ray_and_reports_every_step(ray_local, bench, model_dir, tmp
 
 def forget_frequency(model, forget_image01: np.ndarray, threshold: float, n: int, seed: int = 123) -> float:
     """Fraction of n DDIM samples within `threshold` (L2, [0, 1] pixels) of the planted image (method.md)."""
-    from retrack.sampling import generate
+    from retrack.evaluation.sampling import generate
 
     samples = generate(model, n, seed=seed)
     d = np.sqrt(((samples - forget_image01) ** 2).reshape(n, -1).sum(1))
@@ -374,7 +373,7 @@ def test_two_cpu_workers_unlearn_the_embedded_benchmark(ray_local, bench, memori
     """ReTrack with the embedded default's recipe (configs/embedded-digits.yaml: lambda 0.05, K 10,
     batch 128, 50 steps, lr 5e-5) on two CPU workers: the planted image's frequency in samples
     drops, and the run is the single-process run."""
-    from retrack.benchmark import BenchmarkInfo
+    from retrack.embedded.benchmark import BenchmarkInfo
 
     info = BenchmarkInfo.load(bench.root)
     corpus, forget = read_corpus(bench.corpus), read_forget_ids(bench.forget_ids)

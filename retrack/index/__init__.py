@@ -8,7 +8,7 @@ request's neighbours (`find_neighbours`) and for near-duplicates of the forget i
 """
 
 from retrack.index.build import BuildResult, LocalExecutor, build_index
-from retrack.index.encoders import EncoderSpec, PixelEncoder, build_encoder, vae_latents
+from retrack.models.encoders import EncoderSpec, PixelEncoder, build_encoder, vae_latents
 from retrack.index.manifest import IndexParams, Manifest
 from retrack.index.search import (
     DuplicateReport,
@@ -19,7 +19,7 @@ from retrack.index.search import (
     find_neighbours,
     open_index,
 )
-from retrack.index.source import CorpusPlan, scan_corpus
+from retrack.data.source import CorpusPlan, scan_corpus
 
 __all__ = [
     "BuildResult", "CorpusPlan", "DuplicateReport", "DuplicatesFound", "EncoderSpec", "IndexParams", "LocalExecutor",

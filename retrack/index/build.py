@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Protocol
 import pyarrow.parquet as pq
 
 from retrack.errors import CorpusError, InputError, StorageError
-from retrack.index.encoders import EncoderSpec, build_encoder
+from retrack.models.encoders import EncoderSpec, build_encoder
 from retrack.index.manifest import FileRecord, IndexParams, Manifest, ShardRecord
 from retrack.index.shards import (
     build_shard,
@@ -40,7 +40,7 @@ from retrack.index.shards import (
     train_quantizer,
     write_bad_rows,
 )
-from retrack.index.source import (
+from retrack.data.source import (
     ON_BAD,
     Chunk,
     CorpusPlan,
@@ -50,7 +50,7 @@ from retrack.index.source import (
     scan_corpus,
     vectors_table,
 )
-from retrack.storage import Location, S3Options
+from retrack.storage.location import Location, S3Options
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -146,7 +146,7 @@ def encode_file(plan: CorpusPlan, f: SourceFile, n: int, dest: Location, encoder
 
 
 def _bad_file(rel: str, exc: Exception):
-    from retrack.index.source import BadRow, image_id
+    from retrack.data.source import BadRow, image_id
 
     return BadRow(image_id(rel), rel, str(exc))
 

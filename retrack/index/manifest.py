@@ -14,7 +14,7 @@ from typing import Any
 
 from retrack.digest import config_digest
 from retrack.errors import InputError, StorageError
-from retrack.storage import Location
+from retrack.storage.location import Location
 
 FORMAT = 1
 MANIFEST = "manifest.json"

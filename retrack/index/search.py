@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from retrack.errors import ForgetSetError, InputError, StorageError
 from retrack.index.manifest import Manifest
 from retrack.index.shards import load_shard_ids, load_shard_index
-from retrack.storage import Location
+from retrack.storage.location import Location
 
 log = logging.getLogger(__name__)
 POLICIES = ("fail", "warn", "add")

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 from retrack.digest import config_digest, sha256_bytes
 from retrack.errors import StorageError
 from retrack.index.manifest import FileRecord, IndexParams, ShardRecord
-from retrack.index.source import BadRow, table_vectors
-from retrack.storage import Location
+from retrack.data.source import BadRow, table_vectors
+from retrack.storage.location import Location
 
 SUCCESS = "_SUCCESS.json"
 BAD_DIR = "_bad"

@@ -9,7 +9,7 @@ from typing import Callable, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from retrack.diffusion import NoiseSchedule
+from retrack.models.schedule import NoiseSchedule
 from retrack.errors import InputError
 from retrack.methods.neighbour_sets import NeighbourSets
 

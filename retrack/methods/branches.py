@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from retrack.diffusion import NoiseSchedule, randn_like, sum_sq
+from retrack.models.schedule import NoiseSchedule, randn_like, sum_sq
 from retrack.methods.base import Denoiser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from retrack.diffusion import sum_sq
+from retrack.models.schedule import sum_sq
 from retrack.methods.base import DataRequirements, LossTerms, Method, MethodParams, UnlearnBatch, register
 from retrack.methods.branches import denoise_together, noise, vanilla_loss
 

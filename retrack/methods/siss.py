@@ -7,7 +7,7 @@ import math
 import torch
 from pydantic import Field
 
-from retrack.diffusion import randn_like, sum_sq
+from retrack.models.schedule import randn_like, sum_sq
 from retrack.methods.base import DataRequirements, LossTerms, Method, MethodParams, UnlearnBatch, register
 
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from retrack.errors import InputError
-from retrack.metrics import denoising_loss, integrity, nearest_forget_distance
-from retrack.sd import StableDiffusion, encode_captions, encode_latents, item_seed, to_sd_pixels, tokenize
+from retrack.evaluation.metrics import denoising_loss, integrity, nearest_forget_distance
+from retrack.models.sd import StableDiffusion, encode_captions, encode_latents, item_seed, to_sd_pixels, tokenize
 
 SD_METRIC_KEYS = ("forget_frequency", "forget_max_cosine", "forget_distance_ratio", "integrity", "forget_loss")
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from retrack.errors import InputError
-from retrack.metrics.classifier import FeatureClassifier
+from retrack.evaluation.metrics.classifier import FeatureClassifier
 
 
 def _kept(samples_a01: np.ndarray, samples_b01: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:

@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from retrack.errors import InputError
-from retrack.metrics.classifier import FeatureClassifier
+from retrack.evaluation.metrics.classifier import FeatureClassifier
 
 
 class UnitRangeFeatures(nn.Module):

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from retrack.atomic import atomic_directory
+from retrack.storage.atomic import atomic_directory
 from retrack.errors import InputError, ModelLayoutError
 
 CONFIG_FILE = "config.json"

@@ -15,7 +15,7 @@ import torch
 from diffusers import SchedulerMixin
 from torch import nn
 
-from retrack.diffusion import NoiseSchedule, sum_sq
+from retrack.models.schedule import NoiseSchedule, sum_sq
 from retrack.errors import InputError
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from diffusers import DDIMPipeline
 
-from retrack.models import PixelDiffusion
+from retrack.models.pixel import PixelDiffusion
 
 DEFAULT_SAMPLING_STEPS = 50
 

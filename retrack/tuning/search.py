@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from retrack.config import MethodConfig, StrictModel, TrainConfig
+from retrack.config.train import MethodConfig, StrictModel, TrainConfig
 from retrack.errors import InputError
 from retrack.methods import method_class, validate_params
 

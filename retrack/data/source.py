@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrack.corpus import decode_image
+from retrack.data.corpus import decode_image
 from retrack.digest import config_digest
 from retrack.errors import CorpusError
-from retrack.storage import FileEntry, Location
+from retrack.storage.location import FileEntry, Location
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 ON_BAD = ("fail", "skip")

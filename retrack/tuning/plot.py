@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from retrack.tuning import TrialOutcome, pareto_front
+from retrack.tuning.search import TrialOutcome, pareto_front
 
 COLOURS = ("#2a7", "#37c", "#c73", "#a4c", "#888")
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrack.benchmark import BenchmarkPaths
+from retrack.embedded.benchmark import BenchmarkPaths
 
 
 def retrack_home() -> Path:

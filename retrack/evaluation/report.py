@@ -9,9 +9,9 @@ from typing import Sequence
 
 import numpy as np
 
-from retrack.atomic import atomic_directory
-from retrack.report_images import save_before_after
-from retrack.verdict import Verdict
+from retrack.storage.atomic import atomic_directory
+from retrack.evaluation.report_images import save_before_after
+from retrack.evaluation.verdict import Verdict
 
 PLOTTED = ("forget_frequency", "frechet_distance", "forget_loss", "integrity")
 MARKDOWN_COLUMNS = ("forget_frequency", "frechet_distance", "integrity", "feature_integrity", "forget_loss")

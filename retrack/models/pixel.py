@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from retrack.atomic import atomic_directory
+from retrack.storage.atomic import atomic_directory
 from retrack.digest import directory_digest
 from retrack.errors import ModelLayoutError
 

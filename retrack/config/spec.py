@@ -14,11 +14,11 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from retrack.config import MethodConfig, StrictModel, TrainConfig
+from retrack.config.train import MethodConfig, StrictModel, TrainConfig
 from retrack.digest import config_digest
 from retrack.errors import InputError, describe_validation_error
 from retrack.methods import method_class
-from retrack.tuning import TuneSpec
+from retrack.tuning.search import TuneSpec
 
 # Ids become path components and run names: a strict alphabet rules out traversal ("../") by design.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 
-from retrack.benchmark import ensure_benchmark
-from retrack.corpus import read_corpus, read_forget_ids
-from retrack.diffusion import NoiseSchedule
+from retrack.embedded.benchmark import ensure_benchmark
+from retrack.data.corpus import read_corpus, read_forget_ids
+from retrack.models.schedule import NoiseSchedule
 from retrack.digest import config_digest, directory_digest
 from retrack.errors import InputError
-from retrack.models import DIGEST_FILE, PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
-from retrack.workspace import Workspace
+from retrack.models.pixel import DIGEST_FILE, PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+from retrack.embedded.workspace import Workspace
 
 
 @dataclass
@@ -100,7 +100,7 @@ def ensure_pretrained(
 ) -> PretrainedSet:
     """Build the benchmark and train (or reuse) the original, the retrained gold standard and the
     feature classifier. A cached model is reused only if it was made from the same corpus and config."""
-    from retrack.metrics import save_classifier, train_classifier
+    from retrack.evaluation.metrics import save_classifier, train_classifier
 
     if preset not in PRESETS:
         raise InputError(f"unknown pretraining preset {preset!r}; known: {sorted(PRESETS)}")

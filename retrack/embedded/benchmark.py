@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrack.corpus import encode_image, write_shards
+from retrack.data.corpus import encode_image, write_shards
 from retrack.digest import sha256_bytes
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -93,7 +93,7 @@ def load_fashion_mnist_u8(root: Path = FASHION_MNIST_DIR, limit: int | None = No
 
 def most_isolated(images_u8: np.ndarray) -> tuple[int, float]:
     """Index of the image farthest from its nearest neighbour, and that distance ([0, 1] pixels)."""
-    from retrack.knn import exact_knn
+    from retrack.index.exact import exact_knn
 
     x = images_u8.reshape(len(images_u8), -1).astype(np.float32) / 255.0
     dist, _ = exact_knn(x, x, 2)  # column 0 is the image itself

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from retrack.atomic import atomic_directory
+from retrack.storage.atomic import atomic_directory
 from retrack.errors import CorpusError, ForgetSetError
 
 SCHEMA = pa.schema(

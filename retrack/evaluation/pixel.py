@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrack.corpus import Corpus, to_unit_range
-from retrack.metrics import (
+from retrack.data.corpus import Corpus, to_unit_range
+from retrack.evaluation.metrics import (
     FeatureClassifier,
     denoising_loss,
     feature_integrity,
@@ -20,8 +20,8 @@ from retrack.metrics import (
     membership_test,
     nearest_forget_distance,
 )
-from retrack.models import PixelDiffusion
-from retrack.sampling import generate
+from retrack.models.pixel import PixelDiffusion
+from retrack.evaluation.sampling import generate
 
 METRIC_KEYS = ("forget_frequency", "frechet_distance", "integrity", "feature_integrity", "forget_loss")
 

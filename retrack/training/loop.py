@@ -14,15 +14,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from retrack.config import MethodConfig, TrainConfig
-from retrack.corpus import Corpus, check_forget_ids
-from retrack.diffusion import NoiseSchedule
+from retrack.config.train import MethodConfig, TrainConfig
+from retrack.data.corpus import Corpus, check_forget_ids
+from retrack.models.schedule import NoiseSchedule
 from retrack.errors import InputError
-from retrack.knn import exact_knn
+from retrack.index.exact import exact_knn
 from retrack.methods import DataRequirements, Method, UnlearnBatch, build_method
 from retrack.methods.neighbour_sets import NeighbourSets
-from retrack.models import PixelDiffusion
-from retrack.step import make_optimizer, unlearning_step
+from retrack.models.pixel import PixelDiffusion
+from retrack.training.step import make_optimizer, unlearning_step
 
 
 @dataclass

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from retrack.errors import InputError, ModelLayoutError, StorageError
-from retrack.models import DIGEST_FILE, write_model_dir
+from retrack.models.pixel import DIGEST_FILE, write_model_dir
 
 if TYPE_CHECKING:  # diffusers / transformers load lazily: importing them costs seconds
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -47,7 +47,7 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # as retrack.models
 
 
 def _read_json(path: Path, what: str) -> dict:
-    from retrack.models import _read_json as read
+    from retrack.models.pixel import _read_json as read
 
     return read(path, what)
 
@@ -319,7 +319,7 @@ def local_model_dir(uri: str | Path, cache_dir: str | Path | None = None, endpoi
         return Path(text)
     import pyarrow.fs as pafs
 
-    from retrack.storage import Location
+    from retrack.storage.location import Location
 
     if not text.startswith("s3://"):
         raise InputError(f"model directory {text}: only local paths and s3:// URIs are supported")

@@ -19,7 +19,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from retrack.corpus import to_model_space
+from retrack.data.corpus import to_model_space
 from retrack.digest import config_digest, directory_digest
 from retrack.errors import InputError, ModelLayoutError
 
