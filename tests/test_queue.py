@@ -1,16 +1,19 @@
 """The deletion queue: exactly-once processing when `retrack queue run` invocations overlap.
 
-The overlap tests start two real `retrack queue run` processes at the same moment on one queue
-(a local directory, then a real SeaweedFS S3 server). Their runner is `recording_runner` below,
-a cheap real job injected with `--runner`: it logs which request ids each job got and returns a
-model version. The first job of each process waits until the other process has a job running
-too, so the two runs provably hold claims at the same time.
+The overlap tests start two real queue runs (`run_queue` in two processes) at the same moment on
+one queue (a local directory, then a real SeaweedFS S3 server). Their runner is `recording_runner`
+below, a cheap real job handed to `run_queue`: it logs which request ids each job got and returns
+a model version. The first job of each process waits until the other process has a job running
+too, so the two runs provably hold claims at the same time. The `retrack queue` CLI is run as a
+command, its `run` with `retrack run`'s own jobs.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -31,9 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------ the injected runner
 
 
-def recording_runner(spec, address):
+def recording_runner(spec, address, log: str, rendezvous: str | None = None):
     """A cheap real job: log (process, job, forget ids), wait a little, return a model version."""
-    rendezvous = os.environ.get("RETRACK_TEST_QUEUE_RENDEZVOUS")
     if rendezvous:
         d = Path(rendezvous)
         d.mkdir(parents=True, exist_ok=True)
@@ -41,16 +43,21 @@ def recording_runner(spec, address):
         deadline = time.monotonic() + 120
         while len(list(d.iterdir())) < 2:
             if time.monotonic() > deadline:
-                raise RuntimeError("the other `retrack queue run` never started a job")
+                raise RuntimeError("the other queue run never started a job")
             time.sleep(0.05)
-    if os.environ.get("RETRACK_TEST_QUEUE_FAIL") == spec.request_id:
-        raise RuntimeError("planned failure")
     line = json.dumps({"pid": os.getpid(), "job": spec.request_id, "ids": list(spec.forget.ids or [])})
-    with open(os.environ["RETRACK_TEST_QUEUE_LOG"], "a") as f:
+    with open(log, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write(line + "\n")
     time.sleep(0.2)
     return {"model_version": f"v-{spec.request_id}", "verdict": "forgotten", "report_uri": f"memory://{spec.request_id}"}
+
+
+def queue_run(queue_uri: str, log: str, rendezvous: str) -> None:
+    """One queue run in its own process, as a scheduled `retrack queue run --max-batch 2` is."""
+    summary = run_queue(DeletionQueue(queue_uri), functools.partial(recording_runner, log=log, rendezvous=rendezvous), max_batch=2)
+    if summary.failed:
+        raise SystemExit(f"failed: {summary.failed}")
 
 
 # ------------------------------------------------------------------ helpers
@@ -77,15 +84,7 @@ def write_spec(tmp: Path, rid: str, ids: list[str], **changes) -> Path:
 
 
 def queue_cmd() -> list[str]:
-    """`retrack queue` once the CLI mounts it, else the same Typer app run as a module."""
-    try:
-        from pipelines.cli import app
-
-        if any(g.name == "queue" for g in app.registered_groups):
-            return [str(Path(sys.executable).with_name("retrack")), "queue"]
-    except Exception:  # noqa: BLE001 - fall back to the module
-        pass
-    return [sys.executable, "-m", "pipelines.queue"]
+    return [str(Path(sys.executable).with_name("retrack")), "queue"]
 
 
 def cli_env(extra: dict | None = None) -> dict:
@@ -106,15 +105,16 @@ def overlapping_runs(queue_uri: str, tmp: Path, n_requests: int = 8) -> None:
     for rid, ids in rest:
         DeletionQueue(queue_uri).submit(write_spec(tmp, rid, ids))
     log = tmp / "jobs.jsonl"
-    env = cli_env({"RETRACK_TEST_QUEUE_LOG": str(log), "RETRACK_TEST_QUEUE_RENDEZVOUS": str(tmp / "rendezvous")})
-    cmd = [*queue_cmd(), "run", "--queue", queue_uri, "--runner", "tests.test_queue:recording_runner", "--max-batch", "2"]
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out
+    spawn = multiprocessing.get_context("spawn")
+    procs = [spawn.Process(target=queue_run, args=(queue_uri, str(log), str(tmp / "rendezvous"))) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0, f"a queue run failed (exit code {p.exitcode})"
 
     jobs = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len({j["pid"] for j in jobs}) == 2, f"both runs should have processed requests: {outputs}"
+    assert len({j["pid"] for j in jobs}) == 2, f"both runs should have processed requests: {jobs}"
     seen: dict[str, list[str]] = {}
     for j in jobs:
         for rid, ids in requests.items():
@@ -138,7 +138,7 @@ def overlapping_runs(queue_uri: str, tmp: Path, n_requests: int = 8) -> None:
         assert not any(i in text for i in requests[rid]), "outcome records hold no forget ids"
 
 
-# ------------------------------------------------------------------ overlap: two real processes
+# ------------------------------------------------------------------ overlap: two processes
 
 
 def test_overlapping_runs_process_each_request_once_local(tmp_path):
@@ -285,11 +285,15 @@ def test_failed_request_is_recorded_and_retry_queues_it_again(tmp_path):
     q = DeletionQueue(queue)
     spec = write_spec(tmp_path, "r1", ["a"])
     q.submit(spec)
-    env = cli_env({"RETRACK_TEST_QUEUE_LOG": str(tmp_path / "log"), "RETRACK_TEST_QUEUE_FAIL": "r1"})
-    r = run_cli("run", "--queue", queue, "--runner", "tests.test_queue:recording_runner", env=env)
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "planned failure" in r.stdout and "0 done, 1 failed" in r.stdout
+
+    def failing(spec, address):
+        raise RuntimeError("planned failure")
+
+    summary = run_queue(q, failing, log=lambda _m: None)
+    assert [(o.request_id, o.ok) for o in summary.outcomes] == [("r1", False)]
     assert q.pending() == [] and q.store.get(f"{FAILED}/r1.yaml").data == spec.read_bytes()
+    lines = [json.loads(x) for x in run_cli("status", "--queue", queue, "--json").stdout.splitlines()]
+    assert [(x["request_id"], x["state"], x["error"]) for x in lines] == [("r1", "failed", "RuntimeError: planned failure")]
     with pytest.raises(InputError, match="retry"):
         q.submit(spec)
     r = run_cli("retry", "r1", "--queue", queue)
@@ -298,6 +302,22 @@ def test_failed_request_is_recorded_and_retry_queues_it_again(tmp_path):
     run_queue(q, _recorder()[1], log=lambda _m: None)
     lines = [json.loads(x) for x in run_cli("status", "--queue", queue, "--json").stdout.splitlines()]
     assert lines == [{**lines[0], "request_id": "r1", "state": "done", "model_version": "3"}]
+
+
+def test_cli_run_records_a_job_that_retrack_run_refuses_as_failed(tmp_path):
+    """`retrack queue run` runs `retrack run`'s own job: a request whose model is missing is refused
+    by that job's preflight (before any Ray work), recorded failed, and the run exits 1."""
+    queue = str(tmp_path / "queue")
+    spec = write_spec(tmp_path, "r1", ["a"], storage={"root": str(tmp_path / "jobs")},
+                      model={"kind": "pixel-ddpm", "uri": str(tmp_path / "no-model")},
+                      mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "registered_model": "digits-ddpm"})
+    r = run_cli("submit", str(spec), "--queue", queue)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("run", "--queue", queue)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "0 done, 1 failed" in r.stdout and "no-model" in r.stdout, r.stdout
+    (failed,) = [s for s in DeletionQueue(queue).status() if s.state == "failed"]
+    assert failed.request_id == "r1" and "no-model" in failed.detail["error"]
 
 
 def test_submit_refuses_invalid_duplicate_and_processed_requests(tmp_path):
@@ -314,8 +334,3 @@ def test_submit_refuses_invalid_duplicate_and_processed_requests(tmp_path):
     with pytest.raises(InputError, match="already processed"):
         q.submit(spec)
     assert q.store.get(f"{DONE}/r1.json") is not None
-
-
-def test_cli_refuses_a_bad_runner(tmp_path):
-    r = run_cli("run", "--queue", str(tmp_path / "q"), "--runner", "no_such_module_xyz:run")
-    assert r.returncode == 2 and "cannot import" in r.stderr

@@ -10,7 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.tune import _searcher_and_space, outcome
+from pipelines.tune.space import search_algorithm
+from pipelines.tune.trial import outcome, saved_outcome
 from retrack.errors import InputError
 from retrack.config.spec import parse_spec
 from retrack.tuning.search import (
@@ -118,7 +119,7 @@ def trial(tid: str, freq: float, fd: float, status: str = "ok") -> TrialOutcome:
 def test_both_searches_limit_how_many_trials_run_at_once(tmp_path, search):
     """Tune applies max_concurrent_trials only to Searchers; the grid generator must carry it."""
     spec = parse(tmp_path, {"search": search, "trials": 4, "space": {"lambda": {"values": [0.03, 0.05]}, "k": {"values": [5, 10]}}})
-    searcher, _, _ = _searcher_and_space(spec, default_point(spec.tune.space, spec.method, spec.train), concurrency=2)
+    searcher, _, _ = search_algorithm(spec, default_point(spec.tune.space, spec.method, spec.train), concurrency=2)
     assert searcher.max_concurrent == 2
 
 
@@ -175,22 +176,21 @@ def test_cli_refuses_to_tune_a_stable_diffusion_request(tmp_path):
 
 
 def test_a_rerun_trial_repeats_its_report_only_while_its_model_is_the_one_it_scored(tmp_path):
-    from pipelines.tune import _saved_outcome
     from retrack.models.pixel import write_model_dir
     from retrack.storage.location import Location
 
     model = tmp_path / "models" / "k"
     record = Location.parse(tmp_path / "outcomes" / "k.json")
-    assert _saved_outcome(record, model) is None  # never finished
+    assert saved_outcome(record, model) is None  # never finished
 
     digest = write_model_dir(model, lambda tmp: (tmp / "weights").write_text("first"))
     report = {"status": "ok", "forget_frequency": 0.0, "frechet_distance": 9.5, "unlearn_seconds": 4.2, "model_digest": digest}
     record.write_json(report)
-    assert _saved_outcome(record, model) == report
+    assert saved_outcome(record, model) == report
 
     write_model_dir(model, lambda tmp: (tmp / "weights").write_text("second"))  # replaced since it was scored
-    assert _saved_outcome(record, model) is None
+    assert saved_outcome(record, model) is None
 
     collapsed = {"status": "collapsed", "stopped_step": 12, HEALTH_METRIC: 4.0}
     record.write_json(collapsed)  # no model to check: the stop itself is the outcome
-    assert _saved_outcome(record, model) == collapsed
+    assert saved_outcome(record, model) == collapsed

@@ -9,17 +9,12 @@ The queue lives under `--queue` (or RETRACK_QUEUE): a local directory or s3://bu
 S3 endpoint from --endpoint-url or AWS_ENDPOINT_URL, credentials from the AWS_* variables. How
 overlapping runs stay exactly-once is described in `retrack.queue`.
 
-`run` hands each batch to a runner, `pipelines.job:run_job` unless --runner (or
-RETRACK_QUEUE_RUNNER) names another `module:function` taking `(spec, address)` and returning an
-object with `model_version`, `verdict` and `report_uri` (the current directory is importable, as
-with uvicorn's app argument).
+`run` hands each batch to `pipelines.job.run_job`.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -32,32 +27,8 @@ from pipelines.refusal import refusing_bad_input
 cli = typer.Typer(help="The deletion queue: requests wait as job specs until a scheduled run processes them as one batch.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
-DEFAULT_RUNNER = "pipelines.job:run_job"
-
 QueueOpt = typer.Option(..., "--queue", envvar="RETRACK_QUEUE", help="Queue location: a local directory or s3://bucket/prefix.")
 EndpointOpt = typer.Option(None, "--endpoint-url", envvar=["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"], help="S3-compatible endpoint.")
-
-
-def load_runner(ref: str):
-    """`module:function` (or `module:object.attribute`) to a callable."""
-    from retrack.errors import InputError
-
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
-        raise InputError(f"--runner {ref!r} must look like module:function")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InputError(f"--runner {ref!r}: cannot import {module_name}: {exc}") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise InputError(f"--runner {ref!r}: {module_name} has no attribute {attr}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise InputError(f"--runner {ref!r} is not callable")
-    return obj
 
 
 def _queue(queue: str, endpoint: Optional[str], lease_seconds: float = 900.0):
@@ -84,19 +55,18 @@ def submit(
 def run(
     queue: str = QueueOpt,
     endpoint: Optional[str] = EndpointOpt,
-    runner: str = typer.Option(DEFAULT_RUNNER, envvar="RETRACK_QUEUE_RUNNER", help="module:function that runs one job: (spec, address) -> result."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address handed to the runner (default: RAY_ADDRESS or a local instance)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address of the jobs (default: RAY_ADDRESS or a local instance)."),
     max_batch: Optional[int] = typer.Option(None, min=1, help="Most requests merged into one job (default: all that are pending)."),
     lease_seconds: float = typer.Option(900.0, min=1.0, help="A claim expires this long after its last renewal (renewed every third of it)."),
 ) -> None:
     """Process every pending request as one batch; each ends done (with its model version) or failed (exit code 1)."""
+    from pipelines.job import run_job
     from retrack.queue import run_queue
 
     # A stopped job (SIGTERM from `ray job stop` or Kubernetes) releases its claims on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    fn = load_runner(runner)
     q = _queue(queue, endpoint, lease_seconds)
-    summary = run_queue(q, fn, address=address, max_batch=max_batch, log=lambda m: typer.echo(m))
+    summary = run_queue(q, run_job, address=address, max_batch=max_batch, log=lambda m: typer.echo(m))
     done = len(summary.outcomes) - len(summary.failed)
     typer.echo(f"processed {len(summary.outcomes)} request(s): {done} done, {len(summary.failed)} failed"
                + (f"; {len(summary.skipped)} held by another run" if summary.skipped else ""))
@@ -141,7 +111,3 @@ def retry(
     q = _queue(queue, endpoint)
     q.retry(request_id)
     typer.echo(f"queued {request_id} again in {q.describe()}")
-
-
-if __name__ == "__main__":
-    cli()

@@ -1,0 +1,55 @@
+"""`retrack run | tune | validate | schema`: one deletion request from its job spec."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipelines.refusal import refusing_bad_input
+
+
+@refusing_bad_input
+def run(
+    job: Path = typer.Argument(..., help="Job spec (YAML); see `retrack schema`."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)."),
+) -> None:
+    """Run one deletion request: index -> neighbours -> unlearn -> evaluate -> register.
+    Completed stages are skipped on rerun."""
+    from pipelines.demo import print_summary
+    from pipelines.job import run_job
+    from retrack.config.spec import load_spec
+
+    print_summary(run_job(load_spec(job), address=address))
+
+
+@refusing_bad_input
+def tune(
+    job: Path = typer.Argument(..., help="Job spec (YAML) with a `tune` section; see `retrack schema`."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)."),
+) -> None:
+    """Search the method's hyperparameters with Ray Tune, print the Pareto front of forgetting vs
+    quality, then evaluate and register the chosen configuration. Rerun to resume."""
+    from pipelines.demo import print_summary
+    from pipelines.tune import run_tune
+    from retrack.config.spec import load_spec
+
+    print_summary(run_tune(load_spec(job), address=address).job)
+
+
+@refusing_bad_input
+def validate(job: Path = typer.Argument(..., help="Job spec (YAML).")) -> None:
+    """Check a job spec without running anything; exit 2 naming each invalid field."""
+    from retrack.config.spec import load_spec
+
+    spec = load_spec(job)
+    typer.echo(f"{job}: valid (request {spec.request_id}, method {spec.method.name}, config hash {spec.config_hash()})")
+
+
+def schema() -> None:
+    """Print the job spec's JSON schema."""
+    from retrack.config.spec import JobSpec
+
+    typer.echo(json.dumps(JobSpec.model_json_schema(), indent=2))

@@ -1,0 +1,58 @@
+"""[neighbours] Look up the K nearest retained items of every item to forget.
+
+Needs the index stage's record and the requested forget ids. `retrack.index.find_duplicates`
+first applies the spec's near-duplicate policy (copies of a forgotten item are refused, reported
+or forgotten too), then `find_neighbours` searches the index. Writes the settled forget set
+(`forget_ids.txt`) and the neighbours (`neighbours.json`) under the job prefix; its record holds
+the forget set's digest and count, never the ids.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from pipelines.job.context import JobContext
+from pipelines.progress import console
+from retrack.digest import ids_digest
+
+
+def run(ctx: JobContext) -> dict:
+    from retrack.index import find_duplicates, find_neighbours, open_index
+
+    spec, idx = ctx.spec, ctx.records["index"]
+    index = open_index(idx["index_uri"], endpoint=spec.storage.endpoint_url, manifest_digest=idx["manifest_digest"])
+    threshold = spec.forget.duplicate_threshold or _default_duplicate_threshold(ctx, index if spec.model.kind == "stable-diffusion" else None)
+    report = find_duplicates(index, ctx.pre.forget_ids, threshold, policy=spec.forget.duplicates)
+    if report.count:
+        console.print(f"near-duplicates of the forget set: {report.count} (policy {spec.forget.duplicates})")
+    forget = report.forget_ids
+    nb = find_neighbours(index, forget, spec.method.k, margin=spec.index.candidates_margin) if spec.method.needs_neighbours else None
+    local = ctx.jobdir.local
+    (local / "forget_ids.txt").write_text("\n".join(forget) + "\n")
+    mapping = {} if nb is None else {fid: ids for fid, ids in zip(nb.forget_ids, nb.ids)}
+    (local / "neighbours.json").write_text(json.dumps(mapping))
+    ctx.jobdir.publish("forget_ids.txt")
+    ctx.jobdir.publish("neighbours.json")
+    return {"forget_count": len(forget), "duplicates_added": report.count if spec.forget.duplicates == "add" else 0,
+            "forget_ids_digest": ids_digest(forget), "duplicate_threshold": threshold}
+
+
+def _default_duplicate_threshold(ctx: JobContext, index=None) -> float:
+    """Model-space L2 under which two items are copies: a tenth of the typical nearest-neighbour
+    distance between distinct retained items (exact copies sit at 0). With `index`, measured on
+    its vectors (Stable Diffusion: VAE latents, the space duplicates are searched in)."""
+    from retrack.index.exact import exact_knn
+
+    rng = np.random.default_rng(0)
+    if index is not None:
+        rows = rng.choice(len(index), min(len(index), 512), replace=False)
+        d2, _ = index.search(index.vectors(rows), 2)
+        d = np.sqrt(np.maximum(d2, 0.0))
+    else:
+        corpus = ctx.pre.corpus
+        sample = corpus.images[rng.choice(len(corpus), min(len(corpus), 512), replace=False)]
+        d, _ = exact_knn(sample, corpus.images, 2)
+    positive = d[:, 1][d[:, 1] > 1e-6]
+    return float(0.1 * np.median(positive)) if len(positive) else 1e-3
