@@ -1,5 +1,5 @@
 """Tuning an unlearning method's hyperparameters: the search space of the job spec, the Pareto
-front of the trials and the rule that picks one (no Ray here; `pipelines/tune.py` runs the trials).
+front of the trials and the rule that picks one (no Ray here; `pipelines/tune/` runs the trials).
 
 Two objectives, both minimised: forgetting (the forget frequency) and quality damage (the Fréchet
 distance to the retained data). A configuration is acceptable when it forgets as well as the job
