@@ -65,6 +65,8 @@ class JobDir:
 
 @dataclass
 class JobContext:
+    """One request's job as every stage takes it; each stage adds its record to `records`."""
+
     spec: JobSpec
     pre: Preflight
     jobdir: JobDir

@@ -28,10 +28,13 @@ class RequestState:
 
 
 def now_iso(t: float | None = None) -> str:
+    """A UTC time as the outcome records write it."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
 
 
 class DeletionQueue:
+    """The queue under one prefix, as one run (its `owner` token) sees it."""
+
     def __init__(self, uri: str, endpoint: str | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS,
                  store: Store | None = None, clock: Callable[[], float] = time.time):
         if lease_seconds <= 0:
