@@ -25,7 +25,7 @@ from retrack.storage.location import Location, is_s3
 from retrack.embedded.workspace import retrack_home
 
 if TYPE_CHECKING:
-    from pipelines.unlearn import UnlearnRequest
+    from retrack.config.unlearn_run import UnlearnRun
     from pipelines.evaluate import SdItems
     from retrack.evaluation.pixel import EvalReference
 
@@ -273,30 +273,26 @@ def _default_duplicate_threshold(pre: Preflight, index=None) -> float:
     return float(0.1 * np.median(positive)) if len(positive) else 1e-3
 
 
-def unlearn_request(spec: JobSpec, pre: Preflight, job: JobDir, output_dir: Path, run_name: str) -> "UnlearnRequest":
-    """The unlearn stage's request for `spec`'s method and training settings (tuning trials vary them)."""
-    from pipelines.unlearn import ScalingSettings, UnlearnRequest
+def unlearn_request(spec: JobSpec, pre: Preflight, job: JobDir, output_dir: Path, run_name: str) -> "UnlearnRun":
+    """The unlearn stage's run for `spec`'s method and training settings (tuning trials vary them)."""
+    from retrack.config.unlearn_run import UnlearnRun
 
-    return UnlearnRequest(
-        request_id=spec.request_id,
-        model_dir=pre.model_for_workers(spec),
-        model_kind="sd" if spec.model.kind == "stable-diffusion" else "pixel",
-        corpus_dir=str(pre.corpus_dir),
-        forget_ids_file=str(job.fetch("forget_ids.txt")),
-        neighbours_file=str(job.fetch("neighbours.json")) if spec.method.needs_neighbours else None,
-        method=spec.method,
-        train=spec.train,
-        scaling=ScalingSettings(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu, cpus_per_worker=spec.scaling.cpus_per_worker),
-        max_failures=spec.scaling.max_failures,
-        storage_path=str(Location.parse(spec.storage.root, endpoint=spec.storage.endpoint_url) / "checkpoints"),
+    stage = spec.model_copy(update={
+        "model": spec.model.model_copy(update={"uri": pre.model_for_workers(spec)}),
+        "corpus": spec.corpus.model_copy(update={"uri": str(pre.corpus_dir)}),
+        "forget": spec.forget.model_copy(update={"ids": None, "file": str(job.fetch("forget_ids.txt"))}),
+    })
+    return UnlearnRun(
+        spec=stage,
         output_dir=str(output_dir),
+        checkpoint_root=str(Location.parse(spec.storage.root, endpoint=spec.storage.endpoint_url) / "checkpoints"),
+        neighbours_file=str(job.fetch("neighbours.json")) if spec.method.needs_neighbours else None,
         run_name=run_name,
-        storage_endpoint=spec.storage.endpoint_url,
     )
 
 
 def _unlearn_stage(spec: JobSpec, pre: Preflight, job: JobDir, nb: dict, address: str | None) -> dict:
-    from pipelines.unlearn import unlearn
+    from pipelines.unlearn.driver import unlearn
 
     result = unlearn(unlearn_request(spec, pre, job, job.local / "model", spec.run_name), address=address)
     job.publish("model")

@@ -7,7 +7,7 @@ registration exactly as `retrack run` does.
 - The index and neighbours stages run once, with K at the largest value searched; a trial with a
   smaller K uses the nearest K of those.
 - Each trial is a Ray Tune driver function that builds the Ray Train `TorchTrainer` (the Train V2
-  pattern) through `pipelines.unlearn.unlearn`, then scores its model in-process on the same
+  pattern) through `pipelines.unlearn.driver.unlearn`, then scores its model in-process on the same
   sampling seeds as the original; with `tune.seeds_per_trial` > 1 it trains and scores once per
   training seed and reports the mean (one seed's score is partly noise). While training, the
   workers report one health scalar (the retain-loss ratio, `retrack.tuning.RetainLossRatio`)
@@ -100,7 +100,7 @@ def _trial(config: dict, ctx: TrialContext) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.unlearn import TrainMonitor, unlearn
+    from pipelines.unlearn.driver import TrainMonitor, unlearn
     from retrack.errors import QualityCollapseError, TrainingDivergedError
     from retrack.evaluation.pixel import evaluate_model
     from retrack.models.pixel import load_pixel_model
