@@ -26,7 +26,9 @@ def progress_metrics(rank: int, start_step: int, steps: list[dict]) -> dict:
 
 
 class ProgressCallback(UserCallback):
-    """On the controller: one 'worker' event per worker process, one 'step' event per update."""
+    """On the controller: one 'worker' event per worker process, one 'step' event per update. It
+    comes first among the run's callbacks and takes the progress out of the metrics, so that the
+    others (Tune's report callback) see only the metrics."""
 
     def __init__(self, queue: Queue):
         self.queue = queue
@@ -35,7 +37,7 @@ class ProgressCallback(UserCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Optional[Checkpoint]) -> None:
         events: list[dict] = []
         for reported in metrics:
-            p = reported.get(PROGRESS_KEY)
+            p = reported.pop(PROGRESS_KEY, None)
             if p is None:
                 continue
             if (p["rank"], p["pid"]) not in self.seen:
