@@ -1,4 +1,4 @@
-"""The unlearn stage's driver-side planning and checks (pipelines/unlearn.py) without a Ray cluster."""
+"""The unlearn stage's driver-side planning and checks (retrack/training/prepare.py, plan.py, run_storage.py) without a Ray cluster."""
 
 from __future__ import annotations
 
@@ -225,3 +225,27 @@ def test_job_spec_config_hash_keeps_its_value():
     assert spec.config_hash() == "b4d69af815d1463f"  # computed on main before the redesign
     moved = spec.model_copy(update={"scaling": ScalingSpec(num_workers=2, fp16_loss_scale=8.0), "storage": StorageSpec(root="/t")})
     assert moved.config_hash() == spec.config_hash()
+
+
+def test_progress_comes_out_of_the_reported_metrics():
+    """The progress callback turns each report's progress into events (one 'worker' event per
+    worker process, one 'step' event per update) and leaves only the metrics to the others."""
+    from pipelines.unlearn.progress import ProgressCallback, progress_metrics
+
+    class Sink:
+        def __init__(self):
+            self.items = []
+
+        def put_nowait_batch(self, items):
+            self.items.extend(items)
+
+    sink = Sink()
+    callback = ProgressCallback(sink)
+    steps = [{"step": 1, "steps": 2, "loss": 0.5}, {"step": 2, "steps": 2, "loss": 0.4}]
+    reported = [{"step": 2, **progress_metrics(0, 0, steps)}, {"step": 2, **progress_metrics(1, 0, [])}]
+    callback.after_report(None, reported, None)
+    assert reported == [{"step": 2}, {"step": 2}]
+    assert [(e["event"], e.get("rank"), e["step"] if e["event"] == "step" else e["start_step"]) for e in sink.items] == [
+        ("worker", 0, 0), ("step", None, 1), ("step", None, 2), ("worker", 1, 0)]
+    callback.after_report(None, [{"step": 3, **progress_metrics(0, 0, [])}], None)  # the same processes: no new 'worker' event
+    assert len(sink.items) == 4

@@ -24,10 +24,10 @@ from pipelines.unlearn.placement import PlacementError
 from retrack.config.model_kind import ModelKind
 from retrack.config.spec import CorpusSpec, ForgetSpec, ModelSpec, ScalingSpec, StorageSpec, UnlearnSpec
 from retrack.config.train import MethodConfig, TrainConfig
+from retrack.config.unlearn_run import UnlearnRun
 from retrack.data.corpus import read_corpus, read_forget_ids
 from retrack.digest import directory_digest
 from retrack.errors import TrainingDivergedError
-from retrack.config.unlearn_run import UnlearnRun
 from retrack.models.pixel import DIGEST_FILE, load_pixel_model
 from retrack.training.loop import run_unlearning, split_for_unlearning
 from retrack.training.run_storage import CheckpointMismatchError
@@ -248,7 +248,7 @@ def tiny_sd_job(tmp_path_factory):
     import importlib.util
 
     if importlib.util.find_spec("open_clip") is None:
-        pytest.skip("needs open_clip_torch (pip install --no-deps open_clip_torch) for the CLIP vocabulary")
+        pytest.fail("needs open_clip_torch (pip install --no-deps open_clip_torch) for the CLIP vocabulary")
     from retrack.models import sd
     from retrack.embedded.benchmark import load_digits_u8
     from retrack.data.corpus import encode_image, write_shards
