@@ -91,20 +91,21 @@ def bare_steps(model_dir: Path, data, train: TrainConfig) -> list[float]:
 
 
 def ray_run(bench: BenchmarkPaths, model_dir: Path, tmp: Path, name: str, train: TrainConfig, workers: int, tag: str):
-    from pipelines.unlearn import ScalingSettings, UnlearnRequest, unlearn
+    from pipelines.unlearn.driver import unlearn
+    from retrack.config.spec import CorpusSpec, ForgetSpec, ModelSpec, ScalingSpec, StorageSpec, UnlearnSpec
+    from retrack.config.unlearn_run import UnlearnRun
 
-    req = UnlearnRequest(
+    spec = UnlearnSpec(
         request_id=f"bench-{tag}",
-        model_dir=str(model_dir),
-        corpus_dir=str(bench.corpus),
-        forget_ids_file=str(bench.forget_ids),
+        model=ModelSpec(uri=str(model_dir)),
+        corpus=CorpusSpec(uri=str(bench.corpus)),
+        forget=ForgetSpec(file=str(bench.forget_ids)),
         method=MethodConfig(name=name, params=METHODS[name]),
         train=train,
-        scaling=ScalingSettings(num_workers=workers, cpus_per_worker=1.0 if workers == 1 else 0.5),
-        storage_path=str(tmp / "runs"),
-        output_dir=str(tmp / f"out-{tag}"),
-        run_name=f"bench-{tag}-{time.time_ns()}",
+        scaling=ScalingSpec(num_workers=workers, cpus_per_worker=1.0 if workers == 1 else 0.5),
+        storage=StorageSpec(root=str(tmp / "runs")),
     )
+    req = UnlearnRun(spec=spec, output_dir=str(tmp / f"out-{tag}"), checkpoint_root=str(tmp / "runs"), run_name=f"bench-{tag}-{time.time_ns()}")
     return unlearn(req)
 
 

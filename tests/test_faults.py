@@ -72,9 +72,9 @@ class KillWhen(threading.Thread):
 def complete_checkpoints(storage_root: Path, run_name: str) -> list[Path]:
     """The run's checkpoints whose files are all uploaded and verify: a kill timed on a checkpoint
     directory merely existing can land mid-upload, and then restarting from step 0 is right."""
-    from pipelines.unlearn import _verified_state
+    from retrack.training.checkpoint import verified_state
 
-    return [c for c in sorted((storage_root / "checkpoints" / run_name).glob("checkpoint_*")) if _verified_state(str(c))]
+    return [c for c in sorted((storage_root / "checkpoints" / run_name).glob("checkpoint_*")) if verified_state(str(c))]
 
 
 def long_training(root: Path, tmp: Path, request_id: str, **extra) -> Path:

@@ -1,4 +1,4 @@
-"""The unlearn stage's driver-side planning and checks (pipelines/unlearn.py) without a Ray cluster."""
+"""The unlearn stage's driver-side planning and checks (retrack/training/prepare.py, plan.py, run_storage.py) without a Ray cluster."""
 
 from __future__ import annotations
 
@@ -9,40 +9,34 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.unlearn import (
-    CheckpointMismatchError,
-    ScalingSettings,
-    SparseRows,
-    UnlearnRequest,
-    _decode_batch,
-    check_run_storage,
-    config_hash,
-    micro_batches_of,
-    needed_retain_rows,
-    prepare,
-)
+from retrack.config.model_kind import ModelKind
+from retrack.config.spec import CorpusSpec, ForgetSpec, JobSpec, ModelSpec, ScalingSpec, StorageSpec, UnlearnSpec
 from retrack.config.train import MethodConfig, TrainConfig
+from retrack.config.unlearn_run import UnlearnRun
 from retrack.data.corpus import read_corpus, read_forget_ids
 from retrack.errors import CorpusError, ForgetSetError, InputError, ModelLayoutError
 from retrack.methods import method_class
 from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+from retrack.training.items import decode_items
 from retrack.training.loop import BatchDrawer, UnlearnData, split_for_unlearning
+from retrack.training.plan import SparseRows, micro_batches_of, needed_retain_rows
+from retrack.training.prepare import prepare, run_key
+from retrack.training.run_storage import CheckpointMismatchError, RunStorage
 
 
-def request(bench, model, tmp_path, **kw) -> UnlearnRequest:
-    base = dict(
+def request(bench, model, tmp_path, *, model_kind="pixel-ddpm", forget_ids=None, neighbours_file=None, **kw) -> UnlearnRun:
+    spec = dict(
         request_id="req-1",
-        model_dir=str(model),
-        corpus_dir=str(bench.corpus),
-        forget_ids_file=str(bench.forget_ids),
+        model=ModelSpec(uri=str(model), kind=model_kind),
+        corpus=CorpusSpec(uri=str(bench.corpus)),
+        forget=ForgetSpec(ids=forget_ids) if forget_ids is not None else ForgetSpec(file=str(bench.forget_ids)),
         method=MethodConfig(name="retrack", params={"k": 4}),
         train=TrainConfig(steps=5, batch_size=16, grad_accum=2),
-        scaling=ScalingSettings(num_workers=2),
-        storage_path=str(tmp_path / "runs"),
-        output_dir=str(tmp_path / "out"),
+        scaling=ScalingSpec(num_workers=2),
+        storage=StorageSpec(root=str(tmp_path / "runs")),
     )
-    base.update(kw)
-    return UnlearnRequest(**base)
+    spec.update(kw)
+    return UnlearnRun(spec=UnlearnSpec(**spec), output_dir=str(tmp_path / "out"), checkpoint_root=str(tmp_path / "runs"), neighbours_file=neighbours_file)
 
 
 def test_sparse_rows_index_by_global_row():
@@ -56,7 +50,7 @@ def test_sparse_rows_index_by_global_row():
 
 def test_each_worker_holds_exactly_the_rows_its_micro_batches_draw(bench, model_dir, tmp_path):
     prep = prepare(request(bench, model_dir, tmp_path, train=TrainConfig(steps=7, batch_size=24, grad_accum=4)))
-    plan, train = prep.plan, prep.request.train
+    plan, train = prep.plan, prep.run.spec.train
     world = 2
     per_rank = [needed_retain_rows(plan, train, world, rank) for rank in range(world)]
     assert np.array_equal(np.unique(np.concatenate(per_rank)), needed_retain_rows(plan, train, world))
@@ -87,7 +81,8 @@ def test_plan_matches_the_single_process_split(bench, model_dir, tmp_path):
 
 def test_config_hash_ignores_placement_but_not_the_recipe(bench, model_dir, tmp_path):
     base = prepare(request(bench, model_dir, tmp_path)).config_hash
-    same = prepare(request(bench, model_dir, tmp_path, scaling=ScalingSettings(num_workers=1, cpus_per_worker=0.5), storage_path="/elsewhere", max_failures=0))
+    same = request(bench, model_dir, tmp_path, scaling=ScalingSpec(num_workers=1, cpus_per_worker=0.5, max_failures=0, allow_tf32=False))
+    same = prepare(same.model_copy(update={"checkpoint_root": "/elsewhere"}))
     assert same.config_hash == base
     assert prepare(request(bench, model_dir, tmp_path, train=TrainConfig(steps=5, batch_size=16, grad_accum=2, lr=1e-3))).config_hash != base
     assert prepare(request(bench, model_dir, tmp_path, method=MethodConfig(name="retrack", params={"k": 5}))).config_hash != base
@@ -97,32 +92,32 @@ def test_request_validation(bench, model_dir, tmp_path):
     with pytest.raises(ValueError, match="multiple of scaling.num_workers"):
         request(bench, model_dir, tmp_path, train=TrainConfig(steps=5, batch_size=16, grad_accum=1))
     with pytest.raises(ValueError, match="exactly one"):
-        request(bench, model_dir, tmp_path, forget_ids=["img-000001"])
+        request(bench, model_dir, tmp_path, forget=ForgetSpec(ids=["img-000001"], file=str(bench.forget_ids)))
     with pytest.raises(ValueError):
         request(bench, model_dir, tmp_path, request_id="../escape")
 
 
 def test_wrong_model_directories_are_refused(bench, model_dir, tmp_path):
-    with pytest.raises(ModelLayoutError, match="pixel-space DDPM.*model_kind='sd'"):
-        prepare(request(bench, model_dir, tmp_path, model_kind="sd"))
+    with pytest.raises(ModelLayoutError, match="pixel-space DDPM.*model kind 'stable-diffusion'"):
+        prepare(request(bench, model_dir, tmp_path, model_kind="stable-diffusion"))
     with pytest.raises(ModelLayoutError, match="does not exist"):
-        prepare(request(bench, model_dir, tmp_path, model_dir=str(tmp_path / "nowhere")))
+        prepare(request(bench, tmp_path / "nowhere", tmp_path))
     with pytest.raises(ModelLayoutError, match="not a diffusers pipeline"):
-        prepare(request(bench, model_dir, tmp_path, model_dir=str(model_dir / "unet")))
+        prepare(request(bench, model_dir / "unet", tmp_path))
     pickled = tmp_path / "pickled"
     shutil.copytree(model_dir, pickled)
     (pickled / "unet" / "diffusion_pytorch_model.safetensors").rename(pickled / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(ModelLayoutError, match="only safetensors"):
-        prepare(request(bench, model_dir, tmp_path, model_dir=str(pickled)))
+        prepare(request(bench, pickled, tmp_path))
     big = tmp_path / "big"
     save_pixel_model(PixelDiffusion(tiny_pixel_unet(16, 1), default_scheduler()), big)
     with pytest.raises(CorpusError, match="model denoises 16x16x1"):
-        prepare(request(bench, model_dir, tmp_path, model_dir=str(big)))
+        prepare(request(bench, big, tmp_path))
 
 
 def test_bad_forget_sets_and_neighbours(bench, model_dir, tmp_path):
     with pytest.raises(ForgetSetError, match="not in the corpus"):
-        prepare(request(bench, model_dir, tmp_path, forget_ids_file=None, forget_ids=["nope"]))
+        prepare(request(bench, model_dir, tmp_path, forget_ids=["nope"]))
     with pytest.raises(InputError, match="larger than the retained set"):
         prepare(request(bench, model_dir, tmp_path, method=MethodConfig(name="retrack", params={"k": 100000})))
     forget = read_forget_ids(bench.forget_ids)
@@ -144,15 +139,16 @@ def test_bad_forget_sets_and_neighbours(bench, model_dir, tmp_path):
 def test_checkpoints_of_another_config_are_refused(bench, model_dir, tmp_path):
     prep = prepare(request(bench, model_dir, tmp_path))
     run = tmp_path / "runs" / prep.run_name
-    assert check_run_storage(str(tmp_path / "runs"), prep.run_name, prep.config_hash) is None  # nothing there yet
+    storage = RunStorage(str(tmp_path / "runs"), prep.run_name, prep.config_hash)
+    assert storage.check() is None  # nothing there yet
     (run / "checkpoint_000003").mkdir(parents=True)
     (run / "checkpoint_000003" / "retrack_state.json").write_text(json.dumps({"step": 3, "config_hash": "f" * 64}))
     with pytest.raises(CheckpointMismatchError, match="checkpoint_000003.*ffffffffffff"):
-        check_run_storage(str(tmp_path / "runs"), prep.run_name, prep.config_hash)
+        storage.check()
     (run / "checkpoint_000003" / "retrack_state.json").write_text(json.dumps({"step": 3, "config_hash": prep.config_hash}))
     (run / "retrack_run.json").write_text(json.dumps({"config_hash": "e" * 64}))
     with pytest.raises(CheckpointMismatchError, match="belongs to config eeeeeeeeeeee"):
-        check_run_storage(str(tmp_path / "runs"), prep.run_name, prep.config_hash)
+        storage.check()
 
 
 def test_decode_batch_keeps_only_planned_rows(bench):
@@ -162,12 +158,12 @@ def test_decode_batch_keeps_only_planned_rows(bench):
     table = pq.read_table(shard).slice(0, 6).to_pydict()
     batch = {k: np.array(v, dtype=object) for k, v in table.items()}
     wanted = {table["id"][1]: (17, -1), table["id"][4]: (-1, 0)}
-    out = _decode_batch(batch, wanted, "pixel", (8, 8, 1))
+    out = decode_items(batch, wanted, ModelKind.PIXEL_DDPM, (8, 8, 1))
     assert out["row"].tolist() == [17, -1] and out["pos"].tolist() == [-1, 0]
     assert out["image"].shape == (2, 8, 8, 1) and out["image"].dtype == np.uint8
-    sd_out = _decode_batch(batch, wanted, "sd", (16, 16, 3))
+    sd_out = decode_items(batch, wanted, ModelKind.STABLE_DIFFUSION, (16, 16, 3))
     assert sd_out["image"].shape == (2, 16, 16, 3)
-    empty = _decode_batch(batch, {}, "pixel", (8, 8, 1))
+    empty = decode_items(batch, {}, ModelKind.PIXEL_DDPM, (8, 8, 1))
     assert empty["image"].shape == (0, 8, 8, 1)
 
 
@@ -204,11 +200,52 @@ def test_gradient_checkpointing_gives_the_same_update(name):
 def test_an_unset_forget_batch_keeps_the_config_hash_of_runs_made_before_it_existed():
     from types import SimpleNamespace
 
-    def request(**train):
-        return UnlearnRequest(request_id="r", model_dir="/m", corpus_dir="/c", forget_ids=["a"], output_dir="/o",
-                              storage_path="/s", method=MethodConfig(name="retrack"), train=TrainConfig(steps=7, **train))
-
-    plan = SimpleNamespace(kind="pixel", corpus_fingerprint="c", forget_digest="f", neighbours_digest="n")
+    method = MethodConfig(name="retrack")
+    plan = SimpleNamespace(kind=ModelKind.PIXEL_DDPM, corpus_fingerprint="c", forget_digest="f", neighbours_digest="n")
     # The digest of this request before train.forget_batch_size existed: its checkpoints stay resumable.
-    assert config_hash(request(), plan, "sha") == "f291d5e3fa04e7c1d8467937304c7535cb2547eda471fb32b85cc6a3b1ba6deb"
-    assert config_hash(request(forget_batch_size=32), plan, "sha") != config_hash(request(), plan, "sha")
+    assert run_key(method, TrainConfig(steps=7), plan, "sha") == "f291d5e3fa04e7c1d8467937304c7535cb2547eda471fb32b85cc6a3b1ba6deb"
+    assert run_key(method, TrainConfig(steps=7, forget_batch_size=32), plan, "sha") != run_key(method, TrainConfig(steps=7), plan, "sha")
+
+
+def test_model_kinds_old_names_and_aliases():
+    assert ModelKind.parse("sd") is ModelKind.parse("stable-diffusion") is ModelKind.STABLE_DIFFUSION
+    assert ModelKind.parse("pixel") is ModelKind.PIXEL_DDPM and ModelKind.PIXEL_DDPM.short == "pixel"
+    with pytest.raises(ValueError, match="unknown model kind"):
+        ModelKind.parse("auto")
+    assert ModelSpec(uri="/m", kind="stable-diffusion").kind is ModelKind.STABLE_DIFFUSION
+
+
+def test_job_spec_config_hash_keeps_its_value():
+    """The job spec's hash (it names every job's storage prefix) of a fixed spec, as before the
+    unlearn stage's spec became its base; scaling, storage and mlflow are not part of it."""
+    spec = JobSpec(
+        request_id="r1", model=ModelSpec(uri="/m"), corpus=CorpusSpec(uri="/c"), forget=ForgetSpec(ids=["a"]),
+        train=TrainConfig(steps=7), storage=StorageSpec(root="/s"), mlflow={"tracking_uri": "sqlite:///x.db", "registered_model": "m"},
+    )
+    assert spec.config_hash() == "b4d69af815d1463f"  # computed on main before the redesign
+    moved = spec.model_copy(update={"scaling": ScalingSpec(num_workers=2, fp16_loss_scale=8.0), "storage": StorageSpec(root="/t")})
+    assert moved.config_hash() == spec.config_hash()
+
+
+def test_progress_comes_out_of_the_reported_metrics():
+    """The progress callback turns each report's progress into events (one 'worker' event per
+    worker process, one 'step' event per update) and leaves only the metrics to the others."""
+    from pipelines.unlearn.progress import ProgressCallback, progress_metrics
+
+    class Sink:
+        def __init__(self):
+            self.items = []
+
+        def put_nowait_batch(self, items):
+            self.items.extend(items)
+
+    sink = Sink()
+    callback = ProgressCallback(sink)
+    steps = [{"step": 1, "steps": 2, "loss": 0.5}, {"step": 2, "steps": 2, "loss": 0.4}]
+    reported = [{"step": 2, **progress_metrics(0, 0, steps)}, {"step": 2, **progress_metrics(1, 0, [])}]
+    callback.after_report(None, reported, None)
+    assert reported == [{"step": 2}, {"step": 2}]
+    assert [(e["event"], e.get("rank"), e["step"] if e["event"] == "step" else e["start_step"]) for e in sink.items] == [
+        ("worker", 0, 0), ("step", None, 1), ("step", None, 2), ("worker", 1, 0)]
+    callback.after_report(None, [{"step": 3, **progress_metrics(0, 0, [])}], None)  # the same processes: no new 'worker' event
+    assert len(sink.items) == 4

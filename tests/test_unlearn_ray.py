@@ -18,21 +18,19 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.unlearn import (
-    CheckpointMismatchError,
-    PlacementError,
-    ScalingSettings,
-    UnlearnFailedError,
-    UnlearnRequest,
-    cli,
-    unlearn,
-)
+from pipelines.unlearn.cli import unlearn_command
+from pipelines.unlearn.driver import UnlearnFailedError, unlearn
+from pipelines.unlearn.placement import PlacementError
+from retrack.config.model_kind import ModelKind
+from retrack.config.spec import CorpusSpec, ForgetSpec, ModelSpec, ScalingSpec, StorageSpec, UnlearnSpec
 from retrack.config.train import MethodConfig, TrainConfig
+from retrack.config.unlearn_run import UnlearnRun
 from retrack.data.corpus import read_corpus, read_forget_ids
 from retrack.digest import directory_digest
 from retrack.errors import TrainingDivergedError
 from retrack.models.pixel import DIGEST_FILE, load_pixel_model
 from retrack.training.loop import run_unlearning, split_for_unlearning
+from retrack.training.run_storage import CheckpointMismatchError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -41,26 +39,36 @@ WEIGHT_ATOL = 1e-4
 CPUS_PER_WORKER = 0.5
 
 
-def make_request(bench, model_dir, tmp_path, *, workers=2, method="retrack", params=None, **train) -> UnlearnRequest:
+def stage_run(model_dir, corpus, forget_file, tmp_path, out: str, *, kind="pixel-ddpm", request_id="test", workers=2,
+              method="retrack", params=None, **train) -> UnlearnRun:
+    spec = UnlearnSpec(
+        request_id=request_id,
+        model=ModelSpec(uri=str(model_dir), kind=kind),
+        corpus=CorpusSpec(uri=str(corpus)),
+        forget=ForgetSpec(file=str(forget_file)),
+        method=MethodConfig(name=method, params=params if params is not None else ({"k": 4} if method == "retrack" else {})),
+        train=TrainConfig(**train),
+        scaling=ScalingSpec(num_workers=workers, cpus_per_worker=CPUS_PER_WORKER),
+        storage=StorageSpec(root=str(tmp_path / "runs")),
+    )
+    return UnlearnRun(spec=spec, output_dir=str(tmp_path / out), checkpoint_root=str(tmp_path / "runs"))
+
+
+def make_request(bench, model_dir, tmp_path, *, workers=2, method="retrack", params=None, **train) -> UnlearnRun:
     settings = dict(steps=6, batch_size=16, grad_accum=2, lr=1e-4, checkpoint_every=3)
     settings.update(train)
-    return UnlearnRequest(
-        request_id="test",
-        model_dir=str(model_dir),
-        corpus_dir=str(bench.corpus),
-        forget_ids_file=str(bench.forget_ids),
-        method=MethodConfig(name=method, params=params if params is not None else ({"k": 4} if method == "retrack" else {})),
-        train=TrainConfig(**settings),
-        scaling=ScalingSettings(num_workers=workers, cpus_per_worker=CPUS_PER_WORKER),
-        storage_path=str(tmp_path / "runs"),
-        output_dir=str(tmp_path / f"out-{method}-{workers}"),
-    )
+    return stage_run(model_dir, bench.corpus, bench.forget_ids, tmp_path, f"out-{method}-{workers}", workers=workers, method=method, params=params, **settings)
 
 
-def single_process(bench, model_dir, req: UnlearnRequest):
+def with_spec(run: UnlearnRun, **update) -> UnlearnRun:
+    """`run` with spec fields replaced (validated again, as a new request would be)."""
+    return run.model_copy(update={"spec": UnlearnSpec.model_validate({**run.spec.model_dump(), **update})})
+
+
+def single_process(bench, model_dir, req: UnlearnRun):
     model = load_pixel_model(model_dir)
-    data = split_for_unlearning(read_corpus(bench.corpus), read_forget_ids(bench.forget_ids), req.method)
-    history, _ = run_unlearning(model, data, req.method, req.train)
+    data = split_for_unlearning(read_corpus(bench.corpus), read_forget_ids(bench.forget_ids), req.spec.method)
+    history, _ = run_unlearning(model, data, req.spec.method, req.spec.train)
     return model, history
 
 
@@ -106,7 +114,7 @@ def test_two_workers_reproduce_the_single_process_update(retrack_run, bench, mod
     finally:
         Path(result.output_dir).with_suffix(".digest").rename(Path(result.output_dir) / DIGEST_FILE)
     # Checkpoints every 3 steps (and the last) in the run's storage, named by request id + config hash.
-    run_dir = Path(req.storage_path) / result.run_name
+    run_dir = Path(req.checkpoint_root) / result.run_name
     assert result.run_name == f"test-{result.config_hash[:12]}"
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_000003", "checkpoint_000006"]
 
@@ -119,7 +127,7 @@ def test_rerun_of_a_finished_job_is_skipped(retrack_run):
 
 def test_checkpoint_from_a_different_config_is_refused(retrack_run, tmp_path):
     req, result, _ = retrack_run
-    other = req.model_copy(update={"train": req.train.model_copy(update={"lr": 3e-4}), "run_name": result.run_name, "output_dir": str(tmp_path / "o")})
+    other = with_spec(req, train=req.spec.train.model_copy(update={"lr": 3e-4})).model_copy(update={"run_name": result.run_name, "output_dir": str(tmp_path / "o")})
     with pytest.raises(CheckpointMismatchError, match="refusing"):
         unlearn(other)
     assert not (tmp_path / "o").exists()
@@ -176,7 +184,7 @@ class Killer:
 
 def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, bench, model_dir, tmp_path):
     req = make_request(bench, model_dir, tmp_path, steps=20, checkpoint_every=4)
-    req = req.model_copy(update={"max_failures": 1})
+    req = with_spec(req, scaling=req.spec.scaling.model_copy(update={"max_failures": 1}))
     killer = Killer(rank=1, at_step=6)
     result = unlearn(req, progress=killer)
     assert killer.killed is not None
@@ -196,7 +204,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, bench, model_
 
 @pytest.mark.slow
 def test_relaunch_with_the_same_run_name_resumes(ray_local, bench, model_dir, tmp_path):
-    req = make_request(bench, model_dir, tmp_path, steps=20, checkpoint_every=4).model_copy(update={"max_failures": 0})
+    req = make_request(bench, model_dir, tmp_path, steps=20, checkpoint_every=4)
+    req = with_spec(req, scaling=req.spec.scaling.model_copy(update={"max_failures": 0}))
     killer = Killer(rank=0, at_step=6)
     with pytest.raises(UnlearnFailedError):
         unlearn(req, progress=killer)
@@ -224,10 +233,10 @@ def test_nan_loss_stops_reports_the_step_and_saves_nothing(ray_local, bench, mod
 
 def test_more_workers_than_the_cluster_can_place_fail_fast(ray_local, bench, model_dir, tmp_path):
     req = make_request(bench, model_dir, tmp_path, workers=3, grad_accum=3, batch_size=18)
-    req = req.model_copy(update={"scaling": ScalingSettings(num_workers=3, cpus_per_worker=1.0)})
-    with pytest.raises(PlacementError, match="3 workers with CPU=1 each cannot be placed.*room for 2"):
+    req = with_spec(req, scaling=ScalingSpec(num_workers=3, cpus_per_worker=1.0))
+    with pytest.raises(PlacementError, match="3 workers with CPU=1 each cannot be placed.*the cluster has CPU=2"):
         unlearn(req)
-    gpu = req.model_copy(update={"scaling": ScalingSettings(num_workers=1, use_gpu=True)})
+    gpu = with_spec(req, scaling=ScalingSpec(num_workers=1, use_gpu=True))
     with pytest.raises(PlacementError, match="GPU"):
         unlearn(gpu)
 
@@ -239,7 +248,7 @@ def tiny_sd_job(tmp_path_factory):
     import importlib.util
 
     if importlib.util.find_spec("open_clip") is None:
-        pytest.skip("needs open_clip_torch (pip install --no-deps open_clip_torch) for the CLIP vocabulary")
+        pytest.fail("needs open_clip_torch (pip install --no-deps open_clip_torch) for the CLIP vocabulary")
     from retrack.models import sd
     from retrack.embedded.benchmark import load_digits_u8
     from retrack.data.corpus import encode_image, write_shards
@@ -257,7 +266,7 @@ def tiny_sd_job(tmp_path_factory):
     return root
 
 
-def sd_single_process(prep, req):
+def sd_single_process(prep, run: UnlearnRun):
     """The same update in one process: every retained latent encoded, BatchDrawer, unlearning_step."""
     from retrack.models import sd
     from retrack.data.corpus import read_corpus
@@ -266,8 +275,9 @@ def sd_single_process(prep, req):
     from retrack.training.step import make_optimizer, unlearning_step
     from retrack.training.loop import BatchDrawer, UnlearnData
 
-    model = sd.load_sd_model(req.model_dir)
-    corpus = read_corpus(req.corpus_dir)
+    req = run.spec
+    model = sd.load_sd_model(req.model.uri)
+    corpus = read_corpus(req.corpus.uri)
     pixels = sd.to_sd_pixels(((corpus.images + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1), model.resolution)
     latents = sd.encode_latents(model.vae, pixels, [sd.item_seed(i) for i in corpus.ids])
     conds = sd.encode_captions(model.text_encoder, sd.tokenize(model.tokenizer, corpus.captions))
@@ -294,23 +304,14 @@ def test_tiny_stable_diffusion_stage_with_captions(ray_local, tiny_sd_job, tmp_p
     """The whole stage on a tiny SD: UNet2DConditionModel fine-tuned on two workers, VAE and text
     encoder frozen, each item conditioned on its own caption, neighbours in VAE-latent space; the
     result equals the single-process update and is saved as a diffusers SD directory."""
-    from pipelines.unlearn import prepare
     from retrack.models import sd
+    from retrack.training.prepare import prepare
+
     root = tiny_sd_job
-    req = UnlearnRequest(
-        request_id="sd",
-        model_dir=str(root / "model"),
-        model_kind="sd",
-        corpus_dir=str(root / "corpus"),
-        forget_ids_file=str(root / "forget.txt"),
-        method=MethodConfig(name="retrack", params={"lambda": 0.5, "k": 4}),
-        train=TrainConfig(steps=3, batch_size=4, grad_accum=2, lr=1e-4, checkpoint_every=0),
-        scaling=ScalingSettings(num_workers=2, cpus_per_worker=CPUS_PER_WORKER),
-        storage_path=str(tmp_path / "runs"),
-        output_dir=str(tmp_path / "sd-out"),
-    )
+    req = stage_run(root / "model", root / "corpus", root / "forget.txt", tmp_path, "sd-out", kind="stable-diffusion", request_id="sd",
+                    params={"lambda": 0.5, "k": 4}, steps=3, batch_size=4, grad_accum=2, lr=1e-4, checkpoint_every=0)
     result = unlearn(req)
-    assert result.model_kind == "sd" and result.steps == 3
+    assert result.model_kind is ModelKind.STABLE_DIFFUSION and result.steps == 3
     reference, history = sd_single_process(prepare(req), req)
     assert_same_curve(result.history, history, keys=("loss", "loss_knn", "loss_retain"))
     out = sd.load_sd_model(result.output_dir)
@@ -320,7 +321,7 @@ def test_tiny_stable_diffusion_stage_with_captions(ray_local, tiny_sd_job, tmp_p
         assert directory_digest(Path(result.output_dir) / part) == directory_digest(base / part)
     assert directory_digest(Path(result.output_dir) / "unet") != directory_digest(base / "unet")
     with pytest.raises(Exception, match="pixel-space DDPM|Stable Diffusion pipeline"):
-        unlearn(req.model_copy(update={"model_kind": "pixel", "output_dir": str(tmp_path / "x")}))
+        unlearn(with_spec(req, model=ModelSpec(uri=req.spec.model.uri, kind="pixel-ddpm")).model_copy(update={"output_dir": str(tmp_path / "x")}))
 
 
 @pytest.mark.slow
@@ -328,22 +329,25 @@ def test_checkpoints_on_s3_storage(ray_local, s3_env, bench, model_dir, tmp_path
     """Checkpoints and run markers on a real S3 server (SeaweedFS); the workers were started before
     the AWS_* variables existed and reach the store through the options resolved on the driver."""
     req = make_request(bench, model_dir, tmp_path, workers=1, grad_accum=1, steps=4, checkpoint_every=2)
-    req = req.model_copy(update={"storage_path": s3_env.uri("runs")})
+    req = req.model_copy(update={"checkpoint_root": s3_env.uri("runs")})
     result = unlearn(req)
     assert result.steps == 4 and load_pixel_model(result.output_dir).unet is not None
     keys = [o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_env.bucket, Prefix=f"runs/{result.run_name}/")["Contents"]]
     assert any(k.endswith("checkpoint_000004/unet.safetensors") for k in keys)
     assert any(k.endswith("retrack_run.json") for k in keys)
-    other = req.model_copy(update={"train": req.train.model_copy(update={"lr": 1e-3}), "run_name": result.run_name, "output_dir": str(tmp_path / "o")})
+    other = with_spec(req, train=req.spec.train.model_copy(update={"lr": 1e-3})).model_copy(update={"run_name": result.run_name, "output_dir": str(tmp_path / "o")})
     with pytest.raises(CheckpointMismatchError):
         unlearn(other)
 
 
 def test_cli_runs_on_ray_and_reports_every_step(ray_local, bench, model_dir, tmp_path):
+    import typer
     from typer.testing import CliRunner
 
+    cli = typer.Typer()
+    cli.command()(unlearn_command)
     args = [
-        "unlearn", "--model-dir", str(model_dir), "--corpus-dir", str(bench.corpus), "--forget-ids", str(bench.forget_ids),
+        "--model-dir", str(model_dir), "--corpus-dir", str(bench.corpus), "--forget-ids", str(bench.forget_ids),
         "--output-dir", str(tmp_path / "cli-out"), "--method", "retrack", "--param", "k=4", "--param", "lambda=0.1",
         "--steps", "3", "--batch-size", "8", "--workers", "1", "--cpus-per-worker", "0.5", "--checkpoint-every", "0",
     ]
@@ -381,17 +385,8 @@ def test_two_cpu_workers_unlearn_the_embedded_benchmark(ray_local, bench, memori
     n = int(os.environ.get("RETRACK_ACCEPTANCE_SAMPLES", "1000"))
     before = forget_frequency(load_pixel_model(memorising_model), planted, info.forget_threshold, n)
 
-    req = UnlearnRequest(
-        request_id="acceptance",
-        model_dir=str(memorising_model),
-        corpus_dir=str(bench.corpus),
-        forget_ids_file=str(bench.forget_ids),
-        method=MethodConfig(name="retrack", params={"lambda": 0.05, "k": 10}),
-        train=TrainConfig(steps=50, batch_size=128, grad_accum=2, lr=5e-5, checkpoint_every=10),
-        scaling=ScalingSettings(num_workers=2, cpus_per_worker=CPUS_PER_WORKER),
-        storage_path=str(tmp_path / "runs"),
-        output_dir=str(tmp_path / "unlearned"),
-    )
+    req = stage_run(memorising_model, bench.corpus, bench.forget_ids, tmp_path, "unlearned", request_id="acceptance",
+                    params={"lambda": 0.05, "k": 10}, steps=50, batch_size=128, grad_accum=2, lr=5e-5, checkpoint_every=10)
     result = unlearn(req)
     after = forget_frequency(load_pixel_model(result.output_dir), planted, info.forget_threshold, n)
     reference, history = single_process(bench, memorising_model, req)

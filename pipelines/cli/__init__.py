@@ -8,7 +8,7 @@ import typer
 
 from pipelines.cli import audit, demo, index, job, queue
 from pipelines.refusal import refusing_bad_input
-from pipelines.unlearn import unlearn_command
+from pipelines.unlearn.cli import unlearn_command
 
 app = typer.Typer(
     help="Make a trained diffusion model forget specific training data (ReTrack and baselines, on Ray).",

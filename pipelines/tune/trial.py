@@ -45,7 +45,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.job.stages.unlearn import train as unlearn_train
-    from pipelines.unlearn import TrainMonitor
+    from pipelines.unlearn.driver import TrainMonitor
     from retrack.errors import QualityCollapseError, TrainingDivergedError
     from retrack.evaluation.pixel import evaluate_model
     from retrack.models.pixel import load_pixel_model

@@ -14,8 +14,9 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from retrack.config.hashing import recipe_hash
+from retrack.config.model_kind import ModelKind
 from retrack.config.train import MethodConfig, StrictModel, TrainConfig
-from retrack.digest import config_digest
 from retrack.errors import InputError, describe_validation_error
 from retrack.methods import method_class
 from retrack.tuning.search import TuneSpec
@@ -50,7 +51,7 @@ def _local_or_s3(value: str) -> str:
 class ModelSpec(StrictModel):
     """The model to unlearn from."""
 
-    kind: Literal["pixel-ddpm", "stable-diffusion"] = Field("pixel-ddpm", description="pixel-ddpm: diffusers UNet2DModel + DDPMScheduler; stable-diffusion: a StableDiffusionPipeline directory.")
+    kind: ModelKind = Field(ModelKind.PIXEL_DDPM, description="pixel-ddpm: diffusers UNet2DModel + DDPMScheduler; stable-diffusion: a StableDiffusionPipeline directory.")
     uri: str = Field(..., description="Directory in diffusers layout (safetensors weights), a local path or s3://bucket/prefix.")
     registered_name: str | None = Field(None, description="MLflow registered model this model is a version of (defaults to mlflow.registered_model).")
     version: str | None = Field(None, description="The parent's MLflow model version, recorded in lineage.")
@@ -102,6 +103,8 @@ class ScalingSpec(StrictModel):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     max_failures: int = Field(2, ge=-1, description="Lost training workers (or worker groups) recovered from by restarting from the last checkpoint (-1: unlimited).")
+    allow_tf32: bool = Field(True, description="TF32 matmuls/convolutions on Ampere+ GPUs (ignored on CPU).")
+    fp16_loss_scale: float = Field(1024.0, gt=0.0, description="Static loss scale for fp16 autocast (bf16 needs none).")
 
 
 class IndexSpec(StrictModel):
@@ -168,8 +171,9 @@ class MlflowSpec(StrictModel):
         return os.path.expandvars(v)
 
 
-class JobSpec(StrictModel):
-    """One deletion request: which items to remove from which model, how, and where results go."""
+class UnlearnSpec(StrictModel):
+    """What the unlearn stage needs of a deletion request: which items to remove from which model,
+    how, and where the run's storage is. `JobSpec` extends it; `retrack unlearn` builds it."""
 
     request_id: str = Field(..., description="Unique id of the deletion request; names the run and its storage prefix.")
     model: ModelSpec
@@ -178,11 +182,7 @@ class JobSpec(StrictModel):
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
-    index: IndexSpec = Field(default_factory=IndexSpec)
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     storage: StorageSpec
-    mlflow: MlflowSpec
-    tune: TuneSpec | None = Field(None, description="`retrack tune`: the hyperparameter search; `retrack run` ignores it.")
 
     @field_validator("request_id")
     @classmethod
@@ -190,19 +190,37 @@ class JobSpec(StrictModel):
         return check_safe_name(v, "request_id")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "JobSpec":
+    def _trainable(self) -> "UnlearnSpec":
+        w, accum = self.scaling.num_workers, self.train.grad_accum
+        if accum % w:
+            raise ValueError(
+                f"train.grad_accum ({accum}) must be a multiple of scaling.num_workers ({w}): grad_accum is the number of "
+                f"GLOBAL micro-batches per update and micro-batch m runs on worker m % {w}"
+            )
         self.train.check_pairing(method_class(self.method.name).requirements)
+        return self
+
+
+class JobSpec(UnlearnSpec):
+    """One deletion request: which items to remove from which model, how, and where results go."""
+
+    index: IndexSpec = Field(default_factory=IndexSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    mlflow: MlflowSpec
+    tune: TuneSpec | None = Field(None, description="`retrack tune`: the hyperparameter search; `retrack run` ignores it.")
+
+    @model_validator(mode="after")
+    def _tunable(self) -> "JobSpec":
         if self.tune is not None:
             self.tune.check_against(self.method, self.train)
         return self
 
     def config_hash(self) -> str:
         """Hash of everything that changes the result (not where it is stored or logged)."""
-        fields = self.model_dump(mode="json", exclude={"storage", "mlflow", "scaling"})
+        fields = self.model_dump(mode="json", exclude={"storage", "mlflow", "scaling", "method", "train"})
         if fields["tune"] is None:  # specs without a search keep the hash they had before tuning existed
             del fields["tune"]
-        fields["train"] = self.train.recorded()
-        return config_digest(fields)[:16]
+        return recipe_hash(self.method, self.train, **fields)[:16]
 
     @property
     def run_name(self) -> str:

@@ -1,0 +1,79 @@
+"""Corpus items for training: decoded at the model's geometry (in the data pipeline), then turned
+into the tensors the model denoises (on the worker). The Stable Diffusion encoding here is to be
+replaced by `retrack.models.latents` (one latent rule for index, training and evaluation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from retrack.config.model_kind import ModelKind
+from retrack.data.corpus import decode_image, to_model_space
+from retrack.errors import CorpusError
+
+
+def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int]) -> dict:
+    """Keep the wanted ids of a corpus batch, decoded to uint8 HxWxC at the model's geometry.
+    `wanted[id] = (row, pos)`: global retain index (or -1) and forget position (or -1)."""
+    from retrack.models.sd import item_seed
+
+    keep = [n for n, i in enumerate(batch["id"]) if i in wanted]
+    h, w, c = shape
+    images = np.zeros((len(keep), h, w, c), dtype=np.uint8)
+    for j, n in enumerate(keep):
+        img = decode_image(batch["image"][n], batch["id"][n])
+        if kind is ModelKind.STABLE_DIFFUSION:
+            from PIL import Image
+
+            pil = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).convert("RGB")
+            if pil.size != (w, h):
+                pil = pil.resize((w, h), Image.BICUBIC)
+            img = np.asarray(pil)
+        elif img.shape != shape:
+            raise CorpusError(f"item {batch['id'][n]!r}: image is {img.shape}, the model denoises {shape}")
+        images[j] = img
+    captions = batch.get("caption")
+    ids = [batch["id"][n] for n in keep]
+    return {
+        "row": np.array([wanted[i][0] for i in ids], dtype=np.int64),
+        "pos": np.array([wanted[i][1] for i in ids], dtype=np.int64),
+        "seed": np.array([item_seed(i) for i in ids], dtype=np.int64),
+        "image": images,
+        "caption": np.array([("" if captions is None or captions[n] is None else str(captions[n])) for n in keep], dtype=object),
+    }
+
+
+def no_items(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    return {
+        "row": np.zeros(0, np.int64),
+        "pos": np.zeros(0, np.int64),
+        "seed": np.zeros(0, np.int64),
+        "image": np.zeros((0, *shape), np.uint8),
+        "caption": np.zeros(0, dtype=object),
+    }
+
+
+def select(items: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[index] for k, v in items.items()}
+
+
+class ItemEncoder:
+    """Items (uint8 images, captions, per-item seeds) -> tensors in the space the model denoises."""
+
+    def __init__(self, kind: ModelKind, bundle):
+        self.kind, self.bundle = kind, bundle
+
+    def images(self, part: dict[str, np.ndarray]) -> torch.Tensor:
+        if self.kind is ModelKind.PIXEL_DDPM:
+            return torch.from_numpy(to_model_space(part["image"].astype(np.uint8)))
+        from retrack.models.sd import encode_latents, to_sd_pixels
+
+        m = self.bundle
+        return encode_latents(m.vae, to_sd_pixels(part["image"].astype(np.uint8), m.resolution), [int(s) for s in part["seed"]])
+
+    def conds(self, part: dict[str, np.ndarray]) -> torch.Tensor | None:
+        if self.kind is ModelKind.PIXEL_DDPM:
+            return None
+        from retrack.models.sd import encode_captions, tokenize
+
+        return encode_captions(self.bundle.text_encoder, tokenize(self.bundle.tokenizer, list(part["caption"])))

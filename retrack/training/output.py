@@ -1,0 +1,55 @@
+"""The unlearn stage's output: the final checkpoint's UNet as a model directory in diffusers
+layout (atomic write, digest and lineage metadata in `retrack_digest.json`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from retrack.config.model_kind import ModelKind
+from retrack.training.checkpoint import load_unet_weights
+from retrack.training.prepare import Prepared
+
+
+def existing_output(prep: Prepared) -> str | None:
+    """The digest of an output this config already wrote, if any."""
+    from retrack.models.pixel import DIGEST_FILE
+
+    marker = Path(prep.run.output_dir) / DIGEST_FILE
+    if marker.is_file():
+        meta = json.loads(marker.read_text())
+        if meta.get("config_hash") == prep.config_hash:
+            return meta["sha256"]
+    return None
+
+
+def save_output(prep: Prepared, checkpoint_dir: str, state: dict) -> str:
+    """Write the model of a final checkpoint; returns its digest."""
+    from retrack.models.pixel import model_digest
+
+    spec, out = prep.run.spec, prep.run.output_dir
+    meta = {
+        "request_id": spec.request_id,
+        "config_hash": prep.config_hash,
+        "run_name": prep.run_name,
+        "method": spec.method.name,
+        "steps": state["step"],
+        "base_model_sha256": model_digest(prep.model_dir),
+        "forget_ids_sha256": prep.plan.forget_digest,
+        "forget_count": prep.plan.n_forget,
+        "num_workers": spec.scaling.num_workers,
+    }
+    weights = load_unet_weights(checkpoint_dir)
+    if prep.plan.kind is ModelKind.PIXEL_DDPM:
+        from retrack.models.pixel import load_pixel_model, save_pixel_model
+
+        model = load_pixel_model(prep.model_dir)
+        model.unet.load_state_dict(weights)
+        return save_pixel_model(model, out, metadata=meta)
+    from diffusers import UNet2DConditionModel
+
+    from retrack.models.sd import save_finetuned_unet
+
+    unet = UNet2DConditionModel.from_pretrained(prep.model_dir, subfolder="unet", use_safetensors=True).float()
+    unet.load_state_dict(weights)
+    return save_finetuned_unet(unet, prep.model_dir, out, metadata=meta)
