@@ -60,7 +60,8 @@ def evaluate(
     """Score a model on the embedded benchmark against the original (same-seed samples)."""
     from pipelines.demo import print_metrics
     from retrack.embedded.benchmark import BenchmarkInfo
-    from retrack.data.corpus import read_corpus, read_forget_ids
+    from retrack.data.corpus import read_corpus
+    from retrack.data.forget import read_forget_ids
     from retrack.evaluation.pixel import build_reference, evaluate_model
     from retrack.evaluation.metrics import load_classifier
     from retrack.models.pixel import check_pixel_model_dir, load_pixel_model

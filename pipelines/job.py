@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from pipelines.progress import console
-from retrack.data.corpus import Corpus, read_corpus, read_forget_ids
+from retrack.data.corpus import Corpus, read_corpus
+from retrack.data.forget import read_forget_ids
 from retrack.digest import ids_digest
 from retrack.errors import InputError, StorageError
 from retrack.config.spec import JobSpec
@@ -108,7 +109,7 @@ class JobDir:
 
 
 def _local_dir(uri: str, endpoint: str | None) -> Path:
-    from retrack.models.sd import local_model_dir
+    from retrack.storage.cache import local_model_dir
 
     if endpoint and uri.startswith("s3://"):
         import os
@@ -143,7 +144,7 @@ class Preflight:
 
 def preflight(spec: JobSpec) -> Preflight:
     """Every check that can refuse the job, before any index, training or registration."""
-    from retrack.data.corpus import check_forget_ids
+    from retrack.data.forget import check_forget_ids
     from retrack.lineage.store import check_tracking_server
     from retrack.errors import CorpusError
     from retrack.models.pixel import check_pixel_model_dir, scheduler_timesteps

@@ -22,7 +22,8 @@ from pipelines.unlearn import (
     prepare,
 )
 from retrack.config.train import MethodConfig, TrainConfig
-from retrack.data.corpus import read_corpus, read_forget_ids
+from retrack.data.corpus import read_corpus
+from retrack.data.forget import read_forget_ids
 from retrack.errors import CorpusError, ForgetSetError, InputError, ModelLayoutError
 from retrack.methods import method_class
 from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet

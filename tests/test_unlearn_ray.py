@@ -28,7 +28,8 @@ from pipelines.unlearn import (
     unlearn,
 )
 from retrack.config.train import MethodConfig, TrainConfig
-from retrack.data.corpus import read_corpus, read_forget_ids
+from retrack.data.corpus import read_corpus
+from retrack.data.forget import read_forget_ids
 from retrack.digest import directory_digest
 from retrack.errors import TrainingDivergedError
 from retrack.models.pixel import DIGEST_FILE, load_pixel_model
