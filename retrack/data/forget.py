@@ -14,7 +14,7 @@ def read_forget_ids(uri: str | os.PathLike, endpoint: str | None = None) -> list
     """A forget-id file, local or s3://: one id a line; blank lines and '#' comments ignored."""
     loc = Location.parse(uri, endpoint=endpoint)
     if not loc.exists():
-        raise ForgetSetError(f"forget-id file {loc.uri} does not exist")
+        raise ForgetSetError(f"forget-id file {uri} does not exist")
     return [ln.strip() for ln in loc.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 

@@ -27,25 +27,25 @@ def read_neighbours(uri: Location | str | os.PathLike, forget_ids: Sequence[str]
     """The first `k` neighbours of every forget id, in the forget list's order. Refused: a file
     that is missing or not this format, a forget id without an entry or with fewer than `k`
     neighbours, and a forget id among the neighbours."""
-    loc = Location.parse(uri, endpoint=endpoint)
+    loc, name = Location.parse(uri, endpoint=endpoint), str(uri)
     if not loc.exists():
-        raise InputError(f"neighbours file {loc.uri} does not exist")
+        raise InputError(f"neighbours file {name} does not exist")
     try:
         raw = json.loads(loc.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"neighbours file {loc.uri} is not JSON ({exc})") from None
+        raise InputError(f"neighbours file {name} is not JSON ({exc})") from None
     if not isinstance(raw, dict) or not all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in raw.values()):
-        raise InputError(f"neighbours file {loc.uri} must be a JSON object mapping each forget id to a list of retained ids")
+        raise InputError(f"neighbours file {name} must be a JSON object mapping each forget id to a list of retained ids")
     forget = set(forget_ids)
     out = {}
     for n, fid in enumerate(forget_ids):
         if fid not in raw:
-            raise InputError(f"neighbours file {loc.uri} has no entry for forget item {n + 1} of {len(forget_ids)}")
+            raise InputError(f"neighbours file {name} has no entry for forget item {n + 1} of {len(forget_ids)}")
         ids = raw[fid][:k]
         if len(ids) < k:
-            raise InputError(f"neighbours file {loc.uri}: forget item {n + 1} has {len(ids)} neighbour(s), k = {k} are needed")
+            raise InputError(f"neighbours file {name}: forget item {n + 1} has {len(ids)} neighbour(s), k = {k} are needed")
         if forget.intersection(ids):
-            raise InputError(f"neighbours file {loc.uri}: forget item {n + 1} has a forget item among its neighbours; "
+            raise InputError(f"neighbours file {name}: forget item {n + 1} has a forget item among its neighbours; "
                              "neighbours must be retained items")
         out[fid] = ids
     return out
