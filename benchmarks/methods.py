@@ -67,7 +67,8 @@ import torch
 
 from retrack.embedded.benchmark import BenchmarkInfo
 from retrack.config.train import MethodConfig, TrainConfig
-from retrack.data.corpus import read_corpus, read_forget_ids
+from retrack.data.corpus import read_corpus
+from retrack.data.forget import read_forget_ids
 from retrack.evaluation.pixel import build_reference, evaluate_model
 from retrack.methods import method_class
 from retrack.evaluation.metrics import load_classifier

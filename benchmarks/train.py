@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from retrack.embedded.benchmark import BenchmarkPaths, ensure_benchmark  # noqa: E402
 from retrack.config.train import MethodConfig, TrainConfig  # noqa: E402
-from retrack.data.corpus import read_corpus, read_forget_ids  # noqa: E402
+from retrack.data.corpus import read_corpus  # noqa: E402
+from retrack.data.forget import read_forget_ids  # noqa: E402
 from retrack.models.schedule import NoiseSchedule  # noqa: E402
 from retrack.methods import build_method  # noqa: E402
 from retrack.models.pixel import PixelDiffusion, default_scheduler, load_pixel_model, save_pixel_model, tiny_pixel_unet  # noqa: E402

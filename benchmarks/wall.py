@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from retrack.config.train import MethodConfig, TrainConfig
-from retrack.data.corpus import read_corpus, read_forget_ids
+from retrack.data.corpus import read_corpus
+from retrack.data.forget import read_forget_ids
 from retrack.models.pixel import load_pixel_model
 from retrack.embedded.pretrain import PRESETS, ensure_pretrained, pretrain
 from retrack.training.loop import run_unlearning, split_for_unlearning

@@ -56,7 +56,7 @@ def model_source(model: str | Path, endpoint: str | None = None):
 
 
 def _open_model(source: dict, tmp: str) -> Path:
-    from retrack.models.sd import local_model_dir
+    from retrack.storage.cache import local_model_dir
 
     if "uri" in source:
         return local_model_dir(source["uri"], Path(tempfile.gettempdir()) / "retrack-models", s3=source["s3"])

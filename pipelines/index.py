@@ -350,13 +350,6 @@ def _fail(exc: RetrackError) -> None:
     raise typer.Exit(2)
 
 
-def _read_ids(uri: str, endpoint: str | None) -> list[str]:
-    from retrack.storage.location import Location
-
-    text = Location.parse(uri, endpoint=endpoint).read_text()
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-
-
 def _write(uri: str, text: str, endpoint: str | None) -> None:
     from retrack.storage.location import Location
 
@@ -368,7 +361,7 @@ def build_cmd(
     corpus: str = typer.Argument(..., help="Corpus: parquet shards or an image folder (path or s3://bucket/prefix)."),
     out: str = typer.Argument(..., help="Index folder (path or s3://bucket/prefix)."),
     encoder: str = typer.Option("pixels", help="pixels (pixel DDPMs) or vae (Stable Diffusion latents)."),
-    vae_dir: Optional[str] = typer.Option(None, help="vae: a diffusers AutoencoderKL folder."),
+    vae_dir: Optional[str] = typer.Option(None, help="vae: the Stable Diffusion pipeline folder (or its vae/); items are encoded at its resolution."),
     device: str = typer.Option("cuda", help="vae: device of the encoding actors when the cluster has GPUs."),
     index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq"),
     nlist: Optional[int] = typer.Option(None), nprobe: Optional[int] = typer.Option(None),
@@ -421,25 +414,26 @@ def neighbours_cmd(
     forget: str = typer.Option(..., help="Forget-id file: one id a line."),
     k: int = typer.Option(8, "-k", help="Neighbours per forget item."),
     margin: Optional[int] = typer.Option(None, help="Extra candidates searched before re-ranking (default max(k, 16))."),
-    out: str = typer.Option(..., help="Where to write the neighbours (JSON; path or s3://)."),
+    out: str = typer.Option(..., help="Where to write the neighbours file (the one `retrack unlearn --neighbours` reads; path or s3://)."),
     vectors_out: Optional[str] = typer.Option(None, help="Also write the neighbour vectors [U, K, D] (.npy, local)."),
     nprobe: Optional[int] = typer.Option(None), endpoint: Optional[str] = typer.Option(None, envvar="AWS_ENDPOINT_URL"),
 ) -> None:
     """The K nearest retained items of each forget item (forget ids dropped, exact re-rank)."""
     from rich.console import Console
 
+    from retrack.data.forget import read_forget_ids
+    from retrack.data.neighbours import write_neighbours
     from retrack.index import find_neighbours, open_index
+    from retrack.storage.location import Location
 
     console = Console(stderr=True)
     try:
         with console.status("loading the index"):
             idx = open_index(index, endpoint=endpoint, nprobe=nprobe)
-        forget_ids = _read_ids(forget, endpoint)
+        forget_ids = read_forget_ids(forget, endpoint)
         with console.status(f"searching neighbours of {len(forget_ids)} forget item(s)"):
             nb = find_neighbours(idx, forget_ids, k, margin)
-        _write(out, json.dumps({"k": k, "neighbours": [
-            {"forget_position": i, "ids": nb.ids[i], "distances": nb.distances[i].round(6).tolist()} for i in range(len(forget_ids))
-        ]}, indent=1), endpoint)
+        write_neighbours(Location.parse(out, endpoint=endpoint), dict(zip(nb.forget_ids, nb.ids)))
         if vectors_out:
             import numpy as np
 
@@ -462,6 +456,7 @@ def duplicates_cmd(
     """Report every retained item within the threshold of a forget item; fail, warn, or add them."""
     from rich.console import Console
 
+    from retrack.data.forget import read_forget_ids
     from retrack.index import find_duplicates, open_index
     from retrack.index.search import DuplicatesFound
 
@@ -471,7 +466,7 @@ def duplicates_cmd(
     report = None
     try:
         idx = open_index(index, endpoint=endpoint, nprobe=nprobe)
-        report = find_duplicates(idx, _read_ids(forget, endpoint), threshold, policy)
+        report = find_duplicates(idx, read_forget_ids(forget, endpoint), threshold, policy)
     except DuplicatesFound as exc:
         report = exc.report
         if out:

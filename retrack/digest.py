@@ -34,6 +34,5 @@ def directory_digest(root: str | Path) -> str:
         h.update(path.relative_to(root).as_posix().encode())
         h.update(b"\0")
         with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+            hashlib.file_digest(f, lambda: h)  # the content goes into the running digest
     return h.hexdigest()

@@ -32,7 +32,8 @@ def recall_at(found: list[list[str]], truth: list[list[str]]) -> float:
 def bench(tmp_path_factory):
     """The embedded benchmark: (info, paths, corpus, forget ids). Import it into a test module to use it."""
     from retrack.embedded.benchmark import BenchmarkPaths, ensure_benchmark
-    from retrack.data.corpus import read_corpus, read_forget_ids
+    from retrack.data.corpus import read_corpus
+    from retrack.data.forget import read_forget_ids
 
     root = tmp_path_factory.mktemp("bench")
     info = ensure_benchmark(root)

@@ -150,7 +150,8 @@ def test_real_job_audit_and_privacy_scan_of_everything_it_wrote(captioned, tmp_p
     from mlflow import MlflowClient
 
     from pipelines.job import run_job
-    from retrack.data.corpus import decode_image, iter_rows, read_forget_ids
+    from retrack.data.corpus import decode_image, iter_rows
+    from retrack.data.forget import read_forget_ids
     from retrack.privacy import ForgetContent, mlflow_blobs, scan_location
     from retrack.storage.location import Location
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from retrack.embedded.benchmark import BenchmarkPaths, ensure_benchmark, fashion_mnist_available
-from retrack.data.corpus import read_corpus, read_forget_ids, to_unit_range
+from retrack.data.corpus import read_corpus, to_unit_range
+from retrack.data.forget import read_forget_ids
 from retrack.index.exact import exact_knn
 
 SCENARIOS = [

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from retrack.embedded.benchmark import build_benchmark, load_digits_u8
-from retrack.data.corpus import read_forget_ids
+from retrack.data.forget import read_forget_ids
 from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
 
 

@@ -7,14 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrack.data.corpus import (
-    SCHEMA,
-    check_forget_ids,
-    encode_image,
-    read_corpus,
-    read_forget_ids,
-    write_shards,
-)
+from retrack.data.corpus import SCHEMA, encode_image, read_corpus, write_shards
+from retrack.data.forget import check_forget_ids, read_forget_ids
 from retrack.errors import CorpusError, ForgetSetError
 
 
@@ -88,6 +82,11 @@ def test_forget_id_checks(tmp_path):
         check_forget_ids(["a", "b", "a"], corpus_ids)
     with pytest.raises(ForgetSetError, match=r"1 of 2 forget id\(s\) are not in the corpus \(entries \[2\]\)"):
         check_forget_ids(["a", "z"], corpus_ids)
+
+def test_forget_id_file_one_id_a_line_comments_and_blanks_ignored(tmp_path):
     p = tmp_path / "ids.txt"
-    p.write_text("# request 42\n a \n\nb\n")
+    p.write_text("# request 42\n a \n\n  # indented comment\r\nb\n")
     assert read_forget_ids(p) == ["a", "b"]
+    assert read_forget_ids(str(p)) == ["a", "b"]
+    with pytest.raises(ForgetSetError, match="forget-id file .*missing.txt does not exist"):
+        read_forget_ids(tmp_path / "missing.txt")

@@ -11,7 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrack.data.corpus import encode_image, read_forget_ids, write_shards
+from retrack.data.corpus import encode_image, write_shards
+from retrack.data.forget import read_forget_ids
+from retrack.data.neighbours import read_neighbours, write_neighbours
 from retrack.errors import CorpusError, ForgetSetError, InputError, StorageError
 from retrack.index import (
     DuplicatesFound,
@@ -429,40 +431,43 @@ def tiny_vae_dir(tmp_path_factory):
     return out
 
 
-def test_vae_encoder_is_latent_dist_sample_times_scaling_and_batch_independent(tiny_vae_dir):
+def test_vae_encoder_samples_each_item_from_its_own_seed_at_the_model_resolution(tiny_vae_dir):
     import torch
-    from diffusers import AutoencoderKL
 
-    from retrack.models.encoders import build_encoder, item_seed, vae_latents
+    from retrack.models.encoders import build_encoder
+    from retrack.models.latents import item_seed
+    from retrack.models.sd import load_vae
 
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(5, 16, 16, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, size=(5, 12, 12, 1), dtype=np.uint8)  # grey, smaller than the model's 16
     ids = [f"v{i}" for i in range(5)]
-    enc = build_encoder(EncoderSpec(kind="vae", model_dir=str(tiny_vae_dir), batch_size=2))
+    spec = EncoderSpec(kind="vae", model_dir=str(tiny_vae_dir), resolution=16)
+    enc = build_encoder(spec)
     z = enc(images, ids)
     assert z.shape == (5, 4 * 8 * 8)
-    z_again = build_encoder(EncoderSpec(kind="vae", model_dir=str(tiny_vae_dir), batch_size=5))(images[::-1], ids[::-1])
-    np.testing.assert_allclose(z_again[::-1], z, rtol=1e-5, atol=1e-5)  # batching and order do not matter
-    vae = AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
-    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(enc(images[::-1], ids[::-1])[::-1], z, rtol=1e-5, atol=1e-5)  # order does not matter
+    np.testing.assert_allclose(enc(images[2:3], ids[2:3]), z[2:3], rtol=1e-5, atol=1e-5)  # nor the batch
+    # The rule written out: RGB at 16x16 in [-1, 1], mean + std * N(0, 1) from the item's seed, times the scale.
+    from PIL import Image
+
+    rgb = np.stack([np.asarray(Image.fromarray(im[:, :, 0]).convert("RGB").resize((16, 16), Image.BICUBIC)) for im in images])
+    x = torch.from_numpy(rgb.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    vae = load_vae(tiny_vae_dir)
     with torch.no_grad():
         dist = vae.encode(x).latent_dist
-        eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(item_seed(0, i))) for i in ids])
+        eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(item_seed(i))) for i in ids])
         want = (dist.mean + dist.std * eps) * vae.config.scaling_factor
-    np.testing.assert_allclose(z, want.reshape(5, -1).numpy(), rtol=1e-4, atol=1e-5)
-    torch.manual_seed(3)
-    a = vae_latents(vae, x)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        b = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
-    torch.testing.assert_close(a, b)
+    np.testing.assert_allclose(z, want.reshape(5, -1).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="not a Stable Diffusion pipeline folder"):
+        EncoderSpec(kind="vae", model_dir=str(tiny_vae_dir)).digest()  # a bare VAE does not know the resolution
+    assert spec.digest() != EncoderSpec(kind="vae", model_dir=str(tiny_vae_dir), resolution=32).digest()
 
 
 def test_vae_index_build_and_encoder_change_triggers_rebuild(tmp_path, tiny_vae_dir):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(40, 16, 16, 3), dtype=np.uint8)
     write_corpus(tmp_path / "c", images, shard_size=20)
-    spec = EncoderSpec(kind="vae", model_dir=str(tiny_vae_dir), sample="mean")
+    spec = EncoderSpec(kind="vae", model_dir=str(tiny_vae_dir), resolution=16)
     res = build_index(tmp_path / "c", tmp_path / "idx", encoder=spec)
     assert res.manifest.dim == 256 and res.manifest.encoder["spec"]["kind"] == "vae"
     assert build_index(tmp_path / "c", tmp_path / "idx", encoder=spec).status == "reused"
@@ -491,6 +496,36 @@ def test_local_location_atomic_write_list_and_remove(tmp_path):
         (root / "missing").read_bytes()
 
 
+@pytest.mark.integration
+def test_model_cache_copies_a_model_once_per_node_under_concurrent_processes(s3_env, tmp_path):
+    """Four processes ask for the same s3:// model at once: one copies it, the others wait on the
+    lock and reuse that copy (the folder is never replaced under a reader)."""
+    import os
+    import subprocess
+    import sys
+
+    from retrack.storage.cache import COMPLETE_MARKER, cache_path
+
+    client = s3_env.client()
+    rng = np.random.default_rng(0)
+    files = {f"unet/part-{n}.bin": rng.bytes(1 << 20) for n in range(12)}
+    for key, data in files.items():
+        client.put_object(Bucket=s3_env.bucket, Key=f"models/cached/{key}", Body=data)
+    uri, cache = s3_env.uri("models/cached"), tmp_path / "cache"
+    dest = cache_path(uri, cache)
+    (cache / f".{dest.name}.download.killed").mkdir(parents=True)  # left by a process killed mid-copy
+    code = ("import os, sys; from retrack.storage.cache import local_model_dir; "
+            "d = local_model_dir(sys.argv[1], sys.argv[2]); print(d, os.stat(d).st_ino)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(cache)], stdout=subprocess.PIPE, text=True, env=os.environ)
+             for _ in range(4)]
+    outs = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert outs == {f"{dest} {dest.stat().st_ino}"}  # one folder, never replaced
+    assert (dest / COMPLETE_MARKER).read_text() == uri
+    assert {k: (dest / k).read_bytes() for k in files} == files
+    assert sorted(p.name for p in cache.iterdir()) == sorted([dest.name, f"{dest.name}.lock"])
+
+
 def test_cli_build_neighbours_duplicates(bench, tmp_path):
     from typer.testing import CliRunner
 
@@ -507,9 +542,12 @@ def test_cli_build_neighbours_duplicates(bench, tmp_path):
     res = run(cli, ["neighbours", str(tmp_path / "idx"), "--forget", str(paths.forget_ids), "-k", "4",
                     "--out", str(tmp_path / "nb.json"), "--vectors-out", str(tmp_path / "nb.npy")])
     assert res.exit_code == 0, res.output
-    nb = json.loads((tmp_path / "nb.json").read_text())
+    # The file is the one neighbours format: it reads back as the search's mapping.
+    nb = read_neighbours(tmp_path / "nb.json", forget, 4)
+    found = find_neighbours(open_index(tmp_path / "idx"), forget, 4)
+    assert nb == dict(zip(found.forget_ids, found.ids)) and list(nb) == forget
     _, ids_ref = brute_force(corpus, forget, 4)
-    assert [n["ids"] for n in nb["neighbours"]][0] == ids_ref[0] and np.load(tmp_path / "nb.npy").shape == (50, 4, 64)
+    assert nb[forget[0]] == ids_ref[0] and np.load(tmp_path / "nb.npy").shape == (50, 4, 64)
     thr = str(2 * info.forget_threshold)
     res = run(cli, ["duplicates", str(tmp_path / "idx"), "--forget", str(tmp_path / "forget.txt"), "--threshold", thr,
                     "--out", str(tmp_path / "dup.json")])
@@ -523,3 +561,27 @@ def test_cli_build_neighbours_duplicates(bench, tmp_path):
         assert forget[0] not in out
     res = run(cli, ["neighbours", str(tmp_path / "nowhere"), "--forget", str(tmp_path / "forget.txt"), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "no index" in res.output
+
+
+def test_neighbours_file_round_trips_and_refuses_what_training_cannot_use(tmp_path):
+    mapping = {"f1": ["r1", "r2", "r3"], "f2": ["r2", "r4", "r5"]}
+    write_neighbours(tmp_path / "nb.json", mapping)
+    assert (tmp_path / "nb.json").read_text() == json.dumps(mapping)  # the bytes a job's neighbours stage wrote
+    assert read_neighbours(tmp_path / "nb.json", ["f2", "f1"], 3) == {"f2": ["r2", "r4", "r5"], "f1": ["r1", "r2", "r3"]}
+    assert read_neighbours(str(tmp_path / "nb.json"), ["f1"], 2) == {"f1": ["r1", "r2"]}  # the first k
+    assert list(tmp_path.iterdir()) == [tmp_path / "nb.json"]  # written atomically: no temporary left
+    with pytest.raises(InputError, match="no entry for forget item 2 of 2"):
+        read_neighbours(tmp_path / "nb.json", ["f1", "secret-person-42"], 3)
+    with pytest.raises(InputError, match="forget item 1 has 3 neighbour\\(s\\), k = 4 are needed"):
+        read_neighbours(tmp_path / "nb.json", ["f1", "f2"], 4)
+    write_neighbours(tmp_path / "bad.json", {"f1": ["r1", "f2"], "f2": ["r1", "r2"]})
+    with pytest.raises(InputError, match="forget item 1 has a forget item among its neighbours"):
+        read_neighbours(tmp_path / "bad.json", ["f1", "f2"], 2)
+    (tmp_path / "old.json").write_text(json.dumps({"k": 2, "neighbours": [{"forget_position": 0, "ids": ["r1", "r2"]}]}))
+    with pytest.raises(InputError, match="must be a JSON object mapping each forget id to a list of retained ids"):
+        read_neighbours(tmp_path / "old.json", ["f1"], 2)
+    (tmp_path / "text.json").write_text("f1 r1 r2")
+    with pytest.raises(InputError, match="is not JSON"):
+        read_neighbours(tmp_path / "text.json", ["f1"], 2)
+    with pytest.raises(InputError, match="does not exist"):
+        read_neighbours(tmp_path / "missing.json", ["f1"], 2)

@@ -11,6 +11,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from retrack.data.corpus import encode_image, write_shards
+from retrack.data.neighbours import read_neighbours
 from retrack.errors import CorpusError, StorageError
 from retrack.index import IndexParams, find_duplicates, find_neighbours, open_index
 from retrack.storage.location import Location
@@ -141,8 +142,8 @@ def test_cli_build_on_ray_from_s3(ray_local, s3_env, bench, tmp_path):
     res = CliRunner().invoke(cli, ["neighbours", s3_env.uri(f"{run}/index"), "--forget", str(tmp_path / "f.txt"),
                                    "-k", "3", "--out", s3_env.uri(f"{run}/nb.json")])
     assert res.exit_code == 0, res.output
-    nb = json.loads((Location.parse(s3_env.uri(f"{run}/nb.json"))).read_text())
-    assert [n["ids"] for n in nb["neighbours"]] == brute_force(corpus, forget, 3)[1]
+    nb = read_neighbours(s3_env.uri(f"{run}/nb.json"), forget, 3)
+    assert list(nb.values()) == brute_force(corpus, forget, 3)[1]
 
 
 def test_vae_latents_through_a_ray_actor_pool_match_the_local_loop(ray_local, tmp_path):
@@ -160,7 +161,7 @@ def test_vae_latents_through_a_ray_actor_pool_match_the_local_loop(ray_local, tm
     vae.save_pretrained(tmp_path / "vae")
     images = np.random.default_rng(2).integers(0, 256, size=(24, 16, 16, 3), dtype=np.uint8)
     write_corpus(tmp_path / "c", images, shard_size=8)
-    spec = EncoderSpec(kind="vae", model_dir=str(tmp_path / "vae"), device="cuda")
+    spec = EncoderSpec(kind="vae", model_dir=str(tmp_path / "vae"), resolution=16, device="cuda")
     seen = []
     on_ray = build(str(tmp_path / "c"), str(tmp_path / "ray-idx"), encoder=spec, rows_per_chunk=8,
                    progress=lambda phase, done, total: seen.append((done, total)) if phase == "encode" else None)

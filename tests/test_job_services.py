@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from retrack.embedded.benchmark import build_benchmark, load_digits_u8
-from retrack.data.corpus import decode_image, iter_rows, read_corpus, read_forget_ids
+from retrack.data.corpus import decode_image, iter_rows, read_corpus
+from retrack.data.forget import read_forget_ids
 from retrack.errors import StorageError
 from retrack.models.pixel import save_pixel_model
 from retrack.embedded.pretrain import PretrainConfig, pretrain

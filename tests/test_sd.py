@@ -1,23 +1,26 @@
-"""Stable Diffusion support (retrack/models/sd.py): offline CLIP tokenizer, tiny models, layout checks,
-latent/caption encoding and saving the fine-tuned UNet. No Ray."""
+"""Stable Diffusion support (retrack/models/{sd,clip,latents}.py, retrack/storage/cache.py): offline
+CLIP tokenizer, tiny models, layout checks, the one latent rule (the same latent in the index, in
+training and in evaluation), caption encoding, saving the fine-tuned UNet and the per-node model
+cache. No Ray."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
 
-import importlib.util
-
+import numpy as np
 import pytest
 import torch
 
 if importlib.util.find_spec("open_clip") is None:  # importing it would need torchvision: only locate it
     pytest.skip("the CLIP BPE vocabulary ships in open_clip_torch (pip install --no-deps open_clip_torch)", allow_module_level=True)
 
-from retrack.models import sd  # noqa: E402
+from retrack.models import clip, sd  # noqa: E402
+from retrack.models.latents import encode_latents, item_seed  # noqa: E402
 from retrack.digest import directory_digest  # noqa: E402
-from retrack.errors import ModelLayoutError  # noqa: E402
+from retrack.errors import InputError, ModelLayoutError  # noqa: E402
 from retrack.models.pixel import default_scheduler, PixelDiffusion, save_pixel_model, tiny_pixel_unet  # noqa: E402
 
 
@@ -30,21 +33,21 @@ def tiny(tmp_path_factory) -> tuple[sd.StableDiffusion, Path]:
 
 
 def test_clip_tokenizer_from_the_open_clip_bpe_matches_clip_ids():
-    tok = sd.clip_tokenizer()
+    tok = clip.clip_tokenizer()
     assert len(tok) == 49408
     # The published CLIP ids of this prompt (SD v1 / ViT-L/14 tokenizer).
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
-    ids = sd.tokenize(tok, ["a photo of a cat", ""])
+    ids = clip.tokenize(tok, ["a photo of a cat", ""])
     assert ids.shape == (2, 77)
     assert ids[1, 0] == 49406 and ids[1, 1] == 49407 and (ids[1, 2:] == 49407).all()  # padded with <|endoftext|>
 
 
 def test_vocab_files_round_trip(tmp_path):
-    sd.write_clip_tokenizer_files(tmp_path)
+    clip.write_clip_tokenizer_files(tmp_path)
     vocab = json.loads((tmp_path / "vocab.json").read_text())
     merges = (tmp_path / "merges.txt").read_text().splitlines()
     assert len(vocab) == 49408 and vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
-    assert merges[0] == "#version: 0.2" and len(merges) == 1 + sd.CLIP_NUM_MERGES
+    assert merges[0] == "#version: 0.2" and len(merges) == 1 + clip.CLIP_NUM_MERGES
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(tmp_path)  # a diffusers tokenizer/ folder with only the two classic files
@@ -98,19 +101,54 @@ def test_layout_errors_are_specific(tiny, tmp_path):
 
 def test_latents_are_per_item_deterministic(tiny):
     model, _ = tiny
-    x = torch.rand(4, 3, 16, 16) * 2 - 1
-    z = sd.encode_latents(model.vae, x, [11, 12, 13, 14], chunk=4)
-    z_alone = sd.encode_latents(model.vae, x[2:3], [13])
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    z = encode_latents(model.vae, images, [11, 12, 13, 14], model.resolution)
+    z_alone = encode_latents(model.vae, images[2:3], [13], model.resolution)
     assert z.shape == (4, 4, 8, 8)
     assert torch.allclose(z[2:3], z_alone, atol=1e-5)  # same item, same seed: same latent whatever the batch
-    z_other = sd.encode_latents(model.vae, x[2:3], [99])
+    z_other = encode_latents(model.vae, images[2:3], [99], model.resolution)
     assert not torch.allclose(z_alone, z_other)  # the posterior is sampled, not its mean
-    assert sd.item_seed("img-000001") == sd.item_seed("img-000001") != sd.item_seed("img-000002")
+    assert item_seed("img-000001") == item_seed("img-000001") != item_seed("img-000002")
+
+
+def test_an_item_has_the_same_latent_in_the_index_in_training_and_in_evaluation(tiny):
+    """Bit for bit: the index's VAE encoder (given the pipeline, or its vae/ as a job passes it),
+    the function the training workers call and evaluation's item latents."""
+    from retrack.evaluation.sd import item_latents
+    from retrack.models.encoders import EncoderSpec, build_encoder
+
+    _, path = tiny
+    model = sd.load_sd_model(path)  # what a training worker and an evaluation task hold
+    images = np.random.default_rng(1).integers(0, 256, (6, 12, 12, 1), dtype=np.uint8)  # grey, resized to 16
+    ids = [f"img-{n:06d}" for n in range(6)]
+    training = encode_latents(model.vae, images, [item_seed(i) for i in ids], model.resolution).numpy()
+    assert training.shape == (6, 4, 8, 8)
+    assert np.array_equal(item_latents(model, images, ids), training)
+    for model_dir in (path, path / "vae"):
+        index = build_encoder(EncoderSpec(kind="vae", model_dir=str(model_dir)))(images, ids)
+        assert np.array_equal(index, training.reshape(6, -1))
+    # The VAE samples, shifts and scales as diffusers' SD training scripts do.
+    from retrack.models.latents import sd_pixels
+
+    generators = [torch.Generator().manual_seed(item_seed(i)) for i in ids]
+    with torch.no_grad():
+        want = model.vae.encode(sd_pixels(images, 16)).latent_dist.sample(generator=generators) * model.vae.config.scaling_factor
+    assert np.array_equal(want.numpy(), training)
+
+
+def test_index_encoder_resolution_comes_from_the_pipeline(tiny):
+    from retrack.models.encoders import EncoderSpec
+
+    _, path = tiny
+    assert EncoderSpec(kind="vae", model_dir=str(path / "vae")).vae_geometry() == (path / "vae", 16)
+    assert EncoderSpec(kind="vae", model_dir=str(path)).digest() == EncoderSpec(kind="vae", model_dir=str(path / "vae")).digest()
+    with pytest.raises(InputError, match="resolution 32 was given, but the model .* denoises 16x16"):
+        EncoderSpec(kind="vae", model_dir=str(path), resolution=32).vae_geometry()
 
 
 def test_conditional_denoiser_takes_ids_or_embeddings(tiny):
     model, _ = tiny
-    ids = sd.tokenize(model.tokenizer, ["digit three", "digit seven"])
+    ids = clip.tokenize(model.tokenizer, ["digit three", "digit seven"])
     emb = sd.encode_captions(model.text_encoder, ids)
     assert emb.shape == (2, 77, 32)
     den = sd.ConditionalDenoiser(model.unet, model.text_encoder)

@@ -15,7 +15,8 @@ import torch
 if importlib.util.find_spec("open_clip") is None:  # importing it would need torchvision: only locate it
     pytest.skip("the CLIP BPE vocabulary ships in open_clip_torch (pip install --no-deps open_clip_torch)", allow_module_level=True)
 
-from retrack.models import sd  # noqa: E402
+from retrack.models import clip, sd  # noqa: E402
+from retrack.models.latents import encode_latents, sd_pixels  # noqa: E402
 from retrack.embedded.benchmark import load_digits_u8  # noqa: E402
 from retrack.data.corpus import encode_image, write_shards  # noqa: E402
 from retrack.models.schedule import NoiseSchedule  # noqa: E402
@@ -51,10 +52,10 @@ def tiny_captioned_sd(images: np.ndarray, captions: list[str], steps: int) -> sd
     with torch.no_grad():
         model.vae.quant_conv.weight[4:] = 0.0  # the log-variance half of the posterior
         model.vae.quant_conv.bias[4:] = -12.0
-        pixels = sd.to_sd_pixels(images, 16)
+        pixels = sd_pixels(images, 16)
         model.vae.register_to_config(scaling_factor=float(1.0 / model.vae.encode(pixels).latent_dist.mean.std()))
-    latents = sd.encode_latents(model.vae, pixels, list(range(len(images))))
-    cond = sd.encode_captions(model.text_encoder, sd.tokenize(model.tokenizer, captions))
+    latents = encode_latents(model.vae, images, list(range(len(images))), 16)
+    cond = sd.encode_captions(model.text_encoder, clip.tokenize(model.tokenizer, captions))
     schedule = NoiseSchedule.from_scheduler(model.scheduler)
     opt = torch.optim.AdamW(model.unet.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
@@ -194,10 +195,8 @@ def test_models_on_s3_reach_the_workers_as_uris(sd_inputs, s3_env, tmp_path, mon
     """Model and job storage on a real S3 server (SeaweedFS): the unlearn workers get the model's
     s3:// URI and the evaluation tasks fetch the unlearned model from the job's prefix themselves,
     as on a cluster whose nodes do not share the driver's disk."""
-    import hashlib
-    import tempfile
-
     from pipelines.job import run_job
+    from retrack.storage.cache import COMPLETE_MARKER, cache_path
 
     monkeypatch.setenv("RETRACK_HOME", str(tmp_path / "home"))
     client = s3_env.client()
@@ -215,5 +214,5 @@ def test_models_on_s3_reach_the_workers_as_uris(sd_inputs, s3_env, tmp_path, mon
     assert any(k.endswith("model/unet/diffusion_pytorch_model.safetensors") for k in keys)
     assert any(k.endswith("report/report.json") for k in keys)
     # Only an evaluation task downloads the unlearned model from its URI (the driver has its own copy).
-    cached = Path(tempfile.gettempdir()) / "retrack-models" / hashlib.sha256(unlearned_uri.encode()).hexdigest()[:16]
-    assert (cached / ".complete").is_file() and sd.load_sd_model(cached).resolution == 16
+    cached = cache_path(unlearned_uri)
+    assert (cached / COMPLETE_MARKER).is_file() and sd.load_sd_model(cached).resolution == 16

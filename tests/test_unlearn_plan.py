@@ -13,7 +13,8 @@ from retrack.config.model_kind import ModelKind
 from retrack.config.spec import CorpusSpec, ForgetSpec, JobSpec, ModelSpec, ScalingSpec, StorageSpec, UnlearnSpec
 from retrack.config.train import MethodConfig, TrainConfig
 from retrack.config.unlearn_run import UnlearnRun
-from retrack.data.corpus import read_corpus, read_forget_ids
+from retrack.data.corpus import read_corpus
+from retrack.data.forget import read_forget_ids
 from retrack.errors import CorpusError, ForgetSetError, InputError, ModelLayoutError
 from retrack.methods import method_class
 from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
@@ -129,6 +130,9 @@ def test_bad_forget_sets_and_neighbours(bench, model_dir, tmp_path):
     from_file = prepare(request(bench, model_dir, tmp_path, neighbours_file=str(path)))
     assert np.array_equal(from_file.plan.neighbours, prep.plan.neighbours)
     path.write_text(json.dumps({**good, forget[0]: [forget[1]] * 4}))
+    with pytest.raises(InputError, match="forget item among its neighbours"):
+        prepare(request(bench, model_dir, tmp_path, neighbours_file=str(path)))
+    path.write_text(json.dumps({**good, forget[0]: ["no-such-id"] * 4}))
     with pytest.raises(InputError, match="not a retained corpus item"):
         prepare(request(bench, model_dir, tmp_path, neighbours_file=str(path)))
     path.write_text(json.dumps({**good, forget[0]: good[forget[0]][:2]}))

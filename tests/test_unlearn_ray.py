@@ -25,7 +25,8 @@ from retrack.config.model_kind import ModelKind
 from retrack.config.spec import CorpusSpec, ForgetSpec, ModelSpec, ScalingSpec, StorageSpec, UnlearnSpec
 from retrack.config.train import MethodConfig, TrainConfig
 from retrack.config.unlearn_run import UnlearnRun
-from retrack.data.corpus import read_corpus, read_forget_ids
+from retrack.data.corpus import read_corpus
+from retrack.data.forget import read_forget_ids
 from retrack.digest import directory_digest
 from retrack.errors import TrainingDivergedError
 from retrack.models.pixel import DIGEST_FILE, load_pixel_model
@@ -268,8 +269,10 @@ def tiny_sd_job(tmp_path_factory):
 
 def sd_single_process(prep, run: UnlearnRun):
     """The same update in one process: every retained latent encoded, BatchDrawer, unlearning_step."""
-    from retrack.models import sd
     from retrack.data.corpus import read_corpus
+    from retrack.models import sd
+    from retrack.models.clip import tokenize
+    from retrack.models.latents import encode_latents, item_seed
     from retrack.models.schedule import NoiseSchedule
     from retrack.methods import build_method
     from retrack.training.step import make_optimizer, unlearning_step
@@ -278,9 +281,9 @@ def sd_single_process(prep, run: UnlearnRun):
     req = run.spec
     model = sd.load_sd_model(req.model.uri)
     corpus = read_corpus(req.corpus.uri)
-    pixels = sd.to_sd_pixels(((corpus.images + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1), model.resolution)
-    latents = sd.encode_latents(model.vae, pixels, [sd.item_seed(i) for i in corpus.ids])
-    conds = sd.encode_captions(model.text_encoder, sd.tokenize(model.tokenizer, corpus.captions))
+    u8 = ((corpus.images + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    latents = encode_latents(model.vae, u8, [item_seed(i) for i in corpus.ids], model.resolution)
+    conds = sd.encode_captions(model.text_encoder, tokenize(model.tokenizer, corpus.captions))
     f, r = torch.from_numpy(prep.forget_rows), torch.from_numpy(prep.retain_rows)
     data = UnlearnData(
         retain=latents[r], forget=latents[f], neighbours=latents[r][torch.from_numpy(prep.plan.neighbours)],

@@ -37,7 +37,8 @@ def evaluate(
 ) -> None:
     """Score a model on the embedded benchmark against the original (same-seed samples)."""
     from pipelines.demo import print_metrics
-    from retrack.data.corpus import read_corpus, read_forget_ids
+    from retrack.data.corpus import read_corpus
+    from retrack.data.forget import read_forget_ids
     from retrack.embedded.benchmark import BenchmarkInfo
     from retrack.embedded.pretrain import ensure_pretrained
     from retrack.embedded.workspace import Workspace

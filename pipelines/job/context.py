@@ -100,7 +100,7 @@ class JobContext:
 
     def forget_set(self) -> list[str]:
         """The ids to forget as the neighbours stage settled them (near-duplicates added)."""
-        from retrack.data.corpus import read_forget_ids
+        from retrack.data.forget import read_forget_ids
 
         return read_forget_ids(self.jobdir.fetch("forget_ids.txt"))
 

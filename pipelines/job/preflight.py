@@ -33,7 +33,7 @@ class Preflight:
 
 def preflight(spec: JobSpec) -> Preflight:
     """Every check that can refuse the job, before any index, training or registration."""
-    from retrack.data.corpus import check_forget_ids
+    from retrack.data.forget import check_forget_ids, requested_forget_ids
     from retrack.errors import CorpusError
     from retrack.lineage.store import check_tracking_server
     from retrack.models.pixel import check_pixel_model_dir, scheduler_timesteps
@@ -66,22 +66,9 @@ def preflight(spec: JobSpec) -> Preflight:
     return Preflight(corpus=corpus, corpus_dir=corpus_dir, model_dir=model_dir, forget_ids=forget_ids, holdout=holdout)
 
 
-def requested_forget_ids(spec: JobSpec) -> list[str]:
-    """The ids the spec names: inline, or one a line in its file (local or s3://)."""
-    if spec.forget.ids is not None:
-        return list(spec.forget.ids)
-    src = spec.forget.file
-    if src.startswith("s3://"):
-        text = Location.parse(src, endpoint=spec.storage.endpoint_url).read_text()
-        return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    from retrack.data.corpus import read_forget_ids
-
-    return read_forget_ids(src)
-
-
 def _local_copy(uri: str, endpoint: str | None) -> Path:
     """A model or corpus as a local directory (an s3:// one is copied to the cache once)."""
-    from retrack.models.sd import local_model_dir
+    from retrack.storage.cache import local_model_dir
 
     if endpoint and uri.startswith("s3://"):
         os.environ.setdefault("AWS_ENDPOINT_URL", endpoint)

@@ -119,7 +119,7 @@ class _WorkerRun:
     """One worker's model, optimiser, data and progress from its start step on."""
 
     def __init__(self, s: WorkerSettings, rank: int, world: int, device: torch.device):
-        from retrack.models.sd import local_model_dir
+        from retrack.storage.cache import local_model_dir
 
         self.s, self.rank, self.world, self.device = s, rank, world, device
         self.use_gpu = device.type == "cuda"

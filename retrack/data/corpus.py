@@ -1,4 +1,4 @@
-"""The corpus format: parquet shards of (id, image bytes[, label][, caption]) and the forget-id list.
+"""The corpus format: parquet shards of (id, image bytes[, label][, caption]).
 
 The same format serves the embedded benchmark and a production corpus. This module reads small
 corpora into memory (the embedded benchmark, the forget items and their neighbours); the index
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from retrack.storage.atomic import atomic_directory
-from retrack.errors import CorpusError, ForgetSetError
+from retrack.errors import CorpusError
 
 SCHEMA = pa.schema(
     [
@@ -158,28 +158,3 @@ def read_corpus(corpus_dir: str | Path) -> Corpus:
         labels=None if all(v is None for v in labels) else np.array([-1 if v is None else v for v in labels]),
         captions=None if all(c is None for c in captions) else [c or "" for c in captions],
     )
-
-
-def read_forget_ids(path: str | Path) -> list[str]:
-    """One id a line; blank lines and '#' comments ignored."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ForgetSetError(f"forget-id file {path} does not exist") from None
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-
-
-def check_forget_ids(forget_ids: Sequence[str], corpus_ids: Iterable[str]) -> None:
-    """An empty set, a repeated id or an id the corpus lacks is an error (nothing is guessed)."""
-    if not forget_ids:
-        raise ForgetSetError("the forget set is empty: nothing to unlearn")
-    counts = Counter(forget_ids)
-    repeated = sum(1 for c in counts.values() if c > 1)
-    if repeated:
-        # Positions, not the ids: forget ids may themselves be personal data.
-        lines = [n + 1 for n, i in enumerate(forget_ids) if counts[i] > 1][:6]
-        raise ForgetSetError(f"{repeated} forget id(s) are listed more than once (entries {lines})")
-    known = set(corpus_ids)
-    missing = [n + 1 for n, i in enumerate(forget_ids) if i not in known]
-    if missing:
-        raise ForgetSetError(f"{len(missing)} of {len(forget_ids)} forget id(s) are not in the corpus (entries {missing[:6]})")

@@ -14,7 +14,8 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from retrack.embedded.benchmark import ensure_benchmark
-from retrack.data.corpus import read_corpus, read_forget_ids
+from retrack.data.corpus import read_corpus
+from retrack.data.forget import read_forget_ids
 from retrack.models.schedule import NoiseSchedule
 from retrack.digest import config_digest, directory_digest
 from retrack.errors import InputError

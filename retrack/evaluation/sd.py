@@ -12,8 +12,8 @@
 - Membership: each forgotten item's denoising loss (its own latent and caption) against the
   held-out items' losses, as for pixel models.
 
-Everything is measured in VAE-latent space (`latent_dist.sample() * scaling_factor` with the
-item's own seed, exactly the latents the model was trained and unlearned on): the space the
+Everything is measured in VAE-latent space (`retrack.models.latents`: exactly the latents the
+model was trained and unlearned on, and searched in): the space the
 project denoises and searches for Stable Diffusion, and one that does not depend on the decoder.
 Generations are decoded to pixels only for the report grid.
 """
@@ -28,7 +28,9 @@ import torch
 
 from retrack.errors import InputError
 from retrack.evaluation.metrics import denoising_loss, integrity, nearest_forget_distance
-from retrack.models.sd import StableDiffusion, encode_captions, encode_latents, item_seed, to_sd_pixels, tokenize
+from retrack.models.clip import tokenize
+from retrack.models.latents import encode_latents, item_seed
+from retrack.models.sd import StableDiffusion, encode_captions
 
 SD_METRIC_KEYS = ("forget_frequency", "forget_max_cosine", "forget_distance_ratio", "integrity", "forget_loss")
 
@@ -104,10 +106,10 @@ def decode_latents(model: StableDiffusion, latents: torch.Tensor) -> np.ndarray:
 
 
 def item_latents(model: StableDiffusion, images_u8: np.ndarray, ids: Sequence[str]) -> np.ndarray:
-    """The latents items were trained on: resized to the model's resolution, each drawn with its own seed."""
+    """The latents items were trained on (`retrack.models.latents`)."""
     if len(images_u8) == 0:
         return np.zeros((0, *model.latent_shape), np.float32)
-    return encode_latents(model.vae, to_sd_pixels(images_u8, model.resolution), [item_seed(i) for i in ids]).numpy()
+    return encode_latents(model.vae, images_u8, [item_seed(i) for i in ids], model.resolution).numpy()
 
 
 def item_losses(model: StableDiffusion, latents: np.ndarray, captions: Sequence[str], n_draws: int = 64, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,7 @@ request's neighbours (`find_neighbours`) and for near-duplicates of the forget i
 """
 
 from retrack.index.build import BuildResult, LocalExecutor, build_index
-from retrack.models.encoders import EncoderSpec, PixelEncoder, build_encoder, vae_latents
+from retrack.models.encoders import EncoderSpec, PixelEncoder, build_encoder
 from retrack.index.manifest import IndexParams, Manifest
 from retrack.index.search import (
     DuplicateReport,
@@ -24,5 +24,5 @@ from retrack.data.source import CorpusPlan, scan_corpus
 __all__ = [
     "BuildResult", "CorpusPlan", "DuplicateReport", "DuplicatesFound", "EncoderSpec", "IndexParams", "LocalExecutor",
     "Manifest", "Neighbours", "PixelEncoder", "VectorIndex", "build_encoder", "build_index", "find_duplicates",
-    "find_neighbours", "open_index", "scan_corpus", "vae_latents",
+    "find_neighbours", "open_index", "scan_corpus",
 ]

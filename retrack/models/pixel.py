@@ -56,7 +56,7 @@ class PixelDiffusion:
         return DDIMScheduler.from_config(self.scheduler.config)
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -70,7 +70,7 @@ def check_pixel_model_dir(path: str | Path) -> None:
     root = Path(path)
     if not root.is_dir():
         raise ModelLayoutError(f"model directory {root} does not exist")
-    unet_cfg = _read_json(root / "unet" / "config.json", "UNet")
+    unet_cfg = read_json(root / "unet" / "config.json", "UNet")
     cls = unet_cfg.get("_class_name")
     if cls != "UNet2DModel":
         raise ModelLayoutError(f"{root}/unet is a {cls or 'model without _class_name'}, expected a diffusers UNet2DModel")
@@ -78,7 +78,7 @@ def check_pixel_model_dir(path: str | Path) -> None:
     if not weights.is_file():
         others = sorted(p.name for p in (root / "unet").iterdir() if p.name != "config.json")
         raise ModelLayoutError(f"{root}/unet has no {WEIGHTS_FILE} (found: {others or 'nothing'}); only safetensors weights are loaded")
-    sched = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler")
+    sched = read_json(root / "scheduler" / "scheduler_config.json", "scheduler")
     if sched.get("_class_name") not in ("DDPMScheduler", "DDIMScheduler"):
         raise ModelLayoutError(f"{root}/scheduler is {sched.get('_class_name')!r}, expected DDPMScheduler or DDIMScheduler")
     if sched.get("prediction_type", "epsilon") != "epsilon":
@@ -87,7 +87,7 @@ def check_pixel_model_dir(path: str | Path) -> None:
 
 def scheduler_timesteps(path: str | Path) -> int:
     """T of a diffusers pipeline directory's scheduler (diffusers' default 1000 when unset)."""
-    return int(_read_json(Path(path) / "scheduler" / "scheduler_config.json", "scheduler").get("num_train_timesteps", 1000))
+    return int(read_json(Path(path) / "scheduler" / "scheduler_config.json", "scheduler").get("num_train_timesteps", 1000))
 
 
 def load_pixel_model(path: str | Path, device: str | torch.device = "cpu") -> PixelDiffusion:

@@ -1,35 +1,27 @@
-"""Stable Diffusion support: tiny models built from configs, checked load/save of a diffusers
-directory (safetensors only), caption and VAE-latent encoding, and the conditional denoiser.
+"""Stable Diffusion models: the model bundle, tiny models built from configs for tests, the checks
+of a diffusers pipeline directory (safetensors only), checked load and save, caption encoding and
+the conditional denoiser the methods call.
 
 Only the UNet (`UNet2DConditionModel`) is fine-tuned; the VAE and the CLIP text encoder stay
-frozen. Every item is conditioned on its own caption. Latents are drawn from the VAE posterior
-(`latent_dist.sample() * scaling_factor`) with a generator keyed by the item's id, so an item
-has the same latent in the neighbour search, on every worker and in every run.
-
-Nothing is downloaded: real weights come from a local directory (or an object-store URI copied to
-a local cache first, see `local_model_dir`); the tokenizer of the tiny test models is built from
-the CLIP BPE vocabulary file that ships inside the `open_clip_torch` package.
+frozen. Every item is conditioned on its own caption; its latent follows the one rule of
+`retrack.models.latents`. Nothing is downloaded: weights come from a local directory (an s3://
+model is copied to the node's cache first, see `retrack.storage.cache`), and the tiny models'
+tokenizer is built offline (`retrack.models.clip`).
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import importlib.util
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from functools import lru_cache
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-import numpy as np
 import torch
 
-from retrack.errors import InputError, ModelLayoutError, StorageError
-from retrack.models.pixel import DIGEST_FILE, write_model_dir
+from retrack.errors import InputError, ModelLayoutError
+from retrack.models.clip import CLIP_CONTEXT_LENGTH, clip_tokenizer, write_tokenizer_vocab_files
+from retrack.models.pixel import DIGEST_FILE, WEIGHTS_FILE, read_json, write_model_dir
 
 if TYPE_CHECKING:  # diffusers / transformers load lazily: importing them costs seconds
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -37,101 +29,20 @@ if TYPE_CHECKING:  # diffusers / transformers load lazily: importing them costs 
 
 PIPELINE_CLASS = "StableDiffusionPipeline"
 TEXT_WEIGHTS_FILE = "model.safetensors"
-CLIP_CONTEXT_LENGTH = 77
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-# The CLIP BPE vocabulary: 256 byte symbols, their end-of-word forms, then the first
-# 49152 - 256 - 2 merges of the file, then the two special tokens (49408 entries in all).
-CLIP_NUM_MERGES = 49152 - 256 - 2
+FP16_WEIGHTS_FILE = "diffusion_pytorch_model.fp16.safetensors"
 MODEL_INDEX = "model_index.json"
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # as retrack.models
 
 
-def _read_json(path: Path, what: str) -> dict:
-    from retrack.models.pixel import _read_json as read
-
-    return read(path, what)
-
-
-# --------------------------------------------------------------------------- tokenizer
+def sd_resolution(unet_config: Mapping, vae_config: Mapping) -> int:
+    """Pixel side length the UNet's sample size corresponds to (the VAE halves it per level)."""
+    size = unet_config["sample_size"]
+    return (size if isinstance(size, int) else size[0]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
-def open_clip_bpe_path() -> Path:
-    """The BPE vocabulary file shipped in `open_clip_torch`, found without importing open_clip
-    (its import pulls torchvision, which cannot be installed next to the CPU torch build here)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError("open_clip_torch is not installed; install it with `pip install --no-deps open_clip_torch`")
-    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
-    if not path.is_file():
-        raise InputError(f"{path} is missing from the open_clip_torch package")
-    return path
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map of the 256 byte values to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
-
-
-def clip_vocab_from_bpe(bpe_path: str | Path | None = None) -> tuple[dict[str, int], list[str]]:
-    """(vocab, merges) of the CLIP tokenizer, derived from the BPE merges file as CLIP does."""
-    path = Path(bpe_path) if bpe_path is not None else open_clip_bpe_path()
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
-    merges = lines[1 : CLIP_NUM_MERGES + 1]  # line 0 is a version header
-    symbols = list(_bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols]
-    vocab += ["".join(m.split()) for m in merges]
-    vocab += [BOS, EOS]
-    return {tok: n for n, tok in enumerate(vocab)}, merges
-
-
-def write_clip_tokenizer_files(out_dir: str | Path, bpe_path: str | Path | None = None) -> Path:
-    """Write `vocab.json` and `merges.txt` (the files a diffusers `tokenizer/` folder holds)."""
-    vocab, merges = clip_vocab_from_bpe(bpe_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return out
-
-
-@lru_cache(maxsize=2)
-def _cached_vocab(bpe_path: str | None) -> tuple[dict[str, int], list[str]]:
-    return clip_vocab_from_bpe(bpe_path)
-
-
-def _write_vocab_files(out: Path, tokenizer) -> None:
-    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    (out / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-
-
-def clip_tokenizer(bpe_path: str | Path | None = None) -> CLIPTokenizer:
-    """A real `CLIPTokenizer` (49408 tokens, 77 positions) built offline from the BPE vocabulary."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _cached_vocab(str(bpe_path) if bpe_path is not None else None)
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=CLIP_CONTEXT_LENGTH)
-
-
-def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
-    """Token ids [N, 77]: padded and truncated to the encoder's context like SD's training."""
-    out = tokenizer(
-        [c or "" for c in captions],
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    return out.input_ids
+def pipeline_resolution(path: str | Path) -> int:
+    """`sd_resolution` of a Stable Diffusion directory, read from its configs (no weights loaded)."""
+    root = Path(path)
+    return sd_resolution(read_json(root / "unet" / "config.json", "UNet"), read_json(root / "vae" / "config.json", "VAE"))
 
 
 # --------------------------------------------------------------------------- models
@@ -151,9 +62,7 @@ class StableDiffusion:
 
     @property
     def resolution(self) -> int:
-        """Pixel side length the UNet's sample size corresponds to."""
-        size = self.unet.config.sample_size
-        return (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+        return sd_resolution(self.unet.config, self.vae.config)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -250,10 +159,10 @@ def model_kind(path: str | Path) -> str:
         found = sorted(p.name for p in root.iterdir())
         hint = ""
         if (root / "config.json").is_file():
-            cls = _read_json(root / "config.json", "model").get("_class_name") or "unknown"
+            cls = read_json(root / "config.json", "model").get("_class_name") or "unknown"
             hint = f" (it looks like a single {cls} component, not a pipeline)"
         raise ModelLayoutError(f"{root} is not a diffusers pipeline directory: no unet/config.json{hint}; found {found or 'nothing'}")
-    cls = _read_json(unet_cfg, "UNet").get("_class_name")
+    cls = read_json(unet_cfg, "UNet").get("_class_name")
     if cls == "UNet2DModel":
         return "pixel"
     if cls == "UNet2DConditionModel":
@@ -286,86 +195,58 @@ def check_sd_model_dir(path: str | Path) -> dict[str, str | None]:
     kind = model_kind(root)
     if kind != "sd":
         raise ModelLayoutError(f"{root} holds a pixel-space DDPM (UNet2DModel), not a Stable Diffusion pipeline")
-    index = _read_json(root / MODEL_INDEX, "Stable Diffusion pipeline")
+    index = read_json(root / MODEL_INDEX, "Stable Diffusion pipeline")
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if part not in index or not (root / part).is_dir():
             raise ModelLayoutError(f"{root}: the pipeline has no {part}/ component (model_index.json lists {sorted(k for k in index if not k.startswith('_'))})")
-    vae_cls = _read_json(root / "vae" / "config.json", "VAE").get("_class_name")
+    vae_cls = read_json(root / "vae" / "config.json", "VAE").get("_class_name")
     if vae_cls != "AutoencoderKL":
         raise ModelLayoutError(f"{root}/vae is {vae_cls!r}, expected AutoencoderKL")
-    text_cfg = _read_json(root / "text_encoder" / "config.json", "text encoder")
+    text_cfg = read_json(root / "text_encoder" / "config.json", "text encoder")
     if "CLIPTextModel" not in (text_cfg.get("architectures") or []):
         raise ModelLayoutError(f"{root}/text_encoder is {text_cfg.get('architectures')}, expected CLIPTextModel")
     tok = root / "tokenizer"
     if not ((tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()) and not (tok / "tokenizer.json").is_file():
         raise ModelLayoutError(f"{tok} has neither vocab.json + merges.txt nor tokenizer.json")
-    sched = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler")
+    sched = read_json(root / "scheduler" / "scheduler_config.json", "scheduler")
     if sched.get("prediction_type", "epsilon") != "epsilon":
         raise ModelLayoutError(f"{root}/scheduler predicts {sched.get('prediction_type')!r}; retrack's losses need 'epsilon'")
     variants = {
-        "unet": _variant(_weights(root / "unet", [WEIGHTS_FILE, "diffusion_pytorch_model.fp16.safetensors"])),
-        "vae": _variant(_weights(root / "vae", [WEIGHTS_FILE, "diffusion_pytorch_model.fp16.safetensors"])),
+        "unet": _variant(_weights(root / "unet", [WEIGHTS_FILE, FP16_WEIGHTS_FILE])),
+        "vae": _variant(_weights(root / "vae", [WEIGHTS_FILE, FP16_WEIGHTS_FILE])),
         "text_encoder": _variant(_weights(root / "text_encoder", [TEXT_WEIGHTS_FILE, "model.fp16.safetensors"])),
     }
     return variants
 
 
-def local_model_dir(uri: str | Path, cache_dir: str | Path | None = None, endpoint: str | None = None, s3=None) -> Path:
-    """A local directory for a model given as a local path or an s3:// URI (endpoint and
-    credentials from `endpoint` / the AWS_* environment, see retrack.storage). Remote directories
-    are copied once into `cache_dir` (keyed by the URI) and reused."""
-    text = str(uri)
-    if "://" not in text:
-        return Path(text)
-    import pyarrow.fs as pafs
+def load_vae(folder: str | Path) -> AutoencoderKL:
+    """A VAE folder (a pipeline's `vae/`, or a bare AutoencoderKL), safetensors only, upcast to
+    fp32 and frozen: the VAE every latent is encoded with, in training as in the index."""
+    from diffusers import AutoencoderKL
 
-    from retrack.storage.location import Location
-
-    if not text.startswith("s3://"):
-        raise InputError(f"model directory {text}: only local paths and s3:// URIs are supported")
-
-    cache = Path(cache_dir or Path(tempfile.gettempdir()) / "retrack-models")
-    dest = cache / hashlib.sha256(text.encode()).hexdigest()[:16]
-    marker = dest / ".complete"
-    if marker.is_file():
-        return dest
+    folder = Path(folder)
+    variant = _variant(_weights(folder, [WEIGHTS_FILE, FP16_WEIGHTS_FILE]))
     try:
-        loc = Location.parse(text, endpoint=endpoint, s3=s3)
-        fs, remote = loc.fs, loc.path
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=cache))
-        pafs.copy_files(remote, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, variant=variant)
     except (OSError, ValueError) as exc:
-        raise StorageError(f"cannot copy model directory {text}: {exc}") from None
-    (tmp / ".complete").write_text(text)
-    if marker.is_file():  # another process on this node finished the same copy meanwhile: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-        return dest
-    if dest.exists():
-        shutil.rmtree(dest)
-    try:
-        os.replace(tmp, dest)
-    except OSError:
-        if not marker.is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # lost the race to a complete copy
-    return dest
+        raise ModelLayoutError(f"{folder} is not a diffusers AutoencoderKL folder: {exc}") from None
+    return vae.float().eval().requires_grad_(False)
 
 
 def load_sd_model(path: str | Path, device: str | torch.device = "cpu") -> StableDiffusion:
     """Load a Stable Diffusion directory (diffusers layout, safetensors only), encoders frozen,
     every weight upcast to fp32 (fp32 master weights; autocast handles reduced precision)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = Path(path)
     variants = check_sd_model_dir(root)
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", use_safetensors=True, variant=variants["unet"])
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", use_safetensors=True, variant=variants["vae"])
+    vae = load_vae(root / "vae")
     text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", use_safetensors=True, variant=variants["text_encoder"])
     tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
     scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
-    model = StableDiffusion(unet=unet.float(), vae=vae.float(), text_encoder=text_encoder.float(), tokenizer=tokenizer, scheduler=scheduler)
+    model = StableDiffusion(unet=unet.float(), vae=vae, text_encoder=text_encoder.float(), tokenizer=tokenizer, scheduler=scheduler)
     model.freeze_encoders()
     return model.to(device)
 
@@ -398,7 +279,7 @@ def save_sd_model(model: StableDiffusion, path: str | Path, metadata: dict | Non
         model.tokenizer.save_pretrained(tmp / "tokenizer")
         if not (tmp / "tokenizer" / "vocab.json").is_file():
             # transformers 5 writes tokenizer.json only; keep the classic files for older readers.
-            _write_vocab_files(tmp / "tokenizer", model.tokenizer)
+            write_tokenizer_vocab_files(tmp / "tokenizer", model.tokenizer)
         model.scheduler.save_pretrained(tmp / "scheduler")
         (tmp / MODEL_INDEX).write_text(json.dumps(_model_index(), indent=2, sort_keys=True))
 
@@ -422,50 +303,6 @@ def save_finetuned_unet(unet: UNet2DConditionModel, base_dir: str | Path, path: 
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
 
     return write_model_dir(path, fill, metadata)
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-def item_seed(item_id: str) -> int:
-    """A 63-bit seed derived from an item's id: the item's latent sample never depends on batching."""
-    return int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") >> 1
-
-
-def to_sd_pixels(images_u8: np.ndarray, resolution: int) -> torch.Tensor:
-    """uint8 NxHxWxC (grey or RGB) -> float32 Nx3xRxR in [-1, 1], resized when the sizes differ."""
-    from PIL import Image
-
-    out = []
-    for img in images_u8:
-        if img.ndim == 3 and img.shape[2] == 1:
-            img = img[:, :, 0]
-        pil = Image.fromarray(img).convert("RGB")
-        if pil.size != (resolution, resolution):
-            pil = pil.resize((resolution, resolution), Image.BICUBIC)
-        out.append(np.asarray(pil))
-    arr = np.stack(out).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())
-
-
-@torch.no_grad()
-def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, seeds: Sequence[int], chunk: int = 16) -> torch.Tensor:
-    """`latent_dist.sample() * scaling_factor` (minus the shift where the VAE has one), each item's
-    sample drawn from its own seed."""
-    if len(seeds) != len(pixels):
-        raise ValueError(f"{len(pixels)} images but {len(seeds)} seeds")
-    device = next(vae.parameters()).device
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    out = []
-    for start in range(0, len(pixels), chunk):
-        x = pixels[start : start + chunk].to(device=device, dtype=next(vae.parameters()).dtype)
-        dist = vae.encode(x).latent_dist
-        noise = torch.stack(
-            [torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds[start : start + chunk]]
-        ).to(device=device, dtype=dist.mean.dtype)
-        out.append(((dist.mean + dist.std * noise - shift) * scale).float().cpu())
-    return torch.cat(out) if out else torch.zeros((0,))
 
 
 @torch.no_grad()

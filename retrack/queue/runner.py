@@ -17,21 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from retrack.config.spec import JobSpec
+from retrack.data.forget import requested_forget_ids
 from retrack.digest import ids_digest
 from retrack.errors import InputError, RetrackError
 from retrack.queue.lease import Claim, LeaseKeeper
 from retrack.queue.queue import DeletionQueue, now_iso
-from retrack.storage.location import Location
 
 Runner = Callable[[JobSpec, "str | None"], Any]  # (job spec, Ray address) -> a result with model_version, verdict, report_uri
-
-
-def read_forget_ids(spec: JobSpec) -> list[str]:
-    """The forget ids a request names: inline, or one a line in its file (local or s3://)."""
-    if spec.forget.ids is not None:
-        return list(spec.forget.ids)
-    text = Location.parse(spec.forget.file, endpoint=spec.storage.endpoint_url).read_text()
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
 def batch_id(request_ids: list[str]) -> str:
@@ -146,7 +138,7 @@ def _process(queue: DeletionQueue, claims: list[Claim], runner: Runner, address:
         text = None
         try:
             text, spec = queue.spec_of(claim.request_id)
-            ids = read_forget_ids(spec)
+            ids = requested_forget_ids(spec)
             if not ids:
                 raise InputError("the forget set is empty: nothing to unlearn")
             ready.append((claim, text, spec, ids))

@@ -15,7 +15,7 @@ from retrack.errors import CorpusError
 def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int]) -> dict:
     """Keep the wanted ids of a corpus batch, decoded to uint8 HxWxC at the model's geometry.
     `wanted[id] = (row, pos)`: global retain index (or -1) and forget position (or -1)."""
-    from retrack.models.sd import item_seed
+    from retrack.models.latents import item_seed
 
     keep = [n for n, i in enumerate(batch["id"]) if i in wanted]
     h, w, c = shape
@@ -66,14 +66,15 @@ class ItemEncoder:
     def images(self, part: dict[str, np.ndarray]) -> torch.Tensor:
         if self.kind is ModelKind.PIXEL_DDPM:
             return torch.from_numpy(to_model_space(part["image"].astype(np.uint8)))
-        from retrack.models.sd import encode_latents, to_sd_pixels
+        from retrack.models.latents import encode_latents
 
         m = self.bundle
-        return encode_latents(m.vae, to_sd_pixels(part["image"].astype(np.uint8), m.resolution), [int(s) for s in part["seed"]])
+        return encode_latents(m.vae, part["image"].astype(np.uint8), [int(s) for s in part["seed"]], m.resolution)
 
     def conds(self, part: dict[str, np.ndarray]) -> torch.Tensor | None:
         if self.kind is ModelKind.PIXEL_DDPM:
             return None
-        from retrack.models.sd import encode_captions, tokenize
+        from retrack.models.clip import tokenize
+        from retrack.models.sd import encode_captions
 
         return encode_captions(self.bundle.text_encoder, tokenize(self.bundle.tokenizer, list(part["caption"])))

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from retrack.config.train import MethodConfig, TrainConfig
-from retrack.data.corpus import Corpus, check_forget_ids
+from retrack.data.corpus import Corpus
+from retrack.data.forget import check_forget_ids
 from retrack.models.schedule import NoiseSchedule
 from retrack.errors import InputError
 from retrack.index.exact import exact_knn

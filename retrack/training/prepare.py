@@ -14,7 +14,8 @@ from retrack.config.hashing import recipe_hash
 from retrack.config.model_kind import ModelKind
 from retrack.config.train import MethodConfig, TrainConfig
 from retrack.config.unlearn_run import UnlearnRun
-from retrack.data.corpus import check_forget_ids, decode_image, read_forget_ids
+from retrack.data.corpus import decode_image
+from retrack.data.forget import check_forget_ids, requested_forget_ids
 from retrack.digest import config_digest, ids_digest, sha256_bytes
 from retrack.errors import CorpusError, InputError, ModelLayoutError
 from retrack.methods import method_class
@@ -67,7 +68,8 @@ def corpus_fingerprint(index: CorpusIndex) -> str:
 def resolve_model(uri: str, expected: ModelKind) -> Path:
     """The model's local directory after checking its layout; a kind other than the expected one is refused."""
     from retrack.models.pixel import check_pixel_model_dir
-    from retrack.models.sd import check_sd_model_dir, local_model_dir, model_kind
+    from retrack.models.sd import check_sd_model_dir, model_kind
+    from retrack.storage.cache import local_model_dir
 
     local = local_model_dir(uri)
     found = ModelKind.parse(model_kind(local))
@@ -82,7 +84,8 @@ def resolve_model(uri: str, expected: ModelKind) -> Path:
 
 def detect_model_kind(uri: str) -> ModelKind:
     """The kind of model a directory holds (for callers that leave it to the layout)."""
-    from retrack.models.sd import local_model_dir, model_kind
+    from retrack.models.sd import model_kind
+    from retrack.storage.cache import local_model_dir
 
     return ModelKind.parse(model_kind(local_model_dir(uri)))
 
@@ -128,7 +131,7 @@ def prepare(run: UnlearnRun) -> Prepared:
     kind = spec.model.kind
     model_dir = resolve_model(spec.model.uri, kind)
     corpus = read_corpus_index(spec.corpus.uri)
-    forget_ids = list(spec.forget.ids) if spec.forget.ids is not None else read_forget_ids(spec.forget.file)
+    forget_ids = requested_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
     pos = {i: n for n, i in enumerate(corpus.ids)}
     forget_rows = np.array([pos[i] for i in forget_ids], dtype=np.int64)

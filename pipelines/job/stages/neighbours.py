@@ -9,12 +9,11 @@ the forget set's digest and count, never the ids.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from pipelines.job.context import JobContext
 from pipelines.progress import console
+from retrack.data.neighbours import write_neighbours
 from retrack.digest import ids_digest
 
 
@@ -32,7 +31,7 @@ def run(ctx: JobContext) -> dict:
     local = ctx.jobdir.local
     (local / "forget_ids.txt").write_text("\n".join(forget) + "\n")
     mapping = {} if nb is None else {fid: ids for fid, ids in zip(nb.forget_ids, nb.ids)}
-    (local / "neighbours.json").write_text(json.dumps(mapping))
+    write_neighbours(local / "neighbours.json", mapping)
     ctx.jobdir.publish("forget_ids.txt")
     ctx.jobdir.publish("neighbours.json")
     return {"forget_count": len(forget), "duplicates_added": report.count if spec.forget.duplicates == "add" else 0,
