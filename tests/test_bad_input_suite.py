@@ -28,7 +28,7 @@ from retrack.data.corpus import encode_image
 from retrack.errors import RetrackError
 from retrack.index import build_index, open_index
 from tests.fixtures.corpora import write_corpus
-from tests.fixtures.specs import DELETE, with_field
+from tests.fixtures.specs import DELETE, job_spec, with_field
 
 SECRET = "s3cr3t-Should-Never-Print-0123456789"
 
@@ -47,17 +47,8 @@ def env(model_dir, tmp_path_factory):
 
 
 def base_spec(env: Path, tmp: Path) -> dict:
-    return {
-        "request_id": "req-bad",
-        "model": {"kind": "pixel-ddpm", "uri": str(env / "model")},
-        "corpus": {"uri": str(env / "corpus")},
-        "forget": {"file": str(env / "forget.txt")},
-        "method": {"name": "retrack", "params": {"lambda": 0.5, "k": 4}},
-        "train": {"steps": 2, "batch_size": 8},
-        "evaluation": {"num_samples": 32},
-        "storage": {"root": str(tmp / "jobs")},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "registered_model": "bad-ddpm"},
-    }
+    return job_spec(env / "model", env / "corpus", env / "forget.txt", tmp, "req-bad",
+                    mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "registered_model": "bad-ddpm"})
 
 
 def write_yaml(tmp: Path, data) -> Path:
