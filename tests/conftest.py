@@ -1,4 +1,4 @@
-"""Shared test settings: offline, quiet Ray, one thread per torch op (2-core machines)."""
+"""Shared test settings (offline, quiet Ray, no auth) and the shared fixtures: tests/fixtures/."""
 
 from __future__ import annotations
 
@@ -9,4 +9,4 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
-pytest_plugins = ["tests.services", "tests.mlflow_service", "tests.embedded"]
+pytest_plugins = ["tests.fixtures.models", "tests.fixtures.corpora", "tests.fixtures.services"]

@@ -16,7 +16,6 @@ from retrack.audit import AuditLog, audit_attempt, trace_version
 from retrack.digest import ids_digest
 from retrack.errors import StorageError
 from retrack.lineage.store import Lineage, LineageStore
-from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
 from retrack.config.spec import JobSpec
 
 FORGET = ["img-000007", "img-000011"]
@@ -33,13 +32,6 @@ def spec_for(tmp: Path, request_id: str, parent_version: str | None, **over) -> 
         **over,
     }
     return JobSpec.model_validate(data)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("m") / "model"
-    save_pixel_model(PixelDiffusion(tiny_pixel_unet(8), default_scheduler()), out)
-    return out
 
 
 def register(spec: JobSpec, model_dir: Path) -> dict:
@@ -62,7 +54,7 @@ def succeed(spec: JobSpec, model_dir: Path, ran: list[str]) -> None:
                     {"verdict": "forgotten", "metrics": {"unlearned": {"forget_frequency": 0.0, "fid": 12.5}}}, reg)
 
 
-def test_records_chain_and_cli(tmp_path, tiny_model):
+def test_records_chain_and_cli(tmp_path, model_dir):
     """Three requests against one model, each from the previous version, plus one that failed:
     every attempt is recorded, the versions trace back through their parents to all requests,
     and the failed one keeps only the error's class."""
@@ -70,11 +62,11 @@ def test_records_chain_and_cli(tmp_path, tiny_model):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     client.create_registered_model("audited")
-    original = str(client.create_model_version("audited", source=str(tiny_model)).version)  # registered by training, not retrack
+    original = str(client.create_model_version("audited", source=str(model_dir)).version)  # registered by training, not retrack
     parent = original
     for rid in ("req-a", "req-b", "req-c"):
         spec = spec_for(tmp_path, rid, parent)
-        succeed(spec, tiny_model, [])
+        succeed(spec, model_dir, [])
         parent = AuditLog(spec.storage.root).attempts(rid)[-1].model["version"]
     failing = spec_for(tmp_path, "req-d", parent)
     with pytest.raises(StorageError):
@@ -123,24 +115,20 @@ def test_records_chain_and_cli(tmp_path, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def captioned(tmp_path_factory):
-    """The small benchmark with a caption on every item, and a model pretrained on it."""
+def captioned(small, tmp_path_factory):
+    """The small benchmark with a caption on every item, and its original model."""
+    import shutil
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from retrack.embedded.benchmark import build_benchmark, load_digits_u8
-    from retrack.data.corpus import read_corpus
-    from retrack.embedded.pretrain import PretrainConfig, pretrain
-
     root = tmp_path_factory.mktemp("captioned")
-    images, labels = load_digits_u8()
-    build_benchmark(root / "bench", images[:300], labels[:300], name="small", copy_fraction=0.05)
+    shutil.copytree(small / "bench", root / "bench")
     for shard in sorted((root / "bench" / "corpus").glob("*.parquet")):
         t = pq.read_table(shard)
         rows = [{**r, "caption": f"private caption for {r['id']}: a handwritten {r['label']}"} for r in t.to_pylist()]
         pq.write_table(pa.Table.from_pylist(rows, schema=t.schema), shard)
-    model, _ = pretrain(read_corpus(root / "bench" / "corpus").images, PretrainConfig(steps=30, batch_size=32))
-    save_pixel_model(model, root / "original")
+    shutil.copytree(small / "original", root / "original")
     return root
 
 

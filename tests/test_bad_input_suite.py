@@ -24,41 +24,31 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from retrack.embedded.benchmark import load_digits_u8
-from retrack.data.corpus import encode_image, write_shards
+from retrack.data.corpus import encode_image
 from retrack.errors import RetrackError
 from retrack.index import build_index, open_index
-from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
-from tests.spec_edit import DELETE, with_field
+from tests.fixtures.corpora import write_corpus
+from tests.fixtures.specs import DELETE, job_spec, with_field
 
 SECRET = "s3cr3t-Should-Never-Print-0123456789"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(model_dir, tmp_path_factory):
     """A valid setup every case breaks in one way: 64 digits in two shards, an untrained tiny
     UNet, a forget list, and a flat index of the corpus."""
     root = tmp_path_factory.mktemp("inputs")
     images, labels = load_digits_u8()
-    rows = [{"id": f"img-{n:06d}", "image": encode_image(images[n]), "label": int(labels[n])} for n in range(64)]
-    write_shards(root / "corpus", rows, shard_size=32)
-    save_pixel_model(PixelDiffusion(tiny_pixel_unet(8), default_scheduler()), root / "model")
+    write_corpus(root / "corpus", images[:64], ids=[f"img-{n:06d}" for n in range(64)], labels=labels[:64], shard_size=32)
+    shutil.copytree(model_dir, root / "model")
     (root / "forget.txt").write_text("img-000001\nimg-000002\n")
     build_index(root / "corpus", root / "index")
     return root
 
 
 def base_spec(env: Path, tmp: Path) -> dict:
-    return {
-        "request_id": "req-bad",
-        "model": {"kind": "pixel-ddpm", "uri": str(env / "model")},
-        "corpus": {"uri": str(env / "corpus")},
-        "forget": {"file": str(env / "forget.txt")},
-        "method": {"name": "retrack", "params": {"lambda": 0.5, "k": 4}},
-        "train": {"steps": 2, "batch_size": 8},
-        "evaluation": {"num_samples": 32},
-        "storage": {"root": str(tmp / "jobs")},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "registered_model": "bad-ddpm"},
-    }
+    return job_spec(env / "model", env / "corpus", env / "forget.txt", tmp, "req-bad",
+                    mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "registered_model": "bad-ddpm"})
 
 
 def write_yaml(tmp: Path, data) -> Path:

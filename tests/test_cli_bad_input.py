@@ -17,17 +17,14 @@ from typer.testing import CliRunner
 from pipelines.cli import app
 from retrack.embedded.benchmark import build_benchmark, load_digits_u8
 from retrack.data.forget import read_forget_ids
-from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     images, labels = load_digits_u8()
     build_benchmark(root, images[:200], labels[:200], name="mini", copy_fraction=0.05)
-    model = root / "model"
-    save_pixel_model(PixelDiffusion(tiny_pixel_unet(8), default_scheduler()), model)
-    return root, model
+    return root, model_dir
 
 
 def invoke(setup, tmp_path, **overrides):

@@ -13,7 +13,7 @@ from retrack.config.train import MethodConfig
 from retrack.errors import InputError
 from retrack.methods import method_names
 from retrack.config.spec import JobSpec, load_spec
-from tests.spec_edit import DELETE, with_field
+from tests.fixtures.specs import DELETE, with_field
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 JOB_SPECS = sorted(CONFIGS.glob("*.yaml"))

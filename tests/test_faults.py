@@ -20,8 +20,8 @@ import pytest
 
 from retrack.errors import StorageError
 from retrack.config.spec import load_spec
-from tests.processes import kill_retrack_when
-from tests.test_job import small, spec_file  # noqa: F401 - the small benchmark fixture and its job spec
+from tests.fixtures.processes import kill_retrack_when
+from tests.fixtures.specs import spec_file
 
 pytestmark = pytest.mark.integration
 
@@ -211,7 +211,7 @@ def test_s3_server_killed_during_uploads_then_restarted(ray_local, small, tmp_pa
     Both fail with a StorageError and leave no stage marker; after a restart on the same port and
     data folder the rerun redoes evaluate and register only."""
     from pipelines.job import JobDir, run_job
-    from tests.services import start_seaweedfs
+    from tests.fixtures.services import start_seaweedfs
 
     s3 = start_seaweedfs(tmp_path / "weed")
     try:
@@ -277,7 +277,7 @@ def test_mlflow_server_killed_at_registration_then_restarted(ray_local, small, s
 
     from pipelines.job import run_job
     from retrack.lineage.store import COMPLETE_TAG
-    from tests.mlflow_service import start_mlflow
+    from tests.fixtures.services import start_mlflow
 
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_env.endpoint)
     server = start_mlflow(tmp_path / "mlflow", s3_env)
@@ -311,7 +311,7 @@ def test_registration_retries_are_bounded_when_mlflow_is_down(tmp_path):
     """The bound itself, without a job: 3 attempts with 0.2 s backoff against a closed port end
     in well under MLflow's own default of 7 HTTP retries with up to 120 s backoff each."""
     from retrack.lineage.store import LineageStore
-    from tests.services import free_port
+    from tests.fixtures.services import free_port
 
     store = LineageStore(f"http://127.0.0.1:{free_port()}", attempts=3, backoff=0.2)
     began = time.monotonic()
@@ -375,26 +375,12 @@ def test_unwritable_storage_root_is_refused_before_any_work(small, tmp_path, how
 
 
 def _lineage(request_id: str):
-    from tests.test_lineage import lineage
+    from tests.fixtures.specs import lineage
 
     return lineage(request_id, "cfg-" + request_id)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from retrack.models.pixel import (
-        PixelDiffusion,
-        default_scheduler,
-        save_pixel_model,
-        tiny_pixel_unet,
-    )
-
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    save_pixel_model(PixelDiffusion(tiny_pixel_unet(8), default_scheduler()), out)
-    return out
-
-
-def test_alias_never_moves_back_to_an_older_version(mlflow_server, s3_env, tiny_model):
+def test_alias_never_moves_back_to_an_older_version(mlflow_server, s3_env, model_dir):
     """The interleaving that used to lose: A registers v1, B registers v2 and moves the alias,
     then A's alias write lands (here: A's rerun). The alias stays on v2 and the move is recorded."""
     from retrack.lineage.store import LineageStore
@@ -404,14 +390,14 @@ def test_alias_never_moves_back_to_an_older_version(mlflow_server, s3_env, tiny_
     for rid in ("req-a", "req-b", "req-a"):
         lin = _lineage(rid)
         run_id = store.request_run("faults", rid, lin.request_id, lin.config_hash)
-        versions[rid] = store.register("faults-order", run_id, tiny_model, lin, alias="production")
+        versions[rid] = store.register("faults-order", run_id, model_dir, lin, alias="production")
     assert int(versions["req-b"]) > int(versions["req-a"])
     assert store.alias_version("faults-order", "production") == versions["req-b"]
     moved = json.loads(store.client.get_registered_model("faults-order").tags["retrack.alias.production"])
     assert moved["version"] == versions["req-b"] and moved["request_id"] == "req-b"
 
 
-def test_concurrent_registrations_keep_every_version_and_the_alias_on_the_newest(mlflow_server, s3_env, tiny_model):
+def test_concurrent_registrations_keep_every_version_and_the_alias_on_the_newest(mlflow_server, s3_env, model_dir):
     """Two registrations of different requests at once, three times.
 
     The threads start together (the experiment's creation races) and are released together again
@@ -428,9 +414,9 @@ def test_concurrent_registrations_keep_every_version_and_the_alias_on_the_newest
                 store = LineageStore(mlflow_server.tracking_uri)
                 lin = _lineage(rid)
                 run_id = store.request_run(name, rid, lin.request_id, lin.config_hash)  # a new experiment: its creation races too
-                store.log_artifacts(run_id, tiny_model, "model")  # the slow part, before the race
+                store.log_artifacts(run_id, model_dir, "model")  # the slow part, before the race
                 gate.wait(60)
-                got[rid] = store.register(name, run_id, tiny_model, lin, alias="production")
+                got[rid] = store.register(name, run_id, model_dir, lin, alias="production")
             except Exception as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 

@@ -27,32 +27,16 @@ from retrack.index import (
 )
 from retrack.index.exact import exact_knn
 from retrack.storage.location import Location, S3Options
-from tests.index_helpers import bench, clustered_images, recall_at, write_corpus  # noqa: F401  (bench: fixture)
+from tests.fixtures.corpora import clustered_images, write_corpus
+from tests.fixtures.index import assert_same_neighbours, brute_force, recall_at, run_failing_in_its_last_chunk
 
 
 @pytest.fixture(scope="module")
 def bench_index(bench, tmp_path_factory):
     """The digits benchmark in a flat index of 4 shards."""
-    _, paths, _, _ = bench
     out = tmp_path_factory.mktemp("idx")
-    res = build_index(paths.corpus, out, rows_per_chunk=500)
+    res = build_index(bench.corpus, out, rows_per_chunk=500)
     return out, res
-
-
-def brute_force(corpus, forget_ids, k):
-    fr = corpus.index_of(forget_ids)
-    keep = np.setdiff1d(np.arange(len(corpus)), fr)
-    d, ix = exact_knn(corpus.images[fr], corpus.images[keep], k)
-    return d, [[corpus.ids[keep[j]] for j in row] for row in ix]
-
-
-def assert_same_neighbours(nb, d_ref, ids_ref):
-    np.testing.assert_allclose(nb.distances, d_ref, rtol=1e-4, atol=1e-4)
-    for got, want, d in zip(nb.ids, ids_ref, d_ref):
-        # Where distances tie, either order is an exact answer: compare ids only between ties.
-        untied = [j for j in range(len(d)) if np.sum(np.isclose(d, d[j], atol=1e-5)) == 1]
-        assert [got[j] for j in untied] == [want[j] for j in untied]
-        assert set(got) == set(want) or len(untied) < len(d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,8 +44,8 @@ def assert_same_neighbours(nb, d_ref, ids_ref):
 # --------------------------------------------------------------------------------------------
 
 
-def test_built_index_is_sharded_flat_and_complete(bench, bench_index):
-    _, _, corpus, _ = bench
+def test_built_index_is_sharded_flat_and_complete(bench_corpus, bench_index):
+    corpus = bench_corpus
     out, res = bench_index
     m = res.manifest
     assert res.status == "built" and m.index_type == "flat"
@@ -77,8 +61,8 @@ def test_built_index_is_sharded_flat_and_complete(bench, bench_index):
 
 @pytest.mark.parametrize("which", ["all_copies", "random_items"])
 @pytest.mark.parametrize("serve", ["merged", "shards"])
-def test_neighbours_equal_exact_brute_force(bench, bench_index, which, serve):
-    _, _, corpus, forget_all = bench
+def test_neighbours_equal_exact_brute_force(bench_corpus, bench_forget, bench_index, which, serve):
+    corpus, forget_all = bench_corpus, bench_forget
     forget = forget_all if which == "all_copies" else [corpus.ids[i] for i in (3, 99, 512, 1200, 1600)]
     idx = open_index(bench_index[0], serve=serve)
     nb = find_neighbours(idx, forget, k=7)
@@ -89,15 +73,15 @@ def test_neighbours_equal_exact_brute_force(bench, bench_index, which, serve):
     np.testing.assert_array_equal(nb.forget_vectors, corpus.images[corpus.index_of(forget)].reshape(len(forget), -1))
 
 
-def test_in_memory_index_gives_the_same_neighbours(bench):
-    _, _, corpus, forget = bench
+def test_in_memory_index_gives_the_same_neighbours(bench_corpus, bench_forget):
+    corpus, forget = bench_corpus, bench_forget
     nb = find_neighbours(VectorIndex.from_arrays(corpus.ids, corpus.images), forget, k=5)
     assert_same_neighbours(nb, *brute_force(corpus, forget, 5))
 
 
-def test_one_copy_listed_widens_the_search_past_the_other_forget_items(bench):
+def test_one_copy_listed_widens_the_search_past_the_other_forget_items(bench_corpus, bench_forget):
     """49 exact copies of the item are retained: with all 50 in the forget set, no copy comes back."""
-    _, _, corpus, forget = bench
+    corpus, forget = bench_corpus, bench_forget
     idx = VectorIndex.from_arrays(corpus.ids, corpus.images)
     nb = find_neighbours(idx, forget[:1], k=3, margin=0)
     assert np.allclose(nb.distances, 0)  # the other copies ARE its nearest neighbours
@@ -208,25 +192,6 @@ def test_reuse_rebuild_after_change_and_repair_of_a_truncated_shard(tmp_path):
     assert ivf.status == "built" and ivf.manifest.index_type == "ivf" and ivf.encoded_chunks == 0
 
 
-def run_failing_in_its_last_chunk(tmp_path, build) -> tuple[int, int]:
-    """Build a corpus of 6 one-file chunks whose last file holds an undecodable image: the run
-    fails; fix the file and build again. Returns (chunks finished by the failed run, chunks the
-    rerun encoded)."""
-    images = clustered_images(60, seed=7)
-    rows = list(_rows(images, [f"k{i}" for i in range(60)]))
-    rows[55]["image"] = b"garbage"
-    write_shards(tmp_path / "c", rows, shard_size=10)
-    with pytest.raises(CorpusError, match="item 'k55'.*cannot be decoded"):
-        build(tmp_path / "c", tmp_path / "idx", rows_per_chunk=10)
-    finished = sum((d / "_SUCCESS.json").exists() for d in (tmp_path / "idx" / "embeddings").iterdir())
-    rows[55]["image"] = encode_image(images[55])
-    write_shards(tmp_path / "fixed", rows[50:], shard_size=10)
-    (tmp_path / "fixed" / "part-00000.parquet").replace(tmp_path / "c" / "part-00005.parquet")
-    rerun = build(tmp_path / "c", tmp_path / "idx", rows_per_chunk=10)
-    assert rerun.manifest.count == 60 and rerun.built_shards == 6
-    return finished, rerun.encoded_chunks
-
-
 def test_a_failed_run_keeps_the_chunks_it_finished(tmp_path):
     # Each chunk is marked complete as it finishes, not after the whole encode stage.
     assert run_failing_in_its_last_chunk(tmp_path, build_index) == (5, 1)
@@ -261,8 +226,8 @@ def test_corrupt_shard_of_the_right_size_is_caught_by_its_checksum(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_duplicates_fail_warn_add_on_the_planted_copies(bench, bench_index, caplog):
-    info, _, _, forget = bench
+def test_duplicates_fail_warn_add_on_the_planted_copies(bench_info, bench_forget, bench_index, caplog):
+    info, forget = bench_info, bench_forget
     idx = open_index(bench_index[0])
     threshold = 2 * info.forget_threshold  # [0, 1] pixels -> model space [-1, 1]
     one = forget[:1]
@@ -382,7 +347,7 @@ def test_image_folder_with_an_unreadable_file(tmp_path):
 
 
 def test_unreachable_bucket_is_a_quick_storage_error(tmp_path):
-    from tests.services import free_port
+    from tests.fixtures.services import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"
     start = time.perf_counter()
@@ -395,8 +360,8 @@ def test_unreachable_bucket_is_a_quick_storage_error(tmp_path):
     assert "s3cret" not in repr(Location.parse("s3://b/x", s3=opts))
 
 
-def test_forget_set_errors_name_positions_not_ids(bench, bench_index):
-    _, _, corpus, forget = bench
+def test_forget_set_errors_name_positions_not_ids(bench_corpus, bench_forget, bench_index):
+    corpus, forget = bench_corpus, bench_forget
     idx = open_index(bench_index[0])
     with pytest.raises(ForgetSetError, match="empty"):
         find_neighbours(idx, [], k=3)
@@ -526,12 +491,12 @@ def test_model_cache_copies_a_model_once_per_node_under_concurrent_processes(s3_
     assert sorted(p.name for p in cache.iterdir()) == sorted([dest.name, f"{dest.name}.lock"])
 
 
-def test_cli_build_neighbours_duplicates(bench, tmp_path):
+def test_cli_build_neighbours_duplicates(bench_info, bench, bench_corpus, bench_forget, tmp_path):
     from typer.testing import CliRunner
 
     from pipelines.index import cli
 
-    info, paths, corpus, forget = bench
+    info, paths, corpus, forget = bench_info, bench, bench_corpus, bench_forget
     run = CliRunner().invoke
     res = run(cli, ["build", str(paths.corpus), str(tmp_path / "idx"), "--local", "--rows-per-chunk", "600"])
     assert res.exit_code == 0, res.output

@@ -15,8 +15,8 @@ from retrack.data.neighbours import read_neighbours
 from retrack.errors import CorpusError, StorageError
 from retrack.index import IndexParams, find_duplicates, find_neighbours, open_index
 from retrack.storage.location import Location
-from tests.index_helpers import bench, clustered_images, write_corpus  # noqa: F401  (bench: fixture)
-from tests.test_index import assert_same_neighbours, brute_force, run_failing_in_its_last_chunk
+from tests.fixtures.corpora import clustered_images, write_corpus
+from tests.fixtures.index import assert_same_neighbours, brute_force, run_failing_in_its_last_chunk
 
 pytestmark = pytest.mark.integration
 
@@ -28,10 +28,10 @@ def upload(local_dir, s3, prefix: str) -> str:
     return uri
 
 
-def test_build_from_s3_reuse_change_and_truncated_shard(ray_local, s3_env, bench, tmp_path):
+def test_build_from_s3_reuse_change_and_truncated_shard(ray_local, s3_env, bench_info, bench, bench_corpus, bench_forget, tmp_path):
     from pipelines.index import build
 
-    info, paths, corpus, forget = bench
+    info, paths, corpus, forget = bench_info, bench, bench_corpus, bench_forget
     run = uuid.uuid4().hex[:8]
     corpus_uri = upload(paths.corpus, s3_env, f"{run}/corpus")
     index_uri = s3_env.uri(f"{run}/index")
@@ -127,12 +127,12 @@ def test_a_failed_ray_run_keeps_the_chunks_it_finished(ray_local, tmp_path):
     assert finished >= 4 and encoded == 6 - finished
 
 
-def test_cli_build_on_ray_from_s3(ray_local, s3_env, bench, tmp_path):
+def test_cli_build_on_ray_from_s3(ray_local, s3_env, bench, bench_corpus, bench_forget, tmp_path):
     from typer.testing import CliRunner
 
     from pipelines.index import cli
 
-    _, paths, corpus, forget = bench
+    paths, corpus, forget = bench, bench_corpus, bench_forget
     run = uuid.uuid4().hex[:8]
     corpus_uri = upload(paths.corpus, s3_env, f"{run}/corpus")
     res = CliRunner().invoke(cli, ["build", corpus_uri, s3_env.uri(f"{run}/index"), "--rows-per-chunk", "900"])

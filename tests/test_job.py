@@ -3,49 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from retrack.embedded.benchmark import build_benchmark, load_digits_u8
-from retrack.data.corpus import read_corpus
-from retrack.models.pixel import save_pixel_model
-from retrack.embedded.pretrain import PretrainConfig, pretrain
-from tests.processes import kill_retrack_when
+from tests.fixtures.processes import kill_retrack_when
+from tests.fixtures.specs import spec_file
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    root = tmp_path_factory.mktemp("small")
-    images, labels = load_digits_u8()
-    build_benchmark(root / "bench", images[:300], labels[:300], name="small", copy_fraction=0.05)
-    corpus = read_corpus(root / "bench" / "corpus")
-    model, _ = pretrain(corpus.images, PretrainConfig(steps=30, batch_size=32))
-    save_pixel_model(model, root / "original")
-    return root
-
-
-def spec_file(root: Path, tmp: Path, request_id="req-small", **extra) -> Path:
-    spec = {
-        "request_id": request_id,
-        "model": {"kind": "pixel-ddpm", "uri": str(root / "original")},
-        "corpus": {"uri": str(root / "bench" / "corpus")},
-        "forget": {"file": str(root / "bench" / "forget_ids.txt"), "duplicates": "add"},
-        "method": {"name": "retrack", "params": {"lambda": 0.5, "k": 4}},
-        "train": {"steps": 2, "batch_size": 8},
-        "evaluation": {"num_samples": 32, "holdout_uri": str(root / "bench" / "holdout")},
-        "storage": {"root": str(tmp / "jobs")},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "registered_model": "small-ddpm", "artifact_location": (tmp / "art").as_uri()},
-        **extra,
-    }
-    path = tmp / f"{request_id}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 def test_run_writes_every_stage_and_rerun_skips_them(small, tmp_path):

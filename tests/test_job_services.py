@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from retrack.embedded.benchmark import build_benchmark, load_digits_u8
-from retrack.data.corpus import decode_image, iter_rows, read_corpus
+from retrack.data.corpus import decode_image, iter_rows
 from retrack.data.forget import read_forget_ids
 from retrack.errors import StorageError
-from retrack.models.pixel import save_pixel_model
-from retrack.embedded.pretrain import PretrainConfig, pretrain
 from retrack.privacy import ForgetContent, mlflow_texts, scan_blob, scan_texts
 from retrack.config.spec import JobSpec
 
@@ -28,12 +25,8 @@ def upload_dir(s3, local: Path, prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def remote_inputs(seaweedfs_s3, tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    images, labels = load_digits_u8()
-    build_benchmark(root / "bench", images[:300], labels[:300], name="small", copy_fraction=0.05)
-    model, _ = pretrain(read_corpus(root / "bench" / "corpus").images, PretrainConfig(steps=30, batch_size=32))
-    save_pixel_model(model, root / "original")
+def remote_inputs(seaweedfs_s3, small):
+    root = small
     return {
         "root": root,
         "model": upload_dir(seaweedfs_s3, root / "original", "models/small-v1"),

@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from retrack.errors import StorageError
-from retrack.lineage.store import COMPLETE_TAG, Lineage, LineageStore, check_tracking_server
-from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+from retrack.lineage.store import COMPLETE_TAG, LineageStore, check_tracking_server
+from tests.fixtures.specs import lineage
 
 pytestmark = pytest.mark.integration
-
-
-def lineage(request_id="req-1", config_hash="abc123"):
-    return Lineage(
-        request_id=request_id,
-        config_hash=config_hash,
-        parent_model_uri="s3://models/digits",
-        parent_model_version="3",
-        forget_ids_digest="f" * 64,
-        forget_count=50,
-        index_manifest_digest="e" * 64,
-        method="retrack",
-        method_params=json.dumps({"lambda": 0.5, "k": 10}),
-        code_version="0.1.0+test",
-        model_digest="d" * 64,
-    )
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("m") / "model"
-    save_pixel_model(PixelDiffusion(tiny_pixel_unet(8), default_scheduler()), out)
-    return out
 
 
 def test_register_tags_alias_artifacts_and_idempotent_rerun(mlflow_server, s3_env, model_dir):

@@ -9,7 +9,6 @@ the job left on S3. Slow: it starts every service and runs the whole chain on 2 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.services import free_ports
+from tests.fixtures.services import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -96,9 +95,9 @@ def _group_alive(pgid: int) -> bool:
 def stack(tmp_path_factory):
     for tool in ("weed", "mlflow", "ray"):
         if not (BIN / tool).exists():
-            pytest.skip(f"`{tool}` is not installed next to {sys.executable}")
+            pytest.fail(f"`{tool}` is not installed next to {sys.executable} (pip install -e '.[test]')")
     if not shutil.which("setsid") or not shutil.which("bash"):
-        pytest.skip("the stack scripts need bash and setsid (util-linux)")
+        pytest.fail("the stack scripts need bash and setsid (util-linux)")
     st = Stack(tmp_path_factory.mktemp("local-stack"))
     started = st.script("start.sh", timeout=900)
     try:
@@ -152,8 +151,6 @@ def _upload_dir(s3, bucket: str, src: Path, prefix: str) -> str:
 
 
 def test_retrack_run_on_the_embedded_default_uses_both_nodes(stack, tmp_path):
-    if importlib.util.find_spec("pipelines.job") is None:
-        pytest.skip("`retrack run` (pipelines/job.py) is not there yet")
     from mlflow import MlflowClient
 
     from pipelines.demo import demo_spec

@@ -30,7 +30,8 @@ from retrack.evaluation.metrics import (
     save_classifier,
     train_classifier,
 )
-from retrack.models.pixel import default_scheduler, tiny_pixel_unet
+from retrack.models.pixel import default_scheduler
+from tests.fixtures.models import tiny_pixel
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -191,7 +192,8 @@ def _overfit(unet, scheduler, image: np.ndarray, steps: int) -> None:
 
 def test_denoising_loss_is_reproducible_and_ranks_a_memorised_item_lower(digits):
     torch.manual_seed(0)
-    unet, scheduler = tiny_pixel_unet(8), default_scheduler()
+    model = tiny_pixel(8)
+    unet, scheduler = model.unet, model.scheduler
     seen, unseen = digits[0][:1], digits[0][1:2]
     items = np.concatenate([seen, unseen])
 

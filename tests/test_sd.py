@@ -5,7 +5,6 @@ cache. No Ray."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,22 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-if importlib.util.find_spec("open_clip") is None:  # importing it would need torchvision: only locate it
-    pytest.skip("the CLIP BPE vocabulary ships in open_clip_torch (pip install --no-deps open_clip_torch)", allow_module_level=True)
-
-from retrack.models import clip, sd  # noqa: E402
-from retrack.models.latents import encode_latents, item_seed  # noqa: E402
-from retrack.digest import directory_digest  # noqa: E402
-from retrack.errors import InputError, ModelLayoutError  # noqa: E402
-from retrack.models.pixel import default_scheduler, PixelDiffusion, save_pixel_model, tiny_pixel_unet  # noqa: E402
+from retrack.digest import directory_digest
+from retrack.errors import InputError, ModelLayoutError
+from retrack.models import clip, sd
+from retrack.models.latents import encode_latents, item_seed
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[sd.StableDiffusion, Path]:
-    model = sd.tiny_sd(16, seed=0)
-    path = tmp_path_factory.mktemp("sd") / "tiny"
-    sd.save_sd_model(model, path)
-    return model, path
+def tiny(tiny_sd_dir) -> tuple[sd.StableDiffusion, Path]:
+    """The tiny SD built again in memory (same configs and seed) and the saved one."""
+    return sd.tiny_sd(16, seed=0), tiny_sd_dir
 
 
 def test_clip_tokenizer_from_the_open_clip_bpe_matches_clip_ids():
@@ -68,7 +61,7 @@ def test_save_load_round_trip_and_layout(tiny):
     assert json.loads((path / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
 
 
-def test_layout_errors_are_specific(tiny, tmp_path):
+def test_layout_errors_are_specific(tiny, model_dir, tmp_path):
     _, path = tiny
     bad = tmp_path / "bin"
     shutil.copytree(path, bad)
@@ -92,11 +85,9 @@ def test_layout_errors_are_specific(tiny, tmp_path):
     with pytest.raises(ModelLayoutError, match="single AutoencoderKL component"):
         sd.model_kind(path / "vae")
 
-    pixel = tmp_path / "pixel"
-    save_pixel_model(PixelDiffusion(tiny_pixel_unet(8, 1), default_scheduler()), pixel)
-    assert sd.model_kind(pixel) == "pixel"
+    assert sd.model_kind(model_dir) == "pixel"
     with pytest.raises(ModelLayoutError, match="pixel-space DDPM"):
-        sd.check_sd_model_dir(pixel)
+        sd.check_sd_model_dir(model_dir)
 
 
 def test_latents_are_per_item_deterministic(tiny):

@@ -3,7 +3,6 @@ so it memorises a planted captioned item), a captioned corpus, real Ray, faiss a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,16 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-if importlib.util.find_spec("open_clip") is None:  # importing it would need torchvision: only locate it
-    pytest.skip("the CLIP BPE vocabulary ships in open_clip_torch (pip install --no-deps open_clip_torch)", allow_module_level=True)
-
-from retrack.models import clip, sd  # noqa: E402
-from retrack.models.latents import encode_latents, sd_pixels  # noqa: E402
-from retrack.embedded.benchmark import load_digits_u8  # noqa: E402
-from retrack.data.corpus import encode_image, write_shards  # noqa: E402
-from retrack.models.schedule import NoiseSchedule  # noqa: E402
-from retrack.privacy import ForgetContent, mlflow_texts, scan_texts, scan_tree  # noqa: E402
-from retrack.config.spec import JobSpec  # noqa: E402
+from retrack.config.spec import JobSpec
+from retrack.data.corpus import encode_image, write_shards
+from retrack.embedded.benchmark import load_digits_u8
+from retrack.models import clip, sd
+from retrack.models.latents import encode_latents, sd_pixels
+from retrack.models.schedule import NoiseSchedule
+from retrack.privacy import ForgetContent, mlflow_texts, scan_texts, scan_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -14,7 +14,7 @@ from retrack.embedded.benchmark import BenchmarkInfo
 from retrack.models.pixel import DIGEST_FILE
 from retrack.config.spec import JobSpec, load_spec
 from retrack.tuning.search import dominates
-from tests.processes import kill_retrack_when
+from tests.fixtures.processes import kill_retrack_when
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
 

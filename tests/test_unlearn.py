@@ -10,8 +10,9 @@ import torch
 from retrack.config.train import MethodConfig, TrainConfig
 from retrack.data.corpus import Corpus
 from retrack.errors import InputError
-from retrack.models.pixel import PixelDiffusion, default_scheduler, tiny_pixel_unet
+from retrack.models.pixel import default_scheduler
 from retrack.training.loop import BatchDrawer, run_unlearning, split_for_unlearning
+from tests.fixtures.models import tiny_pixel
 
 
 def toy_corpus(n=40, seed=0):
@@ -69,7 +70,7 @@ def test_microbatches_partition_the_global_batch_deterministically():
 @pytest.mark.parametrize("name", ["retrack", "vanilla", "neggrad", "erasediff", "siss"])
 def test_every_method_trains_end_to_end(name):
     torch.manual_seed(0)
-    model = PixelDiffusion(tiny_pixel_unet(8), default_scheduler())
+    model = tiny_pixel(8)
     before = [p.detach().clone() for p in model.unet.parameters()]
     data = split_for_unlearning(toy_corpus(), ["i0", "i1"], MethodConfig(name=name, params={"k": 3} if name == "retrack" else {}))
     history, secs = run_unlearning(model, data, MethodConfig(name=name, params={"k": 3} if name == "retrack" else {}), TrainConfig(steps=2, batch_size=4, lr=1e-3))
@@ -84,7 +85,7 @@ def test_retrack_pulls_the_prediction_toward_the_neighbour_target():
     from retrack.methods.retrack import knn_target
 
     torch.manual_seed(0)
-    model = PixelDiffusion(tiny_pixel_unet(8), default_scheduler())
+    model = tiny_pixel(8)
     cfg = MethodConfig(name="retrack", params={"lambda": 1.0, "k": 3})
     data = split_for_unlearning(toy_corpus(), ["i0"], cfg)
     schedule = NoiseSchedule.from_scheduler(model.scheduler)
@@ -127,7 +128,7 @@ def test_a_forget_batch_of_its_own_is_drawn_and_split_into_micro_batches():
 @pytest.mark.parametrize("name", ["retrack", "erasediff", "neggrad"])
 def test_methods_with_a_forget_branch_train_with_a_smaller_forget_batch(name):
     torch.manual_seed(0)
-    model = PixelDiffusion(tiny_pixel_unet(8), default_scheduler())
+    model = tiny_pixel(8)
     cfg = MethodConfig(name=name, params={"k": 3} if name == "retrack" else {})
     data = split_for_unlearning(toy_corpus(), ["i0", "i1"], cfg)
     history, _ = run_unlearning(model, data, cfg, TrainConfig(steps=2, batch_size=4, forget_batch_size=2, lr=1e-3))

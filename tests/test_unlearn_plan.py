@@ -17,12 +17,13 @@ from retrack.data.corpus import read_corpus
 from retrack.data.forget import read_forget_ids
 from retrack.errors import CorpusError, ForgetSetError, InputError, ModelLayoutError
 from retrack.methods import method_class
-from retrack.models.pixel import PixelDiffusion, default_scheduler, save_pixel_model, tiny_pixel_unet
+from retrack.models.pixel import default_scheduler, save_pixel_model
 from retrack.training.items import decode_items
 from retrack.training.loop import BatchDrawer, UnlearnData, split_for_unlearning
 from retrack.training.plan import SparseRows, micro_batches_of, needed_retain_rows
 from retrack.training.prepare import prepare, run_key
 from retrack.training.run_storage import CheckpointMismatchError, RunStorage
+from tests.fixtures.models import tiny_pixel
 
 
 def request(bench, model, tmp_path, *, model_kind="pixel-ddpm", forget_ids=None, neighbours_file=None, **kw) -> UnlearnRun:
@@ -111,7 +112,7 @@ def test_wrong_model_directories_are_refused(bench, model_dir, tmp_path):
     with pytest.raises(ModelLayoutError, match="only safetensors"):
         prepare(request(bench, pickled, tmp_path))
     big = tmp_path / "big"
-    save_pixel_model(PixelDiffusion(tiny_pixel_unet(16, 1), default_scheduler()), big)
+    save_pixel_model(tiny_pixel(16), big)
     with pytest.raises(CorpusError, match="model denoises 16x16x1"):
         prepare(request(bench, big, tmp_path))
 
@@ -182,7 +183,7 @@ def test_gradient_checkpointing_gives_the_same_update(name):
 
     def run(checkpointing: bool):
         torch.manual_seed(0)
-        unet = tiny_pixel_unet(8, 1)
+        unet = tiny_pixel(8).unet
         unet.train()
         if checkpointing:
             unet.enable_gradient_checkpointing()

@@ -1,4 +1,4 @@
-"""The unlearn stage on a real local Ray instance (`ray_local` from tests/services.py: 2 logical
+"""The unlearn stage on a real local Ray instance (`ray_local` from tests/fixtures/services.py: 2 logical
 CPUs; workers take 0.5 CPU each so Ray Data and the Train controller always have room).
 
 Tolerance (stated once, used everywhere): W workers reproduce the single-process `run_unlearning`
@@ -243,27 +243,20 @@ def test_more_workers_than_the_cluster_can_place_fail_fast(ray_local, bench, mod
 
 
 @pytest.fixture(scope="module")
-def tiny_sd_job(tmp_path_factory):
+def tiny_sd_job(tiny_sd_dir, tmp_path_factory):
     """A tiny Stable Diffusion (real CLIP tokenizer) and a captioned corpus: 80 digits as 8x8 RGB
     images (the stage resizes them to the model's 16x16), each with its own caption."""
-    import importlib.util
+    import shutil
 
-    if importlib.util.find_spec("open_clip") is None:
-        pytest.fail("needs open_clip_torch (pip install --no-deps open_clip_torch) for the CLIP vocabulary")
-    from retrack.models import sd
     from retrack.embedded.benchmark import load_digits_u8
-    from retrack.data.corpus import encode_image, write_shards
+    from tests.fixtures.corpora import write_corpus
 
     root = tmp_path_factory.mktemp("sd")
     images, labels = load_digits_u8()
-    rows = [
-        {"id": f"d{i:04d}", "image": encode_image(np.repeat(images[i][:, :, None], 3, 2)), "label": int(labels[i]),
-         "caption": f"a handwritten digit {labels[i]}"}
-        for i in range(80)
-    ]
-    write_shards(root / "corpus", rows, shard_size=32)
+    write_corpus(root / "corpus", np.repeat(images[:80, :, :, None], 3, 3), ids=[f"d{i:04d}" for i in range(80)],
+                 captions=[f"a handwritten digit {labels[i]}" for i in range(80)], labels=labels[:80], shard_size=32)
     (root / "forget.txt").write_text("d0003\nd0013\nd0023\n")
-    sd.save_sd_model(sd.tiny_sd(16, seed=0), root / "model")
+    shutil.copytree(tiny_sd_dir, root / "model")
     return root
 
 
