@@ -19,11 +19,11 @@ app = typer.Typer(
 
 def _mount_stage_commands() -> None:
     """Stage sub-commands live beside their stage (they import Ray lazily)."""
-    from pipelines import index, queue, unlearn
+    from pipelines import index_cli, queue, unlearn
 
     app.command("unlearn", help="Unlearn the listed items from a diffusion model with Ray Train (every input checked first).")(refusing_bad_input(unlearn.unlearn_command))
 
-    app.add_typer(index.cli, name="index", help="Build the corpus kNN index; find neighbours and near-duplicates.")
+    app.add_typer(index_cli.cli, name="index", help="Build the corpus kNN index; find neighbours and near-duplicates.")
     app.add_typer(queue.cli, name="queue", help="The deletion queue: submit requests, run the pending ones as one batch job.")
     from pipelines.audit import audit_command
 

@@ -180,7 +180,7 @@ def run_job(spec: JobSpec, address: str | None = None, on_stage: Callable[[str, 
     """Run (or finish) one deletion request. `on_stage(stage, "run" | "skip")` is told of each stage."""
     import os
 
-    from pipelines.index import ensure_ray
+    from pipelines.runtime import ensure_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -280,7 +280,7 @@ def search(spec: JobSpec, address: str | None = None) -> Search:
     """Run (or resume) the search of `spec.tune`: every trial's outcome, the front, the original's scores."""
     import os
 
-    from pipelines.index import ensure_ray
+    from pipelines.runtime import ensure_ray
     from pipelines.job import _index_stage, _neighbours_stage
     from retrack.evaluation.pixel import evaluate_model
     from retrack.lineage.store import LineageStore

@@ -59,7 +59,7 @@ from pydantic import Field, model_validator
 from retrack.config.train import MethodConfig, StrictModel, TrainConfig
 from retrack.data.corpus import check_forget_ids, decode_image, read_forget_ids, shard_paths, to_model_space
 from retrack.digest import config_digest, ids_digest, sha256_bytes
-from retrack.errors import CorpusError, InputError, ModelLayoutError, QualityCollapseError, RetrackError, TrainingDivergedError, stopped_error
+from retrack.errors import CheckpointMismatchError, CorpusError, InputError, ModelLayoutError, PlacementError, QualityCollapseError, RetrackError, TrainingDivergedError, UnlearnFailedError, stopped_error
 from retrack.methods import DataRequirements, UnlearnBatch, build_method, method_class
 from retrack.tuning.search import HEALTH_METRIC, RetainLossRatio
 
@@ -149,18 +149,6 @@ class UnlearnResult:
     model_kind: str
     resumed_from: list[int] = field(default_factory=list)  # the step each resumed attempt started from
     skipped: bool = False  # the output already existed for this config hash
-
-
-class PlacementError(InputError):
-    """The cluster cannot place the requested workers."""
-
-
-class CheckpointMismatchError(InputError):
-    """The run's storage holds checkpoints of a different configuration."""
-
-
-class UnlearnFailedError(RetrackError):
-    """Training failed for a reason other than divergence (after the allowed retries)."""
 
 
 # =========================================================================== planning (driver)

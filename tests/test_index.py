@@ -494,7 +494,7 @@ def test_local_location_atomic_write_list_and_remove(tmp_path):
 def test_cli_build_neighbours_duplicates(bench, tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.index import cli
+    from pipelines.index_cli import cli
 
     info, paths, corpus, forget = bench
     run = CliRunner().invoke

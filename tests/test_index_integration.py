@@ -129,7 +129,7 @@ def test_a_failed_ray_run_keeps_the_chunks_it_finished(ray_local, tmp_path):
 def test_cli_build_on_ray_from_s3(ray_local, s3_env, bench, tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.index import cli
+    from pipelines.index_cli import cli
 
     _, paths, corpus, forget = bench
     run = uuid.uuid4().hex[:8]
