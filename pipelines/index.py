@@ -29,7 +29,7 @@ import pickle
 import uuid
 from dataclasses import replace
 
-from pipelines.runtime import ensure_ray, unwrap
+from pipelines.runtime import ensure_ray, get, unwrap
 from retrack.errors import RetrackError
 
 
@@ -252,10 +252,7 @@ class RayExecutor:
         out = []
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            try:
-                out.extend(ray.get(done))
-            except Exception as exc:  # noqa: BLE001
-                raise unwrap(exc) from None
+            out.extend(get(done))
             if progress:
                 progress("shards", len(out), len(jobs))
         return out

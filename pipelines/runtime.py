@@ -29,6 +29,17 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
+def get(refs):
+    """`ray.get(refs)`, raising the RetrackError a task raised itself rather than Ray's wrapper of
+    it (whose message is a traceback)."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except Exception as exc:  # noqa: BLE001 - re-raised as the retrack error inside, if any
+        raise unwrap(exc) from None
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The RetrackError a Ray failure was raised for (the nearest one), else `exc` itself.
 

@@ -12,7 +12,7 @@ import pytest
 import pipelines
 import retrack
 from retrack import errors
-from retrack.errors import CorpusError, RetrackError, StorageError, TrainingDivergedError
+from retrack.errors import CorpusError, ModelLayoutError, RetrackError, StorageError, TrainingDivergedError
 
 
 def every_error_class() -> list[type[RetrackError]]:
@@ -150,6 +150,20 @@ def test_unwrap_finds_errors_raised_in_ray_tasks_and_ray_data_maps(ray_local):
         ds.materialize()
     found = unwrap(caught.value)
     assert type(found) is CorpusError and str(found) == "item 'x' cannot be decoded" and found.code == "input.corpus"
+
+
+@pytest.mark.integration
+def test_an_evaluation_task_raises_the_retrack_error_itself(ray_local, tmp_path):
+    """`pipelines.runtime.get` at the evaluation's call sites: the caller gets the task's
+    ModelLayoutError, not Ray's wrapper whose message is a traceback."""
+    from pipelines.evaluate import sample_on_ray
+
+    (tmp_path / "model" / "unet").mkdir(parents=True)
+    (tmp_path / "model" / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    with pytest.raises(ModelLayoutError) as caught:
+        sample_on_ray([tmp_path / "model"], 4, seed=0, batch_size=4, num_tasks=1)
+    assert type(caught.value) is ModelLayoutError
+    assert str(caught.value).endswith("/unet is a UNet2DConditionModel, expected a diffusers UNet2DModel")
 
 
 def _train_loop(config):
