@@ -54,12 +54,13 @@ def unwrap(exc: BaseException) -> BaseException:
     `__init__`): it is returned as it is.
     """
     from ray.exceptions import RayTaskError
-    from ray.train import ControllerError, WorkerGroupError
+    # Where `ray.train` exports them from, also importable with Ray Train V2 switched off.
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
     seen, todo = set(), [exc]
     while todo:
         err = todo.pop(0)  # breadth first: the nearest cause wins
-        if id(err) in seen:
+        if not isinstance(err, BaseException) or id(err) in seen:
             continue
         seen.add(id(err))
         if isinstance(err, RayTaskError):
@@ -72,6 +73,5 @@ def unwrap(exc: BaseException) -> BaseException:
             todo.extend(err.worker_failures[rank] for rank in sorted(err.worker_failures))
         elif isinstance(err, ControllerError):
             todo.append(err.controller_failure)
-        if isinstance(err.__cause__, BaseException):
-            todo.append(err.__cause__)
+        todo.append(err.__cause__)
     return exc

@@ -93,7 +93,7 @@ def test_codes_are_unique():
 
 
 def test_unwrap_follows_train_worker_failures_controller_failures_and_explicit_causes():
-    from ray.train import ControllerError, WorkerGroupError
+    from ray.train import ControllerError, WorkerGroupError  # Ray Train V2, the default
 
     from pipelines.runtime import unwrap
 
