@@ -213,7 +213,8 @@ def encode_benchmark(n: int, cpus: int) -> dict:
     os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
-    from pipelines.index import RayExecutor, ensure_ray, files_per_task
+    from pipelines.index import RayExecutor, files_per_task
+    from pipelines.runtime import ensure_ray
     from retrack.index import EncoderSpec
     from retrack.index.build import EncodeJob, LocalExecutor, encode_files
     from retrack.models.encoders import build_encoder

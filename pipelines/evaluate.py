@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.runtime import get
 from retrack.evaluation.pixel import EvalReference, membership, score
 from retrack.evaluation.metrics import nearest_forget_distance
 from retrack.models.pixel import load_pixel_model
@@ -101,7 +102,7 @@ def sample_on_ray(model_dirs: list[str | Path], n: int, seed: int, batch_size: i
     for model_dir in model_dirs:
         ref = model_source(model_dir)
         futures = [remote.remote(ref, min(n, p.stop * batch_size) - p.start * batch_size, p.start, seed, batch_size, 1) for p in parts]
-        out.append(np.concatenate(ray.get(futures)))
+        out.append(np.concatenate(get(futures)))
     return out
 
 
@@ -199,7 +200,7 @@ def _spread(fn, sources: list, rows: int, work_of, num_tasks: int | None = None)
     remote = ray.remote(num_cpus=1, max_retries=SAMPLE_RETRIES)(fn)
     parts = _split(rows, _task_count(rows, num_tasks))
     futures = [[remote.remote(src, ray.put(work_of(part)), 1) for part in parts] for src in sources]
-    return [ray.get(f) for f in futures]
+    return [get(f) for f in futures]
 
 
 def evaluate_sd_request(
@@ -230,7 +231,7 @@ def evaluate_sd_request(
     groups |= {f"cand{j}": c for j, c in enumerate(items.candidates)}
     if items.holdout_images is not None:
         groups["holdout"] = (items.holdout_images, items.holdout_ids)
-    latents = ray.get(ray.remote(num_cpus=1, max_retries=SAMPLE_RETRIES)(_sd_encode).remote(sources[0], ray.put(groups), 1))
+    latents = get(ray.remote(num_cpus=1, max_retries=SAMPLE_RETRIES)(_sd_encode).remote(sources[0], ray.put(groups), 1))
 
     prompts = list(dict.fromkeys(items.forget_captions))  # distinct forget captions: planted copies share one
     prompt_of = np.array([prompts.index(c) for c in items.forget_captions])

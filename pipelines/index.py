@@ -1,8 +1,5 @@
-"""The index stage on Ray: a streaming Ray Data encode and parallel shard tasks, plus its CLI.
-
-    retrack index build CORPUS INDEX [--encoder pixels|vae] [--index-type auto|flat|ivf|ivfpq]
-    retrack index neighbours INDEX --forget IDS.txt -k 8 --out neighbours.json
-    retrack index duplicates INDEX --forget IDS.txt --threshold 2.0 --policy fail|warn|add
+"""The index stage on Ray: a streaming Ray Data encode and parallel shard tasks (its commands,
+`retrack index ...`, are in `pipelines.cli.index`).
 
 The plan (what to reuse, what to redo) is `retrack.index.build_index`; this module only supplies
 the `RayExecutor` that does the work on a cluster:
@@ -27,76 +24,13 @@ Ray is imported inside functions so that `retrack --help` stays fast.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
+import pickle
 import uuid
 from dataclasses import replace
-from pathlib import Path
-from typing import Optional
 
-import typer
-
-from retrack.errors import InputError, RetrackError
-
-log = logging.getLogger(__name__)
-
-cli = typer.Typer(help="Encode a corpus, build its sharded kNN index, find neighbours and near-duplicates.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-
-
-# --------------------------------------------------------------------------------------------
-# Ray
-# --------------------------------------------------------------------------------------------
-
-
-def ensure_ray(address: str | None = None, num_cpus: int | None = None):
-    """Connect to RAY_ADDRESS / `address`, or start a local instance (quiet, no auth, no telemetry)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if not address:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
-    return ray
-
-
-def unwrap_ray_error(exc: BaseException) -> BaseException:
-    """The retrack error a Ray task raised, without Ray's wrapping (RayTaskError, UserCodeException).
-
-    Ray Data keeps the worker's exception only as traceback text, so the error is re-created
-    from its `retrack.errors.<Class>: <message>` line.
-    """
-    import re
-
-    seen, stack = set(), [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, RetrackError) and type(e).__module__.startswith("retrack"):
-            return e
-        cause = getattr(e, "cause", None)
-        stack.extend([cause if isinstance(cause, BaseException) else None, e.__cause__])
-    found = re.findall(r"retrack\.errors\.(\w+): (.+)", str(exc))
-    for name, message in reversed(found):
-        if (error := retrack_error(name, message.strip())) is not None:
-            return error
-    return exc
-
-
-def retrack_error(name: str, message: str) -> RetrackError | None:
-    """The error class `name` of retrack.errors re-created with `message`; None if there is none."""
-    from retrack import errors
-
-    cls = getattr(errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, RetrackError) and name != "TrainingDivergedError":
-        return cls(message)
-    return None
+from pipelines.runtime import ensure_ray, get, unwrap
+from retrack.errors import RetrackError
 
 
 class _EncodeBatch:
@@ -175,8 +109,9 @@ def _encode_files(batch, plan, s3, spec, on_bad, batch_size):
     except RetrackError as exc:
         # Returned, not raised: a failed task makes Ray Data drop the outputs of tasks that had
         # finished but not yet reached the driver, and their chunks would not be marked complete.
-        return {"job": [-1], "rows": [0], "error": [type(exc).__name__], "message": [str(exc)]}
-    return {"job": batch["job"], "rows": batch["rows"], "error": [""] * len(rows), "message": [""] * len(rows)}
+        # The error itself travels, pickled (retrack errors pickle to an equal error).
+        return {"job": [-1], "rows": [0], "error": [pickle.dumps(exc)]}
+    return {"job": batch["job"], "rows": batch["rows"], "error": [b""] * len(rows)}
 
 
 _FILE_FIELDS = ("uri", "rel", "size", "mtime_ns", "rows")
@@ -237,7 +172,7 @@ class RayExecutor:
                     if progress:
                         progress("encode", rows, total)
         except Exception as exc:  # noqa: BLE001 - re-raised as the retrack error inside, if any
-            raise unwrap_ray_error(exc) from None
+            raise unwrap(exc) from None
         finally:
             ctx.target_max_block_size = saved_block_size
 
@@ -262,9 +197,9 @@ class RayExecutor:
         left = [len(job.chunk.files) for job in jobs]
         total, rows = sum(job.chunk.rows for job in jobs), 0
         for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
-            for j, r, error, message in zip(*(batch[k].tolist() for k in ("job", "rows", "error", "message"))):
+            for j, r, error in zip(*(batch[k].tolist() for k in ("job", "rows", "error"))):
                 if error:
-                    raise retrack_error(error, message) or RetrackError(message)
+                    raise pickle.loads(error)
                 left[j] -= 1
                 rows += r
                 if left[j] == 0 and chunk_done:
@@ -301,30 +236,26 @@ class RayExecutor:
             ds = ds.map_batches(_Udf, fn_constructor_kwargs=udf_kwargs, batch_format="pyarrow",
                                 batch_size=self.batch_size, concurrency=size,
                                 num_gpus=1 if use_gpu else 0, num_cpus=self.actor_cpus)
+        # A map function's CorpusError reaches the driver as the cause of Ray's task error
+        # (`runtime.unwrap`), not wrapped in a UserCodeException that keeps only its text.
+        ds.context.raise_original_map_exception = True
         ds.write_parquet(job.dest.path, filesystem=job.dest.fs)
 
     def build_shards(self, root, jobs, params, quantizer, progress=None):
         import ray
 
-        task = ray.remote(num_cpus=self.shard_cpus, max_retries=self.shard_retries)(self.shard_function())
+        from retrack.index.shards import build_shard
+
+        task = ray.remote(num_cpus=self.shard_cpus, max_retries=self.shard_retries)(build_shard)
         threads = max(1, int(self.shard_cpus))
         pending = [task.remote(root, j.number, j.key, params, quantizer, threads, j.dim) for j in jobs]
         out = []
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            try:
-                out.extend(ray.get(done))
-            except Exception as exc:  # noqa: BLE001
-                raise unwrap_ray_error(exc) from None
+            out.extend(get(done))
             if progress:
                 progress("shards", len(out), len(jobs))
         return out
-
-    def shard_function(self):
-        """What one shard task runs (`retrack.index.shards.build_shard`)."""
-        from retrack.index.shards import build_shard
-
-        return build_shard
 
 
 def build(corpus: str, out: str, encoder=None, params=None, on_bad: str = "fail", rows_per_chunk: int = 200_000,
@@ -336,153 +267,3 @@ def build(corpus: str, out: str, encoder=None, params=None, on_bad: str = "fail"
     ensure_ray(ray_address, num_cpus)
     return build_index(corpus, out, encoder or EncoderSpec(), params or IndexParams(), executor or RayExecutor(),
                        on_bad=on_bad, rows_per_chunk=rows_per_chunk, force=force, endpoint=endpoint, progress=progress)
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def _fail(exc: RetrackError) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
-    raise typer.Exit(2)
-
-
-def _write(uri: str, text: str, endpoint: str | None) -> None:
-    from retrack.storage.location import Location
-
-    Location.parse(uri, endpoint=endpoint).write_text(text)
-
-
-@cli.command("build")
-def build_cmd(
-    corpus: str = typer.Argument(..., help="Corpus: parquet shards or an image folder (path or s3://bucket/prefix)."),
-    out: str = typer.Argument(..., help="Index folder (path or s3://bucket/prefix)."),
-    encoder: str = typer.Option("pixels", help="pixels (pixel DDPMs) or vae (Stable Diffusion latents)."),
-    vae_dir: Optional[str] = typer.Option(None, help="vae: the Stable Diffusion pipeline folder (or its vae/); items are encoded at its resolution."),
-    device: str = typer.Option("cuda", help="vae: device of the encoding actors when the cluster has GPUs."),
-    index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq"),
-    nlist: Optional[int] = typer.Option(None), nprobe: Optional[int] = typer.Option(None),
-    pq_m: Optional[int] = typer.Option(None),
-    rows_per_chunk: int = typer.Option(200_000, help="Rows per encode chunk / index shard."),
-    on_bad: str = typer.Option("fail", help="fail, or skip bad rows and report them in bad_rows.jsonl."),
-    force: bool = typer.Option(False, help="Rebuild even if the manifest matches."),
-    endpoint: Optional[str] = typer.Option(None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint."),
-    local: bool = typer.Option(False, help="Run in this process (no Ray)."),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or local)."),
-    num_cpus: Optional[int] = typer.Option(None, help="CPUs of a locally started Ray instance."),
-) -> None:
-    """Encode the corpus (streaming) and build, reuse or repair its sharded index."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from retrack.index import EncoderSpec, IndexParams, LocalExecutor, build_index
-
-    console = Console(stderr=True)
-    try:
-        spec = EncoderSpec(kind=encoder, model_dir=vae_dir, device=device if encoder == "vae" else "cpu")
-        params = IndexParams(type=index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=False) as bar:
-            tasks: dict[str, int] = {}
-
-            def progress(phase: str, done: int, total: int) -> None:
-                if phase not in tasks:
-                    tasks[phase] = bar.add_task({"encode": "encoding", "shards": "index shards"}.get(phase, phase), total=total)
-                bar.update(tasks[phase], completed=done, total=total)
-
-            if local:
-                res = build_index(corpus, out, spec, params, LocalExecutor(threads=os.cpu_count() or 1),
-                                  on_bad=on_bad, rows_per_chunk=rows_per_chunk, force=force, endpoint=endpoint,
-                                  progress=progress)
-            else:
-                res = build(corpus, out, spec, params, on_bad, rows_per_chunk, force, endpoint, ray_address, num_cpus,
-                            progress, RayExecutor(show_progress=True))
-    except RetrackError as exc:
-        _fail(exc)
-    m = res.manifest
-    console.print(f"index {res.status}: {m.count} vectors of dim {m.dim}, {m.index_type}, {len(m.shards)} shard(s), "
-                  f"{res.encoded_chunks} chunk(s) encoded, {res.built_shards} shard(s) built, {res.seconds:.1f} s"
-                  + (f"; {m.skipped} bad row(s) skipped (bad_rows.jsonl)" if m.skipped else ""), highlight=False)
-
-
-@cli.command("neighbours")
-def neighbours_cmd(
-    index: str = typer.Argument(..., help="Index folder (path or s3://)."),
-    forget: str = typer.Option(..., help="Forget-id file: one id a line."),
-    k: int = typer.Option(8, "-k", help="Neighbours per forget item."),
-    margin: Optional[int] = typer.Option(None, help="Extra candidates searched before re-ranking (default max(k, 16))."),
-    out: str = typer.Option(..., help="Where to write the neighbours file (the one `retrack unlearn --neighbours` reads; path or s3://)."),
-    vectors_out: Optional[str] = typer.Option(None, help="Also write the neighbour vectors [U, K, D] (.npy, local)."),
-    nprobe: Optional[int] = typer.Option(None), endpoint: Optional[str] = typer.Option(None, envvar="AWS_ENDPOINT_URL"),
-) -> None:
-    """The K nearest retained items of each forget item (forget ids dropped, exact re-rank)."""
-    from rich.console import Console
-
-    from retrack.data.forget import read_forget_ids
-    from retrack.data.neighbours import write_neighbours
-    from retrack.index import find_neighbours, open_index
-    from retrack.storage.location import Location
-
-    console = Console(stderr=True)
-    try:
-        with console.status("loading the index"):
-            idx = open_index(index, endpoint=endpoint, nprobe=nprobe)
-        forget_ids = read_forget_ids(forget, endpoint)
-        with console.status(f"searching neighbours of {len(forget_ids)} forget item(s)"):
-            nb = find_neighbours(idx, forget_ids, k, margin)
-        write_neighbours(Location.parse(out, endpoint=endpoint), dict(zip(nb.forget_ids, nb.ids)))
-        if vectors_out:
-            import numpy as np
-
-            np.save(Path(vectors_out), nb.vectors)
-    except RetrackError as exc:
-        _fail(exc)
-    console.print(f"{len(forget_ids)} forget item(s) x {k} neighbours written to {out}", highlight=False)
-
-
-@cli.command("duplicates")
-def duplicates_cmd(
-    index: str = typer.Argument(..., help="Index folder (path or s3://)."),
-    forget: str = typer.Option(..., help="Forget-id file: one id a line."),
-    threshold: float = typer.Option(..., help="Euclidean distance in the index space under which an item is a copy."),
-    policy: str = typer.Option("fail", help="fail | warn | add"),
-    out: Optional[str] = typer.Option(None, help="Report (JSON): the duplicates with their distances."),
-    forget_out: Optional[str] = typer.Option(None, help="policy add: write the enlarged forget-id list here."),
-    nprobe: Optional[int] = typer.Option(None), endpoint: Optional[str] = typer.Option(None, envvar="AWS_ENDPOINT_URL"),
-) -> None:
-    """Report every retained item within the threshold of a forget item; fail, warn, or add them."""
-    from rich.console import Console
-
-    from retrack.data.forget import read_forget_ids
-    from retrack.index import find_duplicates, open_index
-    from retrack.index.search import DuplicatesFound
-
-    console = Console(stderr=True)
-    if policy == "add" and not forget_out:
-        _fail(InputError("policy 'add' needs --forget-out for the enlarged forget-id list"))
-    report = None
-    try:
-        idx = open_index(index, endpoint=endpoint, nprobe=nprobe)
-        report = find_duplicates(idx, read_forget_ids(forget, endpoint), threshold, policy)
-    except DuplicatesFound as exc:
-        report = exc.report
-        if out:
-            _write(out, _report_json(report), endpoint)
-        _fail(exc)
-    except RetrackError as exc:
-        _fail(exc)
-    if out:
-        _write(out, _report_json(report), endpoint)
-    if policy == "add" and forget_out:
-        _write(forget_out, "\n".join(report.forget_ids) + "\n", endpoint)
-    console.print(f"{report.count} near-duplicate(s) within {threshold:g} (policy {policy})"
-                  + (f"; forget set now {len(report.forget_ids)} item(s)" if policy == "add" else ""), highlight=False)
-
-
-def _report_json(report) -> str:
-    return json.dumps({**report.summary(), "duplicates": [
-        {"id": i, "forget_position": m, "distance": round(d, 6)}
-        for i, m, d in zip(report.duplicate_ids, report.matched, report.distances)]}, indent=1)

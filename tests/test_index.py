@@ -494,7 +494,7 @@ def test_model_cache_copies_a_model_once_per_node_under_concurrent_processes(s3_
 def test_cli_build_neighbours_duplicates(bench_info, bench, bench_corpus, bench_forget, tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.index import cli
+    from pipelines.cli.index import cli
 
     info, paths, corpus, forget = bench_info, bench, bench_corpus, bench_forget
     run = CliRunner().invoke

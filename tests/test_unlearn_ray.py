@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.unlearn.cli import unlearn_command
+from pipelines.cli.unlearn import unlearn_command
 from pipelines.unlearn.driver import UnlearnFailedError, unlearn
 from pipelines.unlearn.placement import PlacementError
 from retrack.config.model_kind import ModelKind

@@ -1,14 +1,13 @@
 """The `retrack` command line: the root app, one module per command group (`job`: run, tune,
-validate, schema; `demo`: the embedded benchmark; `audit`; `queue`; `index`) and `retrack
-unlearn` from beside its stage. Commands import their stage modules inside, so `--help` stays fast."""
+validate, schema; `demo`: the embedded benchmark; `audit`; `queue`; `index`; `unlearn`). Commands import their stage modules inside, so `--help` stays fast."""
 
 from __future__ import annotations
 
 import typer
 
 from pipelines.cli import audit, demo, index, job, queue
+from pipelines.cli.unlearn import unlearn_command
 from pipelines.refusal import refusing_bad_input
-from pipelines.unlearn.cli import unlearn_command
 
 app = typer.Typer(
     help="Make a trained diffusion model forget specific training data (ReTrack and baselines, on Ray).",

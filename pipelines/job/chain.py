@@ -43,7 +43,7 @@ def run_job(spec: JobSpec, address: str | None = None, on_stage: OnStage | None 
 def run_request(ctx: JobContext, stages: Sequence[str], on_stage: OnStage | None = None) -> JobResult:
     """Run `stages` in order as one attempt at the request, recorded in its audit trail (a
     failure too). A stage left out must have its record in `ctx` (a tuning trial's unlearning)."""
-    from pipelines.index import ensure_ray
+    from pipelines.runtime import ensure_ray
     from retrack.audit import audit_attempt
 
     ensure_ray(ctx.address)

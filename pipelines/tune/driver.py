@@ -63,7 +63,7 @@ class TuneResult:
 
 def search(spec: JobSpec, address: str | None = None) -> Search:
     """Run (or resume) the search of `spec.tune`: every trial's outcome, the front, the original's scores."""
-    from pipelines.index import ensure_ray
+    from pipelines.runtime import ensure_ray
     from retrack.evaluation.pixel import evaluate_model
     from retrack.lineage.store import LineageStore
     from retrack.models.pixel import load_pixel_model

@@ -16,8 +16,7 @@ import numpy as np
 import ray
 from ray.train import DataConfig
 
-from pipelines.unlearn.causes import retrack_cause
-from retrack.errors import RetrackError
+from pipelines.runtime import unwrap
 from retrack.training.items import decode_items
 from retrack.training.plan import needed_retain_rows
 from retrack.training.prepare import Prepared
@@ -44,15 +43,14 @@ def build_datasets(prep: Prepared) -> dict[str, ray.data.Dataset]:
 def _items(prep: Prepared, wanted: dict[str, tuple[int, int]]) -> ray.data.Dataset:
     """The wanted items, decoded; a retrack error in a read task surfaces as itself."""
     cols = ["id", "image"] + (["caption"] if prep.corpus.has_captions else [])
+    ds = ray.data.read_parquet([str(p) for p in prep.corpus.shards]).select_columns(cols)
+    ds.context.raise_original_map_exception = True  # so a bad row's CorpusError arrives as the cause
     try:
-        ds = ray.data.read_parquet([str(p) for p in prep.corpus.shards]).select_columns(cols)
         return ds.map_batches(
             decode_items, batch_format="numpy", fn_kwargs={"wanted": wanted, "kind": prep.plan.kind, "shape": prep.plan.item_shape}
         ).materialize()
-    except RetrackError:
-        raise
-    except Exception as exc:  # a Ray task error: surface retrack's own message, not a traceback
-        cause = retrack_cause(exc)
-        if cause is not None:
+    except Exception as exc:  # a Ray task error: surface retrack's own error, not a traceback
+        cause = unwrap(exc)
+        if cause is not exc:
             raise cause from None
         raise

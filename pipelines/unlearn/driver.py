@@ -19,7 +19,6 @@ final weights within ~5e-7 of the single process.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +26,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipelines.unlearn.causes import retrack_cause, worker_errors
+from pipelines.runtime import ensure_ray, unwrap
 from pipelines.unlearn.datasets import DATA_CONFIG, build_datasets
 from pipelines.unlearn.placement import check_placement, worker_resources
 from pipelines.unlearn.progress import Progress, ProgressRelay
@@ -35,7 +34,7 @@ from pipelines.unlearn.resume import resume
 from pipelines.unlearn.worker import SETTINGS_KEY, WorkerSettings, train_loop
 from retrack.config.model_kind import ModelKind
 from retrack.config.unlearn_run import UnlearnRun
-from retrack.errors import RetrackError, stopped_error
+from retrack.errors import UnlearnFailedError, stopped_error
 from retrack.storage.location import S3Options, is_s3
 from retrack.training.output import existing_output, save_output
 from retrack.training.prepare import Prepared, prepare
@@ -68,10 +67,6 @@ class UnlearnResult:
     skipped: bool = False  # the output already existed for this config hash
 
 
-class UnlearnFailedError(RetrackError):
-    """Training failed for a reason other than divergence (after the allowed retries)."""
-
-
 def unlearn(run: UnlearnRun, progress: Progress | None = None, address: str | None = None, monitor: TrainMonitor | None = None) -> UnlearnResult:
     """Run the unlearn stage on Ray (the current connection, `address`, or a new local instance).
     Raises InputError subclasses for bad input before training, TrainingDivergedError on a
@@ -80,7 +75,7 @@ def unlearn(run: UnlearnRun, progress: Progress | None = None, address: str | No
     done = existing_output(prep)
     if done is not None:
         return UnlearnResult(run.output_dir, done, prep.run_name, prep.config_hash, run.spec.train.steps, [], 0.0, prep.plan.kind, skipped=True)
-    _connect(address)
+    ensure_ray(address)
     check_placement(run.spec.scaling)
     storage = _run_storage(prep)
     stopped = storage.check()
@@ -109,17 +104,6 @@ def unlearn(run: UnlearnRun, progress: Progress | None = None, address: str | No
         model_kind=prep.plan.kind,
         resumed_from=relay.resumed_from(),
     )
-
-
-def _connect(address: str | None) -> None:
-    """Connect to Ray or start a local instance (to be replaced by `pipelines.runtime.ensure_ray`)."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is None:  # our own local instance: training is the foreground work, not nice 15
-        os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address=address, include_dashboard=False, log_to_driver=True)
 
 
 def _run_storage(prep: Prepared) -> RunStorage:
@@ -169,10 +153,9 @@ def _raise_failure(storage: RunStorage, error: BaseException | None, max_failure
         raise stopped_error(stopped)
     if error is None:
         return
-    for err in worker_errors(error):
-        cause = retrack_cause(err)
-        if cause is not None:
-            raise cause from None
+    cause = unwrap(error)
+    if cause is not error:
+        raise cause from None
     raise UnlearnFailedError(f"training failed after {max_failures} retries: {error}") from error
 
 

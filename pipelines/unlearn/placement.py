@@ -6,13 +6,9 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from retrack.config.spec import ScalingSpec
-from retrack.errors import InputError
+from retrack.errors import PlacementError
 
 PLACEMENT_TIMEOUT_S = 15.0  # Ray reserves placeable bundles in well under a second
-
-
-class PlacementError(InputError):
-    """The cluster cannot place the requested workers."""
 
 
 def worker_resources(scaling: ScalingSpec) -> dict[str, float]:

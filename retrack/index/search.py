@@ -287,6 +287,8 @@ class DuplicateReport:
 
 
 class DuplicatesFound(ForgetSetError):
+    code = "input.forget_set.duplicates"
+
     def __init__(self, report: DuplicateReport):
         self.report = report
         super().__init__(

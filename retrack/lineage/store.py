@@ -17,11 +17,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from retrack.errors import StorageError, redact
+from retrack.errors import StorageError, TrackingError, redact
 
 TAG_PREFIX = "retrack."
 COMPLETE_TAG = TAG_PREFIX + "complete"
 T = TypeVar("T")
+
+# MLflow's error codes (`MlflowException.error_code`) that the calls below branch on. A failed
+# connection reaches the client as INTERNAL_ERROR, or as a requests error where MLflow lets it through.
+TRANSIENT = ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED")
+ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
+DOES_NOT_EXIST = "RESOURCE_DOES_NOT_EXIST"
+# A missing alias: INVALID_PARAMETER_VALUE from MLflow's SQL registry.
+NO_ALIAS = (DOES_NOT_EXIST, "INVALID_PARAMETER_VALUE")
+# MLflow's SQL store reports a write that lost a race on a unique key (its read-then-insert upsert of
+# an alias or a registered-model tag) as BAD_REQUEST: the SQLAlchemy IntegrityError it wraps.
+LOST_RACE = "BAD_REQUEST"
 
 
 def code_version() -> str:
@@ -62,7 +73,8 @@ class Lineage:
 
 
 def with_retries(fn: Callable[[], T], what: str, endpoint: str, attempts: int = 4, backoff: float = 1.0) -> T:
-    """Bounded retries with exponential backoff for transient tracking-server failures."""
+    """Bounded retries with exponential backoff for transient tracking-server failures. A failure
+    becomes a TrackingError that keeps MLflow's error code (None: the server was not reached)."""
     import requests
     from mlflow.exceptions import MlflowException
 
@@ -70,13 +82,10 @@ def with_retries(fn: Callable[[], T], what: str, endpoint: str, attempts: int = 
         try:
             return fn()
         except (MlflowException, requests.exceptions.RequestException, ConnectionError) as exc:
-            transient = not isinstance(exc, MlflowException) or getattr(exc, "error_code", "") in (
-                "TEMPORARILY_UNAVAILABLE",
-                "INTERNAL_ERROR",
-                "REQUEST_LIMIT_EXCEEDED",
-            ) or "Max retries exceeded" in str(exc) or "Connection" in str(exc)
-            if not transient or attempt == attempts - 1:
-                raise StorageError(redact(f"MLflow at {endpoint}: {what} failed after {attempt + 1} attempt(s): {_short(exc)}")) from None
+            code = exc.error_code if isinstance(exc, MlflowException) else None
+            if (code is not None and code not in TRANSIENT) or attempt == attempts - 1:
+                message = f"MLflow at {endpoint}: {what} failed after {attempt + 1} attempt(s): {_short(exc)}"
+                raise TrackingError(redact(message), mlflow_code=code) from None
             time.sleep(backoff * 2**attempt)
     raise AssertionError("unreachable")
 
@@ -84,10 +93,6 @@ def with_retries(fn: Callable[[], T], what: str, endpoint: str, attempts: int = 
 def _short(exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:300]
-
-
-def _already_exists(exc: StorageError) -> bool:
-    return "RESOURCE_ALREADY_EXISTS" in str(exc) or "already exists" in str(exc)
 
 
 def check_tracking_server(tracking_uri: str, timeout: float = 5.0) -> None:
@@ -128,8 +133,8 @@ class LineageStore:
             return exp.experiment_id
         try:
             return self._call("create experiment", lambda: self.client.create_experiment(name, artifact_location=artifact_location))
-        except StorageError as exc:
-            if not _already_exists(exc):
+        except TrackingError as exc:
+            if exc.mlflow_code != ALREADY_EXISTS:
                 raise
             # Another job created it between our read and our create.
             return self._call("get experiment", lambda: self.client.get_experiment_by_name(name)).experiment_id
@@ -204,16 +209,12 @@ class LineageStore:
         return None
 
     def _versions_of(self, name: str, lineage: Lineage) -> list:
-        from mlflow.exceptions import MlflowException
-
         try:
             versions = self._call("search versions", lambda: self.client.search_model_versions(f"name = '{name}'"))
-        except StorageError as exc:
-            if "RESOURCE_DOES_NOT_EXIST" in str(exc):
+        except TrackingError as exc:
+            if exc.mlflow_code == DOES_NOT_EXIST:
                 return []
             raise
-        except MlflowException:
-            return []
         want = (lineage.request_id, lineage.config_hash)
         return [mv for mv in versions if (mv.tags.get(TAG_PREFIX + "request_id"), mv.tags.get(TAG_PREFIX + "config_hash")) == want]
 
@@ -226,8 +227,8 @@ class LineageStore:
             self.log_artifacts(run_id, model_dir, "model")
             try:
                 self._call("create registered model", lambda: self.client.create_registered_model(name))
-            except StorageError as exc:
-                if not _already_exists(exc):
+            except TrackingError as exc:
+                if exc.mlflow_code != ALREADY_EXISTS:
                     raise
             source = self._call("get run", lambda: self.client.get_run(run_id)).info.artifact_uri.rstrip("/") + "/model"
             mv = self._call(
@@ -282,22 +283,19 @@ class LineageStore:
         try:
             self._call(what, fn)
             return True
-        except StorageError as exc:
-            text = str(exc).lower()
-            if not any(w in text for w in ("unique constraint", "integrityerror", "duplicate entry", "duplicate key")):
+        except TrackingError as exc:
+            if exc.mlflow_code != LOST_RACE:
                 raise
             time.sleep(random.uniform(0.05, 0.3))
             return False
 
     def alias_version(self, name: str, alias: str) -> str | None:
-        from mlflow.exceptions import MlflowException
-
         try:
-            return str(self.client.get_model_version_by_alias(name, alias).version)
-        except MlflowException as exc:
-            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "not found" in str(exc).lower():
-                return None
             return str(self._call("read alias", lambda: self.client.get_model_version_by_alias(name, alias)).version)
+        except TrackingError as exc:
+            if exc.mlflow_code in NO_ALIAS:
+                return None
+            raise
 
     def _wait_ready(self, name: str, version: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

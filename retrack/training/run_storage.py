@@ -15,16 +15,12 @@ from functools import cached_property
 
 import pyarrow.fs as pafs
 
-from retrack.errors import InputError
+from retrack.errors import CheckpointMismatchError
 from retrack.storage.location import Location, S3Options
 from retrack.training.checkpoint import STATE_FILE, checkpoint_step
 
 RUN_MARKER = "retrack_run.json"
 DIVERGED_MARKER = "retrack_diverged.json"
-
-
-class CheckpointMismatchError(InputError):
-    """The run's storage holds checkpoints of a different configuration."""
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,8 @@ def pareto_front(outcomes: list[TrialOutcome]) -> list[TrialOutcome]:
 class NoAcceptableTrialError(InputError):
     """No trial forgot well enough; the front is still reported."""
 
+    code = "input.no_acceptable_trial"
+
 
 def choose(outcomes: list[TrialOutcome], original_frequency: float, rule: SelectRule) -> TrialOutcome:
     """The least damaging acceptable trial (ties: the one that forgets more)."""
