@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from retrack.config.model_kind import ModelKind
 from retrack.digest import directory_digest
 from retrack.errors import InputError, ModelLayoutError
 from retrack.models import clip, sd
@@ -49,7 +50,7 @@ def test_vocab_files_round_trip(tmp_path):
 
 def test_save_load_round_trip_and_layout(tiny):
     model, path = tiny
-    assert sd.model_kind(path) == "sd"
+    assert sd.model_kind(path) is ModelKind.STABLE_DIFFUSION
     assert sd.check_sd_model_dir(path) == {"unet": None, "vae": None, "text_encoder": None}
     loaded = sd.load_sd_model(path)
     assert loaded.latent_shape == (4, 8, 8) and loaded.resolution == 16
@@ -85,7 +86,7 @@ def test_layout_errors_are_specific(tiny, model_dir, tmp_path):
     with pytest.raises(ModelLayoutError, match="single AutoencoderKL component"):
         sd.model_kind(path / "vae")
 
-    assert sd.model_kind(model_dir) == "pixel"
+    assert sd.model_kind(model_dir) is ModelKind.PIXEL_DDPM
     with pytest.raises(ModelLayoutError, match="pixel-space DDPM"):
         sd.check_sd_model_dir(model_dir)
 

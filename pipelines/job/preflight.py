@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from retrack.config.model_kind import ModelKind
 from retrack.config.spec import JobSpec
 from retrack.data.corpus import Corpus, read_corpus
 from retrack.embedded.workspace import retrack_home
@@ -47,7 +48,7 @@ def preflight(spec: JobSpec) -> Preflight:
     probe.write_text("ok")
     probe.remove()
     model_dir = _local_copy(spec.model.uri, spec.storage.endpoint_url)
-    sd = spec.model.kind == "stable-diffusion"
+    sd = spec.model.kind is ModelKind.STABLE_DIFFUSION
     (check_sd_model_dir if sd else check_pixel_model_dir)(model_dir)
     spec.method.check_schedule(scheduler_timesteps(model_dir))
     if spec.corpus.format != "parquet":

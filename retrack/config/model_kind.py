@@ -21,8 +21,8 @@ class ModelKind(StrEnum):
 
     @property
     def short(self) -> str:
-        """'pixel' or 'sd': the name `retrack.models.sd.model_kind` reports and the unlearn run key
-        has recorded from the start (keeping it keeps old runs' hashes)."""
+        """'pixel' or 'sd': the name the unlearn run key has recorded from the start (keeping it
+        keeps old runs' hashes) and the CLI accepts."""
         return "pixel" if self is ModelKind.PIXEL_DDPM else "sd"
 
     @property

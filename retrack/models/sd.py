@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
+from retrack.config.model_kind import ModelKind
 from retrack.errors import InputError, ModelLayoutError
 from retrack.models.clip import CLIP_CONTEXT_LENGTH, clip_tokenizer, write_tokenizer_vocab_files
 from retrack.models.pixel import DIGEST_FILE, WEIGHTS_FILE, read_json, write_model_dir
@@ -148,9 +149,9 @@ def tiny_sd(resolution: int = 16, seed: int = 0, bpe_path: str | Path | None = N
 # --------------------------------------------------------------------------- layout checks
 
 
-def model_kind(path: str | Path) -> str:
-    """'pixel' (a DDPM pipeline with a UNet2DModel) or 'sd' (a Stable Diffusion pipeline);
-    anything else is refused with what was found."""
+def model_kind(path: str | Path) -> ModelKind:
+    """The kind of a diffusers pipeline directory, read from its UNet's class; anything else is
+    refused with what was found."""
     root = Path(path)
     if not root.is_dir():
         raise ModelLayoutError(f"model directory {root} does not exist")
@@ -164,9 +165,9 @@ def model_kind(path: str | Path) -> str:
         raise ModelLayoutError(f"{root} is not a diffusers pipeline directory: no unet/config.json{hint}; found {found or 'nothing'}")
     cls = read_json(unet_cfg, "UNet").get("_class_name")
     if cls == "UNet2DModel":
-        return "pixel"
+        return ModelKind.PIXEL_DDPM
     if cls == "UNet2DConditionModel":
-        return "sd"
+        return ModelKind.STABLE_DIFFUSION
     raise ModelLayoutError(
         f"{root}/unet is a {cls or 'model without _class_name'}; expected a diffusers UNet2DModel (pixel DDPM) "
         "or UNet2DConditionModel (Stable Diffusion)"
@@ -193,7 +194,7 @@ def check_sd_model_dir(path: str | Path) -> dict[str, str | None]:
     Returns the weights variant ('fp16' or None) of each trainable/frozen component."""
     root = Path(path)
     kind = model_kind(root)
-    if kind != "sd":
+    if kind is not ModelKind.STABLE_DIFFUSION:
         raise ModelLayoutError(f"{root} holds a pixel-space DDPM (UNet2DModel), not a Stable Diffusion pipeline")
     index = read_json(root / MODEL_INDEX, "Stable Diffusion pipeline")
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):

@@ -72,7 +72,7 @@ def resolve_model(uri: str, expected: ModelKind) -> Path:
     from retrack.storage.cache import local_model_dir
 
     local = local_model_dir(uri)
-    found = ModelKind.parse(model_kind(local))
+    found = model_kind(local)
     if found is not expected:
         raise ModelLayoutError(f"{uri} holds {found.description}, but model kind {expected.value!r} was requested")
     if found is ModelKind.PIXEL_DDPM:
@@ -87,7 +87,7 @@ def detect_model_kind(uri: str) -> ModelKind:
     from retrack.models.sd import model_kind
     from retrack.storage.cache import local_model_dir
 
-    return ModelKind.parse(model_kind(local_model_dir(uri)))
+    return model_kind(local_model_dir(uri))
 
 
 def model_geometry(kind: ModelKind, model_dir: Path) -> tuple[int, int, int]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipelines.job.context import JobContext
+from retrack.config.model_kind import ModelKind
 from retrack.errors import InputError
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 
 def run(ctx: JobContext) -> dict:
-    return (_evaluate_sd if ctx.spec.model.kind == "stable-diffusion" else _evaluate_pixel)(ctx)
+    return (_evaluate_sd if ctx.spec.model.kind is ModelKind.STABLE_DIFFUSION else _evaluate_pixel)(ctx)
 
 
 def _context(ctx: JobContext, forget: list[str]) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pipelines.job.context import JobContext
 from pipelines.progress import console
+from retrack.config.model_kind import ModelKind
 
 
 def run(ctx: JobContext) -> dict:
@@ -18,7 +19,7 @@ def run(ctx: JobContext) -> dict:
 
     spec = ctx.spec
     key, encoder = ctx.pre.corpus_key, None
-    if spec.model.kind == "stable-diffusion":
+    if spec.model.kind is ModelKind.STABLE_DIFFUSION:
         from retrack.index import EncoderSpec
 
         encoder = EncoderSpec(kind="vae", model_dir=str(ctx.pre.model_dir / "vae"), device="cuda" if spec.scaling.use_gpu else "cpu")

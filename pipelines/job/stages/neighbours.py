@@ -13,6 +13,7 @@ import numpy as np
 
 from pipelines.job.context import JobContext
 from pipelines.progress import console
+from retrack.config.model_kind import ModelKind
 from retrack.data.neighbours import write_neighbours
 from retrack.digest import ids_digest
 
@@ -22,7 +23,7 @@ def run(ctx: JobContext) -> dict:
 
     spec, idx = ctx.spec, ctx.records["index"]
     index = open_index(idx["index_uri"], endpoint=spec.storage.endpoint_url, manifest_digest=idx["manifest_digest"])
-    threshold = spec.forget.duplicate_threshold or _default_duplicate_threshold(ctx, index if spec.model.kind == "stable-diffusion" else None)
+    threshold = spec.forget.duplicate_threshold or _default_duplicate_threshold(ctx, index if spec.model.kind is ModelKind.STABLE_DIFFUSION else None)
     report = find_duplicates(index, ctx.pre.forget_ids, threshold, policy=spec.forget.duplicates)
     if report.count:
         console.print(f"near-duplicates of the forget set: {report.count} (policy {spec.forget.duplicates})")
