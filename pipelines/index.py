@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import pickle
 import uuid
 from dataclasses import replace
+
+import numpy as np
 
 from pipelines.runtime import ensure_ray, get, unwrap
 from retrack.errors import RetrackError
@@ -109,9 +110,9 @@ def _encode_files(batch, plan, s3, spec, on_bad, batch_size):
     except RetrackError as exc:
         # Returned, not raised: a failed task makes Ray Data drop the outputs of tasks that had
         # finished but not yet reached the driver, and their chunks would not be marked complete.
-        # The error itself travels, pickled (retrack errors pickle to an equal error).
-        return {"job": [-1], "rows": [0], "error": [pickle.dumps(exc)]}
-    return {"job": batch["job"], "rows": batch["rows"], "error": [b""] * len(rows)}
+        # The error itself travels as an object column (retrack errors pickle to an equal error).
+        return {"job": [-1], "rows": [0], "error": np.array([exc], dtype=object)}
+    return {"job": batch["job"], "rows": batch["rows"], "error": np.full(len(rows), None, dtype=object)}
 
 
 _FILE_FIELDS = ("uri", "rel", "size", "mtime_ns", "rows")
@@ -198,8 +199,8 @@ class RayExecutor:
         total, rows = sum(job.chunk.rows for job in jobs), 0
         for batch in done.iter_batches(batch_size=None, batch_format="numpy"):
             for j, r, error in zip(*(batch[k].tolist() for k in ("job", "rows", "error"))):
-                if error:
-                    raise pickle.loads(error)
+                if isinstance(error, RetrackError):  # a success's None arrives as NaN
+                    raise error
                 left[j] -= 1
                 rows += r
                 if left[j] == 0 and chunk_done:

@@ -190,11 +190,11 @@ def log_to_mlflow(tracking_uri: str, record: AuditRecord, record_uri: str, endpo
     store = LineageStore(tracking_uri)
     m = record.model or {}
     run_id = m["run_id"]
-    store._call("log audit record", lambda: store.client.log_dict(run_id, record.to_dict(), f"{AUDIT_DIR}/{record.attempt}.json"))
+    store.call("log audit record", lambda: store.client.log_dict(run_id, record.to_dict(), f"{AUDIT_DIR}/{record.attempt}.json"))
     for k, v in {"audit.status": record.status, "audit.attempt": record.attempt, "audit.record": record_uri, "verdict": record.verdict}.items():
-        store._call("tag run", lambda k=k, v=v: store.client.set_tag(run_id, TAG + k, str(v)))
+        store.call("tag run", lambda k=k, v=v: store.client.set_tag(run_id, TAG + k, str(v)))
     for k, v in {"verdict": record.verdict, "audit.record": record_uri}.items():
-        store._call("tag version", lambda k=k, v=v: store.client.set_model_version_tag(m["registered_model"], m["version"], TAG + k, str(v)))
+        store.call("tag version", lambda k=k, v=v: store.client.set_model_version_tag(m["registered_model"], m["version"], TAG + k, str(v)))
 
 
 def _check_model_name(name: str) -> str:

@@ -122,22 +122,23 @@ class LineageStore:
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.attempts, self.backoff = attempts, backoff
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """`fn()` with MLflow failures retried (bounded) and raised as TrackingError."""
         return with_retries(fn, what, self.tracking_uri, self.attempts, self.backoff)
 
     # --- run ---------------------------------------------------------------------------------
 
     def experiment_id(self, name: str, artifact_location: str | None = None) -> str:
-        exp = self._call("get experiment", lambda: self.client.get_experiment_by_name(name))
+        exp = self.call("get experiment", lambda: self.client.get_experiment_by_name(name))
         if exp is not None:
             return exp.experiment_id
         try:
-            return self._call("create experiment", lambda: self.client.create_experiment(name, artifact_location=artifact_location))
+            return self.call("create experiment", lambda: self.client.create_experiment(name, artifact_location=artifact_location))
         except TrackingError as exc:
             if exc.mlflow_code != ALREADY_EXISTS:
                 raise
             # Another job created it between our read and our create.
-            return self._call("get experiment", lambda: self.client.get_experiment_by_name(name)).experiment_id
+            return self.call("get experiment", lambda: self.client.get_experiment_by_name(name)).experiment_id
 
     def request_run(self, experiment: str, run_name: str, request_id: str, config_hash: str, artifact_location: str | None = None) -> str:
         """The run of this (request, config): reused on rerun, created otherwise."""
@@ -145,40 +146,40 @@ class LineageStore:
         found = self._find_run(exp_id, f"tags.`{TAG_PREFIX}request_id` = '{request_id}' and tags.`{TAG_PREFIX}config_hash` = '{config_hash}'")
         if found:
             return found
-        run = self._call(
+        run = self.call(
             "create run",
             lambda: self.client.create_run(exp_id, run_name=run_name, tags={TAG_PREFIX + "request_id": request_id, TAG_PREFIX + "config_hash": config_hash}),
         )
         return run.info.run_id
 
     def _find_run(self, exp_id: str, filter_string: str) -> str | None:
-        found = self._call("search runs", lambda: self.client.search_runs([exp_id], filter_string=filter_string, max_results=1))
+        found = self.call("search runs", lambda: self.client.search_runs([exp_id], filter_string=filter_string, max_results=1))
         return found[0].info.run_id if found else None
 
     def child_run(self, parent_run_id: str, run_name: str, key: str) -> str:
         """A run nested under `parent_run_id` (MLflow's parentRunId tag), found again by `key` on rerun."""
-        parent = self._call("get run", lambda: self.client.get_run(parent_run_id))
+        parent = self.call("get run", lambda: self.client.get_run(parent_run_id))
         exp_id = parent.info.experiment_id
         found = self._find_run(exp_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TAG_PREFIX}child` = '{key}'")
         if found:
             return found
         tags = {"mlflow.parentRunId": parent_run_id, TAG_PREFIX + "child": key, TAG_PREFIX + "request_id": parent.data.tags.get(TAG_PREFIX + "request_id", "")}
-        return self._call("create run", lambda: self.client.create_run(exp_id, run_name=run_name, tags=tags)).info.run_id
+        return self.call("create run", lambda: self.client.create_run(exp_id, run_name=run_name, tags=tags)).info.run_id
 
     def log_params(self, run_id: str, params: dict[str, object]) -> None:
         from mlflow.entities import Param
 
-        existing = self._call("get run", lambda: self.client.get_run(run_id)).data.params
+        existing = self.call("get run", lambda: self.client.get_run(run_id)).data.params
         todo = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
         if todo:
-            self._call("log params", lambda: self.client.log_batch(run_id, params=todo))
+            self.call("log params", lambda: self.client.log_batch(run_id, params=todo))
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._call("log metrics", lambda: self.client.log_batch(run_id, metrics=batch))
+        self.call("log metrics", lambda: self.client.log_batch(run_id, metrics=batch))
 
     def log_inputs(self, run_id: str, inputs: dict[str, tuple[str, str, int]]) -> None:
         """`inputs[context] = (source uri, digest, count)`: datasets logged as digests and counts only."""
@@ -191,13 +192,13 @@ class LineageStore:
             ds = MetaDataset(source=HTTPDatasetSource(source), name=context, digest=digest[:32])
             tags = [InputTag("mlflow.data.context", context), InputTag(TAG_PREFIX + "count", str(count))]
             entries.append(DatasetInput(ds._to_mlflow_entity(), tags))
-        self._call("log inputs", lambda: self.client.log_inputs(run_id, datasets=entries))
+        self.call("log inputs", lambda: self.client.log_inputs(run_id, datasets=entries))
 
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
-        self._call("upload artifacts", lambda: self.client.log_artifacts(run_id, str(local_dir), artifact_path))
+        self.call("upload artifacts", lambda: self.client.log_artifacts(run_id, str(local_dir), artifact_path))
 
     def finish_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self._call("end run", lambda: self.client.set_terminated(run_id, status=status))
+        self.call("end run", lambda: self.client.set_terminated(run_id, status=status))
 
     # --- registry ----------------------------------------------------------------------------
 
@@ -210,7 +211,7 @@ class LineageStore:
 
     def _versions_of(self, name: str, lineage: Lineage) -> list:
         try:
-            versions = self._call("search versions", lambda: self.client.search_model_versions(f"name = '{name}'"))
+            versions = self.call("search versions", lambda: self.client.search_model_versions(f"name = '{name}'"))
         except TrackingError as exc:
             if exc.mlflow_code == DOES_NOT_EXIST:
                 return []
@@ -223,20 +224,20 @@ class LineageStore:
         done = self.complete_version(name, lineage)
         if done is None:
             for stale in self._versions_of(name, lineage):  # left incomplete by a crash
-                self._call("delete incomplete version", lambda v=stale: self.client.delete_model_version(name, v.version))
+                self.call("delete incomplete version", lambda v=stale: self.client.delete_model_version(name, v.version))
             self.log_artifacts(run_id, model_dir, "model")
             try:
-                self._call("create registered model", lambda: self.client.create_registered_model(name))
+                self.call("create registered model", lambda: self.client.create_registered_model(name))
             except TrackingError as exc:
                 if exc.mlflow_code != ALREADY_EXISTS:
                     raise
-            source = self._call("get run", lambda: self.client.get_run(run_id)).info.artifact_uri.rstrip("/") + "/model"
-            mv = self._call(
+            source = self.call("get run", lambda: self.client.get_run(run_id)).info.artifact_uri.rstrip("/") + "/model"
+            mv = self.call(
                 "create model version",
                 lambda: self.client.create_model_version(name, source=source, run_id=run_id, tags=lineage.tags(), description=f"retrack unlearning for request {lineage.request_id}"),
             )
             self._wait_ready(name, mv.version)
-            self._call("tag version complete", lambda: self.client.set_model_version_tag(name, mv.version, COMPLETE_TAG, "true"))
+            self.call("tag version complete", lambda: self.client.set_model_version_tag(name, mv.version, COMPLETE_TAG, "true"))
             version = mv.version
         else:
             version = done.version
@@ -258,7 +259,7 @@ class LineageStore:
 
         for _ in range(rounds):
             current = self.alias_version(name, alias)
-            complete = [mv.version for mv in self._call("search versions", lambda: self.client.search_model_versions(f"name = '{name}'"))
+            complete = [mv.version for mv in self.call("search versions", lambda: self.client.search_model_versions(f"name = '{name}'"))
                         if mv.tags.get(COMPLETE_TAG) == "true"]
             target = str(max(int(v) for v in [*complete, version, *([current] if current else [])]))
             if current == target:
@@ -281,7 +282,7 @@ class LineageStore:
         threads of one process do not collide again) and the caller reads again or retries.
         """
         try:
-            self._call(what, fn)
+            self.call(what, fn)
             return True
         except TrackingError as exc:
             if exc.mlflow_code != LOST_RACE:
@@ -291,7 +292,7 @@ class LineageStore:
 
     def alias_version(self, name: str, alias: str) -> str | None:
         try:
-            return str(self._call("read alias", lambda: self.client.get_model_version_by_alias(name, alias)).version)
+            return str(self.call("read alias", lambda: self.client.get_model_version_by_alias(name, alias)).version)
         except TrackingError as exc:
             if exc.mlflow_code in NO_ALIAS:
                 return None
@@ -300,7 +301,7 @@ class LineageStore:
     def _wait_ready(self, name: str, version: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            mv = self._call("get version", lambda: self.client.get_model_version(name, version))
+            mv = self.call("get version", lambda: self.client.get_model_version(name, version))
             if mv.status == "READY":
                 return
             if mv.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
