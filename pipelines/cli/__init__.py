@@ -7,7 +7,7 @@ import typer
 
 from pipelines.cli import audit, demo, index, job, queue
 from pipelines.cli.unlearn import unlearn_command
-from pipelines.refusal import refusing_bad_input
+from pipelines.cli.refusal import refusing_bad_input
 
 app = typer.Typer(
     help="Make a trained diffusion model forget specific training data (ReTrack and baselines, on Ray).",

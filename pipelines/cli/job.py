@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from pipelines.refusal import refusing_bad_input
+from pipelines.cli.refusal import refusing_bad_input
 
 
 @refusing_bad_input

@@ -22,7 +22,7 @@ from typing import Optional
 
 import typer
 
-from pipelines.refusal import refusing_bad_input
+from pipelines.cli.refusal import refusing_bad_input
 
 cli = typer.Typer(help="The deletion queue: requests wait as job specs until a scheduled run processes them as one batch.",
                   no_args_is_help=True, pretty_exceptions_enable=False)

@@ -28,7 +28,7 @@ import yaml
 from retrack.errors import InputError
 from retrack.queue import CLAIMS, DONE, FAILED, PENDING, DeletionQueue, Lease, LeaseKeeper, run_queue
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------ the injected runner

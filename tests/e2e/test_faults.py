@@ -150,7 +150,7 @@ def test_training_worker_killed_in_a_job_resumes_from_the_last_checkpoint(ray_lo
 
 
 # --------------------------------------------------------------------------------------------
-# 2. the driver killed inside a stage (between stages: tests/test_job.py)
+# 2. the driver killed inside a stage (between stages: tests/e2e/test_job.py)
 # --------------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from retrack.methods import method_names
 from retrack.config.spec import JobSpec, load_spec
 from tests.fixtures.specs import DELETE, with_field
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 JOB_SPECS = sorted(CONFIGS.glob("*.yaml"))
 METHOD_FILES = sorted((CONFIGS / "methods").glob("*.yaml"))
 

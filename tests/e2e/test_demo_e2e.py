@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.demo import demo_spec
+from retrack.embedded.demo import demo_spec
 from retrack.embedded.workspace import Workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

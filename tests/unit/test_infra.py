@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
 CRD_DIR = REPO.parent / "shared" / "k8s" / "kuberay-crds"

@@ -1,5 +1,5 @@
 """The tuning section of the job spec, the Pareto front, the selection rule and the health scalar
-(no Ray: `tests/test_tune.py` runs real searches)."""
+(no Ray: `tests/e2e/test_tune.py` runs real searches)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from tests.fixtures.services import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / "infra" / "local"
 BIN = Path(sys.executable).parent
 NODE_CPUS = 3  # per node; with 2 CPUs per Ray Train worker only one worker fits on a node
@@ -153,7 +153,7 @@ def _upload_dir(s3, bucket: str, src: Path, prefix: str) -> str:
 def test_retrack_run_on_the_embedded_default_uses_both_nodes(stack, tmp_path):
     from mlflow import MlflowClient
 
-    from pipelines.demo import demo_spec
+    from retrack.embedded.demo import demo_spec
     from retrack.embedded.pretrain import ensure_pretrained
     from retrack.embedded.workspace import Workspace
 
