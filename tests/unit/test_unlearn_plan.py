@@ -141,6 +141,25 @@ def test_bad_forget_sets_and_neighbours(bench, model_dir, tmp_path):
         prepare(request(bench, model_dir, tmp_path, neighbours_file=str(path)))
 
 
+def test_the_index_neighbours_file_is_what_the_unlearn_stage_reads(bench, model_dir, tmp_path):
+    """`retrack index neighbours --out F` then `retrack unlearn --neighbours F`: the stage trains on
+    exactly the neighbours the index found (one file format, no conversion)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli.index import cli
+    from retrack.data.neighbours import read_neighbours
+
+    run = CliRunner().invoke
+    assert run(cli, ["build", str(bench.corpus), str(tmp_path / "idx"), "--local"]).exit_code == 0
+    res = run(cli, ["neighbours", str(tmp_path / "idx"), "--forget", str(bench.forget_ids), "-k", "4", "--out", str(tmp_path / "nb.json")])
+    assert res.exit_code == 0, res.output
+    prep = prepare(request(bench, model_dir, tmp_path, neighbours_file=str(tmp_path / "nb.json")))
+    forget = read_forget_ids(bench.forget_ids)
+    retained_ids = [prep.corpus.ids[r] for r in prep.retain_rows]
+    trained_on = {f: [retained_ids[j] for j in prep.plan.neighbours[n]] for n, f in enumerate(forget)}
+    assert trained_on == read_neighbours(tmp_path / "nb.json", forget, 4)
+
+
 def test_checkpoints_of_another_config_are_refused(bench, model_dir, tmp_path):
     prep = prepare(request(bench, model_dir, tmp_path))
     run = tmp_path / "runs" / prep.run_name
