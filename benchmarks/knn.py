@@ -206,11 +206,8 @@ def make_image_corpus(out: Path, n: int, size: int = 64, seed: int = 0) -> None:
 
 
 def encode_benchmark(n: int, cpus: int) -> dict:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray renices its workers (+15 by default); the loop runs at 0. On a machine shared with other
-    # jobs that alone would starve the Ray side, so both run at the same priority here.
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    # ensure_ray runs a local instance's workers at niceness 0 (Ray's default is 15), the loop's
+    # priority: on a machine shared with other jobs that alone would starve the Ray side.
     import ray
 
     from pipelines.index import RayExecutor, files_per_task

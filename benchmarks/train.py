@@ -31,11 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Ray starts its workers at niceness 15; the bare loop runs here at 0. On a machine shared with
-# other jobs that alone made the Ray steps ~15% slower, so the workers run at 0 like the baseline.
-os.environ.setdefault("RAY_worker_niceness", "0")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -118,7 +113,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
     args = ap.parse_args()
 
-    import ray
+    from pipelines.runtime import ensure_ray
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="retrack-train-bench-"))
@@ -131,7 +126,9 @@ def main() -> None:
     data = split_for_unlearning(corpus, forget, MethodConfig(name="retrack", params=METHODS["retrack"]))
     train = TrainConfig(steps=args.steps, batch_size=args.batch, grad_accum=1, lr=5e-5, checkpoint_every=0)
 
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+    # ensure_ray runs a local instance's workers at niceness 0, like the bare loop here (Ray's
+    # default of 15 made the Ray steps ~15% slower on a shared machine).
+    ray = ensure_ray(num_cpus=os.cpu_count() or 2)
     times: dict[str, list[float]] = {k: [] for k in ("bare", "ray", "retrack", "vanilla", "vanilla_2x", "siss", "erasediff")}
     double = train.model_copy(update={"batch_size": 2 * args.batch})
     for r in range(args.repeats):
