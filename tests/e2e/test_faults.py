@@ -326,18 +326,20 @@ def test_disk_full_in_a_stage_is_a_storage_error_and_leaves_no_marker(ray_local,
 
 
 @pytest.mark.parametrize("how", ["root under a file", "read-only directory"])
-def test_unwritable_storage_root_is_refused_before_any_work(small, tmp_path, how):
+def test_unwritable_storage_root_is_refused_before_any_work(small, tmp_path, how, request):
     from pipelines.job import run_job
 
     if how == "root under a file":
         (tmp_path / "blocker").write_text("a file, not a folder")
         root = tmp_path / "blocker" / "jobs"  # mkdir fails with ENOTDIR, for root too
     else:
-        if os.geteuid() == 0:
-            pytest.skip("root ignores directory permissions; 'root under a file' covers this machine")
         root = tmp_path / "ro"
         root.mkdir()
-        root.chmod(0o555)
+        if os.geteuid() == 0:  # root ignores permission bits; a read-only mount refuses root too
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "retrack-ro", str(root)], check=True)
+            request.addfinalizer(lambda: subprocess.run(["umount", str(root)], check=True))
+        else:
+            root.chmod(0o555)
     spec = load_spec(spec_file(small, tmp_path, request_id="req-unwritable", storage={"root": str(root)}))
     with pytest.raises(StorageError, match="retrack-write-probe"):
         run_job(spec)
