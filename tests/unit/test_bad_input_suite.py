@@ -187,6 +187,8 @@ CASES = [
     Case("spec: batch not divisible by grad_accum", spec_field("train.grad_accum", 3), "batch_size 8 is not divisible by grad_accum 3"),
     Case("spec: forget batch not divisible by grad_accum", spec_field("train", {"steps": 2, "batch_size": 8, "forget_batch_size": 3, "grad_accum": 2}),
          "forget_batch_size 3 is not divisible by grad_accum 2"),
+    Case("spec: grad_accum not a multiple of the workers", spec_fields(train__grad_accum=2, scaling={"num_workers": 4}),
+         "train.grad_accum (2) must be a multiple of scaling.num_workers (4)"),
     Case("spec: siss with a forget batch of its own", spec_fields(method={"name": "siss", "params": {}}, train__forget_batch_size=4),
          "forget_batch_size 4 must equal batch_size 8"),
     Case("spec: too few evaluation samples", spec_field("evaluation.num_samples", 4), "evaluation.num_samples: Input should be greater than or equal to 16"),
