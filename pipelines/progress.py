@@ -1,4 +1,5 @@
-"""Progress display shared by the stages: one rich progress bar per stage."""
+"""What a run shows on the console: one rich progress bar per stage, the metrics tables and the
+request's summary."""
 
 from __future__ import annotations
 
@@ -29,3 +30,21 @@ def stage_bar(description: str, total: int) -> Iterator:
             progress.update(task, completed=done, info=info)
 
         yield advance
+
+
+def print_metrics(title: str, rows: dict[str, dict]) -> None:
+    from rich.table import Table
+
+    cols = ["forget_frequency", "frechet_distance", "integrity", "forget_loss"]
+    table = Table(title=title)
+    table.add_column("model")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *(f"{m[c]:.4g}" if c in m else "-" for c in cols))
+    console.print(table)
+
+
+def print_summary(result) -> None:
+    print_metrics(f"request {result.request_id}", result.metrics)
+    console.print(f"verdict: [bold]{result.verdict}[/bold]\nmodel version: {result.model_version}\nreport: {result.report_uri}")

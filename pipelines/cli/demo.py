@@ -36,7 +36,7 @@ def evaluate(
     scenario: str = typer.Option("digits"),
 ) -> None:
     """Score a model on the embedded benchmark against the original (same-seed samples)."""
-    from pipelines.demo import print_metrics
+    from pipelines.progress import print_metrics
     from retrack.data.corpus import read_corpus
     from retrack.data.forget import read_forget_ids
     from retrack.embedded.benchmark import BenchmarkInfo
@@ -64,6 +64,17 @@ def demo(
 ) -> None:
     """Run the embedded default end to end: pretrain (cached), then index, neighbours, unlearn,
     evaluate and register, exactly as `retrack run` does."""
-    from pipelines.demo import run_demo
+    from pipelines.job import run_job
+    from pipelines.progress import print_summary, stage_bar
+    from retrack.embedded.demo import demo_spec
+    from retrack.embedded.pretrain import PRESETS, ensure_pretrained
+    from retrack.embedded.workspace import Workspace
 
-    run_demo(quick=quick, address=address)
+    ws = Workspace.default()
+    preset = "quick" if quick else "full"
+    steps = PRESETS[preset].steps
+    with stage_bar("pretrain (cached)", 2 * steps) as advance:
+        offsets = {"original": 0, "retrained": steps}
+        ensure_pretrained(ws, preset, progress=lambda w, s, _n: advance(offsets[w] + s, w))
+        advance(2 * steps, "ready")
+    print_summary(run_job(demo_spec(ws, quick), address=address))

@@ -18,7 +18,7 @@ def run(
 ) -> None:
     """Run one deletion request: index -> neighbours -> unlearn -> evaluate -> register.
     Completed stages are skipped on rerun."""
-    from pipelines.demo import print_summary
+    from pipelines.progress import print_summary
     from pipelines.job import run_job
     from retrack.config.spec import load_spec
 
@@ -32,7 +32,7 @@ def tune(
 ) -> None:
     """Search the method's hyperparameters with Ray Tune, print the Pareto front of forgetting vs
     quality, then evaluate and register the chosen configuration. Rerun to resume."""
-    from pipelines.demo import print_summary
+    from pipelines.progress import print_summary
     from pipelines.tune import run_tune
     from retrack.config.spec import load_spec
 
