@@ -60,7 +60,7 @@ def _open_model(source: dict, tmp: str) -> Path:
     from retrack.storage.cache import local_model_dir
 
     if "uri" in source:
-        return local_model_dir(source["uri"], Path(tempfile.gettempdir()) / "retrack-models", s3=source["s3"])
+        return local_model_dir(source["uri"], s3=source["s3"])
     return _unpack(source["files"], Path(tmp))
 
 

@@ -31,19 +31,19 @@ def item_seed(item_id: str) -> int:
     return int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") >> 1
 
 
-def sd_pixels(images_u8: np.ndarray, resolution: int) -> torch.Tensor:
-    """uint8 NxHxWxC (grey or RGB) -> float32 Nx3xRxR in [-1, 1], resized when the sizes differ."""
+def rgb_at(img: np.ndarray, resolution: int) -> np.ndarray:
+    """uint8 HxWxC (grey or RGB) -> uint8 RxRx3, resized (bicubic) when the sizes differ."""
     from PIL import Image
 
-    out = []
-    for img in images_u8:
-        if img.ndim == 3 and img.shape[2] == 1:
-            img = img[:, :, 0]
-        pil = Image.fromarray(img).convert("RGB")
-        if pil.size != (resolution, resolution):
-            pil = pil.resize((resolution, resolution), Image.BICUBIC)
-        out.append(np.asarray(pil))
-    arr = np.stack(out).astype(np.float32) / 127.5 - 1.0
+    pil = Image.fromarray(img[:, :, 0] if img.ndim == 3 and img.shape[2] == 1 else img).convert("RGB")
+    if pil.size != (resolution, resolution):
+        pil = pil.resize((resolution, resolution), Image.BICUBIC)
+    return np.asarray(pil)
+
+
+def sd_pixels(images_u8: np.ndarray, resolution: int) -> torch.Tensor:
+    """uint8 NxHxWxC (grey or RGB) -> float32 Nx3xRxR in [-1, 1] (`rgb_at` each)."""
+    arr = np.stack([rgb_at(img, resolution) for img in images_u8]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())
 
 

@@ -1,6 +1,6 @@
 """Corpus items for training: decoded at the model's geometry (in the data pipeline), then turned
-into the tensors the model denoises (on the worker). The Stable Diffusion encoding here is to be
-replaced by `retrack.models.latents` (one latent rule for index, training and evaluation)."""
+into the tensors the model denoises (on the worker); Stable Diffusion items follow
+`retrack.models.latents`, the one latent rule of index, training and evaluation."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from retrack.errors import CorpusError
 def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int]) -> dict:
     """Keep the wanted ids of a corpus batch, decoded to uint8 HxWxC at the model's geometry.
     `wanted[id] = (row, pos)`: global retain index (or -1) and forget position (or -1)."""
-    from retrack.models.latents import item_seed
+    from retrack.models.latents import item_seed, rgb_at
 
     keep = [n for n, i in enumerate(batch["id"]) if i in wanted]
     h, w, c = shape
@@ -23,12 +23,7 @@ def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], kind: ModelKin
     for j, n in enumerate(keep):
         img = decode_image(batch["image"][n], batch["id"][n])
         if kind is ModelKind.STABLE_DIFFUSION:
-            from PIL import Image
-
-            pil = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).convert("RGB")
-            if pil.size != (w, h):
-                pil = pil.resize((w, h), Image.BICUBIC)
-            img = np.asarray(pil)
+            img = rgb_at(img, h)  # the model's geometry is square
         elif img.shape != shape:
             raise CorpusError(f"item {batch['id'][n]!r}: image is {img.shape}, the model denoises {shape}")
         images[j] = img

@@ -96,8 +96,9 @@ def model_geometry(kind: ModelKind, model_dir: Path) -> tuple[int, int, int]:
     size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
     if kind is ModelKind.PIXEL_DDPM:
         return (size, size, int(cfg["in_channels"]))
-    vae = json.loads((model_dir / "vae" / "config.json").read_text())
-    res = size * 2 ** (len(vae["block_out_channels"]) - 1)
+    from retrack.models.sd import pipeline_resolution
+
+    res = pipeline_resolution(model_dir)
     return (res, res, 3)
 
 
