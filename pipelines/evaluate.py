@@ -89,7 +89,8 @@ def _split(n: int, parts: int) -> list[slice]:
     return [slice(s, min(s + per, n)) for s in range(0, n, per)]
 
 
-def sample_on_ray(model_dirs: list[str | Path], n: int, seed: int, batch_size: int = 250, num_tasks: int | None = None) -> list[np.ndarray]:
+def sample_on_ray(model_dirs: list[str | Path], n: int, seed: int, batch_size: int = 250, num_tasks: int | None = None,
+                  endpoint: str | None = None) -> list[np.ndarray]:
     """n samples of each model (local directory or s3:// URI), batches spread over Ray tasks; same
     seeds for every model."""
     import ray
@@ -100,7 +101,7 @@ def sample_on_ray(model_dirs: list[str | Path], n: int, seed: int, batch_size: i
     remote = ray.remote(num_cpus=1, max_retries=SAMPLE_RETRIES)(_sample_range)
     out = []
     for model_dir in model_dirs:
-        ref = model_source(model_dir)
+        ref = model_source(model_dir, endpoint)
         futures = [remote.remote(ref, min(n, p.stop * batch_size) - p.start * batch_size, p.start, seed, batch_size, 1) for p in parts]
         out.append(np.concatenate(get(futures)))
     return out
@@ -125,9 +126,14 @@ def evaluate_request(
     report_dir: str | Path,
     request_id: str,
     context: dict,
+    endpoint: str | None = None,
 ) -> Evaluation:
-    before, after = sample_on_ray([original_dir, unlearned_dir], n_samples, seed)
-    original, unlearned = load_pixel_model(original_dir), load_pixel_model(unlearned_dir)
+    """Score an unlearned pixel DDPM against its original (local directories or s3:// URIs: the
+    sampling tasks fetch them, the driver scores with its own copies)."""
+    from retrack.storage.cache import local_model_dir
+
+    before, after = sample_on_ray([original_dir, unlearned_dir], n_samples, seed, endpoint=endpoint)
+    original, unlearned = (load_pixel_model(local_model_dir(m, endpoint=endpoint)) for m in (original_dir, unlearned_dir))
     metrics = {
         "original": score(original, before, ref) | {"integrity": 0.0, "feature_integrity": 0.0},
         "unlearned": score(unlearned, after, ref, original_samples01=before),

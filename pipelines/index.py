@@ -39,8 +39,14 @@ class _EncodeBatch:
     reported to `<chunk>/_bad/` (never to logs)."""
 
     def __init__(self, spec, image_shape, on_bad, dest, id_column, image_column):
-        from retrack.models.encoders import build_encoder
+        from dataclasses import replace
 
+        from retrack.models.encoders import build_encoder
+        from retrack.storage.cache import local_model_dir
+        from retrack.storage.location import is_s3
+
+        if spec.model_dir and is_s3(spec.model_dir):  # on the index's store, with the credentials the driver resolved
+            spec = replace(spec, model_dir=str(local_model_dir(spec.model_dir, s3=dest.s3)))
         self.encoder = build_encoder(spec)
         self.image_shape, self.on_bad, self.dest = tuple(image_shape), on_bad, dest
         self.id_column, self.image_column = id_column, image_column

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from retrack.config.spec import JobSpec
 from retrack.embedded.workspace import retrack_home
-from retrack.storage.location import Location, is_s3
+from retrack.storage.location import Location
 
 from pipelines.job.preflight import Preflight, preflight
 
@@ -41,26 +41,19 @@ class JobDir:
 
     def publish(self, rel: str) -> None:
         """Mirror a local output (file or folder) to the remote prefix (no-op for local roots)."""
-        if not self.remote.is_s3:
-            return
-        src = self.local / rel
-        files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
-        for f in files:
-            (self.remote / f.relative_to(self.local).as_posix()).write_bytes(f.read_bytes())
+        from retrack.storage.tree import upload_tree
+
+        if self.remote.is_s3:
+            upload_tree(self.local / rel, self.remote / rel)
 
     def fetch(self, rel: str) -> Path:
         """The local copy of an output, downloaded from the remote prefix if this machine lacks it."""
+        from retrack.storage.tree import download_tree
+
         dest = self.local / rel
         if dest.exists() or not self.remote.is_s3:
             return dest
-        src = self.remote / rel
-        entries = src.list(hidden=True) if src.is_dir() else [None]
-        for e in entries:
-            loc = src if e is None else e.location
-            out = dest if e is None else dest / loc.relative_to(src)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(loc.read_bytes())
-        return dest
+        return download_tree(self.remote / rel, dest)
 
 
 @dataclass
@@ -74,9 +67,9 @@ class JobContext:
     records: dict[str, dict] = field(default_factory=dict)  # each finished stage's record, by stage
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    # The unlearned model when it was made outside the chain (the tuning trial chosen): the
+    # The unlearned model's URI when it was made outside the chain (the tuning trial chosen): the
     # evaluate and register stages take it instead of the unlearn stage's output.
-    model: Path | None = None
+    model: str | None = None
 
     @classmethod
     def open(cls, spec: JobSpec, address: str | None = None) -> "JobContext":
@@ -94,15 +87,21 @@ class JobContext:
         return Location.parse(self.spec.storage.root, endpoint=self.spec.storage.endpoint_url)
 
     def original_for_workers(self) -> str:
-        """The original model as Ray workers get it: an s3:// model as its URI (each node copies
-        it), a local one as the driver's path."""
-        return self.spec.model.uri if is_s3(self.spec.model.uri) else str(self.pre.model_dir)
+        """The original model as Ray tasks get it: its URI (an s3:// one is copied once per node)."""
+        return self.spec.model.uri
 
     def forget_set(self) -> list[str]:
         """The ids to forget as the neighbours stage settled them (near-duplicates added)."""
         from retrack.data.forget import read_forget_ids
 
-        return read_forget_ids(self.jobdir.fetch("forget_ids.txt"))
+        return read_forget_ids(str(self.jobdir.remote / "forget_ids.txt"), self.spec.storage.endpoint_url)
+
+    def unlearned_uri(self) -> str:
+        """Where the unlearned model is (a task fetches it from there)."""
+        return self.model or str(self.jobdir.remote / "model")
 
     def unlearned_model(self) -> Path:
-        return self.model if self.model is not None else self.jobdir.fetch("model")
+        """The driver's local copy of the unlearned model."""
+        from retrack.storage.cache import local_model_dir
+
+        return local_model_dir(self.unlearned_uri(), endpoint=self.spec.storage.endpoint_url)

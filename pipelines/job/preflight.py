@@ -1,5 +1,6 @@
 """Everything that can refuse a job, checked before its first expensive step; and what those
-checks read (the corpus, the model, the forget ids), kept so that no stage reads them again."""
+checks read (the corpus listing and ids, the model, the forget ids), kept so that no stage reads
+them again. No image is read here: the corpus stays in storage."""
 
 from __future__ import annotations
 
@@ -7,70 +8,76 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from retrack.config.model_kind import ModelKind
 from retrack.config.spec import JobSpec
-from retrack.data.corpus import Corpus, read_corpus
-from retrack.embedded.workspace import retrack_home
-from retrack.errors import InputError
+from retrack.errors import CorpusError
 from retrack.storage.location import Location
+from retrack.training.prepare import CorpusIndex, read_corpus_index
+
+if TYPE_CHECKING:
+    from retrack.data.corpus import Corpus
 
 
 @dataclass
 class Preflight:
-    corpus: Corpus
-    corpus_dir: Path
-    model_dir: Path
+    corpus_index: CorpusIndex  # the corpus's files (by URI) and ids
+    model_dir: Path  # the driver's copy of the original model (checks, digests, pixel scoring)
     forget_ids: list[str]  # as requested (the neighbours stage may add near-duplicates)
-    holdout: Corpus | None = None  # evaluation.holdout_uri
+    endpoint: str | None = None
+    holdout_uri: str | None = None  # evaluation.holdout_uri
+
+    @property
+    def corpus_key(self) -> str:
+        """The corpus's listing digest (it names the corpus's index and its MLflow input)."""
+        return self.corpus_index.source.digest()[:16]
 
     @cached_property
-    def corpus_key(self) -> str:
-        """The corpus's content digest (it names the corpus's index and its MLflow input)."""
-        from retrack.digest import directory_digest
+    def corpus(self) -> "Corpus":
+        """The corpus's images in memory, read from storage when the evaluation first needs them."""
+        from retrack.data.corpus import read_corpus
 
-        return directory_digest(self.corpus_dir)[:16]
+        return read_corpus(self.corpus_index.source)
+
+    @cached_property
+    def holdout(self) -> "Corpus | None":
+        from retrack.data.corpus import read_corpus
+
+        return None if self.holdout_uri is None else read_corpus(self.holdout_uri, self.endpoint)
 
 
 def preflight(spec: JobSpec) -> Preflight:
     """Every check that can refuse the job, before any index, training or registration."""
     from retrack.data.forget import check_forget_ids, requested_forget_ids
-    from retrack.errors import CorpusError
+    from retrack.data.source import scan_corpus
     from retrack.lineage.store import check_tracking_server
     from retrack.models.pixel import check_pixel_model_dir, scheduler_timesteps
     from retrack.models.sd import check_sd_model_dir
+    from retrack.storage.cache import local_model_dir
     from retrack.training.loop import check_k
 
+    endpoint = spec.storage.endpoint_url
+    if endpoint:
+        os.environ.setdefault("AWS_ENDPOINT_URL", endpoint)
     check_tracking_server(spec.mlflow.tracking_uri)
-    root = Location.parse(spec.storage.root, endpoint=spec.storage.endpoint_url)
+    root = Location.parse(spec.storage.root, endpoint=endpoint)
     root.check_reachable()
     probe = root / ".retrack-write-probe"
     probe.write_text("ok")
     probe.remove()
-    model_dir = _local_copy(spec.model.uri, spec.storage.endpoint_url)
+    model_dir = local_model_dir(spec.model.uri, endpoint=endpoint)
     sd = spec.model.kind is ModelKind.STABLE_DIFFUSION
     (check_sd_model_dir if sd else check_pixel_model_dir)(model_dir)
     spec.method.check_schedule(scheduler_timesteps(model_dir))
-    if spec.corpus.format != "parquet":
-        raise InputError("corpus.format 'imagefolder' is indexed by `retrack index build`; `retrack run` reads parquet corpora")
-    corpus_dir = _local_copy(spec.corpus.uri, spec.storage.endpoint_url)
-    corpus = read_corpus(corpus_dir)
-    holdout = read_corpus(_local_copy(spec.evaluation.holdout_uri, spec.storage.endpoint_url)) if spec.evaluation.holdout_uri else None
+    corpus = read_corpus_index(spec.corpus.uri, endpoint)
+    holdout = scan_corpus(spec.evaluation.holdout_uri, endpoint=endpoint) if spec.evaluation.holdout_uri else None
     if sd:  # each item is trained on, and its memorisation checked with, its own caption
-        for what, c in (("corpus", corpus), ("evaluation.holdout_uri", holdout)):
-            if c is not None and c.captions is None:
-                raise CorpusError(f"{what}: a Stable Diffusion corpus needs a 'caption' column (each item is conditioned on its own caption)")
+        for what, source in (("corpus", corpus.source), ("evaluation.holdout_uri", holdout)):
+            if source is not None and not source.has_captions:
+                raise CorpusError(f"{what}: a Stable Diffusion corpus needs a caption for every item (each item is conditioned on its own caption)")
     forget_ids = requested_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
     if spec.method.needs_neighbours:
-        check_k(spec.method.k, len(corpus) - len(forget_ids))
-    return Preflight(corpus=corpus, corpus_dir=corpus_dir, model_dir=model_dir, forget_ids=forget_ids, holdout=holdout)
-
-
-def _local_copy(uri: str, endpoint: str | None) -> Path:
-    """A model or corpus as a local directory (an s3:// one is copied to the cache once)."""
-    from retrack.storage.cache import local_model_dir
-
-    if endpoint and uri.startswith("s3://"):
-        os.environ.setdefault("AWS_ENDPOINT_URL", endpoint)
-    return local_model_dir(uri, retrack_home() / "cache")
+        check_k(spec.method.k, len(corpus.ids) - len(forget_ids))
+    return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=forget_ids, endpoint=endpoint, holdout_uri=spec.evaluation.holdout_uri)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from ray import tune
 
@@ -137,8 +136,8 @@ def _finish_with(job: JobContext, chosen: TrialOutcome) -> tuple[JobContext, Job
     spec = job.spec
     method, train = apply_params(spec.method, spec.train, chosen.params)
     final = job.for_spec(spec.model_copy(update={"method": method, "train": train, "tune": None}))
-    final.model = Path(chosen.model_dir)
-    final.records["unlearn"] = {"model_digest": model_digest(final.model), "wall_seconds": chosen.metrics.get("unlearn_seconds", 0.0),
+    final.model = chosen.model_dir
+    final.records["unlearn"] = {"model_digest": model_digest(final.unlearned_model()), "wall_seconds": chosen.metrics.get("unlearn_seconds", 0.0),
                                 "steps": int(chosen.metrics.get("steps_done", train.steps)), "final_loss": None, "tuned_trial": chosen.trial_id}
     return final, run_request(final, ("index", "neighbours", "evaluate", "register"))
 

@@ -4,9 +4,7 @@ of a finished trial."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 
@@ -49,14 +47,16 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     from retrack.errors import QualityCollapseError, TrainingDivergedError
     from retrack.evaluation.pixel import evaluate_model
     from retrack.models.pixel import load_pixel_model
+    from retrack.storage.cache import local_model_dir
 
     job = ctx.job
     params = trial_params(config, ctx.kinds)
     method, train = apply_params(job.spec.method, job.spec.train, params)
     spec = job.spec.model_copy(update={"method": method, "train": train, "tune": None})
     key = trial_key(params)
-    out = job.jobdir.local / TUNE_DIR / "models" / key
-    record = Location.parse(job.jobdir.local / TUNE_DIR / "outcomes" / f"{key}.json")
+    # Under the job prefix in storage: a trial may run on any node, the driver reads its outcome.
+    out = job.jobdir.remote / TUNE_DIR / "models" / key
+    record = job.jobdir.remote / TUNE_DIR / "outcomes" / f"{key}.json"
     saved = saved_outcome(record, out)
     if saved is not None:
         tune.report(tune_result(saved))
@@ -71,27 +71,27 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     for n in range(tuning.seeds_per_trial):
         seed = train.seed + n
         # The trial keeps train.seed's model; another seed's is scored, then deleted.
-        seed_out = out if n == 0 else out.with_name(f"{key}.seed-{seed}")
+        seed_out = out if n == 0 else out.parent / f"{key}.seed-{seed}"
         name = f"{job.spec.run_name}-trial-{key}" + (f"-seed-{seed}" if n else "")
         # The trial's configuration over the tuning job's inputs and neighbours.
         seed_job = replace(job, spec=spec.model_copy(update={"train": train.model_copy(update={"seed": seed})}))
         monitor = TrainMonitor(every=tuning.report_every, callbacks=(TuneReportCallback(),), collapse_ratio=tuning.collapse_ratio)
         try:
-            result = unlearn_train(seed_job, seed_out, name, monitor=monitor)
+            result = unlearn_train(seed_job, str(seed_out), name, monitor=monitor)
         except QualityCollapseError as exc:
             finish({"status": "collapsed", "stopped_step": exc.step, HEALTH_METRIC: exc.ratio, "seed": seed})
             return
         except TrainingDivergedError as exc:
             finish({"status": "diverged", "stopped_step": exc.step, "seed": seed})
             return
-        metrics, _ = evaluate_model(load_pixel_model(seed_out), ctx.reference, tuning.num_samples, job.spec.evaluation.seed, ctx.original_samples01)
+        metrics, _ = evaluate_model(load_pixel_model(local_model_dir(seed_out.uri, s3=seed_out.s3)), ctx.reference, tuning.num_samples, job.spec.evaluation.seed, ctx.original_samples01)
         per_seed.append({"seed": seed, **{k: metrics[k] for k in METRIC_KEYS if k in metrics}, "unlearn_seconds": result.seconds})
         if n == 0:
             kept = result
         else:
-            shutil.rmtree(seed_out, ignore_errors=True)
+            seed_out.remove()
     mean = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0] if k != "seed"}
-    finish({"status": "ok", **mean, "model_dir": str(out), "model_digest": kept.digest, "steps_done": kept.steps, "per_seed": per_seed})
+    finish({"status": "ok", **mean, "model_dir": out.uri, "model_digest": kept.digest, "steps_done": kept.steps, "per_seed": per_seed})
 
 
 def tune_result(report: dict) -> dict:
@@ -99,17 +99,18 @@ def tune_result(report: dict) -> dict:
     return {k: v for k, v in report.items() if k != "per_seed"}
 
 
-def saved_outcome(record: Location, model_dir: Path) -> dict | None:
+def saved_outcome(record: Location, model: Location) -> dict | None:
     """The final report a trial with these parameters already made, if its model is still the
     one it scored. Tune saves its experiment state at most every 10 s, so a trial that finished
     just before the driver was killed runs again on restore: it repeats its report instead of
     training and scoring again (which would also report 0 s of unlearning for a reused model)."""
-    from retrack.models.pixel import model_digest
+    from retrack.models.pixel import DIGEST_FILE
 
     if not record.exists():
         return None
     saved = record.read_json()
-    if saved["status"] != "ok" or (model_dir.is_dir() and model_digest(model_dir) == saved["model_digest"]):
+    marker = model / DIGEST_FILE
+    if saved["status"] != "ok" or (marker.exists() and marker.read_json()["sha256"] == saved["model_digest"]):
         return saved
     return None
 

@@ -37,7 +37,7 @@ from retrack.config.unlearn_run import UnlearnRun
 from retrack.errors import UnlearnFailedError, stopped_error
 from retrack.storage.location import S3Options, is_s3
 from retrack.training.output import existing_output, save_output
-from retrack.training.prepare import Prepared, prepare
+from retrack.training.prepare import CorpusIndex, Prepared, prepare
 from retrack.training.run_storage import RunStorage
 
 
@@ -67,11 +67,13 @@ class UnlearnResult:
     skipped: bool = False  # the output already existed for this config hash
 
 
-def unlearn(run: UnlearnRun, progress: Progress | None = None, address: str | None = None, monitor: TrainMonitor | None = None) -> UnlearnResult:
-    """Run the unlearn stage on Ray (the current connection, `address`, or a new local instance).
-    Raises InputError subclasses for bad input before training, TrainingDivergedError on a
-    non-finite loss (nothing saved), UnlearnFailedError when the workers fail beyond the retries."""
-    prep = prepare(run)
+def unlearn(run: UnlearnRun, progress: Progress | None = None, address: str | None = None, monitor: TrainMonitor | None = None,
+            corpus: CorpusIndex | None = None) -> UnlearnResult:
+    """Run the unlearn stage on Ray (the current connection, `address`, or a new local instance);
+    `corpus`: the corpus's ids when the caller has read them already. Raises InputError
+    subclasses for bad input before training, TrainingDivergedError on a non-finite loss (nothing
+    saved), UnlearnFailedError when the workers fail beyond the retries."""
+    prep = prepare(run, corpus)
     done = existing_output(prep)
     if done is not None:
         return UnlearnResult(run.output_dir, done, prep.run_name, prep.config_hash, run.spec.train.steps, [], 0.0, prep.plan.kind, skipped=True)

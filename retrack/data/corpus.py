@@ -11,7 +11,7 @@ import io
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +20,9 @@ from PIL import Image, UnidentifiedImageError
 
 from retrack.storage.atomic import atomic_directory
 from retrack.errors import CorpusError
+
+if TYPE_CHECKING:
+    from retrack.data.source import CorpusPlan
 
 SCHEMA = pa.schema(
     [
@@ -103,38 +106,25 @@ def _write_shard(path: Path, rows: list[dict]) -> None:
     pq.write_table(pa.Table.from_pydict(cols, schema=SCHEMA), path)
 
 
-def shard_paths(corpus_dir: str | Path) -> list[Path]:
-    root = Path(corpus_dir)
-    if not root.is_dir():
-        raise CorpusError(f"corpus directory {root} does not exist")
-    shards = sorted(root.glob("*.parquet"))
-    if not shards:
-        raise CorpusError(f"corpus directory {root} holds no parquet shards")
-    return shards
+def iter_rows(corpus: "str | Path | CorpusPlan", endpoint: str | None = None) -> Iterator[dict]:
+    """Every row ({id, image, caption, label}) of a corpus (a local path, an s3:// URI or a scanned
+    plan), streamed file by file."""
+    from retrack.data.source import CorpusPlan, iter_file_rows, scan_corpus
+
+    plan = corpus if isinstance(corpus, CorpusPlan) else scan_corpus(corpus, endpoint=endpoint)
+    for f in plan.files:
+        yield from iter_file_rows(plan, f)
 
 
-def iter_rows(corpus_dir: str | Path) -> Iterator[dict]:
-    for shard in shard_paths(corpus_dir):
-        try:
-            table = pq.read_table(shard)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise CorpusError(f"shard {shard.name} cannot be read as parquet: {exc}") from None
-        missing = {"id", "image"} - set(table.column_names)
-        if missing:
-            raise CorpusError(f"shard {shard.name} lacks column(s) {sorted(missing)}; a corpus needs 'id' and 'image'")
-        if table.num_rows == 0:
-            raise CorpusError(f"shard {shard.name} is empty")
-        yield from table.to_pylist()
-
-
-def read_corpus(corpus_dir: str | Path) -> Corpus:
-    """Read and check a small corpus into memory: unique non-empty ids, decodable images of one size."""
+def read_corpus(corpus: "str | Path | CorpusPlan", endpoint: str | None = None) -> Corpus:
+    """Read and check a small corpus into memory (the embedded benchmark, an evaluation's
+    reference): unique non-empty ids, decodable images of one size."""
     ids: list[str] = []
     pixels: list[np.ndarray] = []
     labels: list[int | None] = []
     captions: list[str | None] = []
     shape = None
-    for row in iter_rows(corpus_dir):
+    for row in iter_rows(corpus, endpoint):
         item_id = row["id"]
         if not item_id:
             raise CorpusError(f"row {len(ids)}: empty id")

@@ -61,6 +61,7 @@ class CorpusPlan:
     files: list[SourceFile]
     image_shape: tuple[int, int, int]  # H, W, C of the first item: every item must match
     chunks: list[Chunk] = field(default_factory=list)
+    has_captions: bool = False  # every item has a caption
 
     @property
     def count(self) -> int:
@@ -107,6 +108,16 @@ def _read_parquet_ids(loc: Location, rel: str) -> tuple[int, list[str]]:
     return len(values), values
 
 
+def _has_captions(loc: Location) -> bool:
+    with loc.open_input() as fh:
+        return "caption" in pq.ParquetFile(fh).schema_arrow.names
+
+
+def file_ids(plan: CorpusPlan, f: SourceFile) -> list[str]:
+    """The ids of one corpus file, in row order (no image is read)."""
+    return _read_parquet_ids(plan.location_of(f), f.rel)[1] if plan.kind == "parquet" else [image_id(f.rel)]
+
+
 def _first_image_shape(plan_root: Location, kind: str, first: SourceFile) -> tuple[int, int, int]:
     loc = Location(first.uri, plan_root.s3)
     if kind == "images":
@@ -146,7 +157,7 @@ def scan_corpus(uri: "str | Location", rows_per_chunk: int = 200_000, endpoint: 
         hashes.append(_id_hash(ids))
         files.append(SourceFile(e.location.uri, rel, e.size, e.mtime_ns, n))
     _check_unique(root, kind, files, np.concatenate(hashes))
-    plan = CorpusPlan(root, kind, files, _first_image_shape(root, kind, files[0]))
+    plan = CorpusPlan(root, kind, files, _first_image_shape(root, kind, files[0]), has_captions=kind == "parquet" and all(_has_captions(Location(f.uri, root.s3)) for f in files))
     plan.chunks = plan_chunks(files, rows_per_chunk)
     return plan
 
@@ -244,6 +255,27 @@ def iter_file_batches(plan: CorpusPlan, f: SourceFile, batch_size: int) -> Itera
         with loc.open_input() as fh:
             for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=["id", "image"]):
                 yield batch.column("id").to_pylist(), batch.column("image").to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise CorpusError(f"shard {f.rel} cannot be read as parquet: {str(exc).splitlines()[0]}") from None
+
+
+def iter_file_rows(plan: CorpusPlan, f: SourceFile, batch_size: int = 256) -> Iterator[dict]:
+    """Rows {id, image, caption, label} of one corpus file, streamed (absent columns are None)."""
+    loc = plan.location_of(f)
+    if plan.kind == "images":
+        try:
+            data = loc.read_bytes()
+        except Exception as exc:  # noqa: BLE001 - reported as the corpus's fault below
+            raise CorpusError(f"image file {f.rel} cannot be read: {exc}") from None
+        yield {"id": image_id(f.rel), "image": data, "caption": None, "label": None}
+        return
+    try:
+        with loc.open_input() as fh:
+            pf = pq.ParquetFile(fh)
+            columns = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+                for row in batch.to_pylist():
+                    yield {"caption": None, "label": None} | row
     except (pa.ArrowException, OSError) as exc:
         raise CorpusError(f"shard {f.rel} cannot be read as parquet: {str(exc).splitlines()[0]}") from None
 

@@ -27,7 +27,7 @@ from retrack.errors import InputError
 class EncoderSpec:
     kind: str = "pixels"  # pixels | vae
     # vae: a Stable Diffusion pipeline folder or its `vae/` (the resolution is the UNet's), or a
-    # bare AutoencoderKL folder with `resolution`
+    # bare AutoencoderKL folder with `resolution`; a local path or an s3:// URI (copied once per node)
     model_dir: str | None = None
     resolution: int | None = None
     device: str = "cpu"
@@ -37,8 +37,9 @@ class EncoderSpec:
         if not self.model_dir:
             raise InputError("the vae encoder needs model_dir (a Stable Diffusion pipeline folder)")
         from retrack.models.sd import pipeline_resolution
+        from retrack.storage.cache import local_model_dir
 
-        root = Path(self.model_dir)
+        root = local_model_dir(self.model_dir)
         if _is_pipeline(root):
             vae_dir, resolution = root / "vae", pipeline_resolution(root)
         elif root.name == "vae" and _is_pipeline(root.parent):

@@ -1,5 +1,6 @@
 """The per-node model cache: a model given as an s3:// URI is copied once per node into a local
-folder named by the URI's digest, and every process on the node reuses that copy.
+folder named by the digest of the URI and its object listing (keys, sizes, modification times),
+and every process on the node reuses that copy; a model rewritten at the same URI is copied anew.
 
 Processes that want the same model at once (the Ray workers of one node) take an exclusive
 `fcntl` lock on the copy's lock file: the first copies, the others wait and find the copy
@@ -26,9 +27,22 @@ def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / "retrack-models"
 
 
-def cache_path(uri: str, cache_dir: str | Path | None = None) -> Path:
-    """Where the copy of the model at `uri` lives on this node."""
-    return Path(cache_dir or default_cache_dir()) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+def cache_path(uri: str, cache_dir: str | Path | None = None, endpoint: str | None = None, s3=None) -> Path:
+    """Where this node keeps its copy of the model now at `uri` (one LIST request)."""
+    listing = _listing_digest(uri, endpoint, s3)
+    return Path(cache_dir or default_cache_dir()) / hashlib.sha256(f"{uri}\n{listing}".encode()).hexdigest()[:16]
+
+
+def _listing_digest(uri: str, endpoint: str | None, s3) -> str:
+    """One LIST request: what the model folder holds now."""
+    from retrack.digest import config_digest
+    from retrack.storage.location import Location
+
+    root = Location.parse(uri, endpoint=endpoint, s3=s3)
+    entries = [(e.location.relative_to(root), e.size, e.mtime_ns) for e in root.list(hidden=True)]
+    if not entries:
+        raise InputError(f"model directory {uri} is empty or does not exist ({root.where()})")
+    return config_digest(entries)
 
 
 def local_model_dir(uri: str | Path, cache_dir: str | Path | None = None, endpoint: str | None = None, s3=None) -> Path:
@@ -40,7 +54,7 @@ def local_model_dir(uri: str | Path, cache_dir: str | Path | None = None, endpoi
         return Path(text)
     if not text.startswith("s3://"):
         raise InputError(f"model directory {text}: only local paths and s3:// URIs are supported")
-    dest = cache_path(text, cache_dir)
+    dest = cache_path(text, cache_dir, endpoint, s3)
     if (dest / COMPLETE_MARKER).is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)

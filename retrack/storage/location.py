@@ -166,7 +166,8 @@ class Location:
             return f"bucket {self.bucket!r} at {self.s3.resolved().describe()}"
         return "the local filesystem"
 
-    def _fail(self, action: str, exc: BaseException) -> StorageError:
+    def storage_error(self, action: str, exc: BaseException) -> StorageError:
+        """The StorageError of `action` on this location failing with `exc` (credentials redacted)."""
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return StorageError(redact(f"cannot {action} {self.uri} ({self.where()}): {msg}"))
 
@@ -174,7 +175,7 @@ class Location:
         try:
             return self.fs.get_file_info(self.path)
         except (OSError, pa.ArrowException) as exc:
-            raise self._fail("look up", exc) from None
+            raise self.storage_error("look up", exc) from None
 
     def exists(self) -> bool:
         return self.info().type != pafs.FileType.NotFound
@@ -205,7 +206,7 @@ class Location:
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True))
         except (OSError, pa.ArrowException) as exc:
-            raise self._fail("list", exc) from None
+            raise self.storage_error("list", exc) from None
         out = []
         base = self.path.rstrip("/") + "/"
         for info in infos:
@@ -227,7 +228,7 @@ class Location:
         except FileNotFoundError:
             raise StorageError(f"{self.uri} ({self.where()}) does not exist") from None
         except (OSError, pa.ArrowException) as exc:
-            raise self._fail("read", exc) from None
+            raise self.storage_error("read", exc) from None
 
     def read_text(self) -> str:
         return self.read_bytes().decode()
@@ -242,7 +243,7 @@ class Location:
         except FileNotFoundError:
             raise StorageError(f"{self.uri} ({self.where()}) does not exist") from None
         except (OSError, pa.ArrowException) as exc:
-            raise self._fail("open", exc) from None
+            raise self.storage_error("open", exc) from None
 
     def write_bytes(self, data: bytes) -> None:
         """Atomic: readers see the old object or the whole new one, never a part.
@@ -255,7 +256,7 @@ class Location:
                 with self.fs.open_output_stream(self.path) as f:
                     f.write(data)
             except (OSError, pa.ArrowException) as exc:
-                raise self._fail("write", exc) from None
+                raise self.storage_error("write", exc) from None
             return
         target = Path(self.path)
         try:
@@ -269,7 +270,7 @@ class Location:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except OSError as exc:
-            raise self._fail("write", exc) from None
+            raise self.storage_error("write", exc) from None
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
@@ -284,7 +285,7 @@ class Location:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             return self.fs.open_output_stream(self.path)
         except (OSError, pa.ArrowException) as exc:
-            raise self._fail("write", exc) from None
+            raise self.storage_error("write", exc) from None
 
     def makedirs(self) -> None:
         if self.is_s3:
@@ -292,7 +293,7 @@ class Location:
         try:
             Path(self.path).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise self._fail("create", exc) from None
+            raise self.storage_error("create", exc) from None
 
     def remove(self, missing_ok: bool = True) -> None:
         """Delete this file, or this folder and everything under it."""
@@ -307,7 +308,7 @@ class Location:
             elif not missing_ok:
                 raise StorageError(f"{self.uri} does not exist")
         except (OSError, pa.ArrowException) as exc:
-            raise self._fail("delete", exc) from None
+            raise self.storage_error("delete", exc) from None
 
     def iter_chunks(self, chunk: int = 1 << 20) -> Iterator[bytes]:
         try:
@@ -320,7 +321,7 @@ class Location:
         except FileNotFoundError:
             raise StorageError(f"{self.uri} ({self.where()}) does not exist") from None
         except (OSError, pa.ArrowException) as exc:
-            raise self._fail("read", exc) from None
+            raise self.storage_error("read", exc) from None
 
 
 def location(uri: "str | os.PathLike | Location", endpoint: str | None = None) -> Location:

@@ -38,6 +38,19 @@ def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], kind: ModelKin
     }
 
 
+def read_items(files: dict, source, wanted: dict[str, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int]) -> dict:
+    """The wanted rows of the corpus files in `files` (a batch of `SourceFile` fields), streamed
+    from storage and decoded as `decode_items` does."""
+    from retrack.data.source import SourceFile, iter_file_rows
+
+    rows = []
+    for values in zip(*(np.asarray(v).tolist() for v in files.values())):
+        f = SourceFile(**dict(zip(files, values)))
+        rows += [r for r in iter_file_rows(source, f) if r["id"] in wanted]
+    batch = {k: [r[k] for r in rows] for k in ("id", "image", "caption")}
+    return decode_items(batch, wanted, kind, shape)
+
+
 def no_items(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
     return {
         "row": np.zeros(0, np.int64),

@@ -5,6 +5,7 @@ space the model denoises (small corpora)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,8 +13,12 @@ import torch
 from retrack.config.model_kind import ModelKind
 from retrack.errors import InputError
 
+if TYPE_CHECKING:
+    from retrack.data.source import CorpusPlan
+    from retrack.storage.location import Location
 
-def read_neighbours_file(path: str, forget_ids: list[str], retain_pos: dict[str, int], k: int) -> np.ndarray:
+
+def read_neighbours_file(path: "Location", forget_ids: list[str], retain_pos: dict[str, int], k: int) -> np.ndarray:
     from retrack.data.neighbours import read_neighbours
 
     nb = read_neighbours(path, forget_ids, k)
@@ -26,14 +31,14 @@ def read_neighbours_file(path: str, forget_ids: list[str], retain_pos: dict[str,
     return out
 
 
-def exact_neighbours(kind: ModelKind, model_dir: Path, corpus_dir: Path, forget_rows: np.ndarray, retain_rows: np.ndarray, k: int, resolution: int) -> np.ndarray:
+def exact_neighbours(kind: ModelKind, model_dir: Path, corpus: "CorpusPlan", forget_rows: np.ndarray, retain_rows: np.ndarray, k: int, resolution: int) -> np.ndarray:
     """Exact K nearest retained items of every forget item, in the space the model denoises
     (the small-corpus path; large corpora pass the index stage's neighbours file)."""
     from retrack.data.corpus import read_corpus
     from retrack.index.exact import exact_knn
 
     if kind is ModelKind.PIXEL_DDPM:
-        c = read_corpus(corpus_dir)
+        c = read_corpus(corpus)
         _, idx = exact_knn(c.images[forget_rows], c.images[retain_rows], k)
         return idx.astype(np.int64)
     from retrack.data.corpus import decode_image, iter_rows
@@ -43,7 +48,7 @@ def exact_neighbours(kind: ModelKind, model_dir: Path, corpus_dir: Path, forget_
     vae = load_vae(model_dir / "vae")
     latents = []
     chunk_imgs, chunk_seeds = [], []
-    for row in iter_rows(corpus_dir):
+    for row in iter_rows(corpus):
         chunk_imgs.append(decode_image(row["image"], row["id"]))
         chunk_seeds.append(item_seed(row["id"]))
         if len(chunk_imgs) == 64:

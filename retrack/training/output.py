@@ -1,10 +1,10 @@
 """The unlearn stage's output: the final checkpoint's UNet as a model directory in diffusers
-layout (atomic write, digest and lineage metadata in `retrack_digest.json`)."""
+layout at the run's output URI (a local path or s3://), with its digest and lineage metadata in
+`retrack_digest.json`, written last: a folder without it is not an output."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import tempfile
 
 from retrack.config.model_kind import ModelKind
 from retrack.training.checkpoint import load_unet_weights
@@ -15,19 +15,32 @@ def existing_output(prep: Prepared) -> str | None:
     """The digest of an output this config already wrote, if any."""
     from retrack.models.pixel import DIGEST_FILE
 
-    marker = Path(prep.run.output_dir) / DIGEST_FILE
+    marker = prep.output / DIGEST_FILE
     if marker.is_file():
-        meta = json.loads(marker.read_text())
+        meta = marker.read_json()
         if meta.get("config_hash") == prep.config_hash:
             return meta["sha256"]
     return None
 
 
 def save_output(prep: Prepared, checkpoint_dir: str, state: dict) -> str:
-    """Write the model of a final checkpoint; returns its digest."""
+    """Write the model of a final checkpoint to the output URI; returns its digest."""
+    from retrack.models.pixel import DIGEST_FILE
+    from retrack.storage.tree import upload_tree
+
+    if not prep.output.is_s3:
+        return _save_model(prep, checkpoint_dir, state, prep.output.path)
+    with tempfile.TemporaryDirectory() as tmp:
+        digest = _save_model(prep, checkpoint_dir, state, f"{tmp}/model")
+        prep.output.remove()  # an earlier, unfinished upload
+        upload_tree(f"{tmp}/model", prep.output, last=DIGEST_FILE)
+    return digest
+
+
+def _save_model(prep: Prepared, checkpoint_dir: str, state: dict, out: str) -> str:
     from retrack.models.pixel import model_digest
 
-    spec, out = prep.run.spec, prep.run.output_dir
+    spec = prep.run.spec
     meta = {
         "request_id": spec.request_id,
         "config_hash": prep.config_hash,

@@ -14,64 +14,51 @@ from retrack.config.hashing import recipe_hash
 from retrack.config.model_kind import ModelKind
 from retrack.config.train import MethodConfig, TrainConfig
 from retrack.config.unlearn_run import UnlearnRun
-from retrack.data.corpus import decode_image
 from retrack.data.forget import check_forget_ids, requested_forget_ids
-from retrack.digest import config_digest, ids_digest, sha256_bytes
+from retrack.digest import ids_digest, sha256_bytes
+from retrack.data.source import CorpusPlan
 from retrack.errors import CorpusError, InputError, ModelLayoutError
+from retrack.storage.location import Location
 from retrack.methods import method_class
-from retrack.training.checkpoint import file_sha256
 from retrack.training.neighbours import exact_neighbours, read_neighbours_file
 from retrack.training.plan import DataPlan
 
 
 @dataclass
 class CorpusIndex:
-    """The corpus ids in corpus order (shards sorted by name, then row order), without images."""
+    """The corpus ids in corpus order (files sorted by path, then row order), without images, and
+    where each file starts: the rows of file n are `starts[n]:starts[n + 1]`."""
 
     ids: list[str]
-    shards: list[Path]
-    has_captions: bool
+    source: CorpusPlan
+    starts: np.ndarray
+
+    @property
+    def has_captions(self) -> bool:
+        return self.source.has_captions
+
+    def files_of(self, rows) -> list[int]:
+        """The files that hold the given corpus rows."""
+        return sorted({int(n) for n in np.searchsorted(self.starts, np.asarray(rows), side="right") - 1})
 
 
-def read_corpus_index(corpus_dir: str | Path) -> CorpusIndex:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def read_corpus_index(uri: str, endpoint: str | None = None) -> CorpusIndex:
+    """List the corpus (local path or s3://) and read its ids; no image is read."""
+    from retrack.data.source import file_ids, scan_corpus
 
-    from retrack.data.corpus import shard_paths
-
-    shards = shard_paths(corpus_dir)
-    ids: list[str] = []
-    has_captions = True
-    for shard in shards:
-        try:
-            pf = pq.ParquetFile(shard)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise CorpusError(f"shard {shard.name} cannot be read as parquet: {exc}") from None
-        names = pf.schema_arrow.names
-        if "id" not in names or "image" not in names:
-            raise CorpusError(f"shard {shard.name} lacks column(s) {sorted({'id', 'image'} - set(names))}; a corpus needs 'id' and 'image'")
-        has_captions &= "caption" in names
-        ids.extend(pf.read(columns=["id"]).column("id").to_pylist())
-    if any(not i for i in ids):
-        raise CorpusError("the corpus has empty ids")
-    if len(set(ids)) != len(ids):
-        raise CorpusError("ids occur more than once in the corpus")
-    return CorpusIndex(ids=ids, shards=shards, has_captions=has_captions)
+    source = scan_corpus(uri, endpoint=endpoint)
+    per_file = [file_ids(source, f) for f in source.files]
+    starts = np.cumsum([0] + [len(i) for i in per_file])
+    return CorpusIndex(ids=[i for ids in per_file for i in ids], source=source, starts=starts)
 
 
-def corpus_fingerprint(index: CorpusIndex) -> str:
-    """Cheap content key of a corpus: shard names and sizes plus the ordered ids."""
-    parts = [(p.name, p.stat().st_size) for p in index.shards]
-    return config_digest({"shards": parts, "ids": sha256_bytes("\n".join(index.ids).encode())})
-
-
-def resolve_model(uri: str, expected: ModelKind) -> Path:
+def resolve_model(uri: str, expected: ModelKind, endpoint: str | None = None) -> Path:
     """The model's local directory after checking its layout; a kind other than the expected one is refused."""
     from retrack.models.pixel import check_pixel_model_dir
     from retrack.models.sd import check_sd_model_dir, model_kind
     from retrack.storage.cache import local_model_dir
 
-    local = local_model_dir(uri)
+    local = local_model_dir(uri, endpoint=endpoint)
     found = model_kind(local)
     if found is not expected:
         raise ModelLayoutError(f"{uri} holds {found.description}, but model kind {expected.value!r} was requested")
@@ -123,15 +110,20 @@ class Prepared:
     config_hash: str
     run_name: str
 
+    @property
+    def output(self) -> Location:
+        """Where the unlearned model goes."""
+        return Location.parse(self.run.output_dir, endpoint=self.run.spec.storage.endpoint_url)
 
-def prepare(run: UnlearnRun) -> Prepared:
-    """All validation and planning that needs no cluster."""
+
+def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
+    """All validation and planning that needs no cluster (`corpus`: the corpus's ids, if read already)."""
     from retrack.models.pixel import model_digest
 
     spec = run.spec
-    kind = spec.model.kind
-    model_dir = resolve_model(spec.model.uri, kind)
-    corpus = read_corpus_index(spec.corpus.uri)
+    kind, endpoint = spec.model.kind, spec.storage.endpoint_url
+    model_dir = resolve_model(spec.model.uri, kind, endpoint)
+    corpus = corpus or read_corpus_index(spec.corpus.uri, endpoint)
     forget_ids = requested_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
     pos = {i: n for n, i in enumerate(corpus.ids)}
@@ -143,9 +135,9 @@ def prepare(run: UnlearnRun) -> Prepared:
         raise CorpusError("a Stable Diffusion corpus needs a 'caption' column (each item is conditioned on its own caption)")
     geometry = model_geometry(kind, model_dir)
     if kind is ModelKind.PIXEL_DDPM:
-        first = decode_image(_first_image(corpus), "first item")
-        if first.shape != geometry:
-            raise CorpusError(f"corpus images are {first.shape[1]}x{first.shape[0]}x{first.shape[2]} but the model denoises {geometry[1]}x{geometry[0]}x{geometry[2]}")
+        first = corpus.source.image_shape
+        if first != geometry:
+            raise CorpusError(f"corpus images are {first[1]}x{first[0]}x{first[2]} but the model denoises {geometry[1]}x{geometry[0]}x{geometry[2]}")
     needs = method_class(spec.method.name).requirements
     neighbours = None
     nbr_digest = None
@@ -156,10 +148,11 @@ def prepare(run: UnlearnRun) -> Prepared:
         check_k(k, len(retain_rows))
         if run.neighbours_file:
             retain_pos = {corpus.ids[r]: n for n, r in enumerate(retain_rows)}
-            neighbours = read_neighbours_file(run.neighbours_file, forget_ids, retain_pos, k)
-            nbr_digest = file_sha256(run.neighbours_file)
+            nb_file = Location.parse(run.neighbours_file, endpoint=endpoint)
+            neighbours = read_neighbours_file(nb_file, forget_ids, retain_pos, k)
+            nbr_digest = sha256_bytes(nb_file.read_bytes())
         else:
-            neighbours = exact_neighbours(kind, model_dir, Path(spec.corpus.uri), forget_rows, retain_rows, k, geometry[0])
+            neighbours = exact_neighbours(kind, model_dir, corpus.source, forget_rows, retain_rows, k, geometry[0])
             nbr_digest = "exact:" + sha256_bytes(neighbours.tobytes())
     plan = DataPlan(
         kind=kind,
@@ -169,7 +162,7 @@ def prepare(run: UnlearnRun) -> Prepared:
         neighbours=neighbours,
         item_shape=geometry,
         has_captions=corpus.has_captions,
-        corpus_fingerprint=corpus_fingerprint(corpus),
+        corpus_fingerprint=corpus.source.digest(),
         forget_digest=ids_digest(forget_ids),
         neighbours_digest=nbr_digest,
     )
@@ -177,8 +170,3 @@ def prepare(run: UnlearnRun) -> Prepared:
     name = run.run_name or f"{spec.request_id}-{chash[:12]}"
     return Prepared(run, model_dir, corpus, forget_rows, retain_rows, plan, chash, name)
 
-
-def _first_image(corpus: CorpusIndex) -> bytes:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(corpus.shards[0]).read_row_group(0, columns=["image"]).column("image")[0].as_py()

@@ -179,16 +179,16 @@ def test_a_rerun_trial_repeats_its_report_only_while_its_model_is_the_one_it_sco
     from retrack.models.pixel import write_model_dir
     from retrack.storage.location import Location
 
-    model = tmp_path / "models" / "k"
+    model = Location.parse(tmp_path / "models" / "k")
     record = Location.parse(tmp_path / "outcomes" / "k.json")
     assert saved_outcome(record, model) is None  # never finished
 
-    digest = write_model_dir(model, lambda tmp: (tmp / "weights").write_text("first"))
+    digest = write_model_dir(model.path, lambda tmp: (tmp / "weights").write_text("first"))
     report = {"status": "ok", "forget_frequency": 0.0, "frechet_distance": 9.5, "unlearn_seconds": 4.2, "model_digest": digest}
     record.write_json(report)
     assert saved_outcome(record, model) == report
 
-    write_model_dir(model, lambda tmp: (tmp / "weights").write_text("second"))  # replaced since it was scored
+    write_model_dir(model.path, lambda tmp: (tmp / "weights").write_text("second"))  # replaced since it was scored
     assert saved_outcome(record, model) is None
 
     collapsed = {"status": "collapsed", "stopped_step": 12, HEALTH_METRIC: 4.0}

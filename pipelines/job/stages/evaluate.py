@@ -1,7 +1,8 @@
 """[evaluate] Sample the original and the unlearned model on the same seeds and score forgetting,
 quality and integrity; the verdict says whether the items were forgotten within the quality gate.
 
-Needs the unlearned model, the settled forget set and the corpus (read by preflight).
+Needs the unlearned model, the settled forget set and the corpus (its images read from storage
+by the driver here).
 `pipelines.evaluate.evaluate_request` (pixel DDPMs) or `evaluate_sd_request` (Stable Diffusion,
 whose scoring reads the forgotten items' nearest retained items from the index) does the work.
 Writes the report (`report/` under the job prefix: metrics, sample grids); its record holds the
@@ -42,8 +43,9 @@ def _evaluate_pixel(ctx: JobContext) -> dict:
     forget = ctx.forget_set()
     ref, threshold = evaluation_reference(ctx, forget)
     ev = evaluate_request(
-        ctx.pre.model_dir, ctx.unlearned_model(), ref, ev_spec.num_samples, ev_spec.seed,
+        ctx.original_for_workers(), ctx.unlearned_uri(), ref, ev_spec.num_samples, ev_spec.seed,
         ev_spec.max_frequency_ratio, ev_spec.membership_alpha, ctx.jobdir.local / "report", spec.request_id, _context(ctx, forget),
+        endpoint=spec.storage.endpoint_url,
     )
     ctx.jobdir.publish("report")
     return {"verdict": ev.verdict.label, "metrics": ev.metrics, "forget_threshold": threshold}
@@ -59,10 +61,11 @@ def evaluation_reference(ctx: JobContext, forget: list[str]) -> tuple["EvalRefer
     if corpus.labels is None:
         raise InputError("the corpus has no labels: the Fréchet distance needs a classifier trained on labelled retained data")
     keep = np.setdiff1d(np.arange(len(corpus)), corpus.index_of(forget))
-    clf_dir = ctx.jobdir.local / "classifier"
+    clf_dir = ctx.jobdir.fetch("classifier")
     if not (clf_dir / "model.safetensors").is_file():
         clf, _ = train_classifier(corpus.images[keep], corpus.labels[keep], seed=ctx.spec.evaluation.seed)
         save_classifier(clf, clf_dir)
+        ctx.jobdir.publish("classifier")
     threshold = ctx.spec.evaluation.forget_threshold or _default_forget_threshold(corpus, forget)
     return build_reference(corpus, forget, threshold, load_classifier(clf_dir), ctx.pre.holdout), threshold
 
@@ -87,9 +90,8 @@ def _evaluate_sd(ctx: JobContext) -> dict:
     forget = ctx.forget_set()
     items = sd_evaluation_items(ctx, forget)
     # s3:// models reach the Ray tasks as URIs (every node fetches them), local ones as their files.
-    unlearned = str(jobdir.remote / "model") if jobdir.remote.is_s3 and ctx.model is None else ctx.unlearned_model()
     ev = evaluate_sd_request(
-        ctx.original_for_workers(), unlearned, items, spec.evaluation, spec.evaluation.max_frequency_ratio, spec.evaluation.membership_alpha,
+        ctx.original_for_workers(), ctx.unlearned_uri(), items, spec.evaluation, spec.evaluation.max_frequency_ratio, spec.evaluation.membership_alpha,
         jobdir.local / "report", spec.request_id, _context(ctx, forget), endpoint=spec.storage.endpoint_url,
     )
     jobdir.publish("report")

@@ -1,7 +1,7 @@
 """[index] Ray Data streams the corpus, encodes it (pixels; for Stable Diffusion the VAE's
 latents, the space it denoises) and builds the sharded faiss index and its manifest.
 
-Needs the corpus (read by preflight). `pipelines.index.build` does the work; an index already
+Needs the corpus listing (read by preflight); the tasks read the corpus files by URI. `pipelines.index.build` does the work; an index already
 built for the same corpus and encoder is kept. Writes `<storage root>/indexes/<corpus key>[-vae-
 <encoder digest>]`, shared by every job on that corpus; its record holds the manifest digest.
 """
@@ -22,10 +22,10 @@ def run(ctx: JobContext) -> dict:
     if spec.model.kind is ModelKind.STABLE_DIFFUSION:
         from retrack.index import EncoderSpec
 
-        encoder = EncoderSpec(kind="vae", model_dir=str(ctx.pre.model_dir / "vae"), device="cuda" if spec.scaling.use_gpu else "cpu")
+        encoder = EncoderSpec(kind="vae", model_dir=spec.model.uri, device="cuda" if spec.scaling.use_gpu else "cpu")
         key += "-vae-" + encoder.digest()[:12]  # one index per (corpus, VAE): a pixel index of the same corpus is kept
     out = ctx.storage / "indexes" / key
     params = IndexParams(type=spec.index.kind, flat_max=spec.index.flat_max_items)
-    result = build(str(ctx.pre.corpus_dir), str(out), encoder=encoder, params=params, endpoint=spec.storage.endpoint_url)
+    result = build(spec.corpus.uri, str(out), encoder=encoder, params=params, endpoint=spec.storage.endpoint_url)
     console.print(f"index {result.status}: {result.manifest.index_type}, {result.manifest.count} vectors")
     return {"index_uri": str(out), "manifest_digest": result.manifest.content_digest()}

@@ -13,7 +13,6 @@ import numpy as np
 
 from pipelines.job.context import JobContext
 from pipelines.progress import console
-from retrack.config.model_kind import ModelKind
 from retrack.data.neighbours import write_neighbours
 from retrack.digest import ids_digest
 
@@ -23,36 +22,27 @@ def run(ctx: JobContext) -> dict:
 
     spec, idx = ctx.spec, ctx.records["index"]
     index = open_index(idx["index_uri"], endpoint=spec.storage.endpoint_url, manifest_digest=idx["manifest_digest"])
-    threshold = spec.forget.duplicate_threshold or _default_duplicate_threshold(ctx, index if spec.model.kind is ModelKind.STABLE_DIFFUSION else None)
+    threshold = spec.forget.duplicate_threshold or _default_duplicate_threshold(index)
     report = find_duplicates(index, ctx.pre.forget_ids, threshold, policy=spec.forget.duplicates)
     if report.count:
         console.print(f"near-duplicates of the forget set: {report.count} (policy {spec.forget.duplicates})")
     forget = report.forget_ids
     nb = find_neighbours(index, forget, spec.method.k, margin=spec.index.candidates_margin) if spec.method.needs_neighbours else None
-    local = ctx.jobdir.local
-    (local / "forget_ids.txt").write_text("\n".join(forget) + "\n")
+    remote = ctx.jobdir.remote
+    (remote / "forget_ids.txt").write_text("\n".join(forget) + "\n")
     mapping = {} if nb is None else {fid: ids for fid, ids in zip(nb.forget_ids, nb.ids)}
-    write_neighbours(local / "neighbours.json", mapping)
-    ctx.jobdir.publish("forget_ids.txt")
-    ctx.jobdir.publish("neighbours.json")
+    write_neighbours(remote / "neighbours.json", mapping)
     return {"forget_count": len(forget), "duplicates_added": report.count if spec.forget.duplicates == "add" else 0,
             "forget_ids_digest": ids_digest(forget), "duplicate_threshold": threshold}
 
 
-def _default_duplicate_threshold(ctx: JobContext, index=None) -> float:
+def _default_duplicate_threshold(index) -> float:
     """Model-space L2 under which two items are copies: a tenth of the typical nearest-neighbour
-    distance between distinct retained items (exact copies sit at 0). With `index`, measured on
-    its vectors (Stable Diffusion: VAE latents, the space duplicates are searched in)."""
-    from retrack.index.exact import exact_knn
-
+    distance between distinct retained items (exact copies sit at 0), measured on the index's
+    vectors (the space duplicates are searched in: pixels, or Stable Diffusion's VAE latents)."""
     rng = np.random.default_rng(0)
-    if index is not None:
-        rows = rng.choice(len(index), min(len(index), 512), replace=False)
-        d2, _ = index.search(index.vectors(rows), 2)
-        d = np.sqrt(np.maximum(d2, 0.0))
-    else:
-        corpus = ctx.pre.corpus
-        sample = corpus.images[rng.choice(len(corpus), min(len(corpus), 512), replace=False)]
-        d, _ = exact_knn(sample, corpus.images, 2)
+    rows = rng.choice(len(index), min(len(index), 512), replace=False)
+    d2, _ = index.search(index.vectors(rows), 2)
+    d = np.sqrt(np.maximum(d2, 0.0))
     positive = d[:, 1][d[:, 1] > 1e-6]
     return float(0.1 * np.median(positive)) if len(positive) else 1e-3

@@ -1,15 +1,15 @@
 """[unlearn] Ray Train: TorchTrainer workers run the method (ReTrack by default) with DDP,
 checkpoint to storage and resume after a failure.
 
-Needs the original model, the corpus, and the neighbours stage's forget set and neighbours.
+Needs the original model, the corpus and the neighbours stage's forget set and neighbours, all
+by URI (the workers read them from storage themselves).
 `pipelines.unlearn.driver.unlearn` does the work (`train` below is the job's one call into it; tuning
-trials use it too). Writes the unlearned model (`model/` under the job prefix); its record holds
+trials use it too). Writes the unlearned model (`model/` under the job prefix, completion marker last); its record holds
 the model's digest, the wall time and the step it resumed from.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.job.context import JobContext
@@ -19,30 +19,25 @@ if TYPE_CHECKING:
 
 
 def run(ctx: JobContext) -> dict:
-    result = train(ctx, ctx.jobdir.local / "model", ctx.spec.run_name)
-    ctx.jobdir.publish("model")
+    result = train(ctx, ctx.unlearned_uri(), ctx.spec.run_name)
     return {"model_digest": result.digest, "wall_seconds": result.seconds, "steps": result.steps,
             "final_loss": result.history[-1]["loss"] if result.history else None, "resumed_from": result.resumed_from}
 
 
-def train(ctx: JobContext, output_dir: Path, run_name: str, monitor: "TrainMonitor | None" = None) -> "UnlearnResult":
+def train(ctx: JobContext, output: str, run_name: str, monitor: "TrainMonitor | None" = None) -> "UnlearnResult":
     """Unlearn with `ctx.spec`'s method and training settings (a tuning trial's context carries
-    its own) into `output_dir`."""
+    its own) into `output` (a URI)."""
     from pipelines.unlearn.driver import unlearn
     from retrack.config.unlearn_run import UnlearnRun
 
-    spec, jobdir = ctx.spec, ctx.jobdir
-    # The workers read the driver's copies of the inputs and the neighbours stage's forget set.
-    stage = spec.model_copy(update={
-        "model": spec.model.model_copy(update={"uri": ctx.original_for_workers()}),
-        "corpus": spec.corpus.model_copy(update={"uri": str(ctx.pre.corpus_dir)}),
-        "forget": spec.forget.model_copy(update={"ids": None, "file": str(jobdir.fetch("forget_ids.txt"))}),
-    })
+    spec, remote = ctx.spec, ctx.jobdir.remote
+    # Every input by URI: the neighbours stage's forget set and neighbours are under the job prefix.
+    stage = spec.model_copy(update={"forget": spec.forget.model_copy(update={"ids": None, "file": str(remote / "forget_ids.txt")})})
     run = UnlearnRun(
         spec=stage,
-        output_dir=str(output_dir),
+        output_dir=output,
         checkpoint_root=str(ctx.storage / "checkpoints"),
-        neighbours_file=str(jobdir.fetch("neighbours.json")) if spec.method.needs_neighbours else None,
+        neighbours_file=str(remote / "neighbours.json") if spec.method.needs_neighbours else None,
         run_name=run_name,
     )
-    return unlearn(run, address=ctx.address, monitor=monitor)
+    return unlearn(run, address=ctx.address, monitor=monitor, corpus=ctx.pre.corpus_index)
