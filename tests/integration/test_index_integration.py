@@ -92,10 +92,10 @@ def test_image_folder_on_s3_and_bad_input_through_ray(ray_local, s3_env, tmp_pat
     Image.fromarray(np.zeros((10, 8), np.uint8)).save(folder / "p999.png")
     uri = upload(folder, s3_env, f"{run}/imgs")
     with pytest.raises(CorpusError, match="item 'p999'.*image is 8x10x1, the corpus is 8x8x1") as caught:
-        build(uri, s3_env.uri(f"{run}/idx"))
+        build(uri, s3_env.uri(f"{run}/idx"), format="imagefolder")
     # The map task's own error (found by cause), with retrack's message alone: no Ray traceback or hints.
     assert type(caught.value) is CorpusError and "\n" not in str(caught.value)
-    res = build(uri, s3_env.uri(f"{run}/idx"), on_bad="skip")
+    res = build(uri, s3_env.uri(f"{run}/idx"), on_bad="skip", format="imagefolder")
     assert res.manifest.count == 30 and res.manifest.skipped == 1
     report = (Location.parse(s3_env.uri(f"{run}/idx")) / "bad_rows.jsonl").read_text()
     assert json.loads(report.splitlines()[0])["id"] == "p999"
