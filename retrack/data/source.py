@@ -117,7 +117,7 @@ def scan_corpus(uri: "str | Location", format: str = "parquet", *, rows_per_chun
     if not files:
         found = Counter(e.location.name.rpartition(".")[2].lower() if "." in e.location.name else "(none)" for e in entries)
         what = ", ".join(f"{n} .{ext}" for ext, n in found.most_common(5)) or "nothing"
-        raise CorpusError(f"corpus {root.uri} holds no {fmt.WHAT} (corpus.format is {format!r}; it holds {what})")
+        raise CorpusError(f"corpus {root.uri} holds no {fmt.WHAT}; corpus.format is {format!r} and the folder holds {what}")
     _check_unique(root, format, files, hashes)
     plan = CorpusPlan(root, format, files, (0, 0, 0))
     plan.image_shape = _first_image_shape(plan)

@@ -12,7 +12,7 @@ import pytest
 
 from retrack.data.corpus import encode_image
 from retrack.data.source import FORMATS, iter_file_batches, require_captions, scan_corpus
-from retrack.errors import CaptionsMissingError, CorpusError, InputError
+from retrack.errors import CaptionsMissingError, CorpusError, InputError, StorageError
 from retrack.index import build_index, open_index
 from tests.fixtures.corpora import (
     WRITERS, add_member, clustered_images, corpus_rows, write_formats, write_imagefolder, write_webdataset,
@@ -213,14 +213,23 @@ def test_duplicate_ids_across_files(tmp_path, name):
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_an_empty_corpus_or_another_format(tmp_path, name):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CorpusError, match=f"holds no {re.escape(FORMATS[name].WHAT)}.*it holds nothing"):
+    with pytest.raises(CorpusError, match=f"holds no {re.escape(FORMATS[name].WHAT)}; .* the folder holds nothing"):
         scan_corpus(tmp_path / "empty", name)
     other = "webdataset" if name == "parquet" else "parquet"
     d = write_formats(small_rows(), tmp_path / "f", shard_size=3)[other]
-    with pytest.raises(CorpusError, match=f"corpus.format is '{name}'; it holds 2 .{'tar' if other == 'webdataset' else 'parquet'}"):
+    with pytest.raises(CorpusError, match=f"corpus.format is '{name}' and the folder holds 2 .{'tar' if other == 'webdataset' else 'parquet'}"):
         scan_corpus(d, name)
     with pytest.raises(CorpusError, match="does not exist"):
         scan_corpus(tmp_path / "nothing", name)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_a_file_deleted_after_the_scan_is_a_storage_error_naming_it(tmp_path, name):
+    plan = scan_corpus(write_formats(small_rows(), tmp_path, shard_size=3)[name], name)
+    f = plan.files[1]
+    plan.location_of(f).remove()
+    with pytest.raises(StorageError, match=f"{re.escape(f.uri)} .*does not exist"):
+        list(iter_file_batches(plan, f, 10))
 
 
 def test_unknown_format_and_policy():
@@ -233,7 +242,26 @@ def test_unknown_format_and_policy():
 def test_webdataset_keys_follow_the_convention(tmp_path):
     """key = the member path up to the first '.' of its base name; folders are part of the key."""
     png = encode_image(clustered_images(1)[0])
-    write_tar(tmp_path / "wds" / "a.tar", [("d.v1/x.png", png), ("d.v1/x.seg.txt", b"ignored"), ("d.v1/x.TXT", b"hello"),
-                                           ("./y.jpeg", png)])
+    write_tar(tmp_path / "wds" / "a.tar", [
+        ("d.v1/x.png", png), ("d.v1/x.seg.txt", b"ignored"), ("d.v1/x.json", b'{"caption": "not this"}'), ("d.v1/x.TXT", b"hello"),
+        ("./y.jpeg", png), ("./y.json", b'{"key": "other", "text": "from json"}'),
+        ("z.webp", png),
+    ])
     plan = scan_corpus(tmp_path / "wds", "webdataset")
-    assert all_rows(plan) == [("d.v1/x", png, "hello"), ("./y", png, None)]
+    assert all_rows(plan) == [("d.v1/x", png, "hello"), ("./y", png, "from json"), ("z", png, None)]
+    assert plan.captioned == 2
+
+
+def test_cli_index_build_takes_the_format(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli.index import cli
+
+    root = write_webdataset(small_rows(12), tmp_path / "wds", shard_size=5)
+    run = CliRunner().invoke
+    res = run(cli, ["build", str(root), str(tmp_path / "idx"), "--local", "--format", "webdataset"])
+    assert res.exit_code == 0, res.output
+    assert "index built: 12 vectors" in res.output
+    res = run(cli, ["build", str(root), str(tmp_path / "idx2"), "--local"])
+    out = " ".join(res.output.split())  # the console wraps long lines
+    assert res.exit_code == 2 and "holds no parquet shards (*.parquet); corpus.format is 'parquet' and the folder holds 3 .tar" in out
