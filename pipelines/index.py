@@ -121,7 +121,7 @@ def _source_file(row: dict):
     return SourceFile(**{k: row[k] for k in _FILE_FIELDS})
 
 
-def _read_files(batch, plan):
+def _read_files(batch, plan, batch_size):
     """map_batches UDF: the rows (path, id, image) of the corpus files listed in `batch`, streamed
     by the library's reader a batch at a time."""
     import pyarrow as pa
@@ -130,7 +130,7 @@ def _read_files(batch, plan):
 
     for row in batch.to_pylist():
         f = _source_file(row)
-        for ids, images, _ in iter_file_batches(plan, f, 256):
+        for ids, images, _ in iter_file_batches(plan, f, batch_size):
             yield pa.table({"path": [f.rel] * len(ids), "id": pa.array(ids, pa.string()), "image": pa.array(images, pa.binary())})
 
 
@@ -237,7 +237,7 @@ class RayExecutor:
         elif plan.format == "webdataset":
             files = [{k: getattr(f, k) for k in _FILE_FIELDS} for f in job.chunk.files]
             ds = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
-                _read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"plan": replace(plan, files=[], chunks=[])})
+                _read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"plan": replace(plan, files=[], chunks=[]), "batch_size": self.batch_size})
             id_col, img_col = "id", "image"
         else:
             ds = ray.data.read_binary_files(paths, filesystem=plan.root.fs, include_paths=True)
