@@ -5,13 +5,14 @@ The plan (what to reuse, what to redo) is `retrack.index.build_index`; this modu
 the `RayExecutor` that does the work on a cluster:
 
 - encode, per chunk, from a local path or S3; streaming: the driver never holds the corpus.
-  - Parquet shards with the pixel encoder: a Ray Data dataset of the chunk's file numbers whose
+  - Parquet or WebDataset shards with the pixel encoder: a Ray Data dataset of the chunk's files whose
     `map_batches` task reads, decodes, encodes and writes one file, batch by batch
     (`retrack.index.build.encode_file`, the single-process loop's own function). Ray Data's
     `read_parquet` -> `map_batches` -> `write_parquet` chain did the same work ~45% slower per
     row inside its tasks (40,000 64x64 images: 15 s against the loop's 10.5 s on one CPU; the
     same code run by Ray Data one file per task: 2.7 s per 10,000 rows, the loop's speed).
-  - An image folder, or the VAE: `ray.data.read_parquet` (`read_binary_files` for a folder),
+  - An image folder, or the VAE: `ray.data.read_parquet` (`read_binary_files` for a folder; for
+    WebDataset shards a dataset of files whose tasks stream rows with the library's own reader),
     `map_batches` to decode, check, normalise and encode, `write_parquet` of (id, vector); memory
     stays bounded by Ray Data's backpressure. The pixel encoder runs as a plain function (fused
     with the read); the VAE runs in an actor pool (the model is loaded once per actor, on a GPU
@@ -105,13 +106,12 @@ def _encode_files(batch, plan, s3, spec, on_bad, batch_size):
     """map_batches UDF: encode the corpus files listed in `batch` (one row per file: its chunk's
     destination, its part number there and the file itself), each into its own part."""
     from retrack.index.build import encode_files
-    from retrack.data.source import SourceFile
     from retrack.storage.location import Location
 
     rows = [dict(zip(batch, values)) for values in zip(*(v.tolist() for v in batch.values()))]
     try:
         for dest in dict.fromkeys(r["dest"] for r in rows):
-            files = [(SourceFile(*(r[k] for k in _FILE_FIELDS)), r["n"]) for r in rows if r["dest"] == dest]
+            files = [(_source_file(r), r["n"]) for r in rows if r["dest"] == dest]
             encode_files(plan, files, Location(dest, s3), _pixel_encoder(spec), on_bad, batch_size)
     except RetrackError as exc:
         # Returned, not raised: a failed task makes Ray Data drop the outputs of tasks that had
@@ -121,7 +121,26 @@ def _encode_files(batch, plan, s3, spec, on_bad, batch_size):
     return {"job": batch["job"], "rows": batch["rows"], "error": np.full(len(rows), None, dtype=object)}
 
 
-_FILE_FIELDS = ("uri", "rel", "size", "mtime_ns", "rows")
+def _source_file(row: dict):
+    from retrack.data.source import SourceFile
+
+    return SourceFile(**{k: row[k] for k in _FILE_FIELDS})
+
+
+def _read_files(batch, plan, batch_size):
+    """map_batches UDF: the rows (path, id, image) of the corpus files listed in `batch`, streamed
+    by the library's reader a batch at a time."""
+    import pyarrow as pa
+
+    from retrack.data.source import iter_file_batches
+
+    for row in batch.to_pylist():
+        f = _source_file(row)
+        for ids, images, *_ in iter_file_batches(plan, f, batch_size):
+            yield pa.table({"path": [f.rel] * len(ids), "id": pa.array(ids, pa.string()), "image": pa.array(images, pa.binary())})
+
+
+_FILE_FIELDS = ("uri", "rel", "size", "mtime_ns", "rows", "captioned", "caption")
 # Ray's own processes work for every task, on the workers' cores: 20 one-file tasks of 0.5 s took
 # 6.5 s where 10 two-file tasks took 6.35 s (docs/scaling.md). A task takes files while it stays
 # under _TASK_BYTES; at least _TASKS_PER_CPU tasks per CPU keep the last wave even.
@@ -167,7 +186,7 @@ class RayExecutor:
         saved_block_size = ctx.target_max_block_size
         ctx.target_max_block_size = min(saved_block_size or 32 << 20, 32 << 20)
         try:
-            if plan.kind == "parquet" and encoder.kind == "pixels":
+            if plan.format != "imagefolder" and encoder.kind == "pixels":
                 self._encode_per_file(ray, plan, jobs, encoder, on_bad, progress, chunk_done)
             else:
                 total, rows = sum(job.chunk.rows for job in jobs), 0
@@ -218,8 +237,13 @@ class RayExecutor:
         """Read blocks -> decode and encode (a fused function for pixels, an actor pool for the VAE) -> write."""
         root_prefix = plan.root.path.rstrip("/") + "/"
         paths = [plan.location_of(f).path for f in job.chunk.files]
-        if plan.kind == "parquet":
+        if plan.format == "parquet":
             ds = ray.data.read_parquet(paths, filesystem=plan.root.fs, include_paths=True)
+            id_col, img_col = "id", "image"
+        elif plan.format == "webdataset":
+            files = [{k: getattr(f, k) for k in _FILE_FIELDS} for f in job.chunk.files]
+            ds = ray.data.from_items(files, override_num_blocks=len(files)).map_batches(
+                _read_files, batch_size=1, batch_format="pyarrow", fn_kwargs={"plan": replace(plan, files=[], chunks=[]), "batch_size": self.batch_size})
             id_col, img_col = "id", "image"
         else:
             ds = ray.data.read_binary_files(paths, filesystem=plan.root.fs, include_paths=True)
@@ -267,10 +291,11 @@ class RayExecutor:
 
 def build(corpus: str, out: str, encoder=None, params=None, on_bad: str = "fail", rows_per_chunk: int = 200_000,
           force: bool = False, endpoint: str | None = None, ray_address: str | None = None, num_cpus: int | None = None,
-          progress=None, executor: RayExecutor | None = None):
+          progress=None, executor: RayExecutor | None = None, format: str = "parquet"):
     """Build (or reuse / repair) the index with Ray; see `retrack.index.build_index`."""
     from retrack.index import EncoderSpec, IndexParams, build_index
 
     ensure_ray(ray_address, num_cpus)
     return build_index(corpus, out, encoder or EncoderSpec(), params or IndexParams(), executor or RayExecutor(),
-                       on_bad=on_bad, rows_per_chunk=rows_per_chunk, force=force, endpoint=endpoint, progress=progress)
+                       on_bad=on_bad, rows_per_chunk=rows_per_chunk, force=force, endpoint=endpoint, progress=progress,
+                       format=format)

@@ -6,6 +6,7 @@ a code extends its parent's, so `code.startswith("input.")` means "bad input":
     retrack                          RetrackError, the base
     input                            InputError: a user-supplied input is invalid
     input.corpus                     CorpusError
+    input.corpus.captions            CaptionsMissingError: an item has no caption where each needs one
     input.forget_set                 ForgetSetError
     input.forget_set.duplicates      retrack.index.search.DuplicatesFound (`report`)
     input.model_layout               ModelLayoutError
@@ -71,6 +72,12 @@ class CorpusError(InputError):
     """The corpus is malformed: corrupt or mis-sized images, duplicate or missing ids, empty shards."""
 
     code = "input.corpus"
+
+
+class CaptionsMissingError(CorpusError):
+    """Some corpus item has no caption, and the model (Stable Diffusion) is trained on each item's own."""
+
+    code = "input.corpus.captions"
 
 
 class ForgetSetError(InputError):

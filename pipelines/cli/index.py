@@ -36,8 +36,9 @@ def _write(uri: str, text: str, endpoint: str | None) -> None:
 
 @cli.command("build")
 def build_cmd(
-    corpus: str = typer.Argument(..., help="Corpus: parquet shards or an image folder (path or s3://bucket/prefix)."),
+    corpus: str = typer.Argument(..., help="Corpus folder (path or s3://bucket/prefix) in the --format given."),
     out: str = typer.Argument(..., help="Index folder (path or s3://bucket/prefix)."),
+    corpus_format: str = typer.Option("parquet", "--format", help="parquet (id, image[, caption] shards), imagefolder (image files + metadata.jsonl) or webdataset (tar shards)."),
     encoder: str = typer.Option("pixels", help="pixels (pixel DDPMs) or vae (Stable Diffusion latents)."),
     vae_dir: Optional[str] = typer.Option(None, help="vae: the Stable Diffusion pipeline folder (or its vae/); items are encoded at its resolution."),
     device: str = typer.Option("cuda", help="vae: device of the encoding actors when the cluster has GPUs."),
@@ -74,10 +75,10 @@ def build_cmd(
             if local:
                 res = build_index(corpus, out, spec, params, LocalExecutor(threads=os.cpu_count() or 1),
                                   on_bad=on_bad, rows_per_chunk=rows_per_chunk, force=force, endpoint=endpoint,
-                                  progress=progress)
+                                  progress=progress, format=corpus_format)
             else:
                 res = build(corpus, out, spec, params, on_bad, rows_per_chunk, force, endpoint, ray_address, num_cpus,
-                            progress, RayExecutor(show_progress=True))
+                            progress, RayExecutor(show_progress=True), format=corpus_format)
     except RetrackError as exc:
         _fail(exc)
     m = res.manifest

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from retrack.config.model_kind import ModelKind
 from retrack.config.spec import JobSpec
-from retrack.errors import CorpusError
 from retrack.storage.location import Location
 from retrack.training.prepare import CorpusIndex, read_corpus_index
 
@@ -26,7 +25,8 @@ class Preflight:
     model_dir: Path  # the driver's copy of the original model (checks, digests, pixel scoring)
     forget_ids: list[str]  # as requested (the neighbours stage may add near-duplicates)
     endpoint: str | None = None
-    holdout_uri: str | None = None  # evaluation.holdout_uri
+    holdout_uri: str | None = None  # evaluation.holdout_uri (in the corpus's format)
+    format: str = "parquet"
 
     @property
     def corpus_key(self) -> str:
@@ -44,13 +44,13 @@ class Preflight:
     def holdout(self) -> "Corpus | None":
         from retrack.data.corpus import read_corpus
 
-        return None if self.holdout_uri is None else read_corpus(self.holdout_uri, self.endpoint)
+        return None if self.holdout_uri is None else read_corpus(self.holdout_uri, self.endpoint, self.format)
 
 
 def preflight(spec: JobSpec) -> Preflight:
     """Every check that can refuse the job, before any index, training or registration."""
     from retrack.data.forget import check_forget_ids, requested_forget_ids
-    from retrack.data.source import scan_corpus
+    from retrack.data.source import require_captions, scan_corpus
     from retrack.lineage.store import check_tracking_server
     from retrack.models.pixel import check_pixel_model_dir, scheduler_timesteps
     from retrack.models.sd import check_sd_model_dir
@@ -70,14 +70,16 @@ def preflight(spec: JobSpec) -> Preflight:
     sd = spec.model.kind is ModelKind.STABLE_DIFFUSION
     (check_sd_model_dir if sd else check_pixel_model_dir)(model_dir)
     spec.method.check_schedule(scheduler_timesteps(model_dir))
-    corpus = read_corpus_index(spec.corpus.uri, endpoint)
-    holdout = scan_corpus(spec.evaluation.holdout_uri, endpoint=endpoint) if spec.evaluation.holdout_uri else None
+    fmt = spec.corpus.format
+    corpus = read_corpus_index(spec.corpus.uri, fmt, endpoint)
+    holdout = scan_corpus(spec.evaluation.holdout_uri, fmt, endpoint=endpoint) if spec.evaluation.holdout_uri else None
     if sd:  # each item is trained on, and its memorisation checked with, its own caption
         for what, source in (("corpus", corpus.source), ("evaluation.holdout_uri", holdout)):
-            if source is not None and not source.has_captions:
-                raise CorpusError(f"{what}: a Stable Diffusion corpus needs a caption for every item (each item is conditioned on its own caption)")
+            if source is not None:
+                require_captions(source, what)
     forget_ids = requested_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
     if spec.method.needs_neighbours:
         check_k(spec.method.k, len(corpus.ids) - len(forget_ids))
-    return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=forget_ids, endpoint=endpoint, holdout_uri=spec.evaluation.holdout_uri)
+    return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=forget_ids, endpoint=endpoint,
+                     holdout_uri=spec.evaluation.holdout_uri, format=fmt)

@@ -66,7 +66,7 @@ class CorpusSpec(StrictModel):
     """The training corpus the model was trained on."""
 
     uri: str = Field(..., description="Local path or s3://bucket/prefix holding the corpus.")
-    format: Literal["parquet", "imagefolder"] = Field("parquet", description="parquet: shards of (id, image bytes[, label][, caption]); imagefolder: image files, id = relative path without extension.")
+    format: Literal["parquet", "imagefolder", "webdataset"] = Field("parquet", description="parquet: shards of (id, image bytes[, caption][, label]); imagefolder: image files (id = path without extension) with captions in metadata.jsonl files, the Hugging Face convention; webdataset: tar shards of samples (id = key; image jpg|jpeg|png|webp; caption txt, or json caption|text).")
 
     @field_validator("uri")
     @classmethod

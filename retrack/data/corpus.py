@@ -106,17 +106,17 @@ def _write_shard(path: Path, rows: list[dict]) -> None:
     pq.write_table(pa.Table.from_pydict(cols, schema=SCHEMA), path)
 
 
-def iter_rows(corpus: "str | Path | CorpusPlan", endpoint: str | None = None) -> Iterator[dict]:
-    """Every row ({id, image, caption, label}) of a corpus (a local path, an s3:// URI or a scanned
-    plan), streamed file by file."""
+def iter_rows(corpus: "str | Path | CorpusPlan", endpoint: str | None = None, format: str = "parquet") -> Iterator[dict]:
+    """Every row ({id, image, caption, label}) of a corpus (a local path or s3:// URI of the given
+    format, or a scanned plan), streamed file by file."""
     from retrack.data.source import CorpusPlan, iter_file_rows, scan_corpus
 
-    plan = corpus if isinstance(corpus, CorpusPlan) else scan_corpus(corpus, endpoint=endpoint)
+    plan = corpus if isinstance(corpus, CorpusPlan) else scan_corpus(corpus, format, endpoint=endpoint)
     for f in plan.files:
         yield from iter_file_rows(plan, f)
 
 
-def read_corpus(corpus: "str | Path | CorpusPlan", endpoint: str | None = None) -> Corpus:
+def read_corpus(corpus: "str | Path | CorpusPlan", endpoint: str | None = None, format: str = "parquet") -> Corpus:
     """Read and check a small corpus into memory (the embedded benchmark, an evaluation's
     reference): unique non-empty ids, decodable images of one size."""
     ids: list[str] = []
@@ -124,7 +124,7 @@ def read_corpus(corpus: "str | Path | CorpusPlan", endpoint: str | None = None) 
     labels: list[int | None] = []
     captions: list[str | None] = []
     shape = None
-    for row in iter_rows(corpus, endpoint):
+    for row in iter_rows(corpus, endpoint, format):
         item_id = row["id"]
         if not item_id:
             raise CorpusError(f"row {len(ids)}: empty id")

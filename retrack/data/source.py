@@ -1,12 +1,21 @@
-"""The corpus as the index stage sees it: a list of files, checked before anything is encoded.
+"""The corpus as the stages see it: a list of files, checked before anything is encoded.
 
-A corpus is either parquet shards (columns `id`, `image` [, `label`, `caption`]) or a folder of
-image files (id = the path relative to the folder, without its suffix), on a local path or S3.
-`scan_corpus` lists it, reads every parquet footer and the `id` column only (never the images),
-and refuses bad input before the expensive encode: unreadable shards, missing columns, empty or
-missing ids, duplicate ids. Its digest (paths, sizes, modification times) keys the cache: a
+A corpus has one explicit format (`CorpusSpec.format`; each in `retrack.data.formats`):
+
+- parquet: shards with columns `id`, `image` (bytes) [, `caption`, `label`];
+- imagefolder: image files (id = the path relative to the root, without its suffix), captions in
+  Hugging Face style `metadata.jsonl` files;
+- webdataset: tar shards whose samples are keyed members (`key.jpg`, `key.txt`, `key.json`).
+
+All are read from a local path or S3, a file at a time and streamed, never copied whole.
+`scan_corpus` lists the corpus and reads its ids and captions (never the images, except the first
+one for the image size) and refuses bad input before the expensive encode: unreadable files, missing
+columns, malformed metadata, empty or missing ids, duplicate ids across files, an empty corpus. Its
+digest (paths, sizes, modification times, and an image folder's captions) keys the cache: a
 rewritten or added file changes it. Files are grouped into chunks of about `rows_per_chunk` rows;
-a chunk is the unit of encoding, resumption and index sharding.
+a chunk is the unit of encoding, resumption and index sharding. `iter_file_batches` streams the
+rows (ids, image bytes, captions) of one file; `require_captions` refuses a corpus in which some
+item has no caption (a Stable Diffusion model is trained on each item's own caption).
 
 `decode_batch` is the per-batch work both the Ray stage and the single-process loop run: decode,
 check the image size against the corpus's, normalise and encode.
@@ -15,30 +24,25 @@ check the image size against the corpus's, normalise and encode.
 from __future__ import annotations
 
 import hashlib
-import posixpath
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from retrack.data.corpus import decode_image
+from retrack.data.formats import FORMATS, RowBatch, SourceFile, corpus_format, image_id
 from retrack.digest import config_digest
-from retrack.errors import CorpusError
-from retrack.storage.location import FileEntry, Location
+from retrack.errors import CaptionsMissingError, CorpusError, InputError
+from retrack.storage.location import Location
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+__all__ = [
+    "BadRow", "Chunk", "CorpusPlan", "FORMATS", "ON_BAD", "RowBatch", "SourceFile", "decode_batch", "image_id",
+    "file_ids", "iter_file_batches", "iter_file_rows", "plan_chunks", "require_captions", "scan_corpus", "table_vectors", "vectors_table",
+]
+
 ON_BAD = ("fail", "skip")
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    uri: str
-    rel: str
-    size: int
-    mtime_ns: int
-    rows: int
 
 
 @dataclass(frozen=True)
@@ -57,18 +61,28 @@ class Chunk:
 @dataclass
 class CorpusPlan:
     root: Location
-    kind: str  # parquet | images
+    format: str  # parquet | imagefolder | webdataset
     files: list[SourceFile]
     image_shape: tuple[int, int, int]  # H, W, C of the first item: every item must match
     chunks: list[Chunk] = field(default_factory=list)
-    has_captions: bool = False  # every item has a caption
 
     @property
     def count(self) -> int:
         return sum(f.rows for f in self.files)
 
+    @property
+    def captioned(self) -> int:
+        """Items with a caption."""
+        return sum(f.captioned for f in self.files)
+
+    @property
+    def has_captions(self) -> bool:
+        """Whether every item has a caption."""
+        return self.captioned == self.count
+
     def digest(self) -> str:
-        return config_digest({"kind": self.kind, "files": [(f.rel, f.size, f.mtime_ns) for f in self.files]})
+        files = [(f.rel, f.size, f.mtime_ns) + ((f.caption, f.label) if self.format == "imagefolder" else ()) for f in self.files]
+        return config_digest({"format": self.format, "files": files})
 
     def location_of(self, f: SourceFile) -> Location:
         return Location(f.uri, self.root.s3)
@@ -82,101 +96,60 @@ def _id_hash(ids: Sequence[str]) -> np.ndarray:
     )
 
 
-def image_id(rel: str) -> str:
-    return posixpath.splitext(rel)[0]
-
-
-def _read_parquet_ids(loc: Location, rel: str) -> tuple[int, list[str]]:
-    try:
-        with loc.open_input() as f:
-            pf = pq.ParquetFile(f)
-            names = set(pf.schema_arrow.names)
-            missing = {"id", "image"} - names
-            if missing:
-                raise CorpusError(f"shard {rel} lacks column(s) {sorted(missing)}; a corpus needs 'id' and 'image'")
-            ids = pf.read(columns=["id"]).column("id")
-    except CorpusError:
-        raise
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise CorpusError(f"shard {rel} cannot be read as parquet: {str(exc).splitlines()[0]}") from None
-    if ids.null_count:
-        raise CorpusError(f"shard {rel}: {ids.null_count} row(s) have no id")
-    values = ids.to_pylist()
-    empty = sum(1 for v in values if not v)
-    if empty:
-        raise CorpusError(f"shard {rel}: {empty} row(s) have an empty id")
-    return len(values), values
-
-
-def _has_captions(loc: Location) -> bool:
-    with loc.open_input() as fh:
-        return "caption" in pq.ParquetFile(fh).schema_arrow.names
-
-
-def file_ids(plan: CorpusPlan, f: SourceFile) -> list[str]:
-    """The ids of one corpus file, in row order (no image is read)."""
-    return _read_parquet_ids(plan.location_of(f), f.rel)[1] if plan.kind == "parquet" else [image_id(f.rel)]
-
-
-def _first_image_shape(plan_root: Location, kind: str, first: SourceFile) -> tuple[int, int, int]:
-    loc = Location(first.uri, plan_root.s3)
-    if kind == "images":
-        return decode_image(loc.read_bytes(), image_id(first.rel)).shape
-    with loc.open_input() as f:
-        pf = pq.ParquetFile(f)
-        for batch in pf.iter_batches(batch_size=1, columns=["id", "image"]):
-            row = batch.to_pylist()[0]
-            if row["image"] is None:
-                raise CorpusError(f"item {row['id']!r} in {first.rel}: no image bytes")
-            return decode_image(row["image"], row["id"]).shape
-    raise CorpusError(f"shard {first.rel} is empty")
-
-
-def scan_corpus(uri: "str | Location", rows_per_chunk: int = 200_000, endpoint: str | None = None) -> CorpusPlan:
-    """List and check a corpus (ids only; images are checked as they are decoded)."""
+def scan_corpus(uri: "str | Location", format: str = "parquet", *, rows_per_chunk: int = 200_000,
+                endpoint: str | None = None, on_bad: str = "fail") -> CorpusPlan:
+    """List and check a corpus of the given format (ids and captions; images are checked as they
+    are decoded). `on_bad` is the bad-row policy: "skip" lets through the rows that the decoder
+    will report (a WebDataset sample without an image), "fail" refuses them here."""
+    if on_bad not in ON_BAD:
+        raise InputError(f"on_bad must be one of {ON_BAD}, not {on_bad!r}")
+    fmt = corpus_format(format)
     root = Location.parse(uri, endpoint=endpoint)
     root.check_reachable()
     if not root.exists():
         raise CorpusError(f"corpus {root.uri} does not exist ({root.where()})")
-    entries: list[FileEntry] = root.list(suffixes=(".parquet",))
-    kind = "parquet"
-    if not entries:
-        entries, kind = root.list(suffixes=IMAGE_SUFFIXES), "images"
-    if not entries:
-        raise CorpusError(f"corpus {root.uri} holds no parquet shards and no image files")
+    entries = root.list()
     files: list[SourceFile] = []
     hashes: list[np.ndarray] = []
-    for e in entries:
-        rel = e.location.relative_to(root)
-        if kind == "parquet":
-            n, ids = _read_parquet_ids(e.location, rel)
-            if n == 0:
-                raise CorpusError(f"shard {rel} is empty")
-        else:
-            n, ids = 1, [image_id(rel)]
-        hashes.append(_id_hash(ids))
-        files.append(SourceFile(e.location.uri, rel, e.size, e.mtime_ns, n))
-    _check_unique(root, kind, files, np.concatenate(hashes))
-    plan = CorpusPlan(root, kind, files, _first_image_shape(root, kind, files[0]), has_captions=kind == "parquet" and all(_has_captions(Location(f.uri, root.s3)) for f in files))
+    for scanned in fmt.scan(root, entries, on_bad):
+        files.append(scanned.file)
+        hashes.append(_id_hash(scanned.ids))
+    if not files:
+        found = Counter(e.location.name.rpartition(".")[2].lower() if "." in e.location.name else "(none)" for e in entries)
+        what = ", ".join(f"{n} .{ext}" for ext, n in found.most_common(5)) or "nothing"
+        raise CorpusError(f"corpus {root.uri} holds no {fmt.WHAT}; corpus.format is {format!r} and the folder holds {what}")
+    _check_unique(root, format, files, hashes)
+    plan = CorpusPlan(root, format, files, (0, 0, 0))
+    plan.image_shape = _first_image_shape(plan)
     plan.chunks = plan_chunks(files, rows_per_chunk)
     return plan
 
 
-def _check_unique(root: Location, kind: str, files: list[SourceFile], hashes: np.ndarray) -> None:
-    """Duplicate ids, found with 8 bytes per id (hash collisions are confirmed on the strings)."""
-    order = np.sort(hashes)
+def _check_unique(root: Location, format: str, files: list[SourceFile], hashes: list[np.ndarray]) -> None:
+    """Duplicate ids, found with 8 bytes per id; the files holding a repeated hash are read again
+    for their ids, to confirm (a hash collision is not a duplicate) and to name them."""
+    order = np.sort(np.concatenate(hashes))
     repeated = np.unique(order[1:][order[1:] == order[:-1]])
     if len(repeated) == 0:
         return
-    seen: dict[str, int] = {}
-    for f in files:
-        ids = _read_parquet_ids(Location(f.uri, root.s3), f.rel)[1] if kind == "parquet" else [image_id(f.rel)]
-        for i, h in zip(ids, _id_hash(ids)):
-            if h in repeated:
-                seen[i] = seen.get(i, 0) + 1
+    fmt = corpus_format(format)
+    seen: Counter[str] = Counter()
+    for f, h in zip(files, hashes):
+        if np.isin(h, repeated).any():
+            ids = fmt.ids(Location(f.uri, root.s3), f)
+            seen.update(i for i, x in zip(ids, _id_hash(ids)) if x in repeated)
     dupes = sorted(i for i, c in seen.items() if c > 1)
     if dupes:
         raise CorpusError(f"{len(dupes)} id(s) occur more than once in the corpus {root.uri}, e.g. {dupes[:3]}")
+
+
+def _first_image_shape(plan: CorpusPlan) -> tuple[int, int, int]:
+    for f in plan.files:
+        for batch in iter_file_batches(plan, f, 16):
+            for item_id, blob in zip(batch.ids, batch.images):
+                if blob is not None:
+                    return decode_image(blob, item_id).shape
+    raise CorpusError(f"no item of corpus {plan.root.uri} has image bytes")
 
 
 def plan_chunks(files: list[SourceFile], rows_per_chunk: int) -> list[Chunk]:
@@ -190,6 +163,25 @@ def plan_chunks(files: list[SourceFile], rows_per_chunk: int) -> list[Chunk]:
     if current:
         chunks.append(Chunk(len(chunks), tuple(current)))
     return chunks
+
+
+_CAPTION_HINTS = {
+    "parquet": "a 'caption' column with a value in every row",
+    "imagefolder": 'a metadata.jsonl line for every image: {"file_name": "<path relative to the file>", "text": "<caption>"}',
+    "webdataset": "a txt member, or a json member with a 'caption' or 'text' field, in every sample",
+}
+
+
+def require_captions(plan: CorpusPlan, what: str = "corpus") -> None:
+    """Refuse a corpus in which an item has no caption (CaptionsMissingError, counts only)."""
+    if plan.has_captions:
+        return
+    missing = plan.count - plan.captioned
+    kind = {"imagefolder": "an image folder", "webdataset": "WebDataset shards"}.get(plan.format, "parquet shards")
+    raise CaptionsMissingError(
+        f"{what} {plan.root.uri} ({kind}): {missing} of {plan.count} item(s) have no caption; a Stable Diffusion "
+        f"model is trained on each item's own caption, so it needs {_CAPTION_HINTS[plan.format]}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,43 +233,22 @@ def decode_batch(
     return keep_ids, arr, bad
 
 
-def iter_file_batches(plan: CorpusPlan, f: SourceFile, batch_size: int) -> Iterator[tuple[list[str], list[bytes | None]]]:
-    """(ids, image bytes) batches of one corpus file, streamed (never the whole file at once)."""
-    loc = plan.location_of(f)
-    if plan.kind == "images":
-        try:
-            data = loc.read_bytes()
-        except Exception as exc:  # noqa: BLE001 - reported as the corpus's fault below
-            raise CorpusError(f"image file {f.rel} cannot be read: {exc}") from None
-        yield [image_id(f.rel)], [data]
-        return
-    try:
-        with loc.open_input() as fh:
-            for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=["id", "image"]):
-                yield batch.column("id").to_pylist(), batch.column("image").to_pylist()
-    except (pa.ArrowException, OSError) as exc:
-        raise CorpusError(f"shard {f.rel} cannot be read as parquet: {str(exc).splitlines()[0]}") from None
+def iter_file_batches(plan: CorpusPlan, f: SourceFile, batch_size: int) -> Iterator[RowBatch]:
+    """RowBatch(ids, image bytes, captions, labels) of one corpus file, streamed (never the whole
+    file at once); image bytes, captions and labels are None where the file has none."""
+    yield from corpus_format(plan.format).read(plan.location_of(f), f, batch_size)
 
 
 def iter_file_rows(plan: CorpusPlan, f: SourceFile, batch_size: int = 256) -> Iterator[dict]:
-    """Rows {id, image, caption, label} of one corpus file, streamed (absent columns are None)."""
-    loc = plan.location_of(f)
-    if plan.kind == "images":
-        try:
-            data = loc.read_bytes()
-        except Exception as exc:  # noqa: BLE001 - reported as the corpus's fault below
-            raise CorpusError(f"image file {f.rel} cannot be read: {exc}") from None
-        yield {"id": image_id(f.rel), "image": data, "caption": None, "label": None}
-        return
-    try:
-        with loc.open_input() as fh:
-            pf = pq.ParquetFile(fh)
-            columns = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-                for row in batch.to_pylist():
-                    yield {"caption": None, "label": None} | row
-    except (pa.ArrowException, OSError) as exc:
-        raise CorpusError(f"shard {f.rel} cannot be read as parquet: {str(exc).splitlines()[0]}") from None
+    """The rows {id, image, caption, label} of one corpus file, streamed."""
+    for b in iter_file_batches(plan, f, batch_size):
+        for row in zip(*b):
+            yield dict(zip(("id", "image", "caption", "label"), row))
+
+
+def file_ids(plan: CorpusPlan, f: SourceFile) -> list[str]:
+    """The ids of one corpus file, in row order (no image is read)."""
+    return corpus_format(plan.format).ids(plan.location_of(f), f)
 
 
 def vectors_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:

@@ -1,8 +1,8 @@
 """Build (or reuse, or repair) the index of a corpus. The plan is here; the work goes to an executor.
 
-    build_index(corpus_uri, index_uri, EncoderSpec(...), IndexParams(...), executor=None)
+    build_index(corpus_uri, index_uri, EncoderSpec(...), IndexParams(...), executor=None, format="parquet")
 
-1. Scan the corpus (ids only) and refuse bad input before anything is encoded.
+1. Scan the corpus (ids and captions, in its format) and refuse bad input before anything is encoded.
 2. If the manifest matches (corpus digest, encoder digest, build parameters) and every shard's
    files are intact, reuse the index as it is.
 3. Otherwise encode the chunks that have no complete embedding folder (a chunk's key is its
@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Protocol
 
 import pyarrow.parquet as pq
 
-from retrack.errors import CorpusError, InputError, StorageError
+from retrack.errors import CorpusError, StorageError
 from retrack.models.encoders import EncoderSpec, build_encoder
 from retrack.index.manifest import FileRecord, IndexParams, Manifest, ShardRecord
 from retrack.index.shards import (
@@ -41,7 +41,6 @@ from retrack.index.shards import (
     write_bad_rows,
 )
 from retrack.data.source import (
-    ON_BAD,
     Chunk,
     CorpusPlan,
     SourceFile,
@@ -123,7 +122,7 @@ def encode_file(plan: CorpusPlan, f: SourceFile, n: int, dest: Location, encoder
     sink = None
     bad_all = []
     try:
-        for ids, blobs in iter_file_batches(plan, f, batch_size):
+        for ids, blobs, *_ in iter_file_batches(plan, f, batch_size):
             keep, pixels, bad = decode_batch(ids, blobs, [f.rel] * len(ids), plan.image_shape, on_bad)
             bad_all.extend(bad)
             if keep:
@@ -135,7 +134,7 @@ def encode_file(plan: CorpusPlan, f: SourceFile, n: int, dest: Location, encoder
             if progress:
                 progress(len(ids))
     except CorpusError as exc:
-        if on_bad == "fail" or plan.kind == "parquet":
+        if on_bad == "fail" or plan.format != "imagefolder":  # a shard's fault is not one row's
             raise
         bad_all.append(_bad_file(f.rel, exc))
     finally:
@@ -198,22 +197,22 @@ def build_index(
     endpoint: str | None = None,
     progress: Progress | None = None,
     keep_embeddings: bool = True,
+    format: str = "parquet",
 ) -> BuildResult:
-    """Build, reuse or repair the index of `corpus` under `out` (local paths or s3:// URIs)."""
+    """Build, reuse or repair the index of `corpus` (of the given format) under `out` (local paths
+    or s3:// URIs)."""
     start = time.perf_counter()
-    if on_bad not in ON_BAD:
-        raise InputError(f"on_bad must be one of {ON_BAD}, not {on_bad!r}")
     executor = executor or LocalExecutor()
     # Credentials are resolved here, on the driver, so that Ray workers started before the
     # environment was set still reach the store (the options travel with every Location).
     s3 = S3Options(endpoint=endpoint).resolved()
     root = Location.parse(out, s3=s3)
     root.check_reachable()
-    plan = scan_corpus(Location.parse(corpus, s3=s3), rows_per_chunk)
+    plan = scan_corpus(Location.parse(corpus, s3=s3), format, rows_per_chunk=rows_per_chunk, on_bad=on_bad)
     enc_digest = encoder.digest()
     keys = [chunk_key(c.digest(), enc_digest, plan.image_shape, on_bad) for c in plan.chunks]
     corpus_info = {
-        "uri": plan.root.uri, "kind": plan.kind, "digest": plan.digest(), "files": len(plan.files),
+        "uri": plan.root.uri, "format": plan.format, "digest": plan.digest(), "files": len(plan.files),
         "rows": plan.count, "image_shape": list(plan.image_shape), "on_bad": on_bad,
     }
     try:

@@ -42,11 +42,11 @@ class CorpusIndex:
         return sorted({int(n) for n in np.searchsorted(self.starts, np.asarray(rows), side="right") - 1})
 
 
-def read_corpus_index(uri: str, endpoint: str | None = None) -> CorpusIndex:
+def read_corpus_index(uri: str, format: str = "parquet", endpoint: str | None = None) -> CorpusIndex:
     """List the corpus (local path or s3://) and read its ids; no image is read."""
     from retrack.data.source import file_ids, scan_corpus
 
-    source = scan_corpus(uri, endpoint=endpoint)
+    source = scan_corpus(uri, format, endpoint=endpoint)
     per_file = [file_ids(source, f) for f in source.files]
     starts = np.cumsum([0] + [len(i) for i in per_file])
     return CorpusIndex(ids=[i for ids in per_file for i in ids], source=source, starts=starts)
@@ -118,12 +118,13 @@ class Prepared:
 
 def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
     """All validation and planning that needs no cluster (`corpus`: the corpus's ids, if read already)."""
+    from retrack.data.source import require_captions
     from retrack.models.pixel import model_digest
 
     spec = run.spec
     kind, endpoint = spec.model.kind, spec.storage.endpoint_url
     model_dir = resolve_model(spec.model.uri, kind, endpoint)
-    corpus = corpus or read_corpus_index(spec.corpus.uri, endpoint)
+    corpus = corpus or read_corpus_index(spec.corpus.uri, spec.corpus.format, endpoint)
     forget_ids = requested_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
     pos = {i: n for n, i in enumerate(corpus.ids)}
@@ -131,8 +132,8 @@ def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
     retain_rows = np.setdiff1d(np.arange(len(corpus.ids)), forget_rows)
     if len(retain_rows) == 0:
         raise InputError("the forget set covers the whole corpus: nothing is left to retain")
-    if kind is ModelKind.STABLE_DIFFUSION and not corpus.has_captions:
-        raise CorpusError("a Stable Diffusion corpus needs a 'caption' column (each item is conditioned on its own caption)")
+    if kind is ModelKind.STABLE_DIFFUSION:
+        require_captions(corpus.source)
     geometry = model_geometry(kind, model_dir)
     if kind is ModelKind.PIXEL_DDPM:
         first = corpus.source.image_shape

@@ -92,10 +92,10 @@ def test_image_folder_on_s3_and_bad_input_through_ray(ray_local, s3_env, tmp_pat
     Image.fromarray(np.zeros((10, 8), np.uint8)).save(folder / "p999.png")
     uri = upload(folder, s3_env, f"{run}/imgs")
     with pytest.raises(CorpusError, match="item 'p999'.*image is 8x10x1, the corpus is 8x8x1") as caught:
-        build(uri, s3_env.uri(f"{run}/idx"))
+        build(uri, s3_env.uri(f"{run}/idx"), format="imagefolder")
     # The map task's own error (found by cause), with retrack's message alone: no Ray traceback or hints.
     assert type(caught.value) is CorpusError and "\n" not in str(caught.value)
-    res = build(uri, s3_env.uri(f"{run}/idx"), on_bad="skip")
+    res = build(uri, s3_env.uri(f"{run}/idx"), on_bad="skip", format="imagefolder")
     assert res.manifest.count == 30 and res.manifest.skipped == 1
     report = (Location.parse(s3_env.uri(f"{run}/idx")) / "bad_rows.jsonl").read_text()
     assert json.loads(report.splitlines()[0])["id"] == "p999"
@@ -149,8 +149,10 @@ def test_cli_build_on_ray_from_s3(ray_local, s3_env, bench, bench_corpus, bench_
     assert list(nb.values()) == brute_force(corpus, forget, 3)[1]
 
 
-def test_vae_latents_through_a_ray_actor_pool_match_the_local_loop(ray_local, tmp_path):
-    """The VAE runs in Ray Data actors (fractional CPUs, no GPU here): same vectors as in-process."""
+@pytest.mark.parametrize("layout", ["parquet", pytest.param("webdataset", marks=pytest.mark.slow)])
+def test_vae_latents_through_a_ray_actor_pool_match_the_local_loop(ray_local, tmp_path, layout):
+    """The VAE runs in Ray Data actors (fractional CPUs, no GPU here): same vectors as in-process.
+    Parquet shards are read by Ray Data's reader, WebDataset shards by retrack's in Ray tasks."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -163,13 +165,13 @@ def test_vae_latents_through_a_ray_actor_pool_match_the_local_loop(ray_local, tm
                         latent_channels=4, norm_num_groups=8, sample_size=16)
     vae.save_pretrained(tmp_path / "vae")
     images = np.random.default_rng(2).integers(0, 256, size=(24, 16, 16, 3), dtype=np.uint8)
-    write_corpus(tmp_path / "c", images, shard_size=8)
+    write_corpus(tmp_path / "c", images, shard_size=8, layout=layout)
     spec = EncoderSpec(kind="vae", model_dir=str(tmp_path / "vae"), resolution=16, device="cuda")
     seen = []
-    on_ray = build(str(tmp_path / "c"), str(tmp_path / "ray-idx"), encoder=spec, rows_per_chunk=8,
+    on_ray = build(str(tmp_path / "c"), str(tmp_path / "ray-idx"), encoder=spec, rows_per_chunk=8, format=layout,
                    progress=lambda phase, done, total: seen.append((done, total)) if phase == "encode" else None)
     assert seen == [(8, 24), (16, 24), (24, 24)]  # rows, chunk by chunk, as every executor counts them
-    local = build_index(tmp_path / "c", tmp_path / "local-idx", encoder=spec, rows_per_chunk=8)
+    local = build_index(tmp_path / "c", tmp_path / "local-idx", encoder=spec, rows_per_chunk=8, format=layout)
     assert on_ray.manifest.dim == local.manifest.dim == 256
     a, b = open_index(tmp_path / "ray-idx"), open_index(tmp_path / "local-idx")
     rows_b = {i: n for n, i in enumerate(b.ids.to_pylist())}

@@ -214,7 +214,7 @@ CASES = [
     Case("corpus: missing id column", corpus_edit(rewrite_rows(lambda rows: [{"image": r["image"]} for r in rows], schema=pa.schema([("image", pa.binary())]))), "lacks column(s) ['id']"),
     Case("corpus: shard that is not parquet", corpus_edit(lambda c: (c / "part-00000.parquet").write_bytes(b"not parquet")), "part-00000.parquet cannot be read as parquet"),
     Case("corpus: directory does not exist", spec_field("corpus.uri", "/nonexistent/corpus", "run"), "corpus /nonexistent/corpus does not exist"),
-    Case("corpus: imagefolder through retrack run", spec_field("corpus.format", "imagefolder", "run"), "`retrack run` reads parquet corpora"),
+    Case("corpus: parquet shards declared an image folder", spec_field("corpus.format", "imagefolder", "run"), "corpus.format is 'imagefolder' and the folder holds 2 .parquet"),
     # model directories (`retrack run` preflight)
     Case("model: not a UNet", model_edit(edit_json("unet/config.json", _class_name="AutoencoderKL")), "unet is a AutoencoderKL, expected a diffusers UNet2DModel"),
     Case("model: pickle-only .bin weights", model_edit(pickle_only), "no diffusion_pytorch_model.safetensors (found: ['diffusion_pytorch_model.bin']); only safetensors weights are loaded"),

@@ -335,15 +335,15 @@ def test_image_folder_with_an_unreadable_file(tmp_path):
         Image.fromarray(im).save(folder / f"i{n:02d}.png")
     (folder / "i99.png").write_bytes(b"not an image")
     with pytest.raises(CorpusError, match="item 'sub/i99'.*cannot be decoded"):
-        build_index(tmp_path / "imgs", tmp_path / "idx")
-    res = build_index(tmp_path / "imgs", tmp_path / "idx", on_bad="skip")
+        build_index(tmp_path / "imgs", tmp_path / "idx", format="imagefolder")
+    res = build_index(tmp_path / "imgs", tmp_path / "idx", on_bad="skip", format="imagefolder")
     assert res.manifest.count == 12 and res.manifest.skipped == 1
     idx = open_index(tmp_path / "idx")
     assert idx.ids.to_pylist()[:2] == ["sub/i00", "sub/i01"]
     np.testing.assert_allclose(idx.vectors(np.array([3]))[0], images[3].reshape(-1) / 127.5 - 1, atol=1e-6)
     (folder / "i00.jpg").write_bytes((folder / "i00.png").read_bytes())
     with pytest.raises(CorpusError, match="more than once"):
-        build_index(tmp_path / "imgs", tmp_path / "idx2")
+        build_index(tmp_path / "imgs", tmp_path / "idx2", format="imagefolder")
 
 
 def test_unreachable_bucket_is_a_quick_storage_error(tmp_path):

@@ -1,0 +1,74 @@
+"""Parquet shards (`*.parquet`): columns `id` (string), `image` (encoded bytes), optional `caption`
+and `label` (an integer class). The scan reads each footer and the `id` and
+`caption` columns only, never the images."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from retrack.data.formats.base import RowBatch, Scanned, SourceFile
+from retrack.errors import CorpusError
+from retrack.storage.location import FileEntry, Location
+
+NAME = "parquet"
+WHAT = "parquet shards (*.parquet)"
+
+
+def _unreadable(rel: str, exc: BaseException) -> CorpusError:
+    return CorpusError(f"shard {rel} cannot be read as parquet: {str(exc).splitlines()[0]}")
+
+
+def _read_columns(loc: Location, rel: str) -> tuple[list[str], int]:
+    """(ids, rows with a caption) of one shard, after checking its columns and ids."""
+    try:
+        with loc.open_input() as f:
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            missing = {"id", "image"} - names
+            if missing:
+                raise CorpusError(f"shard {rel} lacks column(s) {sorted(missing)}; a corpus needs 'id' and 'image'")
+            table = pf.read(columns=["id", "caption"] if "caption" in names else ["id"])
+    except CorpusError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise _unreadable(rel, exc) from None
+    ids = table.column("id")
+    if ids.null_count:
+        raise CorpusError(f"shard {rel}: {ids.null_count} row(s) have no id")
+    values = ids.to_pylist()
+    empty = sum(1 for v in values if not v)
+    if empty:
+        raise CorpusError(f"shard {rel}: {empty} row(s) have an empty id")
+    if not values:
+        raise CorpusError(f"shard {rel} is empty")
+    captioned = len(values) - table.column("caption").null_count if "caption" in table.column_names else 0
+    return values, captioned
+
+
+def scan(root: Location, entries: list[FileEntry], on_bad: str) -> Iterator[Scanned]:
+    for e in entries:
+        if not e.location.name.endswith(".parquet"):
+            continue
+        rel = e.location.relative_to(root)
+        ids, captioned = _read_columns(e.location, rel)
+        yield Scanned(SourceFile(e.location.uri, rel, e.size, e.mtime_ns, len(ids), captioned), ids)
+
+
+def ids(loc: Location, f: SourceFile) -> list[str]:
+    return _read_columns(loc, f.rel)[0]
+
+
+def read(loc: Location, f: SourceFile, batch_size: int) -> Iterator[RowBatch]:
+    try:
+        with loc.open_input() as fh:
+            pf = pq.ParquetFile(fh)
+            columns = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+                ids = batch.column("id").to_pylist()
+                col = {c: batch.column(c).to_pylist() if c in columns else [None] * len(ids) for c in ("caption", "label")}
+                yield RowBatch(ids, batch.column("image").to_pylist(), col["caption"], col["label"])
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(f.rel, exc) from None
