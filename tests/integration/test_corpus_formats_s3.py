@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def all_rows(plan) -> list[tuple[str, bytes | None, str | None]]:
-    return [row for f in plan.files for b in iter_file_batches(plan, f, 128) for row in zip(*b)]
+    return [row for f in plan.files for b in iter_file_batches(plan, f, 128) for row in zip(b.ids, b.images, b.captions)]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,11 @@ from tests.fixtures.corpora import (
 
 
 def all_rows(plan, batch_size: int = 100) -> list[tuple[str, bytes | None, str | None]]:
-    return [row for f in plan.files for b in iter_file_batches(plan, f, batch_size) for row in zip(*b)]
+    return [row for f in plan.files for b in iter_file_batches(plan, f, batch_size) for row in zip(b.ids, b.images, b.captions)]
+
+
+def all_labels(plan) -> dict[str, int | None]:
+    return {i: lab for f in plan.files for b in iter_file_batches(plan, f, 100) for i, lab in zip(b.ids, b.labels)}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +43,7 @@ def test_the_three_formats_give_the_same_rows(captioned):
         assert plan.image_shape == (8, 8, 1)
         got = all_rows(plan)
         assert sorted(got) == sorted(want), name
+        assert all_labels(plan) == {r["id"]: r["label"] for r in rows}, name  # class labels for the pixel evaluation
     # Shards keep the corpus order; an image folder lists its files by path (here: the id order).
     assert all_rows(plans["parquet"]) == all_rows(plans["webdataset"]) == want
     assert [len(p.files) for p in plans.values()] == [6, len(rows), 6]

@@ -65,13 +65,16 @@ def _sample(rel: str, key: str, members: dict[str, bytes | None]) -> Sample:
             caption = members["txt"].decode()
         else:
             caption = caption_of(record, f"{where} json")
-        label = int(members["cls"].decode().strip()) if members.get("cls") is not None else label_of(record, f"{where} json")
     except UnicodeDecodeError:
         raise CorpusError(f"{where}: its caption is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise CorpusError(f"{where}: its json member is not valid JSON ({exc})") from None
-    except ValueError:
-        raise CorpusError(f"{where}: its cls member is not an integer class label") from None
+    label = label_of(record, f"{where} json")
+    if members.get("cls") is not None:
+        try:
+            label = int(members["cls"].decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise CorpusError(f"{where}: its cls member is not an integer class label") from None
     return Sample(key, bool(images), members[images[0]] if images else None, caption, label)
 
 
