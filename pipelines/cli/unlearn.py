@@ -56,7 +56,8 @@ def _print_progress(event: dict) -> None:
 
 def unlearn_command(
     model_dir: str = typer.Option(..., "--model-dir", "--model", help="Diffusers model directory (pixel DDPM or Stable Diffusion), local or s3://."),
-    corpus_dir: str = typer.Option(..., "--corpus-dir", "--corpus", help="Corpus directory (parquet shards of id, image[, caption])."),
+    corpus_dir: str = typer.Option(..., "--corpus-dir", "--corpus", help="Corpus location, local or s3:// (see --format)."),
+    corpus_format: str = typer.Option("parquet", "--format", help="Corpus format: parquet, imagefolder or webdataset."),
     forget_ids: str = typer.Option(..., "--forget-ids", help="File with one id to forget per line."),
     output_dir: str = typer.Option(..., "--output-dir", "--out", help="Where the unlearned model is written (diffusers layout)."),
     method: str = typer.Option("retrack", "--method", help="retrack, vanilla, neggrad, erasediff or siss."),
@@ -89,7 +90,7 @@ def unlearn_command(
         spec = UnlearnSpec(
             request_id=request_id,
             model=ModelSpec(uri=model_dir, kind=_model_kind(model_kind, model_dir)),
-            corpus=CorpusSpec(uri=corpus_dir),
+            corpus=CorpusSpec(uri=corpus_dir, format=corpus_format),
             forget=ForgetSpec(file=forget_ids),
             method=MethodConfig(name=method, params={**_parse_json_params(params), **_parse_params(param)}),
             train=TrainConfig(
