@@ -16,6 +16,7 @@ import numpy as np
 import ray
 from ray.train import DataConfig
 
+from pipelines.progress import ray_data_progress
 from pipelines.runtime import unwrap
 from retrack.training.items import decode_items
 from retrack.training.plan import needed_retain_rows
@@ -27,7 +28,7 @@ DATA_CONFIG = DataConfig(datasets_to_split=[])
 
 def build_datasets(prep: Prepared) -> dict[str, ray.data.Dataset]:
     plan, corpus = prep.plan, prep.corpus
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_data_progress(ray.data.DataContext.get_current())
     rows = needed_retain_rows(plan, prep.run.spec.train, world=1)
     retain_wanted = {corpus.ids[prep.retain_rows[r]]: (int(r), -1) for r in rows}
     forget_wanted = {corpus.ids[r]: (-1, n) for n, r in enumerate(prep.forget_rows)}

@@ -13,22 +13,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.job.context import JobContext
+from pipelines.progress import Report, stage_progress
 
 if TYPE_CHECKING:
     from pipelines.unlearn.driver import TrainMonitor, UnlearnResult
 
 
 def run(ctx: JobContext) -> dict:
-    result = train(ctx, ctx.jobdir.local / "model", ctx.spec.run_name)
+    with stage_progress("unlearn") as progress:
+        result = train(ctx, ctx.jobdir.local / "model", ctx.spec.run_name, progress=progress)
     ctx.jobdir.publish("model")
     return {"model_digest": result.digest, "wall_seconds": result.seconds, "steps": result.steps,
             "final_loss": result.history[-1]["loss"] if result.history else None, "resumed_from": result.resumed_from}
 
 
-def train(ctx: JobContext, output_dir: Path, run_name: str, monitor: "TrainMonitor | None" = None) -> "UnlearnResult":
+def train(ctx: JobContext, output_dir: Path, run_name: str, monitor: "TrainMonitor | None" = None, progress: Report | None = None) -> "UnlearnResult":
     """Unlearn with `ctx.spec`'s method and training settings (a tuning trial's context carries
     its own) into `output_dir`."""
     from pipelines.unlearn.driver import unlearn
+    from pipelines.unlearn.progress import step_progress
     from retrack.config.unlearn_run import UnlearnRun
 
     spec, jobdir = ctx.spec, ctx.jobdir
@@ -45,4 +48,4 @@ def train(ctx: JobContext, output_dir: Path, run_name: str, monitor: "TrainMonit
         neighbours_file=str(jobdir.fetch("neighbours.json")) if spec.method.needs_neighbours else None,
         run_name=run_name,
     )
-    return unlearn(run, address=ctx.address, monitor=monitor)
+    return unlearn(run, address=ctx.address, monitor=monitor, progress=None if progress is None else step_progress(progress))
