@@ -17,6 +17,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,8 @@ from retrack.models.pixel import load_pixel_model
 from retrack.evaluation.report import write_report
 from retrack.evaluation.verdict import Verdict, decide
 
+if TYPE_CHECKING:
+    from pipelines.progress import Report
 
 SAMPLE_RETRIES = 3
 
@@ -89,21 +92,38 @@ def _split(n: int, parts: int) -> list[slice]:
     return [slice(s, min(s + per, n)) for s in range(0, n, per)]
 
 
+def _gather(futures: list, sizes: list[int], progress: Report | None, part: str, done: int, total: int) -> list:
+    """`get(futures)`; as each task ends, `progress(part, done, total)` counts its size in `sizes`."""
+    import ray
+
+    if progress is None:
+        return get(futures)
+    results, size_of, pending = {}, dict(zip(futures, sizes)), list(futures)
+    progress(part, done, total)  # the tasks are submitted: the part has begun
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        results[ready[0]] = get(ready[0])  # a failed task raises at once, as `get(futures)` would
+        done += size_of[ready[0]]
+        progress(part, done, total)
+    return [results[f] for f in futures]
+
+
 def sample_on_ray(model_dirs: list[str | Path], n: int, seed: int, batch_size: int = 250, num_tasks: int | None = None,
-                  endpoint: str | None = None) -> list[np.ndarray]:
+                  progress: Report | None = None, endpoint: str | None = None) -> list[np.ndarray]:
     """n samples of each model (local directory or s3:// URI), batches spread over Ray tasks; same
-    seeds for every model."""
+    seeds for every model. `progress("samples", done, total)` as tasks end."""
     import ray
 
     n_batches = -(-n // batch_size)
     parts = _split(n_batches, _task_count(n_batches, num_tasks))
+    sizes = [min(n, p.stop * batch_size) - p.start * batch_size for p in parts]
     # A task whose worker dies is rerun (same seeds, so the same samples): a lost worker costs time only.
     remote = ray.remote(num_cpus=1, max_retries=SAMPLE_RETRIES)(_sample_range)
     out = []
-    for model_dir in model_dirs:
+    for k, model_dir in enumerate(model_dirs):
         ref = model_source(model_dir, endpoint)
-        futures = [remote.remote(ref, min(n, p.stop * batch_size) - p.start * batch_size, p.start, seed, batch_size, 1) for p in parts]
-        out.append(np.concatenate(get(futures)))
+        futures = [remote.remote(ref, m, p.start, seed, batch_size, 1) for p, m in zip(parts, sizes)]
+        out.append(np.concatenate(_gather(futures, sizes, progress, "samples", k * n, n * len(model_dirs))))
     return out
 
 
@@ -126,13 +146,14 @@ def evaluate_request(
     report_dir: str | Path,
     request_id: str,
     context: dict,
+    progress: Report | None = None,
     endpoint: str | None = None,
 ) -> Evaluation:
     """Score an unlearned pixel DDPM against its original (local directories or s3:// URIs: the
     sampling tasks fetch them, the driver scores with its own copies)."""
     from retrack.storage.cache import local_model_dir
 
-    before, after = sample_on_ray([original_dir, unlearned_dir], n_samples, seed, endpoint=endpoint)
+    before, after = sample_on_ray([original_dir, unlearned_dir], n_samples, seed, progress=progress, endpoint=endpoint)
     original, unlearned = (load_pixel_model(local_model_dir(m, endpoint=endpoint)) for m in (original_dir, unlearned_dir))
     metrics = {
         "original": score(original, before, ref) | {"integrity": 0.0, "feature_integrity": 0.0},
@@ -199,14 +220,17 @@ def _sd_losses(source: dict, work: dict, threads: int) -> np.ndarray:
         return item_losses(model, work["latents"], work["captions"], seed=work["seed"])
 
 
-def _spread(fn, sources: list, rows: int, work_of, num_tasks: int | None = None) -> list[list]:
-    """Per model source, `fn` over contiguous row ranges on Ray tasks; the parts in order."""
+def _spread(fn, sources: list, rows: int, work_of, num_tasks: int | None = None, progress: Report | None = None,
+            name: str = "") -> list[list]:
+    """Per model source, `fn` over contiguous row ranges on Ray tasks; the parts in order.
+    `progress(name, rows done, rows of every source)` as tasks end."""
     import ray
 
     remote = ray.remote(num_cpus=1, max_retries=SAMPLE_RETRIES)(fn)
     parts = _split(rows, _task_count(rows, num_tasks))
-    futures = [[remote.remote(src, ray.put(work_of(part)), 1) for part in parts] for src in sources]
-    return [get(f) for f in futures]
+    futures = [remote.remote(src, ray.put(work_of(part)), 1) for src in sources for part in parts]
+    done = _gather(futures, [p.stop - p.start for p in parts] * len(sources), progress, name, 0, rows * len(sources))
+    return [done[k:k + len(parts)] for k in range(0, len(done), len(parts))]
 
 
 def evaluate_sd_request(
@@ -221,6 +245,7 @@ def evaluate_sd_request(
     context: dict,
     endpoint: str | None = None,
     num_tasks: int | None = None,
+    progress: Report | None = None,
 ) -> Evaluation:
     """Score an unlearned Stable Diffusion against its original (local directories or s3:// URIs).
     `settings`: seed, forget_threshold (latent L2, None: calibrated per item), generations_per_caption,
@@ -266,8 +291,8 @@ def evaluate_sd_request(
     def loss_work(part: slice) -> dict:
         return {"latents": all_latents[part], "captions": loss_captions[part], "seed": settings.seed}
 
-    generated = _spread(_sd_generate, sources, len(captions), gen_work, num_tasks)
-    losses = [np.concatenate(parts) for parts in _spread(_sd_losses, sources, len(all_latents), loss_work, num_tasks)]
+    generated = _spread(_sd_generate, sources, len(captions), gen_work, num_tasks, progress, "generations")
+    losses = [np.concatenate(parts) for parts in _spread(_sd_losses, sources, len(all_latents), loss_work, num_tasks, progress, "losses")]
     gens = [np.concatenate([z for z, _ in parts]) for parts in generated]
     pixels = [np.concatenate([px for _, px in parts if px is not None]) for parts in generated]
 

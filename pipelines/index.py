@@ -177,10 +177,10 @@ class RayExecutor:
         import ray
         import ray.data
 
+        from pipelines.progress import ray_data_progress
+
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = self.show_progress
-        ctx.enable_operator_progress_bars = self.show_progress
-        if not self.show_progress:
+        if not ray_data_progress(ctx, bars=self.show_progress):
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         # Read blocks of at most 32 MiB of image bytes: what one fused read-encode-write task holds.
         saved_block_size = ctx.target_max_block_size

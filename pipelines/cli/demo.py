@@ -16,15 +16,13 @@ def pretrain(
     scenario: str = typer.Option("digits", help="Embedded scenario: digits, or fashion-mnist when its files exist."),
 ) -> None:
     """Build the embedded benchmark and pretrain the original and retrained DDPMs (cached)."""
-    from pipelines.progress import console, stage_bar
-    from retrack.embedded.pretrain import PRESETS, ensure_pretrained
+    from pipelines.progress import console, stage_progress
+    from retrack.embedded.pretrain import ensure_pretrained
     from retrack.embedded.workspace import Workspace
 
     ws = Workspace.default(scenario)
-    steps = PRESETS[preset].steps if preset in PRESETS else 0
-    with stage_bar("pretrain", 2 * steps) as advance:
-        off = {"original": 0, "retrained": steps}
-        pre = ensure_pretrained(ws, preset, progress=lambda w, s, _n: advance(off[w] + s, w))
+    with stage_progress("pretrain") as progress:
+        pre = ensure_pretrained(ws, preset, progress=progress)
     console.print(f"original: {pre.original} ({pre.original_seconds:.0f} s)\nretrained: {pre.retrained} ({pre.retrained_seconds:.0f} s)")
 
 
@@ -36,7 +34,7 @@ def evaluate(
     scenario: str = typer.Option("digits"),
 ) -> None:
     """Score a model on the embedded benchmark against the original (same-seed samples)."""
-    from pipelines.progress import print_metrics
+    from pipelines.progress import print_metrics, stage_progress
     from retrack.data.corpus import read_corpus
     from retrack.data.forget import read_forget_ids
     from retrack.embedded.benchmark import BenchmarkInfo
@@ -52,8 +50,11 @@ def evaluate(
     corpus = read_corpus(ws.benchmark.corpus)
     ref = build_reference(corpus, read_forget_ids(ws.benchmark.forget_ids), BenchmarkInfo.load(ws.benchmark.root).forget_threshold, load_classifier(pre.classifier))
     rows = {}
-    rows["original"], before = evaluate_model(load_pixel_model(pre.original), ref, samples)
-    rows[str(model)], _ = evaluate_model(load_pixel_model(model), ref, samples, original_samples01=before)
+    with stage_progress("evaluate") as progress:
+        rows["original"], before = evaluate_model(load_pixel_model(pre.original), ref, samples,
+                                                  progress=lambda done, n: progress("original samples", done, n))
+        rows[str(model)], _ = evaluate_model(load_pixel_model(model), ref, samples, original_samples01=before,
+                                             progress=lambda done, n: progress("unlearned samples", done, n))
     print_metrics("embedded benchmark", rows)
 
 
@@ -65,16 +66,14 @@ def demo(
     """Run the embedded default end to end: pretrain (cached), then index, neighbours, unlearn,
     evaluate and register, exactly as `retrack run` does."""
     from pipelines.job import run_job
-    from pipelines.progress import print_summary, stage_bar
+    from pipelines.progress import console, print_summary, stage_progress
     from retrack.embedded.demo import demo_spec
-    from retrack.embedded.pretrain import PRESETS, ensure_pretrained
+    from retrack.embedded.pretrain import ensure_pretrained
     from retrack.embedded.workspace import Workspace
 
     ws = Workspace.default()
-    preset = "quick" if quick else "full"
-    steps = PRESETS[preset].steps
-    with stage_bar("pretrain (cached)", 2 * steps) as advance:
-        offsets = {"original": 0, "retrained": steps}
-        ensure_pretrained(ws, preset, progress=lambda w, s, _n: advance(offsets[w] + s, w))
-        advance(2 * steps, "ready")
+    with stage_progress("pretrain") as progress:
+        ensure_pretrained(ws, "quick" if quick else "full", progress=progress)
+    if not progress.parts:
+        console.print("pretrain: the cached models are reused")
     print_summary(run_job(demo_spec(ws, quick), address=address))

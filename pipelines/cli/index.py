@@ -22,9 +22,9 @@ cli = typer.Typer(help="Encode a corpus, build its sharded kNN index, find neigh
 
 
 def _fail(exc: RetrackError) -> None:
-    from rich.console import Console
+    from pipelines.progress import console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
     raise typer.Exit(2)
 
 
@@ -54,24 +54,13 @@ def build_cmd(
     num_cpus: Optional[int] = typer.Option(None, help="CPUs of a locally started Ray instance."),
 ) -> None:
     """Encode the corpus (streaming) and build, reuse or repair its sharded index."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    from pipelines.progress import console, stage_progress
     from retrack.index import EncoderSpec, IndexParams, LocalExecutor, build_index
 
-    console = Console(stderr=True)
     try:
         spec = EncoderSpec(kind=encoder, model_dir=vae_dir, device=device if encoder == "vae" else "cpu")
         params = IndexParams(type=index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=False) as bar:
-            tasks: dict[str, int] = {}
-
-            def progress(phase: str, done: int, total: int) -> None:
-                if phase not in tasks:
-                    tasks[phase] = bar.add_task({"encode": "encoding", "shards": "index shards"}.get(phase, phase), total=total)
-                bar.update(tasks[phase], completed=done, total=total)
-
+        with stage_progress("index") as progress:
             if local:
                 res = build_index(corpus, out, spec, params, LocalExecutor(threads=os.cpu_count() or 1),
                                   on_bad=on_bad, rows_per_chunk=rows_per_chunk, force=force, endpoint=endpoint,
@@ -98,14 +87,12 @@ def neighbours_cmd(
     nprobe: Optional[int] = typer.Option(None), endpoint: Optional[str] = typer.Option(None, envvar="AWS_ENDPOINT_URL"),
 ) -> None:
     """The K nearest retained items of each forget item (forget ids dropped, exact re-rank)."""
-    from rich.console import Console
-
+    from pipelines.progress import console
     from retrack.data.forget import read_forget_ids
     from retrack.data.neighbours import write_neighbours
     from retrack.index import find_neighbours, open_index
     from retrack.storage.location import Location
 
-    console = Console(stderr=True)
     try:
         with console.status("loading the index"):
             idx = open_index(index, endpoint=endpoint, nprobe=nprobe)
@@ -133,13 +120,11 @@ def duplicates_cmd(
     nprobe: Optional[int] = typer.Option(None), endpoint: Optional[str] = typer.Option(None, envvar="AWS_ENDPOINT_URL"),
 ) -> None:
     """Report every retained item within the threshold of a forget item; fail, warn, or add them."""
-    from rich.console import Console
-
+    from pipelines.progress import console
     from retrack.data.forget import read_forget_ids
     from retrack.index import find_duplicates, open_index
     from retrack.index.search import DuplicatesFound
 
-    console = Console(stderr=True)
     if policy == "add" and not forget_out:
         _fail(InputError("policy 'add' needs --forget-out for the enlarged forget-id list"))
     report = None

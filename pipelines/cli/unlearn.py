@@ -45,15 +45,6 @@ def _model_kind(name: str, model_dir: str) -> ModelKind:
     return ModelKind.parse(name)
 
 
-def _print_progress(event: dict) -> None:
-    if event.get("event") == "step":
-        keys = [k for k in ("loss", "loss_knn", "loss_retain", "loss_corr", "grad_norm") if k in event]
-        values = " ".join(f"{k}={event[k]:.4g}" for k in keys)
-        typer.echo(f"step {event['step']}/{event['steps']} {values}")
-    elif event.get("event") == "worker" and event.get("rank") == 0 and event.get("start_step"):
-        typer.echo(f"resuming from the checkpoint at step {event['start_step']}")
-
-
 def unlearn_command(
     model_dir: str = typer.Option(..., "--model-dir", "--model", help="Diffusers model directory (pixel DDPM or Stable Diffusion), local or s3://."),
     corpus_dir: str = typer.Option(..., "--corpus-dir", "--corpus", help="Corpus location, local or s3:// (see --format)."),
@@ -101,9 +92,12 @@ def unlearn_command(
             storage=StorageSpec(root=storage),
         )
         run = UnlearnRun(spec=spec, output_dir=output_dir, checkpoint_root=storage, neighbours_file=neighbours)
+        from pipelines.progress import stage_progress
         from pipelines.unlearn.driver import unlearn
+        from pipelines.unlearn.progress import step_progress
 
-        result = unlearn(run, progress=_print_progress, address=address)
+        with stage_progress("unlearn") as progress:
+            result = unlearn(run, progress=step_progress(progress), address=address)
     except RetrackError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

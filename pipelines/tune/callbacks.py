@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray import tune
 
-from pipelines.progress import console
+from pipelines.progress import StageProgress, console
 from pipelines.tune.trial import outcome, trial_key
 from retrack.tuning.search import OBJECTIVES
 
@@ -41,3 +41,31 @@ class TrialRuns(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._log(trial, failed=True)
+
+
+class TrialProgress(tune.Callback):
+    """The finished trials as the `tune` stage's progress. Runs in the driver process; its display
+    is made when the experiment (re)starts, so the state Tune saves for a restore stays picklable."""
+
+    def __init__(self):
+        self.total = 0
+        self._progress: StageProgress | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_progress": None}
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        self.total = total_num_samples or num_samples or 0
+        self._progress = StageProgress("tune")
+        self._progress.start()
+
+    def on_step_end(self, iteration, trials, **info):
+        self._report(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self._report(trials)
+        self._progress.close()
+
+    def _report(self, trials) -> None:
+        done = sum(t.status in (t.TERMINATED, t.ERROR) for t in trials)
+        self._progress("trials", done, max(self.total, len(trials)))

@@ -30,8 +30,8 @@ from ray import tune
 
 from pipelines.job import JobContext, JobDir, JobResult, preflight, run_request, run_stages
 from pipelines.job.stages.evaluate import evaluation_reference
-from pipelines.progress import console
-from pipelines.tune.callbacks import TrialRuns
+from pipelines.progress import console, stage_progress
+from pipelines.tune.callbacks import TrialProgress, TrialRuns
 from pipelines.tune.space import largest_k_spec, max_concurrent_trials, search_algorithm
 from pipelines.tune.trial import TUNE_DIR, TrialContext, outcome, run_trial
 from retrack.config.model_kind import ModelKind
@@ -85,7 +85,9 @@ def search(spec: JobSpec, address: str | None = None) -> Search:
 
     console.rule("[bold]tune")
     reference, _ = evaluation_reference(job, job.forget_set())
-    original, original_samples = evaluate_model(load_pixel_model(job.pre.model_dir), reference, spec.tune.num_samples, spec.evaluation.seed)
+    with stage_progress("tune") as progress:
+        original, original_samples = evaluate_model(load_pixel_model(job.pre.model_dir), reference, spec.tune.num_samples, spec.evaluation.seed,
+                                                     progress=lambda done, n: progress("original samples", done, n))
     console.print(f"original: forget frequency {original['forget_frequency']:.4f}, Fréchet distance {original['frechet_distance']:.2f}")
 
     store = LineageStore(spec.mlflow.tracking_uri)
@@ -148,7 +150,7 @@ def _fit(spec: JobSpec, job: JobDir, trainable, default: dict, parent_run_id: st
     fs = base.fs if base.is_s3 else None
     run_config = tune.RunConfig(
         name=EXPERIMENT, storage_path=base.path, storage_filesystem=fs, verbose=0,
-        callbacks=[TrialRuns(spec.mlflow.tracking_uri, parent_run_id, spec.tune.kinds(spec.method.name), default)],
+        callbacks=[TrialRuns(spec.mlflow.tracking_uri, parent_run_id, spec.tune.kinds(spec.method.name), default), TrialProgress()],
     )
     path = f"{base.path}/{EXPERIMENT}"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):

@@ -18,6 +18,7 @@ import numpy as np
 import ray
 from ray.train import DataConfig
 
+from pipelines.progress import ray_data_progress
 from pipelines.runtime import unwrap
 from retrack.storage.location import Location
 from retrack.training.items import read_items
@@ -30,7 +31,7 @@ DATA_CONFIG = DataConfig(datasets_to_split=[])
 
 def build_datasets(prep: Prepared) -> dict[str, ray.data.Dataset]:
     plan = prep.plan
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_data_progress(ray.data.DataContext.get_current())
     rows = needed_retain_rows(plan, prep.run.spec.train, world=1)
     retain_wanted = {int(prep.retain_rows[r]): (int(r), -1) for r in rows}
     forget_wanted = {int(r): (-1, n) for n, r in enumerate(prep.forget_rows)}

@@ -127,6 +127,7 @@ def _trainer(prep: Prepared, storage: RunStorage, datasets: dict, monitor: Train
         model_uri=spec.model.uri,
         model_s3=S3Options().resolved() if is_s3(spec.model.uri) else None,
         storage=storage,
+        progress=progress_callback.queue,
         report_every=monitor.every if monitor else 0,
         collapse_ratio=monitor.collapse_ratio if monitor else None,
     )

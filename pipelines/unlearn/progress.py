@@ -1,10 +1,11 @@
-"""Progress of a run, from the metrics the workers report to the driver's `progress` callable.
+"""Progress of a run, from the workers to the driver's `progress` callable, through a Ray queue
+that a driver thread drains.
 
-Every `ray.train.report` carries the reporting worker's identity (rank, pid, the step it started
-from) and, from rank 0, the step logs since its previous report. A Ray Train callback on the
-controller turns them into events and puts them on a Ray queue; a driver thread hands them on.
-Events come at report points (checkpoints, health reports, the end), never more often: a report
-is a barrier that the controller drains only every couple of seconds.
+- 'step' events: rank 0 puts its step logs on the queue itself, about once a second and before
+  every report (`hand_on_steps`), so progress flows between checkpoints too (a report is a
+  barrier, and with `checkpoint_every` 0 the only one is at the end).
+- 'worker' events: every `ray.train.report` carries the reporting worker's identity (rank, pid,
+  the step it started from); a Ray Train callback on the controller turns a new one into an event.
 """
 
 from __future__ import annotations
@@ -20,15 +21,35 @@ Progress = Callable[[dict], None]
 PROGRESS_KEY = "retrack_progress"
 
 
-def progress_metrics(rank: int, start_step: int, steps: list[dict]) -> dict:
+def progress_metrics(rank: int, start_step: int) -> dict:
     """What a worker adds to every report's metrics."""
-    return {PROGRESS_KEY: {"rank": rank, "pid": os.getpid(), "start_step": start_step, "steps": steps}}
+    return {PROGRESS_KEY: {"rank": rank, "pid": os.getpid(), "start_step": start_step}}
+
+
+def hand_on_steps(queue: Queue, steps: list[dict]) -> None:
+    """On rank 0: its step logs as 'step' events, in order (one caller's puts run in order)."""
+    queue.put_nowait_batch([{"event": "step", **step} for step in steps])
+
+
+def step_progress(report: Callable[..., None]) -> Progress:
+    """A `progress` for `unlearn` that hands each update on to a stage's progress as
+    `report("steps", step, steps, its logs)`, and says where a resumed run starts."""
+    from pipelines.progress import console
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "step":
+            logs = ", ".join(f"{k} {event[k]:.4g}" for k in ("loss", "loss_knn", "loss_retain", "loss_corr", "grad_norm") if k in event)
+            report("steps", event["step"], event["steps"], logs)
+        elif event["event"] == "worker" and event["rank"] == 0 and event["start_step"]:
+            console.print(f"resuming from the checkpoint at step {event['start_step']}")
+
+    return on_event
 
 
 class ProgressCallback(UserCallback):
-    """On the controller: one 'worker' event per worker process, one 'step' event per update. It
-    comes first among the run's callbacks and takes the progress out of the metrics, so that the
-    others (Tune's report callback) see only the metrics."""
+    """On the controller: one 'worker' event per worker process. It comes first among the run's
+    callbacks and takes the progress out of the metrics, so that the others (Tune's report
+    callback) see only the metrics."""
 
     def __init__(self, queue: Queue):
         self.queue = queue
@@ -43,7 +64,6 @@ class ProgressCallback(UserCallback):
             if (p["rank"], p["pid"]) not in self.seen:
                 self.seen.add((p["rank"], p["pid"]))
                 events.append({"event": "worker", "rank": p["rank"], "pid": p["pid"], "world_size": len(metrics), "start_step": p["start_step"]})
-            events.extend({"event": "step", **step} for step in p["steps"])
         if events:
             self.queue.put_nowait_batch(events)
 

@@ -16,6 +16,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
+from typing import Any
 
 import ray
 import ray.train
@@ -23,7 +24,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipelines.unlearn.progress import progress_metrics
+from pipelines.unlearn.progress import hand_on_steps, progress_metrics
 from pipelines.unlearn.resume import resume
 from retrack.config.model_kind import ModelKind
 from retrack.config.spec import ScalingSpec
@@ -43,6 +44,7 @@ from retrack.training.worker_data import assemble
 from retrack.tuning.search import HEALTH_METRIC, RetainLossRatio
 
 SETTINGS_KEY = "settings"
+STEPS_EVERY = 1.0  # seconds between two hand-ons of rank 0's step logs to the driver
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class WorkerSettings:
     model_uri: str  # a shared path or an s3:// URI each node copies once
     model_s3: S3Options | None
     storage: RunStorage
+    progress: Any  # the driver's progress queue (ray.util.queue.Queue): rank 0 puts its step logs there
     report_every: int = 0  # health reports for an outer controller (a Tune trial); 0: none
     collapse_ratio: float | None = None
 
@@ -73,7 +76,7 @@ def train_loop(config: dict) -> None:
         return
     run = _WorkerRun(s, rank, world, device)
     if run.start >= s.train.steps:  # relaunched after the final checkpoint: nothing left to train
-        ray.train.report({"step": run.start, **progress_metrics(rank, run.start, [])})
+        ray.train.report({"step": run.start, **progress_metrics(rank, run.start)})
         return
     run.load_data()
     run.train()
@@ -132,7 +135,8 @@ class _WorkerRun:
         self.opt = make_optimizer(self.params, s.train.lr, s.train.betas, s.train.weight_decay)
         state = resume(s.storage, ray.train.get_checkpoint(), lambda d, _: load_checkpoint(d, self.unet, self.opt, device))
         self.start, self.history = (int(state["step"]), list(state["history"])) if state else (0, [])
-        self.pending: list[dict] = []  # rank 0's step logs since its last report
+        self.pending: list[dict] = []  # rank 0's step logs not yet handed on
+        self.handed_on = float("-inf")  # the first step's logs go at once: training has begun
 
     def load_data(self) -> None:
         s = self.s
@@ -180,6 +184,8 @@ class _WorkerRun:
                 raise
             if self.rank == 0:
                 self.pending.append({"step": step + 1, "steps": train.steps, **logs})
+                if time.monotonic() - self.handed_on >= STEPS_EVERY:
+                    self._hand_on_steps()
             # Wall time of the update on this worker (draw, passes, all-reduce; checkpoints excluded).
             self.history.append({"step": step + 1, **logs, "seconds": time.perf_counter() - began})
             metrics = {"step": step + 1, **logs}
@@ -211,10 +217,15 @@ class _WorkerRun:
         self._report(metrics)
         return True
 
+    def _hand_on_steps(self) -> None:
+        if self.pending:
+            hand_on_steps(self.s.progress, self.pending)
+        self.pending, self.handed_on = [], time.monotonic()
+
     def _report(self, metrics: dict, checkpoint_step: int | None = None) -> None:
         """A report is collective: every rank calls it; rank 0 alone uploads the checkpoint."""
-        metrics = {**metrics, **progress_metrics(self.rank, self.start, self.pending)}
-        self.pending = []
+        self._hand_on_steps()
+        metrics = {**metrics, **progress_metrics(self.rank, self.start)}
         if checkpoint_step is None or self.rank != 0:
             ray.train.report(metrics)
             return

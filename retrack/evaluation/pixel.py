@@ -7,6 +7,7 @@ as the protocol asks; integrity compares same-seed samples on what was NOT to be
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -87,9 +88,11 @@ def evaluate_model(
     n_samples: int,
     seed: int = 0,
     original_samples01: np.ndarray | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Sample `model` in this process (same seeds as the original's, so integrity is paired) and score it."""
-    samples = generate(model, n_samples, seed=seed)
+    """Sample `model` in this process (same seeds as the original's, so integrity is paired) and
+    score it; `progress(samples done, n_samples)` while sampling."""
+    samples = generate(model, n_samples, seed=seed, progress=progress)
     return score(model, samples, ref, original_samples01), samples
 
 

@@ -239,6 +239,8 @@ def build_index(
         log.info("encoding %d of %d chunk(s) (%d items)", len(todo), len(jobs), sum(j.chunk.rows for j in todo))
         for j in todo:
             j.dest.remove()
+        if progress:  # the first results take a while (on Ray, workers start): the encode has begun
+            progress("encode", 0, sum(j.chunk.rows for j in todo))
         executor.encode(plan, todo, encoder, on_bad, progress, chunk_done=lambda j: finish_chunk(j.dest))
     infos = [chunk_info(j.dest) for j in jobs]
     if any(i is None for i in infos):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,9 @@ def test_demo_quick_registers_a_forgotten_version(tmp_path):
     exe = Path(sys.executable).with_name("retrack")
     proc = subprocess.run([str(exe), "demo", "--quick"], env=env, capture_output=True, text=True, timeout=2400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # stderr is a pipe: each long stage of the job logged plain progress lines, the last at its end.
+    for part in ("index encode", "unlearn steps", "evaluate samples"):
+        assert re.search(rf"^\S+ \S+ {part}: (\d+)/\1 \(100%\), \S+, elapsed \S+, ETA 0:00:00", proc.stderr, re.M), part
     spec = demo_spec(Workspace(home), quick=True)
     job = home / "jobs" / spec.request_id / spec.config_hash()
     for stage in ("index", "neighbours", "unlearn", "evaluate", "register"):

@@ -170,7 +170,7 @@ def test_vae_latents_through_a_ray_actor_pool_match_the_local_loop(ray_local, tm
     seen = []
     on_ray = build(str(tmp_path / "c"), str(tmp_path / "ray-idx"), encoder=spec, rows_per_chunk=8, format=layout,
                    progress=lambda phase, done, total: seen.append((done, total)) if phase == "encode" else None)
-    assert seen == [(8, 24), (16, 24), (24, 24)]  # rows, chunk by chunk, as every executor counts them
+    assert seen == [(0, 24), (8, 24), (16, 24), (24, 24)]  # rows, chunk by chunk, as every executor counts them
     local = build_index(tmp_path / "c", tmp_path / "local-idx", encoder=spec, rows_per_chunk=8, format=layout)
     assert on_ray.manifest.dim == local.manifest.dim == 256
     a, b = open_index(tmp_path / "ray-idx"), open_index(tmp_path / "local-idx")

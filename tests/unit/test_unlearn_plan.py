@@ -252,9 +252,10 @@ def test_job_spec_config_hash_keeps_its_value():
 
 
 def test_progress_comes_out_of_the_reported_metrics():
-    """The progress callback turns each report's progress into events (one 'worker' event per
-    worker process, one 'step' event per update) and leaves only the metrics to the others."""
-    from pipelines.unlearn.progress import ProgressCallback, progress_metrics
+    """The progress callback turns each report's worker identity into one 'worker' event per
+    worker process and leaves only the metrics to the others; rank 0's step logs go to the queue
+    as 'step' events in order."""
+    from pipelines.unlearn.progress import ProgressCallback, hand_on_steps, progress_metrics
 
     class Sink:
         def __init__(self):
@@ -265,11 +266,11 @@ def test_progress_comes_out_of_the_reported_metrics():
 
     sink = Sink()
     callback = ProgressCallback(sink)
-    steps = [{"step": 1, "steps": 2, "loss": 0.5}, {"step": 2, "steps": 2, "loss": 0.4}]
-    reported = [{"step": 2, **progress_metrics(0, 0, steps)}, {"step": 2, **progress_metrics(1, 0, [])}]
+    reported = [{"step": 2, **progress_metrics(0, 0)}, {"step": 2, **progress_metrics(1, 0)}]
     callback.after_report(None, reported, None)
     assert reported == [{"step": 2}, {"step": 2}]
+    hand_on_steps(sink, [{"step": 1, "steps": 2, "loss": 0.5}, {"step": 2, "steps": 2, "loss": 0.4}])
     assert [(e["event"], e.get("rank"), e["step"] if e["event"] == "step" else e["start_step"]) for e in sink.items] == [
-        ("worker", 0, 0), ("step", None, 1), ("step", None, 2), ("worker", 1, 0)]
-    callback.after_report(None, [{"step": 3, **progress_metrics(0, 0, [])}], None)  # the same processes: no new 'worker' event
+        ("worker", 0, 0), ("worker", 1, 0), ("step", None, 1), ("step", None, 2)]
+    callback.after_report(None, [{"step": 3, **progress_metrics(0, 0)}], None)  # the same processes: no new 'worker' event
     assert len(sink.items) == 4

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipelines.job.context import JobContext
+from pipelines.progress import Report, stage_progress
 from retrack.config.model_kind import ModelKind
 from retrack.errors import InputError
 
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 
 
 def run(ctx: JobContext) -> dict:
-    return (_evaluate_sd if ctx.spec.model.kind is ModelKind.STABLE_DIFFUSION else _evaluate_pixel)(ctx)
+    with stage_progress("evaluate") as progress:
+        return (_evaluate_sd if ctx.spec.model.kind is ModelKind.STABLE_DIFFUSION else _evaluate_pixel)(ctx, progress)
 
 
 def _context(ctx: JobContext, forget: list[str]) -> dict:
@@ -36,7 +38,7 @@ def _context(ctx: JobContext, forget: list[str]) -> dict:
             "forget_count": len(forget), "samples_per_model": spec.evaluation.num_samples}
 
 
-def _evaluate_pixel(ctx: JobContext) -> dict:
+def _evaluate_pixel(ctx: JobContext, progress: Report) -> dict:
     from pipelines.evaluate import evaluate_request
 
     spec, ev_spec = ctx.spec, ctx.spec.evaluation
@@ -45,7 +47,7 @@ def _evaluate_pixel(ctx: JobContext) -> dict:
     ev = evaluate_request(
         ctx.original_for_workers(), ctx.unlearned_uri(), ref, ev_spec.num_samples, ev_spec.seed,
         ev_spec.max_frequency_ratio, ev_spec.membership_alpha, ctx.jobdir.local / "report", spec.request_id, _context(ctx, forget),
-        endpoint=spec.storage.endpoint_url,
+        endpoint=spec.storage.endpoint_url, progress=progress,
     )
     ctx.jobdir.publish("report")
     return {"verdict": ev.verdict.label, "metrics": ev.metrics, "forget_threshold": threshold}
@@ -83,7 +85,7 @@ def _default_forget_threshold(corpus: "Corpus", forget: list[str]) -> float:
     return float(0.5 * d.min())
 
 
-def _evaluate_sd(ctx: JobContext) -> dict:
+def _evaluate_sd(ctx: JobContext, progress: Report) -> dict:
     from pipelines.evaluate import evaluate_sd_request
 
     spec, jobdir = ctx.spec, ctx.jobdir
@@ -92,7 +94,7 @@ def _evaluate_sd(ctx: JobContext) -> dict:
     # s3:// models reach the Ray tasks as URIs (every node fetches them), local ones as their files.
     ev = evaluate_sd_request(
         ctx.original_for_workers(), ctx.unlearned_uri(), items, spec.evaluation, spec.evaluation.max_frequency_ratio, spec.evaluation.membership_alpha,
-        jobdir.local / "report", spec.request_id, _context(ctx, forget), endpoint=spec.storage.endpoint_url,
+        jobdir.local / "report", spec.request_id, _context(ctx, forget), endpoint=spec.storage.endpoint_url, progress=progress,
     )
     jobdir.publish("report")
     return {"verdict": ev.verdict.label, "metrics": ev.metrics, "forget_threshold": spec.evaluation.forget_threshold}

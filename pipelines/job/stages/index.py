@@ -9,7 +9,7 @@ built for the same corpus and encoder is kept. Writes `<storage root>/indexes/<c
 from __future__ import annotations
 
 from pipelines.job.context import JobContext
-from pipelines.progress import console
+from pipelines.progress import console, stage_progress
 from retrack.config.model_kind import ModelKind
 
 
@@ -26,6 +26,8 @@ def run(ctx: JobContext) -> dict:
         key += "-vae-" + encoder.digest()[:12]  # one index per (corpus, VAE): a pixel index of the same corpus is kept
     out = ctx.storage / "indexes" / key
     params = IndexParams(type=spec.index.kind, flat_max=spec.index.flat_max_items)
-    result = build(spec.corpus.uri, str(out), encoder=encoder, params=params, endpoint=spec.storage.endpoint_url, format=spec.corpus.format)
+    with stage_progress("index") as progress:
+        result = build(spec.corpus.uri, str(out), encoder=encoder, params=params, endpoint=spec.storage.endpoint_url,
+                       format=spec.corpus.format, progress=progress)
     console.print(f"index {result.status}: {result.manifest.index_type}, {result.manifest.count} vectors")
     return {"index_uri": str(out), "manifest_digest": result.manifest.content_digest()}

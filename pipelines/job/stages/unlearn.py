@@ -13,21 +13,24 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pipelines.job.context import JobContext
+from pipelines.progress import Report, stage_progress
 
 if TYPE_CHECKING:
     from pipelines.unlearn.driver import TrainMonitor, UnlearnResult
 
 
 def run(ctx: JobContext) -> dict:
-    result = train(ctx, ctx.unlearned_uri(), ctx.spec.run_name)
+    with stage_progress("unlearn") as progress:
+        result = train(ctx, ctx.unlearned_uri(), ctx.spec.run_name, progress=progress)
     return {"model_digest": result.digest, "wall_seconds": result.seconds, "steps": result.steps,
             "final_loss": result.history[-1]["loss"] if result.history else None, "resumed_from": result.resumed_from}
 
 
-def train(ctx: JobContext, output: str, run_name: str, monitor: "TrainMonitor | None" = None) -> "UnlearnResult":
+def train(ctx: JobContext, output: str, run_name: str, monitor: "TrainMonitor | None" = None, progress: Report | None = None) -> "UnlearnResult":
     """Unlearn with `ctx.spec`'s method and training settings (a tuning trial's context carries
     its own) into `output` (a URI)."""
     from pipelines.unlearn.driver import unlearn
+    from pipelines.unlearn.progress import step_progress
     from retrack.config.unlearn_run import UnlearnRun
 
     spec, remote = ctx.spec, ctx.jobdir.remote
@@ -40,4 +43,5 @@ def train(ctx: JobContext, output: str, run_name: str, monitor: "TrainMonitor | 
         neighbours_file=str(remote / "neighbours.json") if spec.method.needs_neighbours else None,
         run_name=run_name,
     )
-    return unlearn(run, address=ctx.address, monitor=monitor, corpus=ctx.pre.corpus_index)
+    return unlearn(run, address=ctx.address, monitor=monitor, corpus=ctx.pre.corpus_index,
+                   progress=None if progress is None else step_progress(progress))
