@@ -18,16 +18,16 @@
     # methods_t_min_lr7e-5_fresh.json), with 8 training seeds (--train-seeds 0,...,7,
     # methods_t_min_lr7e-5_fresh8.json) and on the full preset (no --quick, methods_t_min_lr7e-5_full.json)
     # K = the whole retain set (1,616 items), every method at its budget, 8 training seeds
-    # (README, "Eight training seeds": panel A, methods_k_all.json):
+    # (docs/experiments/embedded-benchmark.md, "Eight training seeds": panel A, methods_k_all.json):
     python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-lambda 0.1 \
         --retrack-k 1616 --retrack-t-min 100 --retrack-lambdas "" --seeds 4000 \
         --train-seeds 0,1,2,3,4,5,6,7 --out benchmarks/results/methods_k_all.json
     # ReTrack alone, rerun after neighbour sets were stored once per batch: the same with
     # --methods retrack --out benchmarks/results/methods_k_all_shared_sets.json
-    # fewer updates (README, "Wall time against retraining"): the same with --methods retrack
+    # fewer updates (docs/experiments/embedded-benchmark.md, "Wall time against retraining"): the same with --methods retrack
     # --steps 36 or 32, on panel A (as above) and panel B (--seeds 1000 --train-seeds 10,...,17),
     # --out benchmarks/results/methods_k_all_steps{36,32}_panel_{a,b}.json
-    # K 1,616 on the full preset (README, "does not carry over"): no --quick, --methods retrack,vanilla,
+    # K 1,616 on the full preset (docs/experiments/embedded-benchmark.md, "does not carry over"): no --quick, --methods retrack,vanilla,
     # --lr 7e-5 or 3e-5, --out benchmarks/results/methods_k_all_full_lr{7e-5,3e-5}.json
     # the held-out panel C (methods_k_all_panel_c.json):
     python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-lambda 0.07 \
@@ -38,7 +38,7 @@
     python benchmarks/methods.py --quick --samples 2000 --steps 40 --lr 7e-5 --retrack-k 1616 \
         --retrack-t-min 100 --methods retrack,vanilla --seeds 10000,13000,16000,19000,22000,25000 \
         --train-seeds 30,31,32,33,34,35,36,37 --retrack-lambda 0.1 --retrack-lambdas 0.07,0.05
-    # a forget batch of its own (README, "A forget batch of its own"): 32 forget + 128 retain samples
+    # a forget batch of its own (docs/experiments/embedded-benchmark.md, "A forget batch of its own"): 32 forget + 128 retain samples
     # for 60 updates, on fresh sets and seeds (methods_forget_batch_32.json); the 40-update recipe on the
     # same panel is the same command with --steps 40, --retrack-lambdas "" and no --forget-batch-size
     # (methods_forget_batch_128.json)
@@ -81,7 +81,7 @@ from retrack.embedded.workspace import Workspace
 RESULTS = Path(__file__).parent / "results"
 
 # Method settings for the 8x8 digits benchmark. Budget and optimiser follow the paper's MNIST row
-# (50 steps, batch 128, AdamW lr 5e-5); lambda is tuned for ReTrack (see README), the baselines use
+# (50 steps, batch 128, AdamW lr 5e-5); lambda is tuned for ReTrack (docs/experiments/embedded-benchmark.md), the baselines use
 # their published defaults.
 METHODS = {
     "retrack": {"lambda": 0.05, "k": 10},

@@ -1,10 +1,10 @@
 """ReTrack's wall time against retraining without the forget set, measured side by side in one
 run; writes benchmarks/results/wall.json.
 
-    python benchmarks/wall.py --quick                      # the README's K = |A_r| recipe
+    python benchmarks/wall.py --quick                      # the K = |A_r| recipe (docs/experiments/embedded-benchmark.md)
     python benchmarks/wall.py --quick --repeats 3 --train-seeds 0,1,2
     python benchmarks/wall.py --quick --steps 60 --forget-batch-size 32 \
-        --out benchmarks/results/wall_forget_batch_32.json   # README, "A forget batch of its own"
+        --out benchmarks/results/wall_forget_batch_32.json   # docs/experiments/embedded-benchmark.md, "A forget batch of its own"
     python benchmarks/wall.py --quick --steps 56 --forget-batch-size 32 --retrack-lambda 0.07 \
         --out benchmarks/results/wall_forget_batch_32_steps56.json
 
@@ -41,7 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="quick pretraining preset (the one the README's tables use)")
+    ap.add_argument("--quick", action="store_true", help="quick pretraining preset (the one docs/results.md uses)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--train-seeds", default="0,1,2", help="comma-separated ReTrack training seeds per repeat")
     ap.add_argument("--steps", type=int, default=40)

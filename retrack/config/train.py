@@ -51,7 +51,7 @@ class TrainConfig(StrictModel):
         "Global forget-branch batch per update when it should differ from batch_size (None: batch_size, "
         "the paper's). A smaller forget batch frees compute for more updates of the retain branch: on the "
         "embedded benchmark 32 forget + 128 retain samples for 60 updates gave a lower Frechet distance "
-        "than 128 + 128 for 40 (point estimates), at about the same compute (README, 'A forget batch of "
+        "than 128 + 128 for 40 (point estimates), at about the same compute (docs/experiments/embedded-benchmark.md, 'A forget batch of "
         "its own'). Methods that "
         "pair each retain sample with a forget sample (siss) refuse a different size."))
     grad_accum: int = Field(1, ge=1, description="GLOBAL micro-batches per update (micro-batch m runs on worker m % num_workers): a multiple of the worker count that divides batch_size.")

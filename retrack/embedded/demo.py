@@ -6,7 +6,7 @@ from retrack.config.spec import JobSpec
 from retrack.embedded.workspace import Workspace
 
 # ReTrack on the embedded digits: the paper's MNIST budget (50 steps, batch 128, lr 5e-5) with
-# lambda 0.05 for 8x8 images (see README "Results").
+# lambda 0.05 for 8x8 images (docs/results.md).
 DEMO_METHOD = {"name": "retrack", "params": {"lambda": 0.05, "k": 10}}
 DEMO_TRAIN = {"steps": 50, "batch_size": 128, "lr": 5e-5}
 

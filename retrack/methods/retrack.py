@@ -20,7 +20,7 @@ class ReTrackParams(MethodParams):
     t_min: int = Field(0, ge=0, lt=1000, description=(
         "Smallest timestep of the forget branch (t ~ Uniform{t_min..T-1}); 0 is the paper's objective. "
         "At small t the kNN targets (x_t - gamma_t n_j) / sigma_t grow as 1 / sigma_t: they dominate the "
-        "gradient, do not change where the sampler goes, and blur every sample's last steps (README, "
+        "gradient, do not change where the sampler goes, and blur every sample's last steps (docs/experiments/embedded-benchmark.md, "
         "'Where the quality goes')."))
 
 

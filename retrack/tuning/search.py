@@ -102,7 +102,7 @@ class TuneSpec(StrictModel):
     seeds_per_trial: int = Field(1, ge=1, description=(
         "Training seeds per trial (train.seed, train.seed + 1, ...): a trial reports the mean of their "
         "scores and keeps the model of train.seed. A 40-step fine-tune's Fréchet distance moves by up to 2x "
-        "between training seeds at the same settings (README), so with one seed the search partly ranks that noise."))
+        "between training seeds at the same settings (docs/experiments/embedded-benchmark.md), so with one seed the search partly ranks that noise."))
     num_samples: int = Field(500, ge=16, description="Samples per trial for its forget frequency and Fréchet distance (the chosen model is evaluated again with evaluation.num_samples).")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Trials run at once; default: as many as the cluster's CPUs (or GPUs) hold workers for.")
     collapse_ratio: float = Field(3.0, gt=1, description="Stop a trial early once its retain-branch denoising loss (smoothed) exceeds this multiple of its lowest value in the first updates: the model is collapsing.")
