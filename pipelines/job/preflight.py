@@ -50,7 +50,7 @@ class Preflight:
 def preflight(spec: JobSpec) -> Preflight:
     """Every check that can refuse the job, before any index, training or registration."""
     from retrack.data.forget import check_forget_ids, requested_forget_ids
-    from retrack.data.source import require_captions, scan_corpus
+    from retrack.data.source import require_captions, require_labels, scan_corpus
     from retrack.lineage.store import check_tracking_server
     from retrack.models.pixel import check_pixel_model_dir, scheduler_timesteps
     from retrack.models.sd import check_sd_model_dir
@@ -77,6 +77,8 @@ def preflight(spec: JobSpec) -> Preflight:
         for what, source in (("corpus", corpus.source), ("evaluation.holdout_uri", holdout)):
             if source is not None:
                 require_captions(source, what)
+    else:
+        require_labels(corpus.source)
     forget_ids = requested_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
     if spec.method.needs_neighbours:

@@ -39,7 +39,7 @@ from retrack.storage.location import Location
 
 __all__ = [
     "BadRow", "Chunk", "CorpusPlan", "FORMATS", "ON_BAD", "RowBatch", "SourceFile", "decode_batch", "image_id",
-    "file_ids", "iter_file_batches", "iter_file_rows", "plan_chunks", "require_captions", "scan_corpus", "table_vectors", "vectors_table",
+    "file_ids", "iter_file_batches", "iter_file_rows", "plan_chunks", "require_captions", "require_labels", "scan_corpus", "table_vectors", "vectors_table",
 ]
 
 ON_BAD = ("fail", "skip")
@@ -74,6 +74,11 @@ class CorpusPlan:
     def captioned(self) -> int:
         """Items with a caption."""
         return sum(f.captioned for f in self.files)
+
+    @property
+    def labelled(self) -> int:
+        """Items with a class label."""
+        return sum(f.labelled for f in self.files)
 
     @property
     def has_captions(self) -> bool:
@@ -181,6 +186,24 @@ def require_captions(plan: CorpusPlan, what: str = "corpus") -> None:
     raise CaptionsMissingError(
         f"{what} {plan.root.uri} ({kind}): {missing} of {plan.count} item(s) have no caption; a Stable Diffusion "
         f"model is trained on each item's own caption, so it needs {_CAPTION_HINTS[plan.format]}"
+    )
+
+
+_LABEL_HINTS = {
+    "parquet": "an integer 'label' column with a value in every row",
+    "imagefolder": 'a "label" (an integer) in every image\'s metadata.jsonl line',
+    "webdataset": "a cls member (an integer class), or a json member with a 'label' field, in every sample",
+}
+
+
+def require_labels(plan: CorpusPlan, what: str = "corpus") -> None:
+    """Refuse a corpus in which an item has no class label (counts only): a pixel model's
+    Fréchet distance is measured with a feature network trained on the retained items' labels."""
+    if plan.labelled == plan.count:
+        return
+    raise CorpusError(
+        f"{what} {plan.root.uri}: {plan.count - plan.labelled} of {plan.count} item(s) have no class label; the pixel "
+        f"evaluation's Fréchet distance uses a feature network trained on the retained items' labels, so it needs {_LABEL_HINTS[plan.format]}"
     )
 
 

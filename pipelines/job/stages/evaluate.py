@@ -59,9 +59,7 @@ def evaluation_reference(ctx: JobContext, forget: list[str]) -> tuple["EvalRefer
     from retrack.evaluation.metrics import load_classifier, save_classifier, train_classifier
     from retrack.evaluation.pixel import build_reference
 
-    corpus = ctx.pre.corpus
-    if corpus.labels is None:
-        raise InputError("the corpus has no labels: the Fréchet distance needs a classifier trained on labelled retained data")
+    corpus = ctx.pre.corpus  # labelled: preflight refuses a pixel job's corpus without labels
     keep = np.setdiff1d(np.arange(len(corpus)), corpus.index_of(forget))
     clf_dir = ctx.jobdir.fetch("classifier")
     if not (clf_dir / "model.safetensors").is_file():

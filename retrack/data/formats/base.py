@@ -29,6 +29,7 @@ class SourceFile:
     captioned: int = 0
     caption: str | None = field(default=None, repr=False)
     label: int | None = None  # an image folder's item's class label, from metadata.jsonl
+    labelled: int = 0  # rows with a class label
 
 
 class RowBatch(NamedTuple):

@@ -74,7 +74,7 @@ def scan(root: Location, entries: list[FileEntry], on_bad: str) -> Iterator[Scan
             captions.update(_captions(root, meta, set(rels), others, seen))
     for rel, e in rels.items():
         caption, label = captions.get(rel, (None, None))
-        f = SourceFile(e.location.uri, rel, e.size, e.mtime_ns, 1, int(caption is not None), caption, label)
+        f = SourceFile(e.location.uri, rel, e.size, e.mtime_ns, 1, int(caption is not None), caption, label, int(label is not None))
         yield Scanned(f, [image_id(rel)])
 
 

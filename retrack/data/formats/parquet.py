@@ -21,8 +21,8 @@ def _unreadable(rel: str, exc: BaseException) -> CorpusError:
     return CorpusError(f"shard {rel} cannot be read as parquet: {str(exc).splitlines()[0]}")
 
 
-def _read_columns(loc: Location, rel: str) -> tuple[list[str], int]:
-    """(ids, rows with a caption) of one shard, after checking its columns and ids."""
+def _read_columns(loc: Location, rel: str) -> tuple[list[str], int, int]:
+    """(ids, rows with a caption, rows with a label) of one shard, after checking its columns and ids."""
     try:
         with loc.open_input() as f:
             pf = pq.ParquetFile(f)
@@ -30,7 +30,7 @@ def _read_columns(loc: Location, rel: str) -> tuple[list[str], int]:
             missing = {"id", "image"} - names
             if missing:
                 raise CorpusError(f"shard {rel} lacks column(s) {sorted(missing)}; a corpus needs 'id' and 'image'")
-            table = pf.read(columns=["id", "caption"] if "caption" in names else ["id"])
+            table = pf.read(columns=[c for c in ("id", "caption", "label") if c in names])
     except CorpusError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -44,8 +44,8 @@ def _read_columns(loc: Location, rel: str) -> tuple[list[str], int]:
         raise CorpusError(f"shard {rel}: {empty} row(s) have an empty id")
     if not values:
         raise CorpusError(f"shard {rel} is empty")
-    captioned = len(values) - table.column("caption").null_count if "caption" in table.column_names else 0
-    return values, captioned
+    present = {c: len(values) - table.column(c).null_count if c in table.column_names else 0 for c in ("caption", "label")}
+    return values, present["caption"], present["label"]
 
 
 def scan(root: Location, entries: list[FileEntry], on_bad: str) -> Iterator[Scanned]:
@@ -53,8 +53,8 @@ def scan(root: Location, entries: list[FileEntry], on_bad: str) -> Iterator[Scan
         if not e.location.name.endswith(".parquet"):
             continue
         rel = e.location.relative_to(root)
-        ids, captioned = _read_columns(e.location, rel)
-        yield Scanned(SourceFile(e.location.uri, rel, e.size, e.mtime_ns, len(ids), captioned), ids)
+        ids, captioned, labelled = _read_columns(e.location, rel)
+        yield Scanned(SourceFile(e.location.uri, rel, e.size, e.mtime_ns, len(ids), captioned, labelled=labelled), ids)
 
 
 def ids(loc: Location, f: SourceFile) -> list[str]:

@@ -110,8 +110,8 @@ def samples(loc: Location, rel: str, images: bool) -> Iterator[Sample]:
         raise StorageError(redact(f"cannot read {loc.uri} ({loc.where()}): {str(exc).splitlines()[0]}")) from None
 
 
-def _scan_file(loc: Location, rel: str, on_bad: str) -> tuple[list[str], int]:
-    keys, captioned, imageless = [], 0, 0
+def _scan_file(loc: Location, rel: str, on_bad: str) -> tuple[list[str], int, int]:
+    keys, captioned, labelled, imageless = [], 0, 0, 0
     for s in samples(loc, rel, images=False):
         if not s.has_image:
             if on_bad == "fail":
@@ -119,11 +119,12 @@ def _scan_file(loc: Location, rel: str, on_bad: str) -> tuple[list[str], int]:
             imageless += 1
         keys.append(s.key)
         captioned += s.caption is not None
+        labelled += s.label is not None
     if not keys:
         raise CorpusError(f"shard {rel} holds no samples")
     if imageless:  # counted here, reported per row by the decoder
         log.warning("shard %s: %d sample(s) without an image will be skipped (on_bad=skip)", rel, imageless)
-    return keys, captioned
+    return keys, captioned, labelled
 
 
 def scan(root: Location, entries: list[FileEntry], on_bad: str) -> Iterator[Scanned]:
@@ -131,8 +132,8 @@ def scan(root: Location, entries: list[FileEntry], on_bad: str) -> Iterator[Scan
         if not e.location.name.endswith(".tar"):
             continue
         rel = e.location.relative_to(root)
-        keys, captioned = _scan_file(e.location, rel, on_bad)
-        yield Scanned(SourceFile(e.location.uri, rel, e.size, e.mtime_ns, len(keys), captioned), keys)
+        keys, captioned, labelled = _scan_file(e.location, rel, on_bad)
+        yield Scanned(SourceFile(e.location.uri, rel, e.size, e.mtime_ns, len(keys), captioned, labelled=labelled), keys)
 
 
 def ids(loc: Location, f: SourceFile) -> list[str]:
