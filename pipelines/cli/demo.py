@@ -64,8 +64,9 @@ def demo(
 ) -> None:
     """Run the embedded default end to end: pretrain (cached), then index, neighbours, unlearn,
     evaluate and register, exactly as `retrack run` does."""
+    from pipelines.cli.job import finish
     from pipelines.job import run_job
-    from pipelines.progress import print_summary, stage_bar
+    from pipelines.progress import stage_bar
     from retrack.embedded.demo import demo_spec
     from retrack.embedded.pretrain import PRESETS, ensure_pretrained
     from retrack.embedded.workspace import Workspace
@@ -77,4 +78,4 @@ def demo(
         offsets = {"original": 0, "retrained": steps}
         ensure_pretrained(ws, preset, progress=lambda w, s, _n: advance(offsets[w] + s, w))
         advance(2 * steps, "ready")
-    print_summary(run_job(demo_spec(ws, quick), address=address))
+    finish(run_job(demo_spec(ws, quick), address=address))
