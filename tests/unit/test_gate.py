@@ -88,3 +88,23 @@ def test_each_outcome_has_its_own_exit_code_listed_in_the_help():
         shown = " ".join(CliRunner().invoke(app, command, env={"COLUMNS": "200"}).output.split())
         assert all(f"{int(c)}: " in shown for c in ExitCode), command
     assert "3: registered, not promoted: the verdict is 'not forgotten'" in EXIT_CODES_HELP
+
+
+def test_a_finished_job_exits_with_its_outcome_and_says_why(capsys):
+    import typer
+
+    from pipelines.cli.job import finish
+    from pipelines.job import JobResult
+    from pipelines.progress import console
+
+    metrics = {"original": ORIGINAL, "unlearned": unlearned(frechet_distance=25.0)}
+    missed = promotion(FORGOTTEN, [], metrics["original"], metrics["unlearned"], PIXEL)
+    result = JobResult("req-1", "7", FORGOTTEN, "s3://b/report", metrics, outcome=missed.outcome, reasons=missed.reasons)
+    with console.capture() as shown, pytest.raises(typer.Exit) as exited:
+        finish(result)
+    assert exited.value.exit_code == ExitCode.QUALITY_GATE == 4
+    text = shown.get()
+    assert "promoted: no (quality gate)" in text and "quality gate: Fréchet ratio 2.5 is above max_frechet_ratio 2" in text
+    with console.capture() as shown:
+        finish(JobResult("req-1", "8", FORGOTTEN, "s3://b/report", metrics, outcome=PROMOTED))  # exit 0: returns
+    assert "promoted: yes" in shown.get()
