@@ -156,7 +156,7 @@ def evaluate_request(
     before, after = sample_on_ray([original_dir, unlearned_dir], n_samples, seed, progress=progress, endpoint=endpoint)
     original, unlearned = (load_pixel_model(local_model_dir(m, endpoint=endpoint)) for m in (original_dir, unlearned_dir))
     metrics = {
-        "original": score(original, before, ref) | {"integrity": 0.0, "feature_integrity": 0.0},
+        "original": score(original, before, ref) | {"integrity": 0.0, "integrity_ratio": 0.0, "feature_integrity": 0.0},
         "unlearned": score(unlearned, after, ref, original_samples01=before),
     }
     member = None if ref.holdout_m11 is None else membership(unlearned, ref, alpha)
@@ -303,8 +303,8 @@ def evaluate_sd_request(
         metrics[name], per_prompt[name] = memorisation(z[:n_forget_gens], prompt, ref)
         metrics[name]["forget_loss"] = float(loss[:n_f].mean())
     before, after = gens[0][n_forget_gens:], gens[1][n_forget_gens:]
-    metrics["original"]["integrity"] = 0.0
-    metrics["unlearned"]["integrity"] = sd_integrity(before, after, ref)
+    metrics["original"] |= {"integrity": 0.0, "integrity_ratio": 0.0}
+    metrics["unlearned"] |= sd_integrity(before, after, ref)
     for m in metrics.values():
         m["integrity_samples"] = float(len(before))
     member = None

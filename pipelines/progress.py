@@ -201,5 +201,9 @@ def print_metrics(title: str, rows: dict[str, dict]) -> None:
 
 
 def print_summary(result) -> None:
+    """The metrics, the verdict, the version and whether it was promoted (and why not)."""
     print_metrics(f"request {result.request_id}", result.metrics)
-    console.print(f"verdict: [bold]{result.verdict}[/bold]\nmodel version: {result.model_version}\nreport: {result.report_uri}")
+    promoted = "yes" if result.promoted else f"no ({result.outcome.replace('_', ' ')})"
+    console.print(f"verdict: [bold]{result.verdict}[/bold]\nmodel version: {result.model_version}\npromoted: [bold]{promoted}[/bold]\nreport: {result.report_uri}")
+    for reason in result.reasons if not result.promoted else ():
+        console.print(f"  - {reason}")

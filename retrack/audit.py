@@ -2,8 +2,10 @@
 
 A record says who asked to forget what (the forget ids only as a digest and a count), which model
 it came from and which version it produced, when it started and finished, which stages ran or were
-skipped (a rerun skips finished ones), the key metrics, the verdict, the config hash and the code
-version. A failed attempt is recorded too, with the error's class only (a message may name data).
+skipped (a rerun skips finished ones), the key metrics, the verdict, the promotion outcome, the
+config hash and the code version. A failed attempt is recorded too, with the error's class only (a
+message may name data); so is an attempt whose version was registered but not promoted (not
+forgotten, or below the quality gate): status "failed", its `outcome` and `reasons` say why.
 
 Storage: `<storage root>/audit/<request id>/<attempt>.json`, one file per attempt, each written
 atomically by the one job that owns it, so reruns and concurrent jobs never overwrite each other's
@@ -42,7 +44,7 @@ def now() -> str:
 class AuditRecord:
     request_id: str
     attempt: str
-    status: str  # running | succeeded | failed (a killed job stays "running")
+    status: str  # running | succeeded (promoted) | failed (an error, or not promoted); a killed job stays "running"
     config_hash: str
     code_version: str
     started_at: str
@@ -56,6 +58,8 @@ class AuditRecord:
     stages_skipped: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     verdict: str | None = None
+    outcome: str | None = None  # promoted | not_forgotten | quality_gate (retrack.evaluation.verdict)
+    reasons: list[str] = field(default_factory=list)  # why not promoted: numbers and ceilings only
     error: str | None = None  # exception class name, never its message
     format: int = FORMAT
 
@@ -108,7 +112,8 @@ def summarize(attempts: list[AuditRecord]) -> dict:
     return {
         **latest.to_dict(),
         "first_started_at": attempts[0].started_at,
-        "attempts": [{k: getattr(a, k) for k in ("attempt", "status", "config_hash", "started_at", "finished_at", "stages_run", "stages_skipped", "error")} for a in attempts],
+        "attempts": [{k: getattr(a, k) for k in ("attempt", "status", "config_hash", "started_at", "finished_at", "stages_run", "stages_skipped", "outcome", "error")}
+                     for a in attempts],
     }
 
 
@@ -132,14 +137,16 @@ class AuditAttempt:
         self.record.status, self.record.error, self.record.finished_at = "failed", type(exc).__name__, now()
         self.log.write(self.record)
 
-    def succeeded(self, nb: dict, un: dict, ev: dict, reg: dict) -> AuditRecord:
-        """Complete the record in storage, then attach it to the MLflow run and model version."""
+    def finished(self, nb: dict, un: dict, ev: dict, reg: dict) -> AuditRecord:
+        """Complete the record in storage (succeeded if the version was promoted, else failed with
+        the outcome), then attach it to the MLflow run and model version."""
         r = self.record
         self._stages()
         r.forget = {"digest": nb["forget_ids_digest"], "count": nb["forget_count"], "duplicates_added": nb.get("duplicates_added", 0)}
         r.model = {"registered_model": reg["registered_model"], "version": str(reg["model_version"]), "run_id": reg["run_id"], "digest": un.get("model_digest")}
         r.metrics = flat_metrics(ev["metrics"]) | {"unlearn.wall_seconds": un.get("wall_seconds")}
-        r.verdict, r.status, r.finished_at = ev["verdict"], "succeeded", now()
+        r.verdict, r.outcome, r.reasons = ev["verdict"], reg["outcome"], list(reg["reasons"])
+        r.status, r.finished_at = "succeeded" if reg["promoted"] else "failed", now()
         self.log.write(r)
         log_to_mlflow(self.spec.mlflow.tracking_uri, r, self.location.uri, self.spec.storage.endpoint_url)
         return r
@@ -171,7 +178,7 @@ def audit_attempt(spec: "JobSpec", forget_ids: list[str], ran: list[str], skippe
     try:
         yield attempt
     except BaseException as exc:
-        if attempt.record.status != "succeeded":
+        if attempt.record.outcome is None:  # not finished: the exception failed the attempt
             try:
                 attempt.failed(exc)
             except Exception:  # the storage fault that failed the job may fail this write too
@@ -191,7 +198,8 @@ def log_to_mlflow(tracking_uri: str, record: AuditRecord, record_uri: str, endpo
     m = record.model or {}
     run_id = m["run_id"]
     store.call("log audit record", lambda: store.client.log_dict(run_id, record.to_dict(), f"{AUDIT_DIR}/{record.attempt}.json"))
-    for k, v in {"audit.status": record.status, "audit.attempt": record.attempt, "audit.record": record_uri, "verdict": record.verdict}.items():
+    for k, v in {"audit.status": record.status, "audit.attempt": record.attempt, "audit.record": record_uri, "verdict": record.verdict,
+                 "outcome": record.outcome}.items():
         store.call("tag run", lambda k=k, v=v: store.client.set_tag(run_id, TAG + k, str(v)))
     for k, v in {"verdict": record.verdict, "audit.record": record_uri}.items():
         store.call("tag version", lambda k=k, v=v: store.client.set_model_version_tag(m["registered_model"], m["version"], TAG + k, str(v)))
@@ -214,6 +222,8 @@ def _version_row(mv) -> dict:
         "forget_count": int(t[TAG + "forget_count"]) if TAG + "forget_count" in t else None,
         "config_hash": t.get(TAG + "config_hash"),
         "verdict": t.get(TAG + "verdict"),
+        "outcome": t.get(TAG + "outcome"),
+        "gate": t.get(TAG + "gate"),
         "complete": t.get(TAG + "complete") == "true",
         "run_id": mv.run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mv.creation_timestamp / 1000)) if mv.creation_timestamp else None,

@@ -169,5 +169,5 @@ def describe_validation_error(exc, prefix: str = "") -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{loc or '<root>'}: {msg}")
+        lines.append(f"{loc}: {msg}" if loc else msg)  # a cross-field rule names its fields itself
     return "; ".join(lines)

@@ -83,12 +83,13 @@ def _describe_request(s: dict) -> str:
         f"  parent model: {s['parent_model']['uri']} version {s['parent_model']['version'] or '-'}",
         f"  new model: {m.get('registered_model', '-')} version {m.get('version', '-')} (run {m.get('run_id', '-')})",
         f"  method: {s['method']['name']} {s['method']['params']}; config {s['config_hash']}; code {s['code_version']}",
-        f"  verdict: {s['verdict'] or '-'}",
+        f"  verdict: {s['verdict'] or '-'}; outcome: {s['outcome'] or '-'}",
+        *(f"    {r}" for r in s["reasons"]),
     ]
     lines += [f"  {k}: {v}" for k, v in sorted(s["metrics"].items())]
     lines.append(f"  attempts ({len(s['attempts'])}):")
     for a in s["attempts"]:
-        lines.append(f"    {a['started_at']} -> {a['finished_at'] or '?'} {a['status']}" + (f" {a['error']}" if a["error"] else "")
+        lines.append(f"    {a['started_at']} -> {a['finished_at'] or '?'} {a['status']}" + (f" {a['error'] or a['outcome']}" if a["status"] == "failed" else "")
                      + f"; ran {','.join(a['stages_run']) or '-'}; skipped {','.join(a['stages_skipped']) or '-'}")
     return "\n".join(lines)
 
@@ -97,6 +98,7 @@ def _describe_rows(name: str, rows: list[dict]) -> str:
     lines = [f"deletion requests against {name}: {len(rows)}"]
     for r in rows:
         lines.append(f"  version {r['version'] or '-'}  request {r['request_id']}  forget {r.get('forget_count')}  verdict {r.get('verdict') or '-'}"
+                     + (f"  outcome {r['outcome']}" if r.get("outcome") else "")
                      + (f"  parent {r['parent_model_version']}" if r.get("parent_model_version") else "") + (f"  status {r['status']}" if r.get("status") else ""))
     return "\n".join(lines)
 

@@ -65,8 +65,9 @@ def demo(
 ) -> None:
     """Run the embedded default end to end: pretrain (cached), then index, neighbours, unlearn,
     evaluate and register, exactly as `retrack run` does."""
+    from pipelines.cli.job import finish
     from pipelines.job import run_job
-    from pipelines.progress import console, print_summary, stage_progress
+    from pipelines.progress import console, stage_progress
     from retrack.embedded.demo import demo_spec
     from retrack.embedded.pretrain import ensure_pretrained
     from retrack.embedded.workspace import Workspace
@@ -76,4 +77,4 @@ def demo(
         ensure_pretrained(ws, "quick" if quick else "full", progress=progress)
     if not progress.parts:
         console.print("pretrain: the cached models are reused")
-    print_summary(run_job(demo_spec(ws, quick), address=address))
+    finish(run_job(demo_spec(ws, quick), address=address))

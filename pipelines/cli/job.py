@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from pipelines.cli.exit_codes import ExitCode
 from pipelines.cli.refusal import refusing_bad_input
 
 
@@ -17,12 +18,22 @@ def run(
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)."),
 ) -> None:
     """Run one deletion request: index -> neighbours -> unlearn -> evaluate -> register.
-    Completed stages are skipped on rerun."""
-    from pipelines.progress import print_summary
+    Completed stages are skipped on rerun. The version is always registered; the alias moves only
+    when the verdict is "forgotten" and the quality gate (evaluation.gate) holds."""
     from pipelines.job import run_job
     from retrack.config.spec import load_spec
 
-    print_summary(run_job(load_spec(job), address=address))
+    finish(run_job(load_spec(job), address=address))
+
+
+def finish(result) -> None:
+    """Print a finished job's summary and exit with its outcome's code (0: promoted)."""
+    from pipelines.progress import print_summary
+
+    print_summary(result)
+    code = ExitCode.of_outcome(result.outcome)
+    if code:
+        raise typer.Exit(code)
 
 
 @refusing_bad_input
@@ -32,11 +43,10 @@ def tune(
 ) -> None:
     """Search the method's hyperparameters with Ray Tune, print the Pareto front of forgetting vs
     quality, then evaluate and register the chosen configuration. Rerun to resume."""
-    from pipelines.progress import print_summary
     from pipelines.tune import run_tune
     from retrack.config.spec import load_spec
 
-    print_summary(run_tune(load_spec(job), address=address).job)
+    finish(run_tune(load_spec(job), address=address).job)
 
 
 @refusing_bad_input

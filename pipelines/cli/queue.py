@@ -22,6 +22,7 @@ from typing import Optional
 
 import typer
 
+from pipelines.cli.exit_codes import EXIT_CODES_HELP, ExitCode
 from pipelines.cli.refusal import refusing_bad_input
 
 cli = typer.Typer(help="The deletion queue: requests wait as job specs until a scheduled run processes them as one batch.",
@@ -50,7 +51,7 @@ def submit(
     typer.echo(f"queued {spec.request_id} in {q.describe()}")
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES_HELP)
 @refusing_bad_input
 def run(
     queue: str = QueueOpt,
@@ -59,7 +60,9 @@ def run(
     max_batch: Optional[int] = typer.Option(None, min=1, help="Most requests merged into one job (default: all that are pending)."),
     lease_seconds: float = typer.Option(900.0, min=1.0, help="A claim expires this long after its last renewal (renewed every third of it)."),
 ) -> None:
-    """Process every pending request as one batch; each ends done (with its model version) or failed (exit code 1)."""
+    """Process every pending request as one batch; each ends done (its version promoted) or failed
+    (an error, or a version registered but not promoted: its cause in `retrack queue status`); any
+    failed request makes the run exit 1."""
     from pipelines.job import run_job
     from retrack.queue import run_queue
 
@@ -71,7 +74,7 @@ def run(
     typer.echo(f"processed {len(summary.outcomes)} request(s): {done} done, {len(summary.failed)} failed"
                + (f"; {len(summary.skipped)} held by another run" if summary.skipped else ""))
     if summary.failed:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @cli.command()

@@ -1,10 +1,12 @@
-"""How every `retrack` command refuses bad input: one line on stderr, exit code 2, no traceback."""
+"""How every `retrack` command refuses bad input: one line on stderr, exit code 2 (ExitCode.REFUSED), no traceback."""
 
 from __future__ import annotations
 
 import functools
 
 import typer
+
+from pipelines.cli.exit_codes import ExitCode
 
 
 def refusing_bad_input(fn):
@@ -20,9 +22,9 @@ def refusing_bad_input(fn):
             return fn(*args, **kwargs)
         except RetrackError as exc:
             typer.secho(redact(f"error: {exc}"), fg="red", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(ExitCode.REFUSED) from None
         except ValidationError as exc:
             typer.secho(redact(f"error: invalid settings: {describe_validation_error(exc)}"), fg="red", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(ExitCode.REFUSED) from None
 
     return wrapper

@@ -1,4 +1,5 @@
 """The run chain: index -> neighbours -> unlearn -> evaluate -> register, under one audit attempt.
+The result's `outcome` says whether the version was promoted (`retrack run` exits by it).
 
 Every stage writes its outputs first and its completion marker last, both keyed by the spec's
 config hash under `<storage root>/<request id>/<config hash>/`; a rerun skips every stage whose
@@ -16,6 +17,7 @@ from pipelines.job.stages import evaluate, index, neighbours, register, unlearn
 from pipelines.progress import console
 from retrack.config.spec import JobSpec
 from retrack.errors import StorageError
+from retrack.evaluation.verdict import PROMOTED
 
 STAGES: dict[str, Callable[[JobContext], dict]] = {
     "index": index.run, "neighbours": neighbours.run, "unlearn": unlearn.run, "evaluate": evaluate.run, "register": register.run,
@@ -31,8 +33,14 @@ class JobResult:
     verdict: str
     report_uri: str
     metrics: dict
+    outcome: str  # retrack.evaluation.verdict: promoted, not_forgotten or quality_gate
+    reasons: list[str] = field(default_factory=list)  # why it was not promoted (numbers only)
     stages_run: list[str] = field(default_factory=list)
     stages_skipped: list[str] = field(default_factory=list)
+
+    @property
+    def promoted(self) -> bool:
+        return self.outcome == PROMOTED
 
 
 def run_job(spec: JobSpec, address: str | None = None, on_stage: OnStage | None = None) -> JobResult:
@@ -49,14 +57,18 @@ def run_request(ctx: JobContext, stages: Sequence[str], on_stage: OnStage | None
     ensure_ray(ctx.address)
     with audit_attempt(ctx.spec, ctx.pre.forget_ids, ctx.ran, ctx.skipped) as audit:
         run_stages(ctx, stages, on_stage)
-        audit.succeeded(*(ctx.records[s] for s in ("neighbours", "unlearn", "evaluate", "register")))
+        # A register record from before the promotion gate: its version took the alias, as every one did.
+        reg = ctx.records["register"] = {"outcome": PROMOTED, "promoted": True, "gate_failed": [], "reasons": []} | ctx.records["register"]
+        audit.finished(*(ctx.records[s] for s in ("neighbours", "unlearn", "evaluate")), reg)
     ev = ctx.records["evaluate"]
     return JobResult(
         request_id=ctx.spec.request_id,
-        model_version=ctx.records["register"]["model_version"],
+        model_version=reg["model_version"],
         verdict=ev["verdict"],
         report_uri=str(ctx.jobdir.remote / "report"),
         metrics=ev["metrics"],
+        outcome=reg["outcome"],
+        reasons=reg["reasons"],
         stages_run=ctx.ran,
         stages_skipped=ctx.skipped,
     )

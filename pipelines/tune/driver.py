@@ -34,7 +34,6 @@ from pipelines.progress import console, stage_progress
 from pipelines.tune.callbacks import TrialProgress, TrialRuns
 from pipelines.tune.space import largest_k_spec, max_concurrent_trials, search_algorithm
 from pipelines.tune.trial import TUNE_DIR, TrialContext, outcome, run_trial
-from retrack.config.model_kind import ModelKind
 from retrack.config.spec import JobSpec
 from retrack.errors import InputError
 from retrack.tuning.search import OBJECTIVES, TrialOutcome, apply_params, choose, default_point, pareto_front
@@ -70,8 +69,6 @@ def search(spec: JobSpec, address: str | None = None) -> Search:
 
     if spec.tune is None:
         raise InputError("the job spec has no `tune` section: add one with the search space (see `retrack schema`)")
-    if spec.model.kind is not ModelKind.PIXEL_DDPM:
-        raise InputError(f"model.kind '{spec.model.kind.value}': `retrack tune` scores trials with the pixel-DDPM metrics (forget frequency, Fréchet distance); tune Stable Diffusion requests by hand with `retrack run`")
     # The health reports during training carry no objectives (only a trial's final result does);
     # Tune would otherwise reject them when a searcher names its metrics.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")

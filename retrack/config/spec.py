@@ -25,6 +25,10 @@ from retrack.tuning.search import TuneSpec
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+def _default(model: type, field: str):
+    return model.model_fields[field].default
+
+
 def check_safe_name(value: str, what: str) -> str:
     if not SAFE_NAME.match(value) or ".." in value:
         raise ValueError(f"{what} {value!r} must be 1-128 characters of letters, digits, '.', '_' or '-', not starting with a symbol and without '..'")
@@ -124,6 +128,29 @@ class SdEvaluationSpec(StrictModel):
     candidates: int = Field(8, ge=1, description="Nearest retained items (from the index) among which each forgotten item's copy threshold is calibrated.")
 
 
+class GateSpec(StrictModel):
+    """The quality gate: besides the verdict "forgotten", what the unlearned model must keep for its
+    version to be promoted (the alias moved). A version that misses it is still registered, tagged
+    with the ceiling it missed. Null turns a ceiling off. The defaults pass the embedded benchmark's
+    recipes and the model retrained without the forget set, and fail NegGrad's and EraseDiff's
+    damage (figures: infra/README.md, "Exit codes and the promotion gate")."""
+
+    max_frechet_ratio: float | None = Field(2.0, gt=0, description=(
+        "Pixel DDPMs: the unlearned model's Fréchet distance at most this multiple of the original's (same seeds). "
+        "On the embedded benchmark one training seed's ratio spreads up to 1.8 at sound settings; NegGrad and EraseDiff reach 7.5 to 160."))
+    max_integrity_ratio: float | None = Field(0.5, gt=0, description=(
+        "The integrity_ratio metric at most this: the mean distance between same-seed samples of the original and the "
+        "unlearned model (on what was not to be forgotten) over the distance between unrelated samples of the original "
+        "(0: unchanged, 1: unrelated; pixels or VAE latents). On the embedded benchmark: the model retrained without the "
+        "forget set 0.17, the demo's recipe 0.10, NegGrad about 1; the tiny Stable Diffusion test job 0.35."))
+
+    def ceilings(self, kind: ModelKind) -> dict[str, float]:
+        """The ceilings that apply to a model of `kind` (the Fréchet distance is measured on pixel DDPMs only)."""
+        out = {"max_frechet_ratio": self.max_frechet_ratio} if kind is ModelKind.PIXEL_DDPM else {}
+        out["max_integrity_ratio"] = self.max_integrity_ratio
+        return {k: v for k, v in out.items() if v is not None}
+
+
 class EvaluationSpec(StrictModel):
     """How the unlearned model is scored."""
 
@@ -134,6 +161,7 @@ class EvaluationSpec(StrictModel):
     max_frequency_ratio: float = Field(0.1, ge=0, description="Verdict: forgotten only if the forget frequency is at most this fraction of the original's (plus no item still remembered).")
     holdout_uri: str | None = Field(None, description="Non-member items (same format as the corpus) for the membership test.")
     stable_diffusion: SdEvaluationSpec = Field(default_factory=SdEvaluationSpec, description="Generation settings of the Stable Diffusion memorisation and integrity checks.")
+    gate: GateSpec = Field(default_factory=GateSpec, description="The quality gate a version must pass (with the verdict \"forgotten\") to be promoted.")
 
     @field_validator("holdout_uri")
     @classmethod
@@ -197,7 +225,15 @@ class UnlearnSpec(StrictModel):
                 f"train.grad_accum ({accum}) must be a multiple of scaling.num_workers ({w}): grad_accum is the number of "
                 f"GLOBAL micro-batches per update and micro-batch m runs on worker m % {w}"
             )
-        self.train.check_pairing(method_class(self.method.name).requirements)
+        needs = method_class(self.method.name).requirements
+        self.train.check_pairing(needs)
+        if self.train.forget_batch_size is not None and not needs.forget:
+            raise ValueError(f"train.forget_batch_size is set, but method {self.method.name!r} draws no forget batch: leave it unset")
+        if self.train.mixed_precision != "no" and not self.scaling.use_gpu:
+            raise ValueError(f"train.mixed_precision {self.train.mixed_precision!r} needs scaling.use_gpu: true (autocast runs on GPUs only); "
+                             "use mixed_precision: no on CPU workers")
+        if self.scaling.fp16_loss_scale != _default(ScalingSpec, "fp16_loss_scale") and self.train.mixed_precision != "fp16":
+            raise ValueError(f"scaling.fp16_loss_scale is set, but train.mixed_precision is {self.train.mixed_precision!r}: the loss scale applies to fp16 only")
         return self
 
 
@@ -210,8 +246,23 @@ class JobSpec(UnlearnSpec):
     tune: TuneSpec | None = Field(None, description="`retrack tune`: the hyperparameter search; `retrack run` ignores it.")
 
     @model_validator(mode="after")
-    def _tunable(self) -> "JobSpec":
+    def _consistent(self) -> "JobSpec":
+        """Cross-field rules a stage would otherwise meet late, or settings that would be ignored."""
+        kind, ev = self.model.kind, self.evaluation
+        if kind is ModelKind.PIXEL_DDPM and ev.stable_diffusion != SdEvaluationSpec():
+            raise ValueError("evaluation.stable_diffusion is set, but model.kind is pixel-ddpm: those settings apply to Stable Diffusion only")
+        if kind is not ModelKind.PIXEL_DDPM and ev.gate.max_frechet_ratio != _default(GateSpec, "max_frechet_ratio"):
+            raise ValueError(f"evaluation.gate.max_frechet_ratio is set, but model.kind is {kind.value}: the Fréchet distance is measured on pixel DDPMs only")
+        if self.index.kind != "auto" and self.index.flat_max_items != _default(IndexSpec, "flat_max_items"):
+            raise ValueError(f"index.flat_max_items is set, but index.kind is {self.index.kind!r}: it chooses the index only when kind is auto")
+        name = self.model.registered_name
+        if name is not None and name != self.mlflow.registered_model:
+            raise ValueError(f"model.registered_name ({name!r}) and mlflow.registered_model ({self.mlflow.registered_model!r}) differ: the "
+                             "unlearned model becomes a new version of the registered model it came from; give the same name or leave model.registered_name unset")
         if self.tune is not None:
+            if kind is not ModelKind.PIXEL_DDPM:
+                raise ValueError(f"tune: `retrack tune` scores trials with the pixel-DDPM metrics (forget frequency, Fréchet distance), but model.kind "
+                                 f"is {kind.value}; tune Stable Diffusion requests by hand with `retrack run` (remove the tune section)")
             self.tune.check_against(self.method, self.train)
         return self
 
@@ -220,6 +271,13 @@ class JobSpec(UnlearnSpec):
         fields = self.model_dump(mode="json", exclude={"storage", "mlflow", "scaling", "method", "train"})
         if fields["tune"] is None:  # specs without a search keep the hash they had before tuning existed
             del fields["tune"]
+        # The gate decides the promotion, a result: a changed ceiling is a new job. At its defaults
+        # it is left out, so specs keep the hash they had before the gate existed.
+        gate = self.evaluation.gate.model_dump(mode="json", exclude_defaults=True)
+        if gate:
+            fields["evaluation"]["gate"] = gate
+        else:
+            del fields["evaluation"]["gate"]
         return recipe_hash(self.method, self.train, **fields)[:16]
 
     @property

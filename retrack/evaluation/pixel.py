@@ -18,13 +18,14 @@ from retrack.evaluation.metrics import (
     feature_integrity,
     frechet_distance,
     integrity,
+    integrity_ratio,
     membership_test,
     nearest_forget_distance,
 )
 from retrack.models.pixel import PixelDiffusion
 from retrack.evaluation.sampling import generate
 
-METRIC_KEYS = ("forget_frequency", "frechet_distance", "integrity", "feature_integrity", "forget_loss")
+METRIC_KEYS = ("forget_frequency", "frechet_distance", "integrity", "integrity_ratio", "feature_integrity", "forget_loss")
 
 
 @dataclass
@@ -78,6 +79,7 @@ def score(
         # Integrity on what was not to be forgotten: drop seeds where the original drew a copy.
         copies = nearest_forget_distance(original_samples01, ref.forget01) < ref.threshold
         metrics["integrity"] = integrity(original_samples01, samples01, exclude=copies)
+        metrics["integrity_ratio"] = integrity_ratio(original_samples01, samples01, exclude=copies)
         metrics["feature_integrity"] = feature_integrity(original_samples01, samples01, ref.classifier, exclude=copies)
     return metrics
 

@@ -14,7 +14,7 @@ from retrack.evaluation.report_images import save_before_after
 from retrack.evaluation.verdict import Verdict
 
 PLOTTED = ("forget_frequency", "frechet_distance", "forget_loss", "integrity")
-MARKDOWN_COLUMNS = ("forget_frequency", "frechet_distance", "integrity", "feature_integrity", "forget_loss")
+MARKDOWN_COLUMNS = ("forget_frequency", "frechet_distance", "integrity", "integrity_ratio", "feature_integrity", "forget_loss")
 
 
 def _plot(metrics: dict[str, dict], path: Path, plotted: Sequence[str] = PLOTTED) -> None:

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from retrack.errors import InputError
-from retrack.evaluation.metrics import denoising_loss, integrity, nearest_forget_distance
+from retrack.evaluation.metrics import denoising_loss, integrity, integrity_ratio, nearest_forget_distance
 from retrack.models.clip import tokenize
 from retrack.models.latents import encode_latents, item_seed
 from retrack.models.sd import StableDiffusion, encode_captions
 
-SD_METRIC_KEYS = ("forget_frequency", "forget_max_cosine", "forget_distance_ratio", "integrity", "forget_loss")
+SD_METRIC_KEYS = ("forget_frequency", "forget_max_cosine", "forget_distance_ratio", "integrity", "integrity_ratio", "forget_loss")
 
 
 def generation_pipeline(model: StableDiffusion):
@@ -189,7 +189,9 @@ def is_copy(generations: np.ndarray, ref: ForgetReference) -> np.ndarray:
     return copy_ratios(generations, ref).min(axis=1) < 1.0
 
 
-def sd_integrity(original: np.ndarray, unlearned: np.ndarray, ref: ForgetReference) -> float:
-    """Mean latent L2 between same-seed generations on retained captions, without the pairs where
-    the original drew a copy of a forgotten item (those are supposed to change)."""
-    return integrity(original, unlearned, exclude=is_copy(original, ref))
+def sd_integrity(original: np.ndarray, unlearned: np.ndarray, ref: ForgetReference) -> dict[str, float]:
+    """`integrity` (mean latent L2) and `integrity_ratio` between same-seed generations on retained
+    captions, without the pairs where the original drew a copy of a forgotten item (those are
+    supposed to change)."""
+    copies = is_copy(original, ref)
+    return {"integrity": integrity(original, unlearned, exclude=copies), "integrity_ratio": integrity_ratio(original, unlearned, exclude=copies)}

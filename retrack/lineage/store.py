@@ -4,7 +4,9 @@ new version with its lineage tags, and the alias moved last.
 Idempotent and safe against partial failure: a version is only "complete" once it carries the
 `retrack.complete` tag, which is set after everything else; the alias moves after that. A rerun of
 the same request (same request id and config hash) finds the complete version and reuses it; a
-version left incomplete by a crash is deleted and registered again.
+version left incomplete by a crash is deleted and registered again. Every version is registered;
+one whose `retrack.outcome` tag says it was not promoted (not forgotten, or below the quality
+gate) never takes the alias, not even from another job's move.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from retrack.errors import StorageError, TrackingError, redact
+from retrack.evaluation.verdict import PROMOTED
 
 TAG_PREFIX = "retrack."
 COMPLETE_TAG = TAG_PREFIX + "complete"
+OUTCOME_TAG = TAG_PREFIX + "outcome"
 T = TypeVar("T")
 
 # MLflow's error codes (`MlflowException.error_code`) that the calls below branch on. A failed
@@ -219,8 +223,10 @@ class LineageStore:
         want = (lineage.request_id, lineage.config_hash)
         return [mv for mv in versions if (mv.tags.get(TAG_PREFIX + "request_id"), mv.tags.get(TAG_PREFIX + "config_hash")) == want]
 
-    def register(self, name: str, run_id: str, model_dir: str | Path, lineage: Lineage, alias: str | None) -> str:
-        """Register `model_dir` as a new version of `name` (or reuse this request's), alias last."""
+    def register(self, name: str, run_id: str, model_dir: str | Path, lineage: Lineage, alias: str | None,
+                 tags: dict[str, str] | None = None) -> str:
+        """Register `model_dir` as a new version of `name` (or reuse this request's) with the lineage
+        tags and `tags` (under `retrack.`), then move `alias` (None: move none)."""
         done = self.complete_version(name, lineage)
         if done is None:
             for stale in self._versions_of(name, lineage):  # left incomplete by a crash
@@ -234,7 +240,8 @@ class LineageStore:
             source = self.call("get run", lambda: self.client.get_run(run_id)).info.artifact_uri.rstrip("/") + "/model"
             mv = self.call(
                 "create model version",
-                lambda: self.client.create_model_version(name, source=source, run_id=run_id, tags=lineage.tags(), description=f"retrack unlearning for request {lineage.request_id}"),
+                lambda: self.client.create_model_version(name, source=source, run_id=run_id, description=f"retrack unlearning for request {lineage.request_id}",
+                                                         tags=lineage.tags() | {TAG_PREFIX + k: v for k, v in (tags or {}).items()}),
             )
             self._wait_ready(name, mv.version)
             self.call("tag version complete", lambda: self.client.set_model_version_tag(name, mv.version, COMPLETE_TAG, "true"))
@@ -252,15 +259,17 @@ class LineageStore:
         then A's write lands. So this is a compare-and-set loop: read the alias and every complete
         version, write the highest, read again, until a read agrees. Each job reads only after its
         own version is tagged complete, so the last job to finish sees every complete version and
-        the alias ends on the highest whatever the interleaving. Each move is recorded as the
-        registered model's tag `retrack.alias.<alias>` (version, request id, time).
+        the alias ends on the highest whatever the interleaving. A version tagged with an outcome
+        other than "promoted" is never a target (versions from before the gate carry no outcome:
+        each of them was promoted). Each move is recorded as the registered model's tag
+        `retrack.alias.<alias>` (version, request id, time).
         """
         import json
 
         for _ in range(rounds):
             current = self.alias_version(name, alias)
             complete = [mv.version for mv in self.call("search versions", lambda: self.client.search_model_versions(f"name = '{name}'"))
-                        if mv.tags.get(COMPLETE_TAG) == "true"]
+                        if mv.tags.get(COMPLETE_TAG) == "true" and mv.tags.get(OUTCOME_TAG, PROMOTED) == PROMOTED]
             target = str(max(int(v) for v in [*complete, version, *([current] if current else [])]))
             if current == target:
                 return target

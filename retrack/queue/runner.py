@@ -20,10 +20,12 @@ from retrack.config.spec import JobSpec
 from retrack.data.forget import requested_forget_ids
 from retrack.digest import ids_digest
 from retrack.errors import InputError, RetrackError
+from retrack.evaluation.verdict import PROMOTED
 from retrack.queue.lease import Claim, LeaseKeeper
 from retrack.queue.queue import DeletionQueue, now_iso
 
-Runner = Callable[[JobSpec, "str | None"], Any]  # (job spec, Ray address) -> a result with model_version, verdict, report_uri
+# (job spec, Ray address) -> a result with model_version, verdict, report_uri, outcome (and reasons)
+Runner = Callable[[JobSpec, "str | None"], Any]
 
 
 def batch_id(request_ids: list[str]) -> str:
@@ -51,10 +53,14 @@ def merged_spec(specs: list[JobSpec], ids: dict[str, list[str]]) -> JobSpec:
 
 
 def result_fields(result: Any) -> dict:
-    """model_version, verdict and report_uri of whatever the runner returned (object or mapping)."""
+    """model_version, verdict, report_uri and outcome of whatever the runner returned (object or
+    mapping), and the reasons when the version was not promoted."""
     get = result.get if isinstance(result, dict) else (lambda k: getattr(result, k, None))
-    out = {k: get(k) for k in ("model_version", "verdict", "report_uri")}
-    return {k: (None if v is None else str(v)) for k, v in out.items()}
+    out = {k: get(k) for k in ("model_version", "verdict", "report_uri", "outcome")}
+    out = {k: (None if v is None else str(v)) for k, v in out.items()}
+    if out["outcome"] != PROMOTED:
+        out["reasons"] = [str(r) for r in get("reasons") or ()]
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
@@ -166,9 +172,12 @@ def _process(queue: DeletionQueue, claims: list[Claim], runner: Runner, address:
                 finish(claim, False, {"error": _first_line(exc), "job_request_id": job.request_id, "batch_size": len(items)}, text)
             return
         fields = result_fields(result)
-        for claim, _, spec, i in items:
-            finish(claim, True, {**fields, "job_request_id": job.request_id, "batch_size": len(items),
-                                 "forget_count": len(i), "forget_ids_digest": ids_digest(i)}, None)
+        promoted = fields["outcome"] == PROMOTED
+        if not promoted:  # registered but not promoted: the request failed, and says why
+            fields["error"] = f"not promoted ({fields['outcome']}): " + ("; ".join(fields["reasons"]) or "no reason given")
+        for claim, text, spec, i in items:
+            finish(claim, promoted, {**fields, "job_request_id": job.request_id, "batch_size": len(items),
+                                     "forget_count": len(i), "forget_ids_digest": ids_digest(i)}, None if promoted else text)
 
     for items in groups.values():
         run_group(items)

@@ -15,6 +15,7 @@ from pipelines.cli import app
 from retrack.audit import AuditLog, audit_attempt, trace_version
 from retrack.digest import ids_digest
 from retrack.errors import StorageError
+from retrack.evaluation.verdict import NOT_FORGOTTEN, PROMOTED, Promotion
 from retrack.lineage.store import Lineage, LineageStore
 from retrack.config.spec import JobSpec
 
@@ -45,13 +46,14 @@ def register(spec: JobSpec, model_dir: Path) -> dict:
     return {"model_version": version, "registered_model": spec.mlflow.registered_model, "run_id": run_id}
 
 
-def succeed(spec: JobSpec, model_dir: Path, ran: list[str]) -> None:
+def finish(spec: JobSpec, model_dir: Path, ran: list[str], decision: Promotion = Promotion(PROMOTED, [], [])) -> None:
     with audit_attempt(spec, FORGET, ran, []) as a:
         ran += ["index", "neighbours", "unlearn", "evaluate", "register"]
-        reg = register(spec, model_dir)
-        a.succeeded({"forget_ids_digest": ids_digest(FORGET), "forget_count": 2, "duplicates_added": 0},
-                    {"model_digest": "d" * 64, "wall_seconds": 1.5},
-                    {"verdict": "forgotten", "metrics": {"unlearned": {"forget_frequency": 0.0, "fid": 12.5}}}, reg)
+        reg = register(spec, model_dir) | decision.to_dict()
+        verdict = "not forgotten" if decision.outcome == NOT_FORGOTTEN else "forgotten"
+        a.finished({"forget_ids_digest": ids_digest(FORGET), "forget_count": 2, "duplicates_added": 0},
+                   {"model_digest": "d" * 64, "wall_seconds": 1.5},
+                   {"verdict": verdict, "metrics": {"unlearned": {"forget_frequency": 0.0, "fid": 12.5}}}, reg)
 
 
 def test_records_chain_and_cli(tmp_path, model_dir):
@@ -66,21 +68,26 @@ def test_records_chain_and_cli(tmp_path, model_dir):
     parent = original
     for rid in ("req-a", "req-b", "req-c"):
         spec = spec_for(tmp_path, rid, parent)
-        succeed(spec, model_dir, [])
+        finish(spec, model_dir, [])
         parent = AuditLog(spec.storage.root).attempts(rid)[-1].model["version"]
     failing = spec_for(tmp_path, "req-d", parent)
     with pytest.raises(StorageError):
         with audit_attempt(failing, FORGET, ["index"], []):
             raise StorageError(f"cannot write {FORGET[0]}")  # a message that names data
+    # A version registered but not promoted: the attempt failed, with its outcome and reasons.
+    finish(spec_for(tmp_path, "req-e", parent), model_dir, [], Promotion(NOT_FORGOTTEN, [], ["forget frequency 0.02 is above 0.1 x the original's 0.03"]))
 
     log = AuditLog(tmp_path / "jobs")
-    assert log.request_ids() == ["req-a", "req-b", "req-c", "req-d"]
+    assert log.request_ids() == ["req-a", "req-b", "req-c", "req-d", "req-e"]
     c = log.attempts("req-c")[-1]
     assert (c.status, c.verdict, c.parent_model["version"], c.stages_run) == ("succeeded", "forgotten", str(int(original) + 2), ["index", "neighbours", "unlearn", "evaluate", "register"])
     assert c.forget == {"digest": ids_digest(FORGET), "count": 2, "duplicates_added": 0} and c.metrics["unlearned.fid"] == 12.5
     assert c.started_at <= c.finished_at and c.config_hash and c.code_version
     d = log.attempts("req-d")[-1]
-    assert (d.status, d.error, d.stages_run, d.model) == ("failed", "StorageError", ["index"], None)
+    assert (d.status, d.error, d.stages_run, d.model, d.outcome) == ("failed", "StorageError", ["index"], None, None)
+    e = log.attempts("req-e")[-1]
+    assert (e.status, e.error, e.verdict, e.outcome, e.model["version"]) == ("failed", None, "not forgotten", "not_forgotten", str(int(parent) + 1))
+    assert c.outcome == "promoted" and e.reasons == ["forget frequency 0.02 is above 0.1 x the original's 0.03"]
     for f in (tmp_path / "jobs" / "audit").rglob("*.json"):
         assert not any(i in f.read_text() for i in FORGET), f  # ids only as a digest, never the message
 
@@ -104,9 +111,12 @@ def test_records_chain_and_cli(tmp_path, model_dir):
     listed = runner.invoke(app, ["audit", "--model", "audited", "--tracking-uri", db, "--root", str(tmp_path / "jobs"), "--json"])
     rows = json.loads(listed.output)
     assert [(r["request_id"], r["version"]) for r in rows][:3] == [("req-a", str(int(original) + 1)), ("req-b", str(int(original) + 2)), ("req-c", str(int(original) + 3))]
-    assert rows[3]["request_id"] == "req-d" and rows[3]["status"] == "failed" and rows[3]["version"] is None
+    assert rows[3]["request_id"] == "req-e" and rows[3]["version"] == e.model["version"]
+    assert rows[4]["request_id"] == "req-d" and rows[4]["status"] == "failed" and rows[4]["version"] is None
     shown = runner.invoke(app, ["audit", "req-d", "--root", str(tmp_path / "jobs")])
     assert shown.exit_code == 0 and "request req-d: failed (StorageError)" in shown.output
+    shown = runner.invoke(app, ["audit", "req-e", "--root", str(tmp_path / "jobs")]).output
+    assert "request req-e: failed" in shown and "outcome: not_forgotten" in shown and "above 0.1 x the original's" in shown
     missing = runner.invoke(app, ["audit", "req-zzz", "--root", str(tmp_path / "jobs")])
     assert missing.exit_code == 2 and "no audit record for request 'req-zzz'" in missing.output
 

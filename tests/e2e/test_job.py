@@ -22,7 +22,8 @@ def test_run_writes_every_stage_and_rerun_skips_them(small, tmp_path):
 
     path = spec_file(small, tmp_path)
     result = CliRunner().invoke(app, ["run", str(path)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, result.output  # promoted: forgotten within the quality gate
+    assert "promoted: yes" in result.output
     spec = load_spec(path)
     job = tmp_path / "jobs" / spec.request_id / spec.config_hash()
     for stage in ("index", "neighbours", "unlearn", "evaluate", "register"):

@@ -4,7 +4,10 @@ Ray cluster, all on 127.0.0.1, started and stopped by the scripts a user runs.
 The job test submits `retrack run` on the embedded default (the digits benchmark and its quick
 pretrained DDPM, uploaded to the stack's S3 bucket) with `ray job submit`, two Ray Train workers
 that can only be placed one per node, and checks where they ran, what MLflow registered and what
-the job left on S3. Slow: it starts every service and runs the whole chain on 2 CPU cores.
+the job left on S3. Its 8 updates do not make the model forget its planted digit: the Ray job
+fails with `retrack run`'s exit code 3, as a RayJob's `.status.jobStatus` FAILED shows it on
+KubeRay, and the version is registered without the alias. Slow: it starts every service and runs
+the whole chain on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -183,8 +186,11 @@ def test_retrack_run_on_the_embedded_default_uses_both_nodes(stack, tmp_path):
         env=stack.client_env, capture_output=True, text=True, timeout=2400,
     )
     (tmp_path / "job.log").write_text(run.stdout + run.stderr)
-    assert run.returncode == 0, f"ray job submit failed ({run.returncode}):\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}\n{stack.logs()}"
-    assert "model version" in run.stdout
+    # 8 updates leave the planted digit remembered: the Ray job FAILED with the exit code of
+    # "not forgotten" (what KubeRay copies into the RayJob's status), after registering the version.
+    shown = run.stdout + run.stderr
+    assert run.returncode == 1 and "failed with exit code 3" in shown, f"ray job submit ({run.returncode}):\n{shown[-6000:]}\n{stack.logs()}"
+    assert "model version" in shown and "promoted: no (not forgotten)" in shown
 
     # Where the Ray Train workers ran: one on each node.
     probe = subprocess.run([sys.executable, "-c", (
@@ -200,11 +206,12 @@ def test_retrack_run_on_the_embedded_default_uses_both_nodes(stack, tmp_path):
     assert len(placed["nodes"]) == 2
     assert set(placed["workers"]) == set(placed["nodes"]), f"training workers ran on {placed['workers']}, nodes are {placed['nodes']}"
 
-    # What it left: a registered version with the alias moved to it, the job's outputs on S3.
+    # What it left: a registered version tagged with its failed verdict and no alias, the job's outputs on S3.
     name = spec["mlflow"]["registered_model"]
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     versions = client.search_model_versions(f"name='{name}'")
     assert len(versions) == 1
-    assert client.get_model_version_by_alias(name, spec["mlflow"]["alias"]).version == versions[0].version
+    assert (versions[0].tags["retrack.verdict"], versions[0].tags["retrack.outcome"]) == ("not forgotten", "not_forgotten")
+    assert client.get_registered_model(name).aliases == {}
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"jobs/{spec['request_id']}/") for o in page.get("Contents", [])]
     assert any(k.endswith("stages/register.json") for k in keys), keys[:20]

@@ -50,7 +50,7 @@ def recording_runner(spec, address, log: str, rendezvous: str | None = None):
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write(line + "\n")
     time.sleep(0.2)
-    return {"model_version": f"v-{spec.request_id}", "verdict": "forgotten", "report_uri": f"memory://{spec.request_id}"}
+    return {"model_version": f"v-{spec.request_id}", "verdict": "forgotten", "report_uri": f"memory://{spec.request_id}", "outcome": "promoted"}
 
 
 def queue_run(queue_uri: str, log: str, rendezvous: str) -> None:
@@ -197,7 +197,7 @@ def _recorder():
 
     def runner(spec, address):
         calls.append((spec.request_id, list(spec.forget.ids)))
-        return {"model_version": "3", "verdict": "forgotten", "report_uri": "r"}
+        return {"model_version": "3", "verdict": "forgotten", "report_uri": "r", "outcome": "promoted"}
 
     return calls, runner
 
@@ -271,13 +271,34 @@ def test_a_refused_batch_is_split_so_one_bad_request_fails_alone(tmp_path):
     def runner(spec, address):
         if "zz" in spec.forget.ids:
             raise InputError("1 of 2 forget id(s) are not in the corpus")
-        return {"model_version": "5", "verdict": "forgotten", "report_uri": "r"}
+        return {"model_version": "5", "verdict": "forgotten", "report_uri": "r", "outcome": "promoted"}
 
     summary = run_queue(q, runner, log=lambda _m: None)
     ok = {o.request_id: o.ok for o in summary.outcomes}
     assert ok == {"good1": True, "good2": True, "bad": False}
     failed = [s for s in q.status() if s.state == "failed"]
     assert [s.request_id for s in failed] == ["bad"] and "not in the corpus" in failed[0].detail["error"]
+
+
+def test_requests_whose_version_was_not_promoted_end_failed_with_the_cause(tmp_path):
+    """A merged job registers its version but is not promoted: both requests end failed (not
+    done), each record says why and names the version, and their specs are kept for a retry."""
+    q = DeletionQueue(str(tmp_path / "queue"))
+    for rid, ids in (("r1", ["a"]), ("r2", ["b"])):
+        q.submit(write_spec(tmp_path, rid, ids))
+
+    def not_forgotten(spec, address):
+        return {"model_version": "7", "verdict": "not forgotten", "report_uri": "r", "outcome": "not_forgotten",
+                "reasons": ["forget frequency 0.0234 is above 0.1 x the original's 0.0312"]}
+
+    summary = run_queue(q, not_forgotten, log=lambda _m: None)
+    assert sorted((o.request_id, o.ok) for o in summary.outcomes) == [("r1", False), ("r2", False)]
+    failed = {s.request_id: s.detail for s in q.status() if s.state == "failed"}
+    assert sorted(failed) == ["r1", "r2"] and q.store.list(DONE) == []
+    for rec in failed.values():
+        assert rec["error"] == "not promoted (not_forgotten): forget frequency 0.0234 is above 0.1 x the original's 0.0312"
+        assert (rec["model_version"], rec["outcome"], rec["batch_size"]) == ("7", "not_forgotten", 2)
+    assert sorted(q.store.list(FAILED)) == ["r1.json", "r1.yaml", "r2.json", "r2.yaml"]
 
 
 def test_failed_request_is_recorded_and_retry_queues_it_again(tmp_path):

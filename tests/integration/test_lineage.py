@@ -46,6 +46,27 @@ def test_incomplete_version_is_replaced_and_alias_only_moves_last(mlflow_server,
     assert remaining == [version]
 
 
+def test_a_version_that_was_not_promoted_never_takes_the_alias(mlflow_server, s3_env, model_dir):
+    """v1 promoted; v2 registered with its failed outcome and no alias: the alias stays on v1. A
+    later move by another job (an older request's rerun) does not jump to v2 either, although v2
+    is the highest complete version; a promoted v3 then takes it."""
+    store = LineageStore(mlflow_server.tracking_uri)
+    versions = {}
+    for rid, outcome in (("req-p1", "promoted"), ("req-n2", "not_forgotten"), ("req-p3", "promoted")):
+        lin = lineage(rid, "hash-" + rid)
+        run_id = store.request_run("retrack-test", rid, lin.request_id, lin.config_hash)
+        promoted = outcome == "promoted"
+        versions[rid] = store.register("gated", run_id, model_dir, lin, "production" if promoted else None,
+                                       tags={"outcome": outcome, "gate": "passed"})
+        if rid == "req-n2":
+            mv = store.client.get_model_version("gated", versions[rid])
+            assert (mv.tags["retrack.outcome"], mv.tags[COMPLETE_TAG]) == ("not_forgotten", "true")
+            assert store.alias_version("gated", "production") == versions["req-p1"]
+            assert store.move_alias("gated", "production", versions["req-p1"], "req-p1") == versions["req-p1"]
+    assert store.alias_version("gated", "production") == versions["req-p3"]
+    assert len(store.client.search_model_versions("name = 'gated'")) == 3
+
+
 def test_unreachable_tracking_server_fails_fast():
     with pytest.raises(StorageError, match="127.0.0.1:9 is unreachable"):
         check_tracking_server("http://127.0.0.1:9", timeout=2)

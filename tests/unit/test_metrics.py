@@ -24,6 +24,7 @@ from retrack.evaluation.metrics import (
     forget_frequency,
     frechet_distance,
     integrity,
+    integrity_ratio,
     load_classifier,
     membership_test,
     nearest_forget_distance,
@@ -260,6 +261,27 @@ def test_integrity_is_zero_on_identical_sets_and_respects_exclude(trained):
     assert feature_integrity(a, a, model) == 0.0
     assert feature_integrity(a, b, model) > 0.0
     assert feature_integrity(a, b, model, exclude=np.array([False, True, False, True, False])) == 0.0
+
+
+def test_integrity_ratio_is_on_the_scale_of_unrelated_samples():
+    """0 when nothing moved, 1 when each sample became an unrelated one (the next sample of the
+    original), the same for any value scale and resolution; excluded pairs are left out of both."""
+    rng = np.random.default_rng(0)
+    a = rng.random((40, 1, 8, 8))
+    assert integrity_ratio(a, a) == 0.0
+    assert integrity_ratio(a, np.roll(a, 1, axis=0)) == pytest.approx(1.0)
+    assert integrity_ratio(10 * a, 10 * (a + 0.05)) == pytest.approx(integrity_ratio(a, a + 0.05))
+    big = rng.random((40, 3, 32, 32))
+    assert integrity_ratio(big, big + 0.05) == pytest.approx(integrity_ratio(a, a + 0.05), rel=0.1)
+    moved = a.copy()
+    moved[0] += 5.0  # a copy of a forgotten item: supposed to change, so excluded
+    exclude = np.zeros(40, dtype=bool)
+    exclude[0] = True
+    assert integrity_ratio(a, moved, exclude=exclude) == 0.0 < integrity_ratio(a, moved)
+    with pytest.raises(InputError, match="at least 2 sample pairs"):
+        integrity_ratio(a, a, exclude=np.arange(40) > 0)
+    with pytest.raises(InputError, match="all identical"):
+        integrity_ratio(np.zeros((4, 1, 8, 8)), np.ones((4, 1, 8, 8)))
 
 
 # --- membership -------------------------------------------------------------------------------

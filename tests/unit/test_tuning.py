@@ -170,8 +170,9 @@ def test_cli_refuses_to_tune_a_stable_diffusion_request(tmp_path):
     spec["model"]["kind"] = "stable-diffusion"
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
-    result = CliRunner().invoke(app, ["tune", str(path)])
-    assert result.exit_code == 2 and "pixel-DDPM metrics" in result.output
+    for command in ("tune", "validate"):  # the spec itself is refused: `retrack validate` says so too
+        result = CliRunner().invoke(app, [command, str(path)])
+        assert result.exit_code == 2 and "pixel-DDPM metrics" in result.output
     assert not (tmp_path / "jobs").exists()
 
 

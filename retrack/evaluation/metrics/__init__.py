@@ -4,7 +4,7 @@ from retrack.evaluation.metrics.classifier import ClassifierConfig, FeatureClass
 from retrack.evaluation.metrics.denoising_loss import denoising_loss, fixed_draws
 from retrack.evaluation.metrics.forget_frequency import forget_frequency, nearest_forget_distance
 from retrack.evaluation.metrics.frechet import UnitRangeFeatures, frechet_distance
-from retrack.evaluation.metrics.integrity import feature_integrity, integrity
+from retrack.evaluation.metrics.integrity import feature_integrity, integrity, integrity_ratio
 from retrack.evaluation.metrics.membership import membership_test
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "forget_frequency",
     "frechet_distance",
     "integrity",
+    "integrity_ratio",
     "load_classifier",
     "membership_test",
     "nearest_forget_distance",

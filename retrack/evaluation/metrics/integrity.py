@@ -5,7 +5,9 @@ unlearned model; their mean distance measures collateral damage that FID, a dist
 metric, misses. The paper uses LPIPS, whose VGG/AlexNet weights cannot be downloaded here, so
 `integrity` is the pixel L2 variant and `feature_integrity` the perceptual one, in the features
 of the project's own classifier. `exclude` drops pairs that were look-alikes of the forgotten
-image in the original model: those are supposed to change.
+image in the original model: those are supposed to change. `integrity_ratio` puts the L2 on the
+scale of the samples themselves, so one ceiling (the promotion gate's) fits pixels and latents at
+any resolution.
 """
 
 from __future__ import annotations
@@ -38,6 +40,19 @@ def integrity(samples_a01: np.ndarray, samples_b01: np.ndarray, exclude: np.ndar
     keep = _kept(samples_a01, samples_b01, exclude)
     diff = (samples_a01[keep].astype(np.float64) - samples_b01[keep].astype(np.float64)).reshape(int(keep.sum()), -1)
     return float(np.linalg.norm(diff, axis=1).mean())
+
+
+def integrity_ratio(samples_a01: np.ndarray, samples_b01: np.ndarray, exclude: np.ndarray | None = None) -> float:
+    """`integrity` over the mean L2 between unrelated samples of the first set (each measured
+    sample against the next one): 0 = unchanged, about 1 = as different as two unrelated samples."""
+    keep = _kept(samples_a01, samples_b01, exclude)
+    if keep.sum() < 2:
+        raise InputError("integrity_ratio needs at least 2 sample pairs to measure unrelated samples against")
+    a = samples_a01[keep].astype(np.float64).reshape(int(keep.sum()), -1)
+    unrelated = float(np.linalg.norm(a - np.roll(a, 1, axis=0), axis=1).mean())
+    if unrelated == 0.0:
+        raise InputError("the original's samples are all identical: integrity_ratio has no scale to measure against")
+    return integrity(samples_a01, samples_b01, exclude) / unrelated
 
 
 @torch.no_grad()
