@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from retrack.config.model_kind import ModelKind
 from retrack.config.spec import JobSpec
 from retrack.storage.location import Location
-from retrack.training.prepare import CorpusIndex, read_corpus_index
+from retrack.training.prepare import CorpusIndex, check_geometry, read_corpus_index
 
 if TYPE_CHECKING:
     from retrack.data.corpus import Corpus
@@ -79,6 +79,7 @@ def preflight(spec: JobSpec) -> Preflight:
                 require_captions(source, what)
     else:
         require_labels(corpus.source)
+        check_geometry(spec.model.kind, model_dir, corpus.source)
     forget_ids = requested_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
     if spec.method.needs_neighbours:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -229,6 +230,8 @@ CASES = [
     Case("corpus: mixed image sizes", corpus_edit(set_row(5, image=encode_image(load_digits_u8()[0][5][:7, :7]))), "image is 7x7x1, the corpus is 8x8x1", at_index=True),
     Case("corpus: rows without a class label (pixel model)", corpus_edit(set_row(6, label=None)),
          "1 of 64 item(s) have no class label; the pixel evaluation's Fréchet distance uses a feature network"),
+    Case("corpus: images of another size than the model's", corpus_edit(set_row(0, image=encode_image(np.zeros((16, 16), np.uint8)))),
+         "corpus images are 16x16x1 but the model denoises 8x8x1"),
     Case("corpus: duplicate ids", corpus_edit(set_row(4, id="img-000009")), "1 id(s) occur more than once in the corpus"),
     Case("corpus: empty shard", corpus_edit(rewrite_rows(lambda rows: [], shard=1)), "shard part-00001.parquet is empty"),
     Case("corpus: missing id column", corpus_edit(rewrite_rows(lambda rows: [{"image": r["image"]} for r in rows], schema=pa.schema([("image", pa.binary())]))), "lacks column(s) ['id']"),
