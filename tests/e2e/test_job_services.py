@@ -16,45 +16,13 @@ from retrack.data.forget import read_forget_ids
 from retrack.errors import StorageError
 from retrack.privacy import ForgetContent, mlflow_texts, scan_blob, scan_texts
 from retrack.config.spec import JobSpec
+from tests.fixtures.specs import s3_job_spec
 
 pytestmark = pytest.mark.integration
 
 
-def upload_dir(s3, local: Path, prefix: str) -> str:
-    client = s3.client()
-    for p in sorted(local.rglob("*")):
-        if p.is_file():
-            client.put_object(Bucket=s3.bucket, Key=f"{prefix}/{p.relative_to(local).as_posix()}", Body=p.read_bytes())
-    return s3.uri(prefix)
-
-
-@pytest.fixture(scope="module")
-def remote_inputs(seaweedfs_s3, small):
-    root = small
-    return {
-        "root": root,
-        "model": upload_dir(seaweedfs_s3, root / "original", "models/small-v1"),
-        "corpus": upload_dir(seaweedfs_s3, root / "bench" / "corpus", "datasets/small"),
-        "holdout": upload_dir(seaweedfs_s3, root / "bench" / "holdout", "datasets/small-holdout"),
-        "forget": upload_dir(seaweedfs_s3, root / "bench", "requests/req-s3") + "/forget_ids.txt",
-    }
-
-
-def make_spec(inputs, s3, mlflow_uri, **over) -> JobSpec:
-    data = {
-        "request_id": "req-s3",
-        "model": {"kind": "pixel-ddpm", "uri": inputs["model"], "version": "1"},
-        "corpus": {"uri": inputs["corpus"]},
-        "forget": {"file": inputs["forget"], "duplicates": "add"},
-        "method": {"name": "retrack", "params": {"lambda": 0.5, "k": 4}},
-        "train": {"steps": 2, "batch_size": 8},
-        "evaluation": {"num_samples": 32, "holdout_uri": inputs["holdout"]},
-        "storage": {"root": s3.uri("jobs"), "endpoint_url": s3.endpoint},
-        "mlflow": {"tracking_uri": mlflow_uri, "registered_model": "small-ddpm-s3", "alias": "production"},
-    }
-    for k, v in over.items():
-        data[k] = {**data[k], **v} if isinstance(v, dict) else v
-    return JobSpec.model_validate(data)
+def make_spec(inputs, s3, mlflow_uri, request_id: str = "req-s3", **over) -> JobSpec:
+    return JobSpec.model_validate(s3_job_spec(inputs, s3, mlflow_uri, request_id, **over))
 
 
 def forget_content(root: Path) -> ForgetContent:
@@ -63,13 +31,13 @@ def forget_content(root: Path) -> ForgetContent:
     return ForgetContent(images_u8=[decode_image(rows[0]["image"])], encoded=[rows[0]["image"]], ids=sorted(forget))
 
 
-def test_run_on_s3_and_mlflow_server(remote_inputs, s3_env, mlflow_server, monkeypatch, tmp_path, capfd):
+def test_run_on_s3_and_mlflow_server(small_on_s3, s3_env, mlflow_server, monkeypatch, tmp_path, capfd):
     from mlflow import MlflowClient
 
     from pipelines.job import run_job
 
     monkeypatch.setenv("RETRACK_HOME", str(tmp_path / "home"))
-    spec = make_spec(remote_inputs, s3_env, mlflow_server.tracking_uri)
+    spec = make_spec(small_on_s3, s3_env, mlflow_server.tracking_uri)
     result = run_job(spec)
     assert result.stages_run == ["index", "neighbours", "unlearn", "evaluate", "register"]
     client = MlflowClient(tracking_uri=mlflow_server.tracking_uri)
@@ -79,8 +47,8 @@ def test_run_on_s3_and_mlflow_server(remote_inputs, s3_env, mlflow_server, monke
                      "verdict", "outcome", "gate",  # the promotion decision (retrack/evaluation/verdict.py)
                      "audit.record"}  # the audit trail (retrack/audit.py)
     assert {k.removeprefix("retrack.") for k in mv.tags if k.startswith("retrack.")} == expected_tags
-    assert mv.tags["retrack.parent_model_uri"] == remote_inputs["model"] and mv.tags["retrack.parent_model_version"] == "1"
-    assert int(mv.tags["retrack.forget_count"]) >= len(read_forget_ids(remote_inputs["root"] / "bench" / "forget_ids.txt"))
+    assert mv.tags["retrack.parent_model_uri"] == small_on_s3["model"] and mv.tags["retrack.parent_model_version"] == "1"
+    assert int(mv.tags["retrack.forget_count"]) >= len(read_forget_ids(small_on_s3["root"] / "bench" / "forget_ids.txt"))
     # Forgotten within the quality gate: promoted, the alias moved to the new version.
     assert (result.verdict, result.outcome, mv.tags["retrack.outcome"], mv.tags["retrack.gate"]) == ("forgotten", "promoted", "promoted", "passed")
     assert client.get_model_version_by_alias("small-ddpm-s3", "production").version == mv.version
@@ -95,7 +63,7 @@ def test_run_on_s3_and_mlflow_server(remote_inputs, s3_env, mlflow_server, monke
     assert len(client.search_model_versions("name = 'small-ddpm-s3'")) == 1
 
     # Privacy: nothing forgotten in MLflow artifacts, params, tags, metrics, inputs, reports or logs.
-    content = forget_content(remote_inputs["root"])
+    content = forget_content(small_on_s3["root"])
     findings = []
     s3c = s3_env.client()
     for k in keys:
@@ -109,14 +77,14 @@ def test_run_on_s3_and_mlflow_server(remote_inputs, s3_env, mlflow_server, monke
     assert scan_blob(b"xx" + content.encoded[0] + b"yy", "probe", content)
 
 
-def test_bucket_without_permission_and_unreachable_tracking_fail_before_training(remote_inputs, s3_env, mlflow_server, monkeypatch, tmp_path):
+def test_bucket_without_permission_and_unreachable_tracking_fail_before_training(small_on_s3, s3_env, mlflow_server, monkeypatch, tmp_path):
     from pipelines.job import run_job
 
     monkeypatch.setenv("RETRACK_HOME", str(tmp_path / "home"))
-    spec = make_spec(remote_inputs, s3_env, mlflow_server.tracking_uri, request_id="req-denied", storage={"root": "s3://no-such-bucket-retrack/jobs"})
+    spec = make_spec(small_on_s3, s3_env, mlflow_server.tracking_uri, request_id="req-denied", storage={"root": "s3://no-such-bucket-retrack/jobs"})
     with pytest.raises(StorageError, match="no-such-bucket-retrack"):
         run_job(spec)
-    spec = make_spec(remote_inputs, s3_env, "http://127.0.0.1:9", request_id="req-nomlflow")
+    spec = make_spec(small_on_s3, s3_env, "http://127.0.0.1:9", request_id="req-nomlflow")
     with pytest.raises(StorageError, match="127.0.0.1:9 is unreachable"):
         run_job(spec)
     assert not (tmp_path / "home" / "jobs").exists()

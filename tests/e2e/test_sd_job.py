@@ -196,10 +196,7 @@ def test_models_on_s3_reach_the_workers_as_uris(sd_inputs, s3_env, tmp_path, mon
 
     monkeypatch.setenv("RETRACK_HOME", str(tmp_path / "home"))
     client = s3_env.client()
-    for p in sorted((sd_inputs / "model").rglob("*")):
-        if p.is_file():
-            client.put_object(Bucket=s3_env.bucket, Key=f"models/tiny-sd/{p.relative_to(sd_inputs / 'model').as_posix()}", Body=p.read_bytes())
-    spec = make_spec(sd_inputs, tmp_path, request_id="req-sd-s3", model={"uri": s3_env.uri("models/tiny-sd")},
+    spec = make_spec(sd_inputs, tmp_path, request_id="req-sd-s3", model={"uri": s3_env.upload_dir(sd_inputs / "model", "models/tiny-sd")},
                      train={"steps": 2}, evaluation={"stable_diffusion": {"generations_per_caption": 2, "inference_steps": 4, "guidance_scale": 1.0}},
                      storage={"root": s3_env.uri("sd-jobs"), "endpoint_url": s3_env.endpoint})
     result = run_job(spec)

@@ -34,12 +34,12 @@ def test_the_three_formats_on_s3_give_the_local_rows(s3_env, formats):
     run = uuid.uuid4().hex[:8]
     want = sorted((r["id"], r["image"], r["caption"]) for r in rows)
     for name, local in dirs.items():
-        uri = s3_env.upload(local, f"{run}/{name}")
+        uri = s3_env.upload_dir(local, f"{run}/{name}")
         plan = scan_corpus(uri, name)
         assert plan.root.is_s3 and plan.count == len(rows) and plan.has_captions
         assert sorted(all_rows(plan)) == want, name
         assert plan.digest() != scan_corpus(local, name).digest()  # the S3 copy's own mtimes
-    bad = s3_env.upload(dirs["webdataset"], f"{run}/bad")
+    bad = s3_env.upload_dir(dirs["webdataset"], f"{run}/bad")
     Location.parse(bad + "/shard-00002.tar").write_bytes(b"not a tar" * 100)
     with pytest.raises(CorpusError, match="shard shard-00002.tar is not a readable tar archive"):
         scan_corpus(bad, "webdataset")
@@ -64,7 +64,7 @@ def ray_rows(ray, uri: str) -> list[tuple[str, bytes | None, str | None]]:
 def test_the_webdataset_reader_gives_read_webdataset_rows(ray_local, s3_env, bench, tmp_path, caption_in):
     rows = list(corpus_rows(bench.corpus, captions=True))[:700]
     local = write_webdataset(rows, tmp_path / "wds", shard_size=250, caption_in=caption_in)
-    uri = s3_env.upload(local, f"{uuid.uuid4().hex[:8]}/wds")
+    uri = s3_env.upload_dir(local, f"{uuid.uuid4().hex[:8]}/wds")
     ours = all_rows(scan_corpus(uri, "webdataset"))
     assert len(ours) == 700
     assert sorted(ray_rows(ray_local, uri)) == sorted(ours)
@@ -75,7 +75,7 @@ def test_the_ray_index_from_webdataset_on_s3_matches_the_local_loop(ray_local, s
 
     rows, dirs = formats
     run = uuid.uuid4().hex[:8]
-    uri = s3_env.upload(dirs["webdataset"], f"{run}/wds")
+    uri = s3_env.upload_dir(dirs["webdataset"], f"{run}/wds")
     on_ray = build(uri, s3_env.uri(f"{run}/idx"), rows_per_chunk=200, format="webdataset")
     local = build_index(dirs["parquet"], tmp_path / "idx", rows_per_chunk=200)
     assert on_ray.manifest.count == local.manifest.count == len(rows)

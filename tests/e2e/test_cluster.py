@@ -1,0 +1,158 @@
+"""`retrack run` on a KubeRay-shaped cluster (tests/fixtures/cluster.py): a head with 0 CPUs that
+runs the driver, worker nodes that cannot read the driver's disk, every input and output on S3,
+an MLflow server with S3 artifacts. Issue 20: no driver-local path may reach a task, and a job
+survives the loss of a whole worker node."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import retrack
+from retrack.config.spec import JobSpec
+from tests.fixtures.specs import s3_job_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ALL_STAGES = ["index", "neighbours", "unlearn", "evaluate", "register"]
+REPORT_FILES = {"metrics.png", "report.json", "report.md", "samples_before_after.png"}
+
+
+def write_job(cluster, inputs, request_id: str, **over) -> tuple[Path, JobSpec]:
+    """The `small` job on S3 as a YAML file on the driver's disk (where a RayJob's entrypoint finds
+    its spec), registering its own model name."""
+    data = s3_job_spec(inputs, cluster.s3, cluster.mlflow.tracking_uri, request_id,
+                       mlflow={"registered_model": f"small-ddpm-{request_id}"}, **over)
+    path = cluster.driver_dir / f"{request_id}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, JobSpec.model_validate(data)
+
+
+def s3_keys(s3, prefix: str) -> list[str]:
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def s3_json(s3, key: str) -> dict:
+    return json.loads(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+
+
+def job_prefix(spec: JobSpec) -> str:
+    return f"jobs/{spec.request_id}/{spec.config_hash()}/"
+
+
+def markers(s3, spec: JobSpec) -> dict[str, dict]:
+    prefix = job_prefix(spec) + "stages/"
+    return {Path(k).stem: s3_json(s3, k) for k in s3_keys(s3, prefix) if k.endswith(".json")}
+
+
+def complete_checkpoints(s3, spec: JobSpec) -> list[int]:
+    """Steps of the run's checkpoints on S3 whose every file is uploaded (a kill timed on a
+    checkpoint folder merely existing can land mid-upload)."""
+    from retrack.training.checkpoint import STATE_FILE, checkpoint_step
+
+    prefix = f"jobs/checkpoints/{spec.run_name}/"
+    keys = set(s3_keys(s3, prefix))
+    steps = []
+    for key in keys:
+        folder, _, name = key[len(prefix):].rpartition("/")
+        if name == STATE_FILE and checkpoint_step(folder) is not None:
+            state = s3_json(s3, key)
+            if all(f"{prefix}{folder}/{f}" in keys for f in state["files"]):
+                steps.append(checkpoint_step(folder))
+    return sorted(steps)
+
+
+def failure(cluster, run) -> str:
+    return f"exit {run.returncode} after {run.seconds:.0f} s\nstdout:\n{run.stdout[-3000:]}\nstderr:\n{run.stderr[-6000:]}\n{cluster.logs()}"
+
+
+def test_a_worker_node_cannot_read_the_drivers_files(ray_cluster):
+    """A control task on each worker node reads a file outside the hidden folders and the shared
+    image (the repository), and fails to read the files the driver has just written in its
+    working dir, temp dir and ~/.cache."""
+    shared = ray_cluster.root / "outside-the-hidden-folders.txt"
+    shared.write_text("visible")
+    image = Path(retrack.__file__)
+    start = time.monotonic()
+    report = ray_cluster.probe(extra=[shared, image])
+    print(f"\nisolation probe: {time.monotonic() - start:.1f} s (cluster start-up {ray_cluster.startup_seconds:.1f} s)")
+    assert sorted(report) == sorted(n.resource for n in ray_cluster.live_nodes()) and report
+    for seen in report.values():
+        assert seen["read"].pop(str(shared)) == "visible"
+        assert seen["read"].pop(str(image)) == image.read_text()
+        hidden = seen["read"]
+        assert len(hidden) == len(ray_cluster.hidden_dirs()) and all(text.startswith("FileNotFoundError") for text in hidden.values()), hidden
+
+
+def test_run_with_every_input_on_s3(ray_cluster, small_on_s3):
+    """`retrack run` as the cluster's driver: model, corpus, forget file and holdout on S3; the
+    stage markers, the report and the registered version (with its verdict) land on S3 and in
+    MLflow."""
+    from mlflow import MlflowClient
+
+    path, spec = write_job(ray_cluster, small_on_s3, "req-cluster")
+    run = ray_cluster.run_retrack(["run", path.name], timeout=400)
+    print(f"\nretrack run on the cluster: {run.seconds:.1f} s")
+    assert run.returncode == 0, failure(ray_cluster, run)
+    records = markers(ray_cluster.s3, spec)
+    assert sorted(records) == sorted(ALL_STAGES)
+    assert all(r["config_hash"] == spec.config_hash() for r in records.values())
+    report = {Path(k).name for k in s3_keys(ray_cluster.s3, job_prefix(spec) + "report/")}
+    assert report == REPORT_FILES
+    verdict = records["evaluate"]["verdict"]
+    assert f"verdict: {verdict}" in run.stderr
+    name = spec.mlflow.registered_model
+    client = MlflowClient(tracking_uri=ray_cluster.mlflow.tracking_uri)
+    mv = client.get_model_version(name, records["register"]["model_version"])
+    assert mv.tags["retrack.request_id"] == spec.request_id and mv.tags["retrack.verdict"] == verdict
+    assert mv.tags["retrack.model_digest"] == records["unlearn"]["model_digest"]
+    artifacts = s3_keys(ray_cluster.s3, "mlflow-artifacts/")
+    assert any(k.endswith("model/unet/diffusion_pytorch_model.safetensors") for k in artifacts)
+    assert any(mv.run_id in k and k.endswith("report/report.json") for k in artifacts)
+
+
+def test_worker_node_lost_mid_unlearning(ray_cluster, small_on_s3):
+    """SIGKILL the worker node (raylet and workers) once a checkpoint is on S3, then start another
+    node: the job finishes with the planned updates, resumed from a checkpoint, not from step 0.
+    Then the driver's disk is wiped (a new driver pod) and a rerun finds every stage done on S3."""
+    from mlflow import MlflowClient
+
+    steps, every = 30, 5
+    train = {"steps": steps, "batch_size": 4, "checkpoint_every": every}
+    path, spec = write_job(ray_cluster, small_on_s3, "req-nodeloss", train=train)
+    start = time.monotonic()
+    proc = ray_cluster.start_retrack(["run", path.name])
+    while not complete_checkpoints(ray_cluster.s3, spec):
+        if proc.poll() is not None:
+            pytest.fail("retrack run ended before its first checkpoint: " + failure(ray_cluster, ray_cluster.finish_retrack(proc, start, 10)))
+        assert time.monotonic() - start < 300, "no checkpoint on S3 within 300 s"
+        time.sleep(0.1)
+    (victim,) = ray_cluster.live_nodes()
+    ray_cluster.kill_node(ray_cluster.nodes.index(victim))
+    before = complete_checkpoints(ray_cluster.s3, spec)[-1]
+    assert "unlearn" not in markers(ray_cluster.s3, spec), "unlearning finished before the node was killed"
+    ray_cluster.add_node()
+    run = ray_cluster.finish_retrack(proc, start, timeout=400)
+    assert run.returncode == 0, failure(ray_cluster, run)
+    records = markers(ray_cluster.s3, spec)
+    print(f"\nnode lost at step {before} of {steps}, resumed from {records['unlearn']['resumed_from']}: the run took {run.seconds:.1f} s")
+    assert sorted(records) == sorted(ALL_STAGES)
+    unlearn = records["unlearn"]
+    assert unlearn["steps"] == steps
+    # Restarted from the newest checkpoint on S3 when the node died, not from step 0.
+    assert unlearn["resumed_from"][:1] == [before], unlearn
+
+    ray_cluster.wipe_driver()
+    path, _ = write_job(ray_cluster, small_on_s3, "req-nodeloss", train=train)
+    again = ray_cluster.run_retrack(["run", path.name], timeout=300)
+    assert again.returncode == 0, failure(ray_cluster, again)
+    assert markers(ray_cluster.s3, spec) == records  # every stage skipped: no marker rewritten
+    assert not [line for line in again.stderr.splitlines() if line.startswith("─") and any(s in line for s in ALL_STAGES)], again.stderr
+    assert f"model version: {records['register']['model_version']}" in again.stderr
+    versions = MlflowClient(tracking_uri=ray_cluster.mlflow.tracking_uri).search_model_versions(f"name = '{spec.mlflow.registered_model}'")
+    assert len(versions) == 1
