@@ -95,9 +95,9 @@ def memorising_inputs(seaweedfs_s3, bench, memorising_model):
     """The embedded benchmark and its memorising original (the planted digit in ~3% of samples) on S3."""
     seaweedfs_s3.client().put_object(Bucket=seaweedfs_s3.bucket, Key="requests/req-gate/forget_ids.txt", Body=bench.forget_ids.read_bytes())
     return {
-        "model": upload_dir(seaweedfs_s3, memorising_model, "models/digits-quick"),
-        "corpus": upload_dir(seaweedfs_s3, bench.corpus, "datasets/digits"),
-        "holdout": upload_dir(seaweedfs_s3, bench.holdout, "datasets/digits-holdout"),
+        "model": seaweedfs_s3.upload_dir(memorising_model, "models/digits-quick"),
+        "corpus": seaweedfs_s3.upload_dir(bench.corpus, "datasets/digits"),
+        "holdout": seaweedfs_s3.upload_dir(bench.holdout, "datasets/digits-holdout"),
         "forget": seaweedfs_s3.uri("requests/req-gate/forget_ids.txt"),
     }
 
