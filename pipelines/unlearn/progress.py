@@ -72,7 +72,12 @@ class ProgressRelay:
     """On the driver: a thread that hands every event to `progress` (and keeps them all)."""
 
     def __init__(self, progress: Progress | None):
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node: losing a worker node (which training survives) must not lose the queue.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.progress = progress
         self.events: list[dict] = []
         self._stop = threading.Event()

@@ -124,7 +124,10 @@ def test_worker_node_lost_mid_unlearning(ray_cluster, small_on_s3):
 
     steps, every = 30, 5
     train = {"steps": steps, "batch_size": 4, "checkpoint_every": every}
-    path, spec = write_job(ray_cluster, small_on_s3, "req-nodeloss", train=train)
+    # Resumption is what is tested: the quality gate (30 updates of batch 4 move this tiny model
+    # past its integrity ceiling) is off, so the job's outcome is its verdict alone.
+    evaluation = {"gate": {"max_frechet_ratio": None, "max_integrity_ratio": None}}
+    path, spec = write_job(ray_cluster, small_on_s3, "req-nodeloss", train=train, evaluation=evaluation)
     start = time.monotonic()
     proc = ray_cluster.start_retrack(["run", path.name])
     while not complete_checkpoints(ray_cluster.s3, spec):
@@ -148,7 +151,7 @@ def test_worker_node_lost_mid_unlearning(ray_cluster, small_on_s3):
     assert unlearn["resumed_from"][:1] == [before], unlearn
 
     ray_cluster.wipe_driver()
-    path, _ = write_job(ray_cluster, small_on_s3, "req-nodeloss", train=train)
+    path, _ = write_job(ray_cluster, small_on_s3, "req-nodeloss", train=train, evaluation=evaluation)
     again = ray_cluster.run_retrack(["run", path.name], timeout=300)
     assert again.returncode == 0, failure(ray_cluster, again)
     assert markers(ray_cluster.s3, spec) == records  # every stage skipped: no marker rewritten
@@ -156,3 +159,23 @@ def test_worker_node_lost_mid_unlearning(ray_cluster, small_on_s3):
     assert f"model version: {records['register']['model_version']}" in again.stderr
     versions = MlflowClient(tracking_uri=ray_cluster.mlflow.tracking_uri).search_model_versions(f"name = '{spec.mlflow.registered_model}'")
     assert len(versions) == 1
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "webdataset"])
+def test_run_on_an_image_folder_and_webdataset_shards_on_s3(ray_cluster, small_on_s3, fmt):
+    """The same job with its corpus and holdout as an image folder (metadata.jsonl labels) or as
+    WebDataset tar shards (cls labels) on S3: the workers stream the files themselves."""
+    from tests.fixtures.corpora import WRITERS
+
+    bench, run_dir = small_on_s3["root"] / "bench", ray_cluster.root / fmt
+    uris = {part: ray_cluster.s3.upload_dir(WRITERS[fmt](bench / part, run_dir / part, captions=False), f"datasets/small-{fmt}/{part}")
+            for part in ("corpus", "holdout")}
+    path, spec = write_job(ray_cluster, small_on_s3, f"req-{fmt}", corpus={"uri": uris["corpus"], "format": fmt},
+                           evaluation={"holdout_uri": uris["holdout"]})
+    run = ray_cluster.run_retrack(["run", path.name], timeout=400)
+    print(f"\nretrack run on the cluster, {fmt} corpus: {run.seconds:.1f} s")
+    assert run.returncode == 0, failure(ray_cluster, run)
+    records = markers(ray_cluster.s3, spec)
+    assert sorted(records) == sorted(ALL_STAGES) and records["evaluate"]["verdict"] == "forgotten"
+    assert {Path(k).name for k in s3_keys(ray_cluster.s3, job_prefix(spec) + "report/")} == REPORT_FILES
+    assert records["register"]["model_version"]
