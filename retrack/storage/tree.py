@@ -21,7 +21,7 @@ def _copy(src_path: str, src_fs: pafs.FileSystem, dest: Location, dest_path: str
     try:
         pafs.copy_files(src_path, dest_path, source_filesystem=src_fs, destination_filesystem=dest_fs)
     except (OSError, pa.ArrowException) as exc:
-        raise dest.storage_error("copy to", exc) from None
+        raise dest.storage_error("write", exc) from None
 
 
 def upload_tree(src: str | Path, dest: Location, last: str | None = None) -> None:
@@ -51,5 +51,5 @@ def download_tree(src: Location, dest: str | Path) -> Path:
         try:
             pafs.copy_files(loc.path, str(out), source_filesystem=loc.fs, destination_filesystem=_LOCAL)
         except (OSError, pa.ArrowException) as exc:
-            raise loc.storage_error("download", exc) from None
+            raise loc.storage_error("read", exc) from None
     return dest
