@@ -32,6 +32,7 @@ from dataclasses import replace
 import numpy as np
 
 from pipelines.runtime import ensure_ray, get, unwrap
+from retrack.data.source import CorpusPlan
 from retrack.errors import RetrackError
 
 
@@ -289,7 +290,7 @@ class RayExecutor:
         return out
 
 
-def build(corpus: str, out: str, encoder=None, params=None, on_bad: str = "fail", rows_per_chunk: int = 200_000,
+def build(corpus: "str | CorpusPlan", out: str, encoder=None, params=None, on_bad: str = "fail", rows_per_chunk: int = 200_000,
           force: bool = False, endpoint: str | None = None, ray_address: str | None = None, num_cpus: int | None = None,
           progress=None, executor: RayExecutor | None = None, format: str = "parquet"):
     """Build (or reuse / repair) the index with Ray; see `retrack.index.build_index`."""

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from retrack.config.model_kind import ModelKind
 from retrack.config.spec import JobSpec
+from retrack.data.source import CorpusPlan
 from retrack.storage.location import Location
 from retrack.training.prepare import CorpusIndex, check_geometry, read_corpus_index
 
@@ -24,9 +25,7 @@ class Preflight:
     corpus_index: CorpusIndex  # the corpus's files (by URI) and ids
     model_dir: Path  # the driver's copy of the original model (checks, digests, pixel scoring)
     forget_ids: list[str]  # as requested (the neighbours stage may add near-duplicates)
-    endpoint: str | None = None
-    holdout_uri: str | None = None  # evaluation.holdout_uri (in the corpus's format)
-    format: str = "parquet"
+    holdout_source: CorpusPlan | None = None  # evaluation.holdout_uri's listing
 
     @property
     def corpus_key(self) -> str:
@@ -44,7 +43,7 @@ class Preflight:
     def holdout(self) -> "Corpus | None":
         from retrack.data.corpus import read_corpus
 
-        return None if self.holdout_uri is None else read_corpus(self.holdout_uri, self.endpoint, self.format)
+        return None if self.holdout_source is None else read_corpus(self.holdout_source)
 
 
 def preflight(spec: JobSpec) -> Preflight:
@@ -84,5 +83,4 @@ def preflight(spec: JobSpec) -> Preflight:
     check_forget_ids(forget_ids, corpus.ids)
     if spec.method.needs_neighbours:
         check_k(spec.method.k, len(corpus.ids) - len(forget_ids))
-    return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=forget_ids, endpoint=endpoint,
-                     holdout_uri=spec.evaluation.holdout_uri, format=fmt)
+    return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=forget_ids, holdout_source=holdout)

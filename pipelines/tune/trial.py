@@ -55,7 +55,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     spec = job.spec.model_copy(update={"method": method, "train": train, "tune": None})
     key = trial_key(params)
     # Under the job prefix in storage: a trial may run on any node, the driver reads its outcome.
-    out = job.jobdir.remote / TUNE_DIR / "models" / key
+    models = job.jobdir.remote / TUNE_DIR / "models"
+    out = models / key
     record = job.jobdir.remote / TUNE_DIR / "outcomes" / f"{key}.json"
     saved = saved_outcome(record, out)
     if saved is not None:
@@ -71,7 +72,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     for n in range(tuning.seeds_per_trial):
         seed = train.seed + n
         # The trial keeps train.seed's model; another seed's is scored, then deleted.
-        seed_out = out if n == 0 else out.parent / f"{key}.seed-{seed}"
+        seed_out = out if n == 0 else models / f"{key}.seed-{seed}"
         name = f"{job.spec.run_name}-trial-{key}" + (f"-seed-{seed}" if n else "")
         # The trial's configuration over the tuning job's inputs and neighbours.
         seed_job = replace(job, spec=spec.model_copy(update={"train": train.model_copy(update={"seed": seed})}))

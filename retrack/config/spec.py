@@ -142,7 +142,7 @@ class GateSpec(StrictModel):
         "The integrity_ratio metric at most this: the mean distance between same-seed samples of the original and the "
         "unlearned model (on what was not to be forgotten) over the distance between unrelated samples of the original "
         "(0: unchanged, 1: unrelated; pixels or VAE latents). On the embedded benchmark: the model retrained without the "
-        "forget set 0.17, the demo's recipe 0.10, NegGrad about 1; the tiny Stable Diffusion test job 0.35."))
+        "forget set 0.17, the demo's recipe 0.10, NegGrad about 1 (estimated); the tiny Stable Diffusion test job 0.35."))
 
     def ceilings(self, kind: ModelKind) -> dict[str, float]:
         """The ceilings that apply to a model of `kind` (the Fréchet distance is measured on pixel DDPMs only)."""

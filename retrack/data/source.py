@@ -39,7 +39,7 @@ from retrack.storage.location import Location
 
 __all__ = [
     "BadRow", "Chunk", "CorpusPlan", "FORMATS", "ON_BAD", "RowBatch", "SourceFile", "decode_batch", "image_id",
-    "file_ids", "iter_file_batches", "iter_file_rows", "plan_chunks", "require_captions", "require_labels", "scan_corpus", "table_vectors", "vectors_table",
+    "iter_file_batches", "iter_file_rows", "plan_chunks", "require_captions", "require_labels", "scan_corpus", "scan_corpus_ids", "table_vectors", "vectors_table",
 ]
 
 ON_BAD = ("fail", "skip")
@@ -106,6 +106,16 @@ def scan_corpus(uri: "str | Location", format: str = "parquet", *, rows_per_chun
     """List and check a corpus of the given format (ids and captions; images are checked as they
     are decoded). `on_bad` is the bad-row policy: "skip" lets through the rows that the decoder
     will report (a WebDataset sample without an image), "fail" refuses them here."""
+    return _scan(uri, format, rows_per_chunk, endpoint, on_bad, keep_ids=False)[0]
+
+
+def scan_corpus_ids(uri: "str | Location", format: str = "parquet", *, endpoint: str | None = None,
+                    on_bad: str = "fail") -> tuple[CorpusPlan, list[Sequence[str]]]:
+    """`scan_corpus`, and the ids the scan read, file by file (no file is read twice)."""
+    return _scan(uri, format, 200_000, endpoint, on_bad, keep_ids=True)
+
+
+def _scan(uri, format: str, rows_per_chunk: int, endpoint: str | None, on_bad: str, keep_ids: bool) -> tuple[CorpusPlan, list[Sequence[str]]]:
     if on_bad not in ON_BAD:
         raise InputError(f"on_bad must be one of {ON_BAD}, not {on_bad!r}")
     fmt = corpus_format(format)
@@ -116,9 +126,12 @@ def scan_corpus(uri: "str | Location", format: str = "parquet", *, rows_per_chun
     entries = root.list()
     files: list[SourceFile] = []
     hashes: list[np.ndarray] = []
+    ids: list[Sequence[str]] = []  # only when asked: 8 bytes of hash per id are what the check needs
     for scanned in fmt.scan(root, entries, on_bad):
         files.append(scanned.file)
         hashes.append(_id_hash(scanned.ids))
+        if keep_ids:
+            ids.append(scanned.ids)
     if not files:
         found = Counter(e.location.name.rpartition(".")[2].lower() if "." in e.location.name else "(none)" for e in entries)
         what = ", ".join(f"{n} .{ext}" for ext, n in found.most_common(5)) or "nothing"
@@ -127,7 +140,7 @@ def scan_corpus(uri: "str | Location", format: str = "parquet", *, rows_per_chun
     plan = CorpusPlan(root, format, files, (0, 0, 0))
     plan.image_shape = _first_image_shape(plan)
     plan.chunks = plan_chunks(files, rows_per_chunk)
-    return plan
+    return plan, ids
 
 
 def _check_unique(root: Location, format: str, files: list[SourceFile], hashes: list[np.ndarray]) -> None:
@@ -267,11 +280,6 @@ def iter_file_rows(plan: CorpusPlan, f: SourceFile, batch_size: int = 256) -> It
     for b in iter_file_batches(plan, f, batch_size):
         for row in zip(*b):
             yield dict(zip(("id", "image", "caption", "label"), row))
-
-
-def file_ids(plan: CorpusPlan, f: SourceFile) -> list[str]:
-    """The ids of one corpus file, in row order (no image is read)."""
-    return corpus_format(plan.format).ids(plan.location_of(f), f)
 
 
 def vectors_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:

@@ -46,6 +46,7 @@ from retrack.data.source import (
     SourceFile,
     decode_batch,
     iter_file_batches,
+    plan_chunks,
     scan_corpus,
     vectors_table,
 )
@@ -186,7 +187,7 @@ class LocalExecutor:
 
 
 def build_index(
-    corpus: "str | Location",
+    corpus: "str | Location | CorpusPlan",
     out: "str | Location",
     encoder: EncoderSpec = EncoderSpec(),
     params: IndexParams = IndexParams(),
@@ -200,7 +201,8 @@ def build_index(
     format: str = "parquet",
 ) -> BuildResult:
     """Build, reuse or repair the index of `corpus` (of the given format) under `out` (local paths
-    or s3:// URIs)."""
+    or s3:// URIs). `corpus` may be a plan the caller scanned already (with this `on_bad`): it is
+    not listed and read again."""
     start = time.perf_counter()
     executor = executor or LocalExecutor()
     # Credentials are resolved here, on the driver, so that Ray workers started before the
@@ -208,7 +210,10 @@ def build_index(
     s3 = S3Options(endpoint=endpoint).resolved()
     root = Location.parse(out, s3=s3)
     root.check_reachable()
-    plan = scan_corpus(Location.parse(corpus, s3=s3), format, rows_per_chunk=rows_per_chunk, on_bad=on_bad)
+    if isinstance(corpus, CorpusPlan):
+        plan = replace(corpus, root=Location(corpus.root.uri, s3), chunks=plan_chunks(corpus.files, rows_per_chunk))
+    else:
+        plan = scan_corpus(Location.parse(corpus, s3=s3), format, rows_per_chunk=rows_per_chunk, on_bad=on_bad)
     enc_digest = encoder.digest()
     keys = [chunk_key(c.digest(), enc_digest, plan.image_shape, on_bad) for c in plan.chunks]
     corpus_info = {

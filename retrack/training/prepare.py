@@ -43,11 +43,10 @@ class CorpusIndex:
 
 
 def read_corpus_index(uri: str, format: str = "parquet", endpoint: str | None = None) -> CorpusIndex:
-    """List the corpus (local path or s3://) and read its ids; no image is read."""
-    from retrack.data.source import file_ids, scan_corpus
+    """List the corpus (local path or s3://) and read its ids (of the images, only the first: its size)."""
+    from retrack.data.source import scan_corpus_ids
 
-    source = scan_corpus(uri, format, endpoint=endpoint)
-    per_file = [file_ids(source, f) for f in source.files]
+    source, per_file = scan_corpus_ids(uri, format, endpoint=endpoint)
     starts = np.cumsum([0] + [len(i) for i in per_file])
     return CorpusIndex(ids=[i for ids in per_file for i in ids], source=source, starts=starts)
 

@@ -34,3 +34,20 @@ def test_model_cache_copies_a_model_once_per_node_under_concurrent_processes(s3_
     assert (dest / COMPLETE_MARKER).read_text() == uri
     assert {k: (dest / k).read_bytes() for k in files} == files
     assert sorted(p.name for p in cache.iterdir()) == sorted([dest.name, f"{dest.name}.lock"])
+
+
+@pytest.mark.integration
+def test_a_model_rewritten_at_the_same_uri_is_copied_anew(s3_env, tmp_path):
+    """The cache is keyed by the URI and its object listing: a model replaced in place (a new
+    upload under the same prefix) is not served from the old copy."""
+    from retrack.storage.cache import local_model_dir
+
+    client, cache = s3_env.client(), tmp_path / "cache"
+    uri = s3_env.uri("models/rewritten")
+    client.put_object(Bucket=s3_env.bucket, Key="models/rewritten/unet/weights.bin", Body=b"first")
+    first = local_model_dir(uri, cache)
+    assert local_model_dir(uri, cache) == first  # unchanged: the same copy
+    client.put_object(Bucket=s3_env.bucket, Key="models/rewritten/unet/weights.bin", Body=b"second version")
+    second = local_model_dir(uri, cache)
+    assert second != first and (second / "unet" / "weights.bin").read_bytes() == b"second version"
+    assert (first / "unet" / "weights.bin").read_bytes() == b"first"  # a reader of the old copy keeps it

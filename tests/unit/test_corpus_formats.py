@@ -270,3 +270,14 @@ def test_cli_index_build_takes_the_format(tmp_path):
     res = run(cli, ["build", str(root), str(tmp_path / "idx2"), "--local"])
     out = " ".join(res.output.split())  # the console wraps long lines
     assert res.exit_code == 2 and "holds no parquet shards (*.parquet); corpus.format is 'parquet' and the folder holds 3 .tar" in out
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_the_scan_hands_back_the_ids_it_read(captioned, name):
+    """`scan_corpus_ids` returns, file by file, the ids the rows carry: a job reads them once."""
+    from retrack.data.source import scan_corpus_ids
+
+    _, dirs = captioned
+    plan, ids = scan_corpus_ids(dirs[name], name)
+    assert [list(i) for i in ids] == [[i for b in iter_file_batches(plan, f, 100) for i in b.ids] for f in plan.files]
+    assert scan_corpus(dirs[name], name).digest() == plan.digest()

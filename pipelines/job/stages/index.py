@@ -27,7 +27,8 @@ def run(ctx: JobContext) -> dict:
     out = ctx.storage / "indexes" / key
     params = IndexParams(type=spec.index.kind, flat_max=spec.index.flat_max_items)
     with stage_progress("index") as progress:
-        result = build(spec.corpus.uri, str(out), encoder=encoder, params=params, endpoint=spec.storage.endpoint_url,
-                       format=spec.corpus.format, progress=progress)
+        # The corpus as preflight listed it: its files are not listed and read again.
+        result = build(ctx.pre.corpus_index.source, str(out), encoder=encoder, params=params, endpoint=spec.storage.endpoint_url,
+                       progress=progress)
     console.print(f"index {result.status}: {result.manifest.index_type}, {result.manifest.count} vectors")
     return {"index_uri": str(out), "manifest_digest": result.manifest.content_digest()}
