@@ -179,3 +179,141 @@ def test_run_on_an_image_folder_and_webdataset_shards_on_s3(ray_cluster, small_o
     assert sorted(records) == sorted(ALL_STAGES) and records["evaluate"]["verdict"] == "forgotten"
     assert {Path(k).name for k in s3_keys(ray_cluster.s3, job_prefix(spec) + "report/")} == REPORT_FILES
     assert records["register"]["model_version"]
+
+
+def test_stable_diffusion_with_captions_in_an_image_folder_on_s3(ray_cluster, sd_inputs):
+    """A tiny Stable Diffusion that memorises a planted captioned item; its corpus and holdout as
+    image folders whose metadata.jsonl carries the captions, the model and the forget file on S3.
+    The planted item's copies are found in latent space and forgotten; the version is registered."""
+    from mlflow import MlflowClient
+
+    from tests.fixtures.corpora import write_imagefolder
+    from tests.fixtures.sd import COPIES
+
+    s3, work = ray_cluster.s3, ray_cluster.root / "sd"
+    uris = {part: s3.upload_dir(write_imagefolder(sd_inputs / part, work / part), f"datasets/sd-{part}") for part in ("corpus", "holdout")}
+    s3.client().put_object(Bucket=s3.bucket, Key="requests/req-sd/forget.txt", Body=(sd_inputs / "forget.txt").read_bytes())
+    inputs = {"model": s3.upload_dir(sd_inputs / "model", "models/tiny-sd"), "corpus": uris["corpus"], "holdout": uris["holdout"],
+              "forget": s3.uri("requests/req-sd/forget.txt")}
+    path, spec = write_job(
+        ray_cluster, inputs, "req-cluster-sd", model={"kind": "stable-diffusion"}, corpus={"format": "imagefolder"},
+        train={"steps": 20, "batch_size": 8, "lr": 2e-4, "checkpoint_every": 0}, scaling={"num_workers": 1, "cpus_per_worker": 0.5},
+        evaluation={"num_samples": 16, "stable_diffusion": {"generations_per_caption": 16, "inference_steps": 20, "guidance_scale": 1.0}},
+    )
+    run = ray_cluster.run_retrack(["run", path.name], timeout=600)
+    print(f"\nretrack run on the cluster, tiny Stable Diffusion from an image folder: {run.seconds:.1f} s")
+    assert run.returncode == 0, failure(ray_cluster, run)
+    records = markers(s3, spec)
+    assert sorted(records) == sorted(ALL_STAGES) and records["evaluate"]["verdict"] == "forgotten"
+    assert records["neighbours"]["forget_count"] == COPIES
+    assert {Path(k).name for k in s3_keys(s3, job_prefix(spec) + "report/")} == REPORT_FILES
+    assert any(k.endswith("model/unet/diffusion_pytorch_model.safetensors") for k in s3_keys(s3, job_prefix(spec) + "model/"))
+    mv = MlflowClient(tracking_uri=ray_cluster.mlflow.tracking_uri).get_model_version(spec.mlflow.registered_model, records["register"]["model_version"])
+    assert mv.tags["retrack.verdict"] == "forgotten" and mv.tags["retrack.forget_count"] == str(COPIES)
+
+
+def test_tune_a_two_trial_grid(ray_cluster, small_on_s3):
+    """`retrack tune` as the cluster's driver: two trials (λ 0.3 and 0.5) train on the worker node
+    and keep their models under the job's prefix on S3; the chosen one is evaluated and registered."""
+    from mlflow import MlflowClient
+
+    tune = {"search": "grid", "trials": 2, "num_samples": 32, "space": {"lambda": {"values": [0.3, 0.5]}}, "select": {"max_frequency_ratio": 1.0}}
+    path, spec = write_job(ray_cluster, small_on_s3, "req-cluster-tune", tune=tune)
+    run = ray_cluster.run_retrack(["tune", path.name], timeout=600)
+    print(f"\nretrack tune (2-trial grid) on the cluster: {run.seconds:.1f} s")
+    assert run.returncode == 0, failure(ray_cluster, run)
+    tuned = s3_keys(ray_cluster.s3, job_prefix(spec) + "tune/")
+    assert sum(k.endswith("/unet/diffusion_pytorch_model.safetensors") for k in tuned) == 2, tuned
+    front = s3_json(ray_cluster.s3, job_prefix(spec) + "tune/pareto.json")
+    assert front["chosen"]["params"]["lambda"] in (0.3, 0.5)
+    client = MlflowClient(tracking_uri=ray_cluster.mlflow.tracking_uri)
+    (mv,) = client.search_model_versions(f"name = '{spec.mlflow.registered_model}'")
+    assert mv.tags["retrack.verdict"] and mv.tags["retrack.request_id"] == spec.request_id
+    registered = client.get_run(mv.run_id)
+    assert any(k.endswith("report/report.json") for k in s3_keys(ray_cluster.s3, "mlflow-artifacts/") if mv.run_id in k)
+    assert registered.data.tags["mlflow.parentRunId"]
+
+
+def without_first_image(shard: Path) -> str:
+    """Rewrite a WebDataset shard without its first sample's image member; that sample's key."""
+    import tarfile
+
+    from tests.fixtures.corpora import add_member
+
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    dropped = next(name for name, _ in members if name.endswith(".png"))
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            if name != dropped:
+                add_member(tar, name, data)
+    return dropped.rsplit(".", 1)[0]
+
+
+def bad_webdataset(cluster, inputs, request) -> tuple[dict, dict, str]:
+    from tests.fixtures.corpora import write_webdataset
+
+    shards = write_webdataset(inputs["root"] / "bench" / "corpus", cluster.root / "bad-wds", captions=False, shard_size=64)
+    key = without_first_image(shards / "shard-00000.tar")
+    uri = cluster.s3.upload_dir(shards, "datasets/small-imageless")
+    return inputs, {"corpus": {"uri": uri, "format": "webdataset"}}, f"shard shard-00000.tar: sample '{key}' has no image"
+
+
+def uncaptioned_sd(cluster, inputs, request) -> tuple[dict, dict, str]:
+    from tests.fixtures.corpora import write_imagefolder
+
+    sd_inputs = request.getfixturevalue("sd_inputs")
+    s3 = cluster.s3
+    s3.client().put_object(Bucket=s3.bucket, Key="requests/req-sd/forget.txt", Body=(sd_inputs / "forget.txt").read_bytes())
+    folder = write_imagefolder(sd_inputs / "corpus", cluster.root / "sd-uncaptioned", captions=False)
+    sd = {"model": s3.upload_dir(sd_inputs / "model", "models/tiny-sd"), "corpus": s3.upload_dir(folder, "datasets/sd-uncaptioned"),
+          "holdout": s3.upload_dir(write_imagefolder(sd_inputs / "holdout", cluster.root / "sd-holdout"), "datasets/sd-holdout-captioned"),
+          "forget": s3.uri("requests/req-sd/forget.txt")}
+    return sd, {"model": {"kind": "stable-diffusion"}, "corpus": {"format": "imagefolder"}}, "70 of 70 item(s) have no caption"
+
+
+def missing_bucket(cluster, inputs, request) -> tuple[dict, dict, str]:
+    return inputs, {"corpus": {"uri": "s3://no-such-bucket/datasets/small"}}, f"bucket 'no-such-bucket' does not exist at {cluster.s3.endpoint}"
+
+
+@pytest.mark.parametrize("case", [missing_bucket, bad_webdataset, uncaptioned_sd], ids=lambda f: f.__name__)
+def test_bad_input_is_refused_before_any_stage(ray_cluster, small_on_s3, request, case):
+    """Refused by the driver's preflight (exit 2) with a specific message; no stage ran and the
+    job's prefix on S3 stays empty."""
+    inputs, over, message = case(ray_cluster, small_on_s3, request)
+    path, spec = write_job(ray_cluster, inputs, f"req-bad-{case.__name__.replace('_', '-')}", **over)
+    run = ray_cluster.run_retrack(["run", path.name], timeout=300)
+    print(f"\n{case.__name__}: refused in {run.seconds:.1f} s")
+    assert run.returncode == 2, failure(ray_cluster, run)
+    assert message in run.stderr, run.stderr
+    assert not any(line.startswith("─") for line in run.stderr.splitlines()), run.stderr  # no stage started
+    assert s3_keys(ray_cluster.s3, job_prefix(spec)) == []
+
+
+def test_a_shard_deleted_mid_run_fails_naming_it(ray_cluster, small_on_s3):
+    """The shard that holds the item to forget is deleted from S3 once the index is built: the
+    unlearn stage cannot read it and the job stops with a one-line error naming the file (exit 2);
+    nothing is registered."""
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+
+    corpus = small_on_s3["root"] / "bench" / "corpus"
+    forget = (small_on_s3["root"] / "bench" / "forget_ids.txt").read_text().split()[0]
+    shard = next(p.name for p in sorted(corpus.glob("*.parquet")) if forget in pq.read_table(p, columns=["id"])["id"].to_pylist())
+    uri = ray_cluster.s3.upload_dir(corpus, "datasets/small-doomed")
+    path, spec = write_job(ray_cluster, small_on_s3, "req-shard-gone", corpus={"uri": uri})
+    start = time.monotonic()
+    proc = ray_cluster.start_retrack(["run", path.name])
+    while "index" not in markers(ray_cluster.s3, spec):
+        if proc.poll() is not None:
+            pytest.fail("retrack run ended before its index was built: " + failure(ray_cluster, ray_cluster.finish_retrack(proc, start, 10)))
+        assert time.monotonic() - start < 300, "no index within 300 s"
+        time.sleep(0.1)
+    ray_cluster.s3.client().delete_object(Bucket=ray_cluster.s3.bucket, Key=f"datasets/small-doomed/{shard}")
+    run = ray_cluster.finish_retrack(proc, start, timeout=300)
+    print(f"\nshard deleted after the index stage: the run ended after {run.seconds:.1f} s")
+    assert run.returncode == 2, failure(ray_cluster, run)
+    s3 = ray_cluster.s3
+    assert run.stderr.strip().splitlines()[-1] == f"error: {s3.uri(f'datasets/small-doomed/{shard}')} (bucket '{s3.bucket}' at {s3.endpoint}) does not exist"
+    assert "register" not in markers(ray_cluster.s3, spec)
+    assert not MlflowClient(tracking_uri=ray_cluster.mlflow.tracking_uri).search_model_versions(f"name = '{spec.mlflow.registered_model}'")
