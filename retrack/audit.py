@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
-from retrack.digest import ids_digest
 from retrack.errors import InputError, StorageError
 from retrack.storage.location import Location
 
@@ -158,9 +157,10 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
 
 
 @contextmanager
-def audit_attempt(spec: "JobSpec", forget_ids: list[str], ran: list[str], skipped: list[str]) -> Iterator[AuditAttempt]:
+def audit_attempt(spec: "JobSpec", requested_forget: dict, ran: list[str], skipped: list[str]) -> Iterator[AuditAttempt]:
     """Record an attempt at `spec`'s request: "running" now, "failed" (error class only) if the body
-    raises. `ran` / `skipped` are the job's own stage lists, read when the attempt ends."""
+    raises. `requested_forget` holds digests and counts only; `ran` / `skipped` are the job's own
+    stage lists, read when the attempt ends."""
     from retrack.lineage.store import code_version
 
     record = AuditRecord(
@@ -170,7 +170,7 @@ def audit_attempt(spec: "JobSpec", forget_ids: list[str], ran: list[str], skippe
         config_hash=spec.config_hash(),
         code_version=code_version(),
         started_at=now(),
-        requested_forget={"digest": ids_digest(forget_ids), "count": len(forget_ids)},
+        requested_forget=requested_forget,
         parent_model={"uri": spec.model.uri, "version": spec.model.version, "registered_model": spec.model.registered_name or spec.mlflow.registered_model},
         method={"name": spec.method.name, "params": spec.method.params},
     )

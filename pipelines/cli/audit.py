@@ -79,7 +79,8 @@ def _describe_request(s: dict) -> str:
     f = s.get("forget") or s["requested_forget"]
     lines = [
         f"request {s['request_id']}: {s['status']}" + (f" ({s['error']})" if s.get("error") else ""),
-        f"  forget set: {f['count']} item(s), sha256 {f['digest']}" + (f" ({f.get('duplicates_added', 0)} near-duplicate(s) added)" if s.get("forget") else ""),
+        f"  forget set: {f['count']} {'picture(s)' if f.get('by') == 'picture' else 'item(s)'}, sha256 {f['digest']}"
+        + (f" ({f.get('duplicates_added', 0)} near-duplicate(s) added)" if s.get("forget") else ""),
         f"  parent model: {s['parent_model']['uri']} version {s['parent_model']['version'] or '-'}",
         f"  new model: {m.get('registered_model', '-')} version {m.get('version', '-')} (run {m.get('run_id', '-')})",
         f"  method: {s['method']['name']} {s['method']['params']}; config {s['config_hash']}; code {s['code_version']}",

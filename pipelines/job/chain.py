@@ -55,7 +55,7 @@ def run_request(ctx: JobContext, stages: Sequence[str], on_stage: OnStage | None
     from retrack.audit import audit_attempt
 
     ensure_ray(ctx.address)
-    with audit_attempt(ctx.spec, ctx.pre.forget_ids, ctx.ran, ctx.skipped) as audit:
+    with audit_attempt(ctx.spec, ctx.pre.requested_forget, ctx.ran, ctx.skipped) as audit:
         run_stages(ctx, stages, on_stage)
         # A register record from before the promotion gate: its version took the alias, as every one did.
         reg = ctx.records["register"] = {"outcome": PROMOTED, "promoted": True, "gate_failed": [], "reasons": []} | ctx.records["register"]

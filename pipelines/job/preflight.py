@@ -13,19 +13,29 @@ from typing import TYPE_CHECKING
 from retrack.config.model_kind import ModelKind
 from retrack.config.spec import JobSpec
 from retrack.data.source import CorpusPlan
+from retrack.digest import ids_digest
 from retrack.storage.location import Location
 from retrack.training.prepare import CorpusIndex, check_geometry, read_corpus_index
 
 if TYPE_CHECKING:
     from retrack.data.corpus import Corpus
+    from retrack.data.forget import ForgetImages
 
 
 @dataclass
 class Preflight:
     corpus_index: CorpusIndex  # the corpus's files (by URI) and ids
     model_dir: Path  # the driver's copy of the original model (checks, digests, pixel scoring)
-    forget_ids: list[str]  # as requested (the neighbours stage may add near-duplicates)
+    forget_ids: list[str]  # as requested (the neighbours stage may add near-duplicates); none by picture
     holdout_source: CorpusPlan | None = None  # evaluation.holdout_uri's listing
+    forget_images: "ForgetImages | None" = None  # a request by picture: resolved to ids by the neighbours stage
+
+    @property
+    def requested_forget(self) -> dict:
+        """What the audit keeps of the request: digests and counts, never ids or pictures."""
+        if self.forget_images is not None:
+            return self.forget_images.summary()
+        return {"digest": ids_digest(self.forget_ids), "count": len(self.forget_ids)}
 
     @property
     def corpus_key(self) -> str:
@@ -48,7 +58,7 @@ class Preflight:
 
 def preflight(spec: JobSpec) -> Preflight:
     """Every check that can refuse the job, before any index, training or registration."""
-    from retrack.data.forget import check_forget_ids, requested_forget_ids
+    from retrack.data.forget import check_forget_ids, read_forget_images, requested_forget_ids
     from retrack.data.source import require_captions, require_labels, scan_corpus
     from retrack.lineage.store import check_tracking_server
     from retrack.models.pixel import check_pixel_model_dir, scheduler_timesteps
@@ -78,9 +88,24 @@ def preflight(spec: JobSpec) -> Preflight:
                 require_captions(source, what)
     else:
         require_labels(corpus.source)
-        check_geometry(spec.model.kind, model_dir, corpus.source)
+        geometry = check_geometry(spec.model.kind, model_dir, corpus.source)
+    if spec.forget.images is not None:  # its ids, and so K against the retained set, are known once the index is
+        images = read_forget_images(spec.forget.images, endpoint)
+        if not sd:
+            check_query_geometry(images, geometry)
+        return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=[], holdout_source=holdout, forget_images=images)
     forget_ids = requested_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
     if spec.method.needs_neighbours:
         check_k(spec.method.k, len(corpus.ids) - len(forget_ids))
     return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=forget_ids, holdout_source=holdout)
+
+
+def check_query_geometry(queries: "ForgetImages", geometry: tuple[int, int, int]) -> None:
+    """A pixel model's pictures are compared at its own size: a query of another size is refused."""
+    from retrack.errors import ForgetSetError
+
+    for n, image in enumerate(queries.images, 1):
+        if image.shape != geometry:
+            h, w, c = image.shape
+            raise ForgetSetError(f"forget.images entry {n} is {w}x{h}x{c} but the model denoises {geometry[1]}x{geometry[0]}x{geometry[2]}")

@@ -79,10 +79,13 @@ class CorpusSpec(StrictModel):
 
 
 class ForgetSpec(StrictModel):
-    """The items to forget: an inline list or a file, exactly one of them."""
+    """The items to forget: an inline list of ids, a file of ids, or pictures; exactly one of them."""
 
     ids: list[str] | None = Field(None, description="Ids of the corpus items to forget.")
     file: str | None = Field(None, description="File with one id per line ('#' comments allowed), local or s3://.")
+    images: list[str] | None = Field(None, description=(
+        "A request by picture: image files (local or s3://); every corpus item within the duplicate threshold of one "
+        "of them, in the index's space, is forgotten. A picture that matches no item fails the job."))
     duplicates: Literal["fail", "warn", "add"] = Field("add", description="What to do with retained near-duplicates of a forget item: fail the job, warn, or add them to the forget set.")
     duplicate_threshold: float | None = Field(None, gt=0, description="Distance (model space) under which a retained item counts as a near-duplicate; default: the index stage's calibrated value.")
 
@@ -91,12 +94,18 @@ class ForgetSpec(StrictModel):
     def _file(cls, v: str | None) -> str | None:
         return None if v is None else _local_or_s3(v)
 
+    @field_validator("images")
+    @classmethod
+    def _images(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [_local_or_s3(u) for u in v]
+
     @model_validator(mode="after")
     def _one(self) -> "ForgetSpec":
-        if (self.ids is None) == (self.file is None):
-            raise ValueError("give exactly one of forget.ids and forget.file")
-        if self.ids is not None and not self.ids:
-            raise ValueError("forget.ids is empty: nothing to unlearn")
+        if sum(x is not None for x in (self.ids, self.file, self.images)) != 1:
+            raise ValueError("give exactly one of forget.ids, forget.file and forget.images")
+        for name in ("ids", "images"):
+            if getattr(self, name) == []:
+                raise ValueError(f"forget.{name} is empty: nothing to unlearn")
         return self
 
 
@@ -271,6 +280,8 @@ class JobSpec(UnlearnSpec):
         fields = self.model_dump(mode="json", exclude={"storage", "mlflow", "scaling", "method", "train"})
         if fields["tune"] is None:  # specs without a search keep the hash they had before tuning existed
             del fields["tune"]
+        if fields["forget"]["images"] is None:  # and requests by id the hash they had before pictures
+            del fields["forget"]["images"]
         # The gate decides the promotion, a result: a changed ceiling is a new job. At its defaults
         # it is left out, so specs keep the hash they had before the gate existed.
         gate = self.evaluation.gate.model_dump(mode="json", exclude_defaults=True)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from retrack.errors import ForgetSetError
+import numpy as np
+
+from retrack.digest import ids_digest, sha256_bytes
+from retrack.errors import CorpusError, ForgetSetError
 from retrack.storage.location import Location
 
 if TYPE_CHECKING:
@@ -22,7 +26,10 @@ def read_forget_ids(uri: str | os.PathLike, endpoint: str | None = None) -> list
 
 
 def requested_forget_ids(spec: "UnlearnSpec") -> list[str]:
-    """The ids a job spec's forget section names: inline, or one a line in its file."""
+    """The ids a job spec's forget section names: inline, or one a line in its file (none for a
+    request by picture: its ids are found through the index)."""
+    if spec.forget.images is not None:
+        return []
     if spec.forget.ids is not None:
         return list(spec.forget.ids)
     return read_forget_ids(spec.forget.file, spec.storage.endpoint_url)
@@ -42,3 +49,38 @@ def check_forget_ids(forget_ids: Sequence[str], corpus_ids: Iterable[str]) -> No
     missing = [n + 1 for n, i in enumerate(forget_ids) if i not in known]
     if missing:
         raise ForgetSetError(f"{len(missing)} of {len(forget_ids)} forget id(s) are not in the corpus (entries {missing[:6]})")
+
+
+@dataclass(frozen=True)
+class ForgetImages:
+    """The pictures of a request by picture (`forget.images`), held in memory only: they are
+    never logged or written anywhere; the audit keeps their digests and count."""
+
+    images: list[np.ndarray]  # uint8 HxWxC, as decoded
+    digests: list[str]  # sha256 of each file's bytes
+
+    def summary(self) -> dict:
+        """What the audit keeps of the request: the pictures' digest and count."""
+        return {"digest": ids_digest(self.digests), "count": len(self.digests), "by": "picture"}
+
+
+def read_forget_images(uris: Sequence[str], endpoint: str | None = None) -> ForgetImages:
+    """Read and decode every query picture; a missing, unreadable, undecodable or repeated one is
+    refused naming its entry (1-based), never its URI or content."""
+    from retrack.data.corpus import decode_image
+
+    images, digests = [], []
+    for n, uri in enumerate(uris, 1):
+        loc = Location.parse(uri, endpoint=endpoint)
+        if not loc.exists():
+            raise ForgetSetError(f"forget.images entry {n} does not exist")
+        data = loc.read_bytes()
+        digest = sha256_bytes(data)
+        if digest in digests:
+            raise ForgetSetError(f"forget.images entries {digests.index(digest) + 1} and {n} are the same file")
+        try:
+            images.append(decode_image(data, f"forget.images entry {n}"))
+        except CorpusError as exc:
+            raise ForgetSetError(str(exc)) from None
+        digests.append(digest)
+    return ForgetImages(images, digests)

@@ -298,6 +298,29 @@ class DuplicatesFound(ForgetSetError):
         )
 
 
+def within(index: VectorIndex, q: np.ndarray, threshold: float, exclude: set[int] = frozenset(),
+           vectors_fn: Callable[[np.ndarray], np.ndarray] | None = None, start_k: int = 32) -> list[tuple[int, float]]:
+    """(row, exact distance) of every indexed item within Euclidean `threshold` of the vector `q`,
+    rows in `exclude` left out: the search widens until it passes the threshold, then the
+    candidates are re-ranked exactly on full vectors."""
+    vec = vectors_fn or index.vectors
+    n = len(index)
+    # Approximate (PQ) distances may over-estimate: search a little wider than the threshold.
+    slack = 1.0 if index.manifest is None or index.manifest.index_type != "ivfpq" else 1.5
+    radius2 = (threshold * slack) ** 2
+    k = min(start_k, n)
+    while True:
+        d2, labels = index.search(q[None, :], k)
+        d2, labels = d2[0], labels[0]
+        if k >= n or (len(d2) and (labels[-1] < 0 or d2[-1] > radius2)):
+            break
+        k = min(2 * k, n)
+    cand = np.array([r for r, dd in zip(labels, d2) if r >= 0 and dd <= radius2 * (1 + 1e-6) and r not in exclude], dtype=np.int64)
+    if len(cand) == 0:
+        return []
+    return [(int(r), float(d)) for r, d in zip(cand, exact_rerank(q, vec(cand))) if d <= threshold]
+
+
 def find_duplicates(index: VectorIndex, forget_ids: Sequence[str], threshold: float, policy: str = "fail",
                     vectors_fn: Callable[[np.ndarray], np.ndarray] | None = None, start_k: int = 32) -> DuplicateReport:
     """Every retained item within Euclidean `threshold` of a forget item (exact on full vectors)."""
@@ -308,27 +331,12 @@ def find_duplicates(index: VectorIndex, forget_ids: Sequence[str], threshold: fl
     rows = index.rows_of(forget_ids)
     vec = vectors_fn or index.vectors
     q = vec(rows)
-    n = len(index)
-    # Approximate (PQ) distances may over-estimate: search a little wider than the threshold.
-    slack = 1.0 if index.manifest is None or index.manifest.index_type != "ivfpq" else 1.5
-    radius2 = (threshold * slack) ** 2
     found: dict[int, tuple[int, float]] = {}
     forget_set = set(rows.tolist())
     for i in range(len(rows)):
-        k = min(start_k + len(rows), n)
-        while True:
-            d2, labels = index.search(q[i : i + 1], k)
-            d2, labels = d2[0], labels[0]
-            if k >= n or (len(d2) and (labels[-1] < 0 or d2[-1] > radius2)):
-                break
-            k = min(2 * k, n)
-        cand = np.array([r for r, dd in zip(labels, d2) if r >= 0 and dd <= radius2 * (1 + 1e-6) and r not in forget_set], dtype=np.int64)
-        if len(cand) == 0:
-            continue
-        exact = exact_rerank(q[i], vec(cand))
-        for r, dist in zip(cand, exact):
-            if dist <= threshold and (int(r) not in found or dist < found[int(r)][1]):
-                found[int(r)] = (i, float(dist))
+        for r, dist in within(index, q[i], threshold, exclude=forget_set, vectors_fn=vec, start_k=start_k + len(rows)):
+            if r not in found or dist < found[r][1]:
+                found[r] = (i, dist)
     dup_rows = sorted(found)
     report = DuplicateReport(
         threshold=float(threshold),

@@ -33,7 +33,10 @@ def batch_id(request_ids: list[str]) -> str:
 
 
 def merge_key(spec: JobSpec) -> str:
-    """What requests must share to be unlearned in one job: everything but the id and the items."""
+    """What requests must share to be unlearned in one job: everything but the id and the items. A
+    request by picture runs alone: its ids are found by its own job."""
+    if spec.forget.images is not None:
+        return "picture:" + spec.request_id
     d = spec.model_dump(mode="json")
     d.pop("request_id")
     d["forget"].pop("ids", None)
@@ -145,7 +148,7 @@ def _process(queue: DeletionQueue, claims: list[Claim], runner: Runner, address:
         try:
             text, spec = queue.spec_of(claim.request_id)
             ids = requested_forget_ids(spec)
-            if not ids:
+            if not ids and spec.forget.images is None:
                 raise InputError("the forget set is empty: nothing to unlearn")
             ready.append((claim, text, spec, ids))
         except RetrackError as exc:
@@ -176,8 +179,8 @@ def _process(queue: DeletionQueue, claims: list[Claim], runner: Runner, address:
         if not promoted:  # registered but not promoted: the request failed, and says why
             fields["error"] = f"not promoted ({fields['outcome']}): " + ("; ".join(fields["reasons"]) or "no reason given")
         for claim, text, spec, i in items:
-            finish(claim, promoted, {**fields, "job_request_id": job.request_id, "batch_size": len(items),
-                                     "forget_count": len(i), "forget_ids_digest": ids_digest(i)}, None if promoted else text)
+            forget = {"forget_count": len(i), "forget_ids_digest": ids_digest(i)} if i else {"forget_images": len(spec.forget.images)}
+            finish(claim, promoted, {**fields, "job_request_id": job.request_id, "batch_size": len(items), **forget}, None if promoted else text)
 
     for items in groups.values():
         run_group(items)

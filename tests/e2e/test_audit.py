@@ -20,6 +20,7 @@ from retrack.lineage.store import Lineage, LineageStore
 from retrack.config.spec import JobSpec
 
 FORGET = ["img-000007", "img-000011"]
+REQUESTED = {"digest": ids_digest(FORGET), "count": len(FORGET)}  # what preflight hands the audit
 
 
 def spec_for(tmp: Path, request_id: str, parent_version: str | None, **over) -> JobSpec:
@@ -47,7 +48,7 @@ def register(spec: JobSpec, model_dir: Path) -> dict:
 
 
 def finish(spec: JobSpec, model_dir: Path, ran: list[str], decision: Promotion = Promotion(PROMOTED, [], [])) -> None:
-    with audit_attempt(spec, FORGET, ran, []) as a:
+    with audit_attempt(spec, REQUESTED, ran, []) as a:
         ran += ["index", "neighbours", "unlearn", "evaluate", "register"]
         reg = register(spec, model_dir) | decision.to_dict()
         verdict = "not forgotten" if decision.outcome == NOT_FORGOTTEN else "forgotten"
@@ -72,7 +73,7 @@ def test_records_chain_and_cli(tmp_path, model_dir):
         parent = AuditLog(spec.storage.root).attempts(rid)[-1].model["version"]
     failing = spec_for(tmp_path, "req-d", parent)
     with pytest.raises(StorageError):
-        with audit_attempt(failing, FORGET, ["index"], []):
+        with audit_attempt(failing, REQUESTED, ["index"], []):
             raise StorageError(f"cannot write {FORGET[0]}")  # a message that names data
     # A version registered but not promoted: the attempt failed, with its outcome and reasons.
     finish(spec_for(tmp_path, "req-e", parent), model_dir, [], Promotion(NOT_FORGOTTEN, [], ["forget frequency 0.02 is above 0.1 x the original's 0.03"]))

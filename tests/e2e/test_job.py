@@ -91,3 +91,62 @@ def test_run_killed_for_real_between_stages_resumes_without_redoing_them(small, 
     assert "register" in result.stages_run
     versions = MlflowClient(tracking_uri=spec.mlflow.tracking_uri).search_model_versions("name = 'small-ddpm'")
     assert len(versions) == 1
+
+
+def jpeg(image_u8) -> bytes:
+    """A re-encoded copy: JPEG, so its pixels no longer equal the corpus item's."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image_u8[:, :, 0]).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_a_request_by_picture_forgets_every_copy(small, tmp_path):
+    """The planted item, re-encoded as a JPEG, is the whole request: the job finds each of its
+    copies through the index and forgets them all; the audit keeps the picture's digest and count,
+    and no record holds the picture or the ids."""
+    from retrack.audit import AuditLog
+    from retrack.config.spec import load_spec
+    from retrack.data.corpus import decode_image, iter_rows
+    from retrack.data.forget import read_forget_ids
+    from retrack.digest import ids_digest, sha256_bytes
+
+    bench = small / "bench"
+    copies = read_forget_ids(bench / "forget_ids.txt")
+    planted = decode_image(next(r["image"] for r in iter_rows(bench / "corpus") if r["id"] == copies[0]))
+    query = tmp_path / "query.jpg"
+    query.write_bytes(jpeg(planted))
+    assert not (decode_image(query.read_bytes()) == planted).all()  # a copy, not the same pixels
+    path = spec_file(small, tmp_path, request_id="req-picture", forget={"images": [str(query)], "duplicates": "add"})
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"1 picture(s) matched {len(copies)} corpus item(s)" in result.output
+    spec = load_spec(path)
+    job = tmp_path / "jobs" / spec.request_id / spec.config_hash()
+    assert sorted((job / "forget_ids.txt").read_text().split()) == sorted(copies)
+    nb = json.loads((job / "stages" / "neighbours.json").read_text())
+    assert nb["forget_count"] == len(copies) and nb["forget_ids_digest"] == ids_digest(copies)
+    (record,) = AuditLog(tmp_path / "jobs").attempts(spec.request_id)
+    assert record.requested_forget == {"digest": ids_digest([sha256_bytes(query.read_bytes())]), "count": 1, "by": "picture"}
+    text = json.dumps(record.to_dict())
+    assert not any(i in text for i in copies) and str(query) not in text
+
+
+def test_a_picture_that_is_not_in_the_corpus_fails_the_job(small, tmp_path):
+    """A held-out digit is no corpus item's copy: the job stops after the index, saying so (exit 2),
+    and registers nothing."""
+    from retrack.config.spec import load_spec
+    from retrack.data.corpus import decode_image, iter_rows
+
+    stranger = tmp_path / "stranger.jpg"
+    stranger.write_bytes(jpeg(decode_image(next(iter_rows(small / "bench" / "holdout"))["image"])))
+    path = spec_file(small, tmp_path, request_id="req-stranger", forget={"images": [str(stranger)]})
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "forget.images entry 1" in result.output and "matches no corpus item within distance" in result.output
+    spec = load_spec(path)
+    job = tmp_path / "jobs" / spec.request_id / spec.config_hash()
+    assert [p.stem for p in (job / "stages").glob("*.json")] == ["index"]  # nothing trained, nothing registered

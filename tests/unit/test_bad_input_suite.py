@@ -89,6 +89,17 @@ def forget_list(lines: list[str]):
     return build
 
 
+def forget_pictures(*pictures: bytes):
+    """`retrack run` of a request by picture: each of `pictures` written to a file of its own."""
+    def build(env: Path, tmp: Path) -> list[str]:
+        paths = []
+        for n, data in enumerate(pictures):
+            paths.append(str(tmp / f"picture-{n}.png"))
+            Path(paths[-1]).write_bytes(data)
+        return ["run", str(write_yaml(tmp, with_field(base_spec(env, tmp), "forget", {"images": paths})))]
+    return build
+
+
 def copy_edit(name: str, field: str, edit: Callable[[Path], None], **fields):
     """`retrack run` on a copy of the fixture's `name` directory changed by `edit(copy)`, named by
     the spec field `field`; `fields` (dotted path with "__" for ".") change the spec too."""
@@ -186,7 +197,7 @@ CASES = [
     Case("spec: s3 URI with ..", spec_field("model.uri", "s3://models/../other/m"), "model.uri: 's3://models/../other/m': '..' is not allowed"),
     Case("spec: tracking URI without scheme", spec_field("mlflow.tracking_uri", "localhost:5000"), "mlflow.tracking_uri: tracking_uri 'localhost:5000' must be"),
     Case("spec: credentials in a bad tracking URI are masked", spec_field("mlflow.tracking_uri", f"ftp://bob:{SECRET}@host"), "mlflow.tracking_uri: tracking_uri 'ftp://***@host' must be", secret=True),
-    Case("spec: forget ids and file both given", spec_field("forget.ids", ["img-000001"]), "exactly one of forget.ids and forget.file"),
+    Case("spec: forget ids and file both given", spec_field("forget.ids", ["img-000001"]), "exactly one of forget.ids, forget.file and forget.images"),
     Case("spec: unknown field", spec_field("train.unknown", 1), "train.unknown: Extra inputs are not permitted"),
     Case("spec: batch not divisible by grad_accum", spec_field("train.grad_accum", 3), "batch_size 8 is not divisible by grad_accum 3"),
     Case("spec: forget batch not divisible by grad_accum", spec_field("train", {"steps": 2, "batch_size": 8, "forget_batch_size": 3, "grad_accum": 2}),
@@ -224,6 +235,13 @@ CASES = [
     Case("forget: duplicated id", forget_list(["img-000001", "img-000003", "img-000001"]), "1 forget id(s) are listed more than once (entries [1, 3])"),
     Case("forget: empty list", forget_list(["# nothing to forget"]), "the forget set is empty"),
     Case("forget: file does not exist", spec_field("forget.file", "/nonexistent/ids.txt", "run"), "forget-id file /nonexistent/ids.txt does not exist"),
+    Case("forget: picture that cannot be decoded", forget_pictures(b"\x89PNG\r\n\x1a\n garbage"),
+         "item 'forget.images entry 1': image bytes cannot be decoded"),
+    Case("forget: picture of another size than the model's", forget_pictures(encode_image(np.zeros((16, 16), np.uint8))),
+         "forget.images entry 1 is 16x16x1 but the model denoises 8x8x1"),
+    Case("forget: the same picture twice", forget_pictures(encode_image(np.zeros((8, 8), np.uint8)), encode_image(np.zeros((8, 8), np.uint8))),
+         "forget.images entries 1 and 2 are the same file"),
+    Case("forget: picture file does not exist", spec_field("forget", {"images": ["/nonexistent/picture.png"]}, "run"), "forget.images entry 1 does not exist"),
     Case("forget: K larger than the retained set", spec_field("method.params", {"lambda": 0.5, "k": 1000}, "run"), "larger than the retained set"),
     # corpora (`retrack run` preflight)
     Case("corpus: corrupt image bytes", corpus_edit(set_row(3, image=b"\x89PNG\r\n\x1a\n garbage")), "item 'img-000003': image bytes cannot be decoded", at_index=True),

@@ -66,7 +66,7 @@ def _spec(tmp_path, **changes):
         ({"request_id": "../../etc"}, "request_id '../../etc' must be"),
         ({"storage.root": "gs://bucket/x"}, "storage.root: unsupported URI scheme"),
         ({"mlflow.tracking_uri": "localhost:5000"}, "mlflow.tracking_uri"),
-        ({"forget.ids": ["a"]}, "exactly one of forget.ids and forget.file"),
+        ({"forget.ids": ["a"]}, "exactly one of forget.ids, forget.file and forget.images"),
         ({"train.unknown": 1}, "train.unknown: Extra inputs are not permitted"),
     ],
 )

@@ -1,8 +1,10 @@
 """[neighbours] Look up the K nearest retained items of every item to forget.
 
-Needs the index stage's record and the requested forget ids. `retrack.index.find_duplicates`
-first applies the spec's near-duplicate policy (copies of a forgotten item are refused, reported
-or forgotten too), then `find_neighbours` searches the index. Writes the settled forget set
+Needs the index stage's record and the requested forget ids; a request by picture gets its ids
+here, from the index (`retrack.index.query.match_images`: every item within the duplicate
+threshold of a picture). `retrack.index.find_duplicates` then applies the spec's near-duplicate
+policy (copies of a forgotten item are refused, reported or forgotten too), and `find_neighbours`
+searches the index. Writes the settled forget set
 (`forget_ids.txt`) and the neighbours (`neighbours.json`) under the job prefix; its record holds
 the forget set's digest and count, never the ids.
 """
@@ -19,11 +21,19 @@ from retrack.digest import ids_digest
 
 def run(ctx: JobContext) -> dict:
     from retrack.index import find_duplicates, find_neighbours, open_index
+    from retrack.index.query import match_images
+    from retrack.training.loop import check_k
 
     spec, idx = ctx.spec, ctx.records["index"]
     index = open_index(idx["index_uri"], endpoint=spec.storage.endpoint_url, manifest_digest=idx["manifest_digest"])
     threshold = spec.forget.duplicate_threshold or _default_duplicate_threshold(index)
-    report = find_duplicates(index, ctx.pre.forget_ids, threshold, policy=spec.forget.duplicates)
+    requested = ctx.pre.forget_ids
+    if ctx.pre.forget_images is not None:
+        requested = match_images(index, ctx.pre.forget_images, threshold)
+        console.print(f"forget.images: {len(ctx.pre.forget_images.images)} picture(s) matched {len(requested)} corpus item(s)")
+        if spec.method.needs_neighbours:
+            check_k(spec.method.k, len(index) - len(requested))
+    report = find_duplicates(index, requested, threshold, policy=spec.forget.duplicates)
     if report.count:
         console.print(f"near-duplicates of the forget set: {report.count} (policy {spec.forget.duplicates})")
     forget = report.forget_ids

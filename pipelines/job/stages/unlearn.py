@@ -35,7 +35,7 @@ def train(ctx: JobContext, output: str, run_name: str, monitor: "TrainMonitor | 
 
     spec, remote = ctx.spec, ctx.jobdir.remote
     # Every input by URI: the neighbours stage's forget set and neighbours are under the job prefix.
-    stage = spec.model_copy(update={"forget": spec.forget.model_copy(update={"ids": None, "file": str(remote / "forget_ids.txt")})})
+    stage = spec.model_copy(update={"forget": spec.forget.model_copy(update={"ids": None, "images": None, "file": str(remote / "forget_ids.txt")})})
     run = UnlearnRun(
         spec=stage,
         output_dir=output,
