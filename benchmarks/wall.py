@@ -1,8 +1,12 @@
 """ReTrack's wall time against retraining without the forget set, measured side by side in one
 run; writes benchmarks/results/wall.json.
 
+    python benchmarks/wall.py      # ReTrack's recipe (retrack/embedded/demo.py) on the quick preset
+
+The records were made under the defaults of their time (`--quick`: the quick preset, now the
+default; 40 updates; the forget batch equal to --batch-size):
+
     python benchmarks/wall.py --quick                      # the K = |A_r| recipe (docs/experiments/embedded-benchmark.md)
-    python benchmarks/wall.py --quick --repeats 3 --train-seeds 0,1,2
     python benchmarks/wall.py --quick --steps 60 --forget-batch-size 32 \
         --out benchmarks/results/wall_forget_batch_32.json   # docs/experiments/embedded-benchmark.md, "A forget batch of its own"
     python benchmarks/wall.py --quick --steps 56 --forget-batch-size 32 --retrack-lambda 0.07 \
@@ -30,6 +34,7 @@ import torch
 
 from retrack.config.train import MethodConfig, TrainConfig
 from retrack.data.corpus import read_corpus
+from retrack.embedded.demo import RECIPE_METHOD, RECIPE_TRAIN
 from retrack.data.forget import read_forget_ids
 from retrack.models.pixel import load_pixel_model
 from retrack.embedded.pretrain import PRESETS, ensure_pretrained, pretrain
@@ -41,22 +46,22 @@ RESULTS = Path(__file__).parent / "results"
 
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="quick pretraining preset (the one docs/results.md uses)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="pretraining preset (the recipe is the quick one's)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--train-seeds", default="0,1,2", help="comma-separated ReTrack training seeds per repeat")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--lr", type=float, default=7e-5)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--forget-batch-size", type=int, default=None, help="forget-branch batch (default: --batch-size)")
-    ap.add_argument("--retrack-lambda", type=float, default=0.1)
-    ap.add_argument("--retrack-k", type=int, default=1616, help="1,616 = the quick benchmark's whole retain set")
-    ap.add_argument("--retrack-t-min", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=RECIPE_TRAIN["steps"])
+    ap.add_argument("--lr", type=float, default=RECIPE_TRAIN["lr"])
+    ap.add_argument("--batch-size", type=int, default=RECIPE_TRAIN["batch_size"])
+    ap.add_argument("--forget-batch-size", type=int, default=RECIPE_TRAIN["forget_batch_size"], help="forget-branch batch")
+    ap.add_argument("--retrack-lambda", type=float, default=RECIPE_METHOD["params"]["lambda"])
+    ap.add_argument("--retrack-k", type=int, default=RECIPE_METHOD["params"]["k"], help="1,616 = the quick benchmark's whole retain set")
+    ap.add_argument("--retrack-t-min", type=int, default=RECIPE_METHOD["params"]["t_min"])
     ap.add_argument("--out", type=Path, default=RESULTS / "wall.json")
     args = ap.parse_args(argv)
-    preset = "quick" if args.quick else "full"
+    preset = args.preset
 
     ws = Workspace.default()
-    pre = ensure_pretrained(ws, preset)
+    pre = ensure_pretrained(ws, preset, models=("original",))
     corpus = read_corpus(ws.benchmark.corpus)
     forget_ids = read_forget_ids(ws.benchmark.forget_ids)
     cfg = MethodConfig(name="retrack", params={"lambda": args.retrack_lambda, "k": args.retrack_k, "t_min": args.retrack_t_min})

@@ -14,15 +14,17 @@ from pipelines.cli.refusal import refusing_bad_input
 def pretrain(
     preset: str = typer.Option("full", help="Pretraining preset: full or quick."),
     scenario: str = typer.Option("digits", help="Embedded scenario: digits, or fashion-mnist when its files exist."),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Train anew, even where cached or shipped weights exist."),
 ) -> None:
-    """Build the embedded benchmark and pretrain the original and retrained DDPMs (cached)."""
+    """Build the embedded benchmark and pretrain the original and retrained DDPMs (cached; the
+    originals and the feature classifier ship with retrack)."""
     from pipelines.progress import console, stage_progress
     from retrack.embedded.pretrain import ensure_pretrained
     from retrack.embedded.workspace import Workspace
 
     ws = Workspace.default(scenario)
     with stage_progress("pretrain") as progress:
-        pre = ensure_pretrained(ws, preset, progress=progress)
+        pre = ensure_pretrained(ws, preset, progress=progress, reuse=not from_scratch)
     console.print(f"original: {pre.original} ({pre.original_seconds:.0f} s)\nretrained: {pre.retrained} ({pre.retrained_seconds:.0f} s)")
 
 
@@ -46,7 +48,7 @@ def evaluate(
 
     check_pixel_model_dir(model)
     ws = Workspace.default(scenario)
-    pre = ensure_pretrained(ws, preset)
+    pre = ensure_pretrained(ws, preset, models=("original",))
     corpus = read_corpus(ws.benchmark.corpus)
     ref = build_reference(corpus, read_forget_ids(ws.benchmark.forget_ids), BenchmarkInfo.load(ws.benchmark.root).forget_threshold, load_classifier(pre.classifier))
     rows = {}
@@ -74,7 +76,7 @@ def demo(
 
     ws = Workspace.default()
     with stage_progress("pretrain") as progress:
-        ensure_pretrained(ws, "quick" if quick else "full", progress=progress)
+        ensure_pretrained(ws, "quick" if quick else "full", progress=progress, models=("original",))
     if not progress.parts:
-        console.print("pretrain: the cached models are reused")
+        console.print("pretrain: cached or shipped weights are used")
     finish(run_job(demo_spec(ws, quick), address=address))

@@ -161,7 +161,7 @@ def test_retrack_run_on_the_embedded_default_uses_both_nodes(stack, tmp_path):
     from retrack.embedded.workspace import Workspace
 
     ws = Workspace.default()  # the embedded default, pretrained once (cached) in the developer's RETRACK_HOME
-    ensure_pretrained(ws, "quick")
+    ensure_pretrained(ws, "quick", models=("original",))
     spec = demo_spec(ws, quick=True).model_dump(mode="json")
 
     # Production-like: the model, corpus, forget list and holdout on the stack's S3 server.

@@ -25,7 +25,7 @@ def write_spec(bench, model: Path, tmp_path: Path, request_id: str, tune: dict, 
         "model": {"uri": str(model)},
         "corpus": {"uri": str(bench.corpus)},
         "forget": {"file": str(bench.forget_ids), "duplicates": "add"},
-        # The embedded default's recipe (configs/embedded-digits.yaml) is the baseline trial.
+        # The paper's MNIST budget with lambda 0.05 and K 10 is the baseline trial.
         "method": {"name": "retrack", "params": {"lambda": 0.05, "k": 10}},
         "train": {"steps": 50, "batch_size": 128, "lr": 5e-5},
         "evaluation": {"num_samples": 500, "forget_threshold": BenchmarkInfo.load(bench.root).forget_threshold},

@@ -373,8 +373,8 @@ def forget_frequency(model, forget_image01: np.ndarray, threshold: float, n: int
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_two_cpu_workers_unlearn_the_embedded_benchmark(ray_local, bench, memorising_model, tmp_path):
-    """ReTrack with the embedded default's recipe (configs/embedded-digits.yaml: lambda 0.05, K 10,
-    batch 128, 50 steps, lr 5e-5) on two CPU workers: the planted image's frequency in samples
+    """ReTrack with the paper's MNIST budget (batch 128, 50 steps, lr 5e-5) and lambda 0.05, K 10
+    on two CPU workers: the planted image's frequency in samples
     drops, and the run is the single-process run."""
     from retrack.embedded.benchmark import BenchmarkInfo
 
