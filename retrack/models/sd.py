@@ -287,11 +287,22 @@ def save_sd_model(model: StableDiffusion, path: str | Path, metadata: dict | Non
     return write_model_dir(path, fill, metadata)
 
 
+VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def save_finetuned_unet(unet: UNet2DConditionModel, base_dir: str | Path, path: str | Path, metadata: dict | None = None) -> str:
     """A copy of the base Stable Diffusion directory with its UNet replaced by `unet` (every frozen
-    component, safety checker and feature extractor included, is kept byte for byte)."""
+    component, safety checker and feature extractor included, keeps the base's bytes).
+
+    The copy loads with a plain `from_pretrained(out)` whatever variant the base was shipped as
+    (SD checkpoints commonly are `save_pretrained(..., variant="fp16")`): weights that exist only
+    as a variant (`*.fp16.safetensors`) are written under the plain name too, in fp32 as plain
+    weights are, and the UNet is written plain (fp32) and, when the base's was a variant, as that
+    variant in its dtype."""
+    from safetensors.torch import save_file
+
     base = Path(base_dir)
-    check_sd_model_dir(base)
+    variants = check_sd_model_dir(base)
 
     def fill(tmp: Path) -> None:
         for entry in base.iterdir():
@@ -299,11 +310,38 @@ def save_finetuned_unet(unet: UNet2DConditionModel, base_dir: str | Path, path: 
                 continue
             if entry.is_dir():
                 shutil.copytree(entry, tmp / entry.name)
+                _add_plain_weights(tmp / entry.name)
             else:
                 shutil.copy2(entry, tmp / entry.name)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        variant = variants["unet"]
+        if variant is not None:
+            dtype = VARIANT_DTYPES.get(variant, torch.float32)
+            state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in unet.state_dict().items()}
+            save_file(state, str(tmp / "unet" / f"diffusion_pytorch_model.{variant}.safetensors"), metadata={"format": "pt"})
 
     return write_model_dir(path, fill, metadata)
+
+
+def _add_plain_weights(folder: Path) -> None:
+    """Write `<name>.<variant>.safetensors` as plain fp32 `<name>.safetensors` where that is missing,
+    and say float32 in the config: transformers loads a component in the dtype its config names
+    (an fp16 text encoder beside an fp32 UNet cannot generate)."""
+    from safetensors.torch import load_file, save_file
+
+    wrote = False
+    for weights in folder.glob("*.*.safetensors"):
+        name, _variant_name, ext = weights.name.rsplit(".", 2)
+        plain = folder / f"{name}.{ext}"
+        if not plain.exists():
+            state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+            save_file(state, str(plain), metadata={"format": "pt"})
+            wrote = True
+    config = folder / "config.json"
+    if wrote and config.is_file():
+        cfg = json.loads(config.read_text())
+        cfg.update({k: "float32" for k in ("dtype", "torch_dtype") if k in cfg})
+        config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 @torch.no_grad()

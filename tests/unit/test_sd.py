@@ -165,3 +165,31 @@ def test_finetuned_unet_replaces_only_the_unet(tiny, tmp_path):
     assert directory_digest(out / "unet") != directory_digest(path / "unet")
     reloaded = sd.load_sd_model(out)
     assert torch.equal(next(reloaded.unet.parameters()), next(unet.parameters()))
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_the_unlearned_model_loads_as_a_plain_pipeline_whatever_the_parents_variant(tiny, tmp_path, variant):
+    """SD checkpoints commonly ship as the fp16 variant (`save_pretrained(..., variant="fp16")`):
+    the output still loads with a plain `from_pretrained(out)` and generates, and with the
+    parent's variant too; the frozen components keep the parent's tensors."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    _, path = tiny
+    parent = tmp_path / "parent"
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe.to(torch.float16 if variant else torch.float32).save_pretrained(parent, variant=variant, safe_serialization=True)
+    unet = sd.load_sd_model(parent).unet
+    with torch.no_grad():
+        next(unet.parameters()).add_(0.5)
+    out = tmp_path / "out"
+    sd.save_finetuned_unet(unet, parent, out)
+    for cls in (StableDiffusionPipeline, DiffusionPipeline):
+        loaded = cls.from_pretrained(out)
+        assert torch.equal(next(loaded.unet.parameters()), next(unet.parameters()))
+        images = loaded("a handwritten digit 3", num_inference_steps=2, height=16, width=16, guidance_scale=1.0, output_type="np").images
+        assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    if variant:
+        as_shipped = StableDiffusionPipeline.from_pretrained(out, variant=variant, torch_dtype=torch.float16)
+        assert as_shipped.unet.dtype == torch.float16
+        assert torch.equal(next(as_shipped.unet.parameters()), next(unet.parameters()).half())
+        assert torch.equal(next(as_shipped.vae.parameters()), next(pipe.vae.parameters()))
