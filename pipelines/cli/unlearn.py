@@ -60,7 +60,7 @@ def unlearn_command(
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Global micro-batches per update (default: the worker count)."),
     lr: float = typer.Option(5e-5, "--lr"),
     seed: int = typer.Option(0, "--seed"),
-    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, bf16 or fp16 (GPU only)."),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, bf16 (CPU or GPU) or fp16 (GPU, dynamic loss scale)."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     checkpoint_every: int = typer.Option(10, "--checkpoint-every"),
     workers: int = typer.Option(1, "--workers"),

@@ -37,7 +37,7 @@ from retrack.training.checkpoint import checkpoint_name, load_checkpoint, save_c
 from retrack.training.items import ItemEncoder
 from retrack.training.loop import BatchDrawer, pixel_denoiser
 from retrack.training.plan import DataPlan, micro_batches_of, needed_retain_rows
-from retrack.training.precision import autocast, with_precision
+from retrack.training.precision import autocast, loss_scaler
 from retrack.training.run_storage import RunStorage
 from retrack.training.step import make_optimizer, unlearning_step
 from retrack.training.worker_data import assemble
@@ -129,12 +129,14 @@ class _WorkerRun:
         self.bundle, self.unet, scheduler = _load_bundle(s.plan.kind, str(local_model_dir(s.model_uri, s3=s.model_s3)), device)
         if s.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        method = build_method(s.method.name, NoiseSchedule.from_scheduler(scheduler, device), s.method.params)
-        self.method = with_precision(method, self.use_gpu, s.train.mixed_precision, s.scaling.fp16_loss_scale)
+        self.method = build_method(s.method.name, NoiseSchedule.from_scheduler(scheduler, device), s.method.params)
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.params, s.train.lr, s.train.betas, s.train.weight_decay)
+        self.scaler = loss_scaler(device.type, s.train.mixed_precision, s.scaling.fp16_loss_scale)
         state = resume(s.storage, ray.train.get_checkpoint(), lambda d, _: load_checkpoint(d, self.unet, self.opt, device))
         self.start, self.history = (int(state["step"]), list(state["history"])) if state else (0, [])
+        if state and self.scaler is not None and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])
         self.pending: list[dict] = []  # rank 0's step logs not yet handed on
         self.handed_on = float("-inf")  # the first step's logs go at once: training has begun
 
@@ -177,7 +179,7 @@ class _WorkerRun:
                     logs = unlearning_step(
                         self.method, self.params, self.opt, denoise, batches, gens,
                         step=step, total_microbatches=train.grad_accum, all_reduce=reduce,
-                        autocast=lambda: autocast(self.use_gpu, train.mixed_precision),
+                        autocast=lambda: autocast(self.device.type, train.mixed_precision), scaler=self.scaler,
                     )
             except TrainingDivergedError as exc:
                 s.storage.stop({**exc.marker(), "rank": self.rank})
@@ -229,7 +231,8 @@ class _WorkerRun:
         if checkpoint_step is None or self.rank != 0:
             ray.train.report(metrics)
             return
-        tmp = save_checkpoint(self.unet, self.opt, checkpoint_step, self.history, self.s.storage.config_hash, self.world)
+        extra = {} if self.scaler is None else {"loss_scaler": self.scaler.state_dict()}
+        tmp = save_checkpoint(self.unet, self.opt, checkpoint_step, self.history, self.s.storage.config_hash, self.world, extra)
         try:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=checkpoint_name(checkpoint_step))
         finally:

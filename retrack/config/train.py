@@ -59,7 +59,7 @@ class TrainConfig(StrictModel):
     betas: tuple[float, float] = Field((0.95, 0.999), description="AdamW betas.")
     weight_decay: float = Field(1e-6, ge=0.0, description="AdamW weight decay.")
     seed: int = Field(0, description="Seed of every random draw (t, eps, batches).")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype on GPU; weights stay fp32.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype (bf16 on CPU or GPU, fp16 on GPU); weights stay fp32.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on large UNets.")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N updates (0: only at the end).")
 

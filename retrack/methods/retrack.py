@@ -59,7 +59,8 @@ def knn_target(schedule, xt: torch.Tensor, t: torch.Tensor, neighbours: torch.Te
         if len(sets) != b:
             raise ValueError(f"{len(sets)} neighbour sets for {b} forget samples and no neighbour_of")  # a caller bug, not user input
         neighbour_of = torch.arange(b, device=sets.device)
-    with torch.no_grad():
+    # Full precision under mixed-precision training too: autocast would run the products in bf16/fp16.
+    with torch.no_grad(), torch.autocast(xt.device.type, enabled=False):
         d = sets.diffs  # n_j - n_1 per set
         g, s = (c.double() for c in schedule.coefficients(t, 2))  # (B, 1) each
         dd = sets.sq_norms[neighbour_of]  # (B, K)

@@ -40,8 +40,10 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def save_checkpoint(unet: torch.nn.Module, opt: torch.optim.Optimizer, step: int, history: list[dict], chash: str, world: int) -> str:
-    """Write a checkpoint into a new temporary directory and return it (the caller uploads and removes it)."""
+def save_checkpoint(unet: torch.nn.Module, opt: torch.optim.Optimizer, step: int, history: list[dict], chash: str, world: int,
+                    extra: dict | None = None) -> str:
+    """Write a checkpoint into a new temporary directory and return it (the caller uploads and
+    removes it); `extra` (JSON-able, e.g. the fp16 loss scaler's state) goes into its state file."""
     from safetensors.torch import save_file
 
     tmp = tempfile.mkdtemp(prefix="retrack-ckpt-")
@@ -49,7 +51,7 @@ def save_checkpoint(unet: torch.nn.Module, opt: torch.optim.Optimizer, step: int
     save_optimizer_state(opt, os.path.join(tmp, OPTIMIZER_FILE))
     files = {name: file_sha256(os.path.join(tmp, name)) for name in (UNET_FILE, OPTIMIZER_FILE)}
     with open(os.path.join(tmp, STATE_FILE), "w") as f:
-        json.dump({"step": step, "config_hash": chash, "history": history, "world_size": world, "files": files}, f)
+        json.dump({"step": step, "config_hash": chash, "history": history, "world_size": world, "files": files, **(extra or {})}, f)
     return tmp
 
 

@@ -1,4 +1,7 @@
-"""Mixed precision on GPU workers: autocast, and static loss scaling for fp16 (bf16 needs none)."""
+"""Mixed precision: autocast (bf16 on CPU or GPU, fp16 on GPU; the weights stay fp32) and, for fp16,
+dynamic loss scaling by `torch.amp.GradScaler`: an update whose gradients overflow is skipped and
+the scale halved, and the scale doubles after `growth_interval` clean updates. bf16 has fp32's
+range and needs no scaling."""
 
 from __future__ import annotations
 
@@ -6,31 +9,16 @@ from contextlib import AbstractContextManager
 
 import torch
 
-
-class ScaledLosses:
-    """Static loss scaling for fp16 autocast: losses x S before autograd, gradients / S before the
-    method combines them (logs unscaled). Overflow shows up as a non-finite gradient (diverged)."""
-
-    def __init__(self, method, scale: float):
-        self.method, self.scale = method, scale
-        self.requirements, self.name = method.requirements, method.name
-
-    def losses(self, denoise, batch, generator):
-        terms = self.method.losses(denoise, batch, generator)
-        terms.losses = {k: v * self.scale for k, v in terms.losses.items()}
-        return terms
-
-    def combine(self, grads):
-        return self.method.combine({k: g / self.scale for k, g in grads.items()})
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def with_precision(method, use_gpu: bool, mixed_precision: str, fp16_loss_scale: float):
-    """The method as the step should call it: loss-scaled under fp16 on GPU, else unchanged."""
-    return ScaledLosses(method, fp16_loss_scale) if use_gpu and mixed_precision == "fp16" else method
+def autocast(device_type: str, mixed_precision: str) -> AbstractContextManager:
+    """The step's forward-pass context on `device_type` ('cpu' or 'cuda')."""
+    if mixed_precision == "no":
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=DTYPES[mixed_precision])
 
 
-def autocast(use_gpu: bool, mixed_precision: str) -> AbstractContextManager:
-    """The step's forward-pass context: weights stay fp32, activations in bf16/fp16 on GPU."""
-    if use_gpu and mixed_precision != "no":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
-    return torch.autocast("cpu", enabled=False)
+def loss_scaler(device_type: str, mixed_precision: str, init_scale: float) -> torch.amp.GradScaler | None:
+    """The fp16 run's dynamic loss scale (None otherwise)."""
+    return torch.amp.GradScaler(device_type, init_scale=init_scale) if mixed_precision == "fp16" else None

@@ -77,14 +77,21 @@ def unlearning_step(
     total_microbatches: int | None = None,
     all_reduce: AllReduce | None = None,
     autocast: Callable[[], object] = nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """Accumulate each named loss's gradient over the micro-batches, sum it over workers, let the
     method combine the global gradients (EraseDiff's projection and SISS's rescaling then give the
     single-process update whatever the worker count), clip at 1.0 and step.
 
     Every worker divides by `total_microbatches` (all workers' micro-batches together) and
-    `all_reduce` SUMS across workers, so the result is the mean over every micro-batch."""
+    `all_reduce` SUMS across workers, so the result is the mean over every micro-batch.
+
+    With a `scaler` (fp16), the losses are scaled before autograd and the summed gradients
+    unscaled before the method combines them (SISS's rescaling is not scale-free); an overflow,
+    which the all-reduce hands to every worker alike, skips the update everywhere and lowers the
+    scale (`skipped_updates` 1, no `grad_norm`) instead of counting as divergence."""
     total = total_microbatches or len(microbatches)
+    scale = 1.0 if scaler is None else scaler.get_scale()
     sums: dict[str, torch.Tensor] = {}
     logs: dict[str, float] = {}
     for mb, gen in zip(microbatches, generators, strict=True):
@@ -95,7 +102,7 @@ def unlearning_step(
             loss = terms.losses[name].float() / total
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(step, f"loss {name!r}")
-            g = _flat_grads(loss, params, retain_graph=i < len(names) - 1)
+            g = _flat_grads(loss if scaler is None else scaler.scale(loss), params, retain_graph=i < len(names) - 1)
             sums[name] = g if name not in sums else sums[name] + g
         for key, value in terms.logs.items():
             logs[key] = logs.get(key, 0.0) + value / total
@@ -104,16 +111,28 @@ def unlearning_step(
         keys = sorted(logs)
         reduced = all_reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64))
         logs = dict(zip(keys, reduced.tolist()))
-    combined = method.combine(sums)
-    if not torch.isfinite(combined).all():
+    combined = method.combine(sums if scaler is None else {name: g / scale for name, g in sums.items()})
+    overflow = not torch.isfinite(combined).all()
+    if overflow and scaler is None:
         raise TrainingDivergedError(step, "gradient")
+    if scaler is not None:
+        combined = combined * scale  # the scaler unscales .grad itself, and finds the overflow there
     offset = 0
     for p in params:
         n = p.numel()
         p.grad = combined[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
-    logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
-    optimizer.step()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+        logs.update(loss_scale=scale, skipped_updates=float(overflow))
+    norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
+    if not overflow:
+        logs["grad_norm"] = norm
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if not all(math.isfinite(v) for v in logs.values()):
         raise TrainingDivergedError(step, "metric")
