@@ -89,7 +89,7 @@ def preflight(spec: JobSpec) -> Preflight:
     else:
         require_labels(corpus.source)
         geometry = check_geometry(spec.model.kind, model_dir, corpus.source)
-    if spec.forget.images is not None:  # its ids, and so K against the retained set, are known once the index is
+    if spec.forget.images is not None:  # its ids (and K against the retained set) are known only after the index stage
         images = read_forget_images(spec.forget.images, endpoint)
         if not sd:
             check_query_geometry(images, geometry)
