@@ -104,6 +104,7 @@ def jpeg(image_u8) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_a_request_by_picture_forgets_every_copy(small, tmp_path):
     """The planted item, re-encoded as a JPEG, is the whole request: the job finds each of its
     copies through the index and forgets them all; the audit keeps the picture's digest and count,
@@ -135,6 +136,7 @@ def test_a_request_by_picture_forgets_every_copy(small, tmp_path):
     assert not any(i in text for i in copies) and str(query) not in text
 
 
+@pytest.mark.slow
 def test_a_picture_that_is_not_in_the_corpus_fails_the_job(small, tmp_path):
     """A held-out digit is no corpus item's copy: the job stops after the index, saying so (exit 2),
     and registers nothing."""

@@ -64,6 +64,7 @@ def train(mixed_precision: str = "no", checkpointing: bool = False, init_scale: 
     return history, model.unet, seen
 
 
+@pytest.mark.slow  # bf16 and fp16 kernels are slow on CPU: 15-20 s each
 def test_bf16_autocast_runs_on_cpu_and_follows_the_fp32_loss_curve():
     fp32, _, dtypes32 = train("no")
     bf16, _, dtypes16 = train("bf16")
@@ -73,6 +74,7 @@ def test_bf16_autocast_runs_on_cpu_and_follows_the_fp32_loss_curve():
     assert "loss_scale" not in bf16[0]  # bf16 needs no loss scaling
 
 
+@pytest.mark.slow
 def test_fp16_overflow_skips_the_update_and_lowers_the_scale():
     """At a loss scale of 2^30 the fp16 activations' gradients overflow for real: each update is
     skipped (the weights do not move, no divergence) and the scale halves."""
