@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -298,7 +298,7 @@ class DuplicatesFound(ForgetSetError):
         )
 
 
-def within(index: VectorIndex, q: np.ndarray, threshold: float, exclude: set[int] = frozenset(),
+def within(index: VectorIndex, q: np.ndarray, threshold: float, exclude: Collection[int] = frozenset(),
            vectors_fn: Callable[[np.ndarray], np.ndarray] | None = None, start_k: int = 32) -> list[tuple[int, float]]:
     """(row, exact distance) of every indexed item within Euclidean `threshold` of the vector `q`,
     rows in `exclude` left out: the search widens until it passes the threshold, then the

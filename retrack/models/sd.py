@@ -287,9 +287,6 @@ def save_sd_model(model: StableDiffusion, path: str | Path, metadata: dict | Non
     return write_model_dir(path, fill, metadata)
 
 
-VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def save_finetuned_unet(unet: UNet2DConditionModel, base_dir: str | Path, path: str | Path, metadata: dict | None = None) -> str:
     """A copy of the base Stable Diffusion directory with its UNet replaced by `unet` (every frozen
     component, safety checker and feature extractor included, keeps the base's bytes).
@@ -300,6 +297,8 @@ def save_finetuned_unet(unet: UNet2DConditionModel, base_dir: str | Path, path: 
     weights are, and the UNet is written plain (fp32) and, when the base's was a variant, as that
     variant in its dtype."""
     from safetensors.torch import save_file
+
+    from retrack.training.precision import DTYPES
 
     base = Path(base_dir)
     variants = check_sd_model_dir(base)
@@ -316,7 +315,7 @@ def save_finetuned_unet(unet: UNet2DConditionModel, base_dir: str | Path, path: 
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         variant = variants["unet"]
         if variant is not None:
-            dtype = VARIANT_DTYPES.get(variant, torch.float32)
+            dtype = DTYPES.get(variant, torch.float32)
             state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in unet.state_dict().items()}
             save_file(state, str(tmp / "unet" / f"diffusion_pytorch_model.{variant}.safetensors"), metadata={"format": "pt"})
 
