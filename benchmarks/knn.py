@@ -102,7 +102,7 @@ def measure(n: int, queries: int, runs: int, real: bool = False) -> dict:
     from retrack.index import IndexParams, LocalExecutor
     from retrack.index.build import index_chunks
     from retrack.index.manifest import Manifest
-    from retrack.index.search import open_index
+    from retrack.index import open_index
     from retrack.storage.location import Location
 
     threads = os.cpu_count() or 1

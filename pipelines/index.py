@@ -18,6 +18,7 @@ the `RayExecutor` that does the work on a cluster:
     with the read); the VAE runs in an actor pool (the model is loaded once per actor, on a GPU
     when the cluster has GPUs), every actor taking a fraction of a CPU so the reads can run.
 - shards: one Ray task per shard, each with one faiss thread per CPU it holds.
+- serving (`serve_index`): one Ray actor per shard loads and searches it; the caller merges.
 
 Ray is imported inside functions so that `retrack --help` stays fast.
 """
@@ -28,12 +29,16 @@ import functools
 import logging
 import uuid
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipelines.runtime import ensure_ray, get, unwrap
 from retrack.data.source import CorpusPlan
 from retrack.errors import RetrackError
+
+if TYPE_CHECKING:
+    from retrack.index import ShardedIndex
 
 
 class _EncodeBatch:
@@ -273,6 +278,15 @@ class RayExecutor:
         ds.context.raise_original_map_exception = True
         ds.write_parquet(job.dest.path, filesystem=job.dest.fs)
 
+    def train(self, root, keys, infos, params):
+        import ray
+
+        from retrack.index.shards import train_ivf
+
+        # One task draws the sample from the encoded chunks and trains on it: not on the driver.
+        task = ray.remote(num_cpus=self.shard_cpus, max_retries=self.shard_retries)(train_ivf)
+        return get(task.remote(root, keys, infos, params, max(1, int(self.shard_cpus))))
+
     def build_shards(self, root, jobs, params, quantizer, progress=None):
         import ray
 
@@ -300,3 +314,32 @@ def build(corpus: "str | CorpusPlan", out: str, encoder=None, params=None, on_ba
     return build_index(corpus, out, encoder or EncoderSpec(), params or IndexParams(), executor or RayExecutor(),
                        on_bad=on_bad, rows_per_chunk=rows_per_chunk, force=force, endpoint=endpoint, progress=progress,
                        format=format)
+
+
+def serve_index(uri: str, endpoint: str | None = None, manifest_digest: str | None = None) -> "ShardedIndex":
+    """A built index served by one Ray actor per shard (each loads and searches its own shard; no
+    process, the driver included, holds the whole index), top-k merged on the caller. The actors
+    end when the returned index is dropped. Each takes a sliver of a CPU so that it is placed on a
+    worker node (a KubeRay head offers none)."""
+    import ray
+
+    from retrack.index import Shard, ShardedIndex, index_manifest, shard_vectors
+    from retrack.storage.location import Location
+
+    root, manifest = index_manifest(uri, endpoint, manifest_digest)
+    # Credentials resolved here: workers may have started before the AWS_* variables were set.
+    remote_root = Location(root.uri, root.s3.resolved()) if root.is_s3 else root
+    server = ray.remote(num_cpus=0.01)(Shard)
+    nprobe = manifest.params.get("nprobe")
+    actors = [server.remote(remote_root, rec, nprobe) for rec in manifest.shards]
+    return ShardedIndex([_Calls(a) for a in actors], manifest, shard_vectors(root, manifest), gather=get)
+
+
+class _Calls:
+    """An actor handle whose method calls return object references (`ShardedIndex` gathers them)."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def __getattr__(self, name: str):
+        return getattr(self.actor, name).remote

@@ -15,7 +15,7 @@ from retrack.config.spec import JobSpec
 from retrack.data.source import CorpusPlan
 from retrack.digest import ids_digest
 from retrack.storage.location import Location
-from retrack.training.prepare import CorpusIndex, check_geometry, read_corpus_index
+from retrack.training.prepare import CorpusIndex, check_geometry, model_geometry, read_corpus_index
 
 if TYPE_CHECKING:
     from retrack.data.corpus import Corpus
@@ -27,6 +27,7 @@ class Preflight:
     corpus_index: CorpusIndex  # the corpus's files (by URI) and ids
     model_dir: Path  # the driver's copy of the original model (checks, digests, pixel scoring)
     forget_ids: list[str]  # as requested (the neighbours stage may add near-duplicates); none by picture
+    geometry: tuple[int, int, int]  # uint8 (H, W, C) every item is delivered to the model in
     holdout_source: CorpusPlan | None = None  # evaluation.holdout_uri's listing
     forget_images: "ForgetImages | None" = None  # a request by picture: resolved to ids by the neighbours stage
 
@@ -41,13 +42,6 @@ class Preflight:
     def corpus_key(self) -> str:
         """The corpus's listing digest (it names the corpus's index and its MLflow input)."""
         return self.corpus_index.source.digest()[:16]
-
-    @cached_property
-    def corpus(self) -> "Corpus":
-        """The corpus's images in memory, read from storage when the evaluation first needs them."""
-        from retrack.data.corpus import read_corpus
-
-        return read_corpus(self.corpus_index.source)
 
     @cached_property
     def holdout(self) -> "Corpus | None":
@@ -86,6 +80,7 @@ def preflight(spec: JobSpec) -> Preflight:
         for what, source in (("corpus", corpus.source), ("evaluation.holdout_uri", holdout)):
             if source is not None:
                 require_captions(source, what)
+        geometry = model_geometry(spec.model.kind, model_dir)
     else:
         require_labels(corpus.source)
         geometry = check_geometry(spec.model.kind, model_dir, corpus.source)
@@ -93,12 +88,12 @@ def preflight(spec: JobSpec) -> Preflight:
         images = read_forget_images(spec.forget.images, endpoint)
         if not sd:
             check_query_geometry(images, geometry)
-        return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=[], holdout_source=holdout, forget_images=images)
+        return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=[], geometry=geometry, holdout_source=holdout, forget_images=images)
     forget_ids = requested_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
     if spec.method.needs_neighbours:
         check_k(spec.method.k, len(corpus.ids) - len(forget_ids))
-    return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=forget_ids, holdout_source=holdout)
+    return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=forget_ids, geometry=geometry, holdout_source=holdout)
 
 
 def check_query_geometry(queries: "ForgetImages", geometry: tuple[int, int, int]) -> None:

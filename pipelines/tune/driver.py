@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from ray import tune
 
 from pipelines.job import JobContext, JobDir, JobResult, preflight, run_request, run_stages
-from pipelines.job.stages.evaluate import evaluation_reference
+from pipelines.job.reference import pixel_reference
 from pipelines.progress import console, stage_progress
 from pipelines.tune.callbacks import TrialProgress, TrialRuns
 from pipelines.tune.space import largest_k_spec, max_concurrent_trials, search_algorithm
@@ -81,7 +81,7 @@ def search(spec: JobSpec, address: str | None = None) -> Search:
     job = replace(widest, spec=spec)
 
     console.rule("[bold]tune")
-    reference, _ = evaluation_reference(job, job.forget_set())
+    reference, _ = pixel_reference(job, job.forget_set())
     with stage_progress("tune") as progress:
         original, original_samples = evaluate_model(load_pixel_model(job.pre.model_dir), reference, spec.tune.num_samples, spec.evaluation.seed,
                                                      progress=lambda done, n: progress("original samples", done, n))

@@ -24,6 +24,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from pipelines.unlearn.datasets import retain_name
 from pipelines.unlearn.progress import hand_on_steps, progress_metrics
 from pipelines.unlearn.resume import resume
 from retrack.config.model_kind import ModelKind
@@ -147,7 +148,8 @@ class _WorkerRun:
         def batches(name: str):
             return ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="numpy")
 
-        data = assemble(s.plan, ItemEncoder(s.plan.kind, self.bundle), batches("forget"), batches("retain") if s.plan.needs.retain else (), mine)
+        retain = batches(retain_name(self.rank)) if s.plan.needs.retain and len(mine) else ()
+        data = assemble(s.plan, ItemEncoder(s.plan.kind, self.bundle), batches("forget"), retain, mine)
         self.drawer = BatchDrawer(data, self.method.requirements, s.train)
 
     def train(self) -> None:

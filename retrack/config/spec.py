@@ -167,6 +167,10 @@ class EvaluationSpec(StrictModel):
 
     num_samples: int = Field(2000, ge=16, description="Samples per model (original and unlearned, same seeds); Stable Diffusion: generations from retained captions, for integrity.")
     seed: int = Field(0, description="Seed of the first sampling batch.")
+    reference_items: int = Field(10_000, ge=2, description=(
+        "Retained items the evaluation reads (a seeded sample in runs of consecutive items; a smaller corpus whole): a pixel "
+        "model's Fréchet reference and feature network, a Stable Diffusion model's integrity captions. The evaluation's "
+        "cost does not grow with the corpus."))
     forget_threshold: float | None = Field(None, gt=0, description="L2 distance under which a sample is a copy of a forgotten item, in [0,1] pixels (pixel DDPMs) or in VAE-latent space (Stable Diffusion); default: half the forgotten item's distance to its nearest retained item.")
     membership_alpha: float = Field(0.05, gt=0, lt=1, description="Per-item membership test level: an item whose denoising loss is below this quantile of held-out items' losses is still remembered.")
     max_frequency_ratio: float = Field(0.1, ge=0, description="Verdict: forgotten only if the forget frequency is at most this fraction of the original's (plus no item still remembered).")
@@ -285,6 +289,8 @@ class JobSpec(UnlearnSpec):
             del fields["forget"]["images"]
         # The gate decides the promotion, a result: a changed ceiling is a new job. At its defaults
         # it is left out, so specs keep the hash they had before the gate existed.
+        if fields["evaluation"]["reference_items"] == EvaluationSpec.model_fields["reference_items"].default:
+            del fields["evaluation"]["reference_items"]  # at its default, specs keep the hash they had before the sample
         gate = self.evaluation.gate.model_dump(mode="json", exclude_defaults=True)
         if gate:
             fields["evaluation"]["gate"] = gate

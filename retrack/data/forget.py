@@ -45,7 +45,8 @@ def check_forget_ids(forget_ids: Sequence[str], corpus_ids: Iterable[str]) -> No
         # Positions, not the ids: forget ids may themselves be personal data.
         lines = [n + 1 for n, i in enumerate(forget_ids) if counts[i] > 1][:6]
         raise ForgetSetError(f"{repeated} forget id(s) are listed more than once (entries {lines})")
-    known = set(corpus_ids)
+    wanted = set(forget_ids)
+    known = {i for i in corpus_ids if i in wanted}  # one pass, holding only the forget ids
     missing = [n + 1 for n, i in enumerate(forget_ids) if i not in known]
     if missing:
         raise ForgetSetError(f"{len(missing)} of {len(forget_ids)} forget id(s) are not in the corpus (entries {missing[:6]})")

@@ -14,6 +14,7 @@ import numpy as np
 from retrack.data.corpus import Corpus, to_unit_range
 from retrack.evaluation.metrics import (
     FeatureClassifier,
+    ReferenceStats,
     denoising_loss,
     feature_integrity,
     frechet_distance,
@@ -32,13 +33,33 @@ METRIC_KEYS = ("forget_frequency", "frechet_distance", "integrity", "integrity_r
 class EvalReference:
     forget_m11: np.ndarray  # distinct forget images, model space
     threshold: float  # L2 in [0, 1] pixels under which a sample is a copy of a forgotten image
-    reference01: np.ndarray  # retained data without look-alikes, [0, 1]
+    reference: ReferenceStats  # features of the retained data without look-alikes
     holdout_m11: np.ndarray | None  # non-members, for the per-item membership test
     classifier: FeatureClassifier
 
     @property
     def forget01(self) -> np.ndarray:
         return to_unit_range(self.forget_m11)
+
+
+def reference_of(
+    forget_m11: np.ndarray,
+    retained_m11: np.ndarray,
+    threshold: float,
+    classifier: FeatureClassifier,
+    holdout_m11: np.ndarray | None = None,
+) -> EvalReference:
+    """The reference from the forget items and the retained items (all, or a sample of them):
+    retained look-alikes of a forgotten image are left out of the quality reference."""
+    forget = np.unique(forget_m11, axis=0)
+    lookalike = nearest_forget_distance(to_unit_range(retained_m11), to_unit_range(forget)) < threshold
+    return EvalReference(
+        forget_m11=forget,
+        threshold=threshold,
+        reference=ReferenceStats.of(to_unit_range(retained_m11[~lookalike]), classifier),
+        holdout_m11=holdout_m11,
+        classifier=classifier,
+    )
 
 
 def build_reference(
@@ -48,17 +69,10 @@ def build_reference(
     classifier: FeatureClassifier,
     holdout: Corpus | None = None,
 ) -> EvalReference:
+    """The reference of an in-memory corpus (the embedded benchmark): its whole retained set."""
     forget_rows = corpus.index_of(forget_ids)
-    forget = np.unique(corpus.images[forget_rows], axis=0)
-    retained = np.delete(corpus.images, forget_rows, axis=0)
-    lookalike = nearest_forget_distance(to_unit_range(retained), to_unit_range(forget)) < threshold
-    return EvalReference(
-        forget_m11=forget,
-        threshold=threshold,
-        reference01=to_unit_range(retained[~lookalike]),
-        holdout_m11=None if holdout is None else holdout.images,
-        classifier=classifier,
-    )
+    return reference_of(corpus.images[forget_rows], np.delete(corpus.images, forget_rows, axis=0), threshold, classifier,
+                        None if holdout is None else holdout.images)
 
 
 def score(
@@ -71,7 +85,7 @@ def score(
     dist = nearest_forget_distance(samples01, ref.forget01)
     metrics = {
         "forget_frequency": float(np.mean(dist < ref.threshold)),
-        "frechet_distance": frechet_distance(samples01, ref.reference01, ref.classifier),
+        "frechet_distance": frechet_distance(samples01, ref.reference, ref.classifier),
         "forget_loss": float(denoising_loss(model.unet, model.scheduler, ref.forget_m11).mean()),
         "num_samples": float(len(samples01)),
     }

@@ -29,15 +29,13 @@ from retrack.models.encoders import EncoderSpec, build_encoder
 from retrack.index.manifest import FileRecord, IndexParams, Manifest, ShardRecord
 from retrack.index.shards import (
     build_shard,
-    calibrate_nprobe,
     chunk_info,
     chunk_key,
     embeddings_dir,
     finish_chunk,
     read_shard_record,
-    sample_vectors,
     shard_config,
-    train_quantizer,
+    train_ivf,
     write_bad_rows,
 )
 from retrack.data.source import (
@@ -76,6 +74,9 @@ class Executor(Protocol):
         """Write each job's embedding parquet files under job.dest, calling `chunk_done(job)` as soon
         as a job's files are all written (build_index marks the chunk complete there, so a crash
         later in the run keeps it)."""
+
+    def train(self, root: Location, keys: list[str], infos: list[dict], params: IndexParams) -> tuple[bytes, int, float]:
+        """`retrack.index.shards.train_ivf` where the work runs."""
 
     def build_shards(self, root: Location, jobs: list[ShardJob], params: IndexParams, quantizer: FileRecord | None,
                      progress: Progress | None) -> list[ShardRecord]:
@@ -171,6 +172,9 @@ class LocalExecutor:
             encode_chunk_loop(plan, job, enc, on_bad, self.batch_size, tick)
             if chunk_done:
                 chunk_done(job)
+
+    def train(self, root, keys, infos, params):
+        return train_ivf(root, keys, infos, params, self.threads)
 
     def build_shards(self, root, jobs, params, quantizer, progress=None):
         out = []
@@ -298,15 +302,13 @@ def index_chunks(root: Location, keys: list[str], params: IndexParams, executor:
             if resolved.nprobe is None:
                 resolved = replace(resolved, nprobe=old.index_params.nprobe)
         else:
-            sample = sample_vectors([(embeddings_dir(root, k), i) for k, i in zip(keys, infos)], resolved.train_size, resolved.seed)
-            log.info("training %s quantizer: nlist=%d on %d vectors", resolved.type, resolved.nlist, len(sample))
-            data = train_quantizer(resolved, sample, executor.threads)
+            log.info("training %s quantizer: nlist=%d on %d sampled vectors", resolved.type, resolved.nlist, resolved.train_size)
+            data, nprobe, recall = executor.train(root, keys, infos, resolved)
             quantizer = FileRecord.of(root, "quantizer.faiss", data)
             (root / "quantizer.faiss").write_bytes(data)
             if resolved.nprobe is None:
-                nprobe, recall = calibrate_nprobe(resolved, data, sample)
                 log.info("nprobe %d reaches recall@10 %.3f on held-out sample queries", nprobe, recall)
-                resolved = replace(resolved, nprobe=nprobe)
+                resolved = replace(resolved, nprobe=nprobe, calibrated_recall=round(recall, 4))
     config = shard_config(resolved, quantizer)
     records: dict[int, ShardRecord] = {}
     shard_jobs = []

@@ -42,6 +42,7 @@ class IndexParams:
     train_size: int | None = None
     target_recall: float = 0.99
     seed: int = 0
+    calibrated_recall: float | None = None  # what the calibrated nprobe reached (recorded, not asked for)
 
     def __post_init__(self):
         if self.type not in INDEX_TYPES:
@@ -71,7 +72,7 @@ class IndexParams:
     def build_digest(self) -> str:
         """What decides the stored shards (nprobe is a search-time setting and is left out)."""
         d = asdict(self)
-        for search_only in ("nprobe", "flat_max", "target_recall"):
+        for search_only in ("nprobe", "flat_max", "target_recall", "calibrated_recall"):
             d.pop(search_only)
         return config_digest(d)
 

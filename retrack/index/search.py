@@ -1,6 +1,6 @@
 """Serving an index: neighbours for a deletion request, and near-duplicates of the forget items.
 
-    index = open_index("s3://bucket/idx")            # or VectorIndex.from_arrays(ids, vectors)
+    index = open_index("s3://bucket/idx")            # retrack.index.serving; or VectorIndex.from_arrays(ids, vectors)
     nb = find_neighbours(index, forget_ids, k=8)      # K nearest retained items per forget item
     rep = find_duplicates(index, forget_ids, threshold=0.5, policy="add")
     forget_ids = rep.forget_ids                        # with policy "add": the copies join the set
@@ -23,13 +23,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from retrack.errors import ForgetSetError, InputError, StorageError
+from retrack.errors import ForgetSetError, InputError
 from retrack.index.manifest import Manifest
-from retrack.index.shards import load_shard_ids, load_shard_index
-from retrack.storage.location import Location
 
 log = logging.getLogger(__name__)
 POLICIES = ("fail", "warn", "add")
+
+
+def set_index_nprobe(index, nprobe: int | None) -> None:
+    import faiss
+
+    if nprobe is not None and hasattr(faiss, "extract_index_ivf"):
+        try:
+            faiss.extract_index_ivf(index).nprobe = int(nprobe)
+        except RuntimeError:
+            pass  # not an IVF index
 
 
 class VectorIndex:
@@ -60,13 +68,7 @@ class VectorIndex:
         return cls(index, pa.array(list(ids), type=pa.string()), x.shape[1], lambda rows: x[rows], threads=threads)
 
     def set_nprobe(self, nprobe: int | None) -> None:
-        import faiss
-
-        if nprobe is not None and hasattr(faiss, "extract_index_ivf"):
-            try:
-                faiss.extract_index_ivf(self.index).nprobe = int(nprobe)
-            except RuntimeError:
-                pass  # not an IVF index
+        set_index_nprobe(self.index, nprobe)
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -88,95 +90,22 @@ class VectorIndex:
         if len(counts) != len(forget_ids):
             entries = [n + 1 for n, v in enumerate(forget_ids) if counts[v] > 1]
             raise ForgetSetError(f"{len(forget_ids) - len(counts)} forget id(s) are listed more than once (entries {entries[:6]})")
-        pos = pc.index_in(pa.array(list(forget_ids), type=pa.string()), value_set=self.ids)
-        if pos.null_count:
-            entries = (np.flatnonzero(pos.is_null().to_numpy(zero_copy_only=False)) + 1).tolist()
-            raise ForgetSetError(f"{pos.null_count} of {len(forget_ids)} forget id(s) are not in the index (entries {entries[:6]})")
-        return pos.to_numpy().astype(np.int64)
+        pos = self.positions(pa.array(list(forget_ids), type=pa.string()))
+        if (pos < 0).any():
+            entries = (np.flatnonzero(pos < 0) + 1).tolist()
+            raise ForgetSetError(f"{int((pos < 0).sum())} of {len(forget_ids)} forget id(s) are not in the index (entries {entries[:6]})")
+        return pos
+
+    def positions(self, ids: pa.Array) -> np.ndarray:
+        """The row of each id, -1 where the index lacks it."""
+        return id_positions(ids, self.ids)
 
     def ids_of(self, rows: np.ndarray) -> list[str]:
         return self.ids.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pylist()
 
 
-# --------------------------------------------------------------------------------------------
-# Opening a built index
-# --------------------------------------------------------------------------------------------
-
-
-class _ShardVectors:
-    """Full vectors read from the shards' raw .vec files (memory-mapped locally, ranged reads on S3)."""
-
-    def __init__(self, root: Location, manifest: Manifest):
-        self.root = root
-        self.dim = manifest.dim
-        self.offsets = np.cumsum([0] + [s.count for s in manifest.shards])
-        self.files = [root / s.vectors.name for s in manifest.shards]
-        self._open: dict[int, object] = {}
-
-    def _reader(self, shard: int):
-        if shard not in self._open:
-            loc = self.files[shard]
-            if loc.is_s3:
-                self._open[shard] = loc.open_input()
-            else:
-                self._open[shard] = np.memmap(loc.path, dtype=np.float32, mode="r").reshape(-1, self.dim)
-        return self._open[shard]
-
-    def __call__(self, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), self.dim), np.float32)
-        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
-        width = self.dim * 4
-        for i, (row, s) in enumerate(zip(rows, shard_of)):
-            local = int(row - self.offsets[s])
-            r = self._reader(int(s))
-            if isinstance(r, np.memmap):
-                out[i] = r[local]
-            else:
-                out[i] = np.frombuffer(r.read_at(width, local * width), dtype=np.float32)
-        return out
-
-
-def open_index(uri: "str | Location", endpoint: str | None = None, nprobe: int | None = None,
-               threads: int | None = None, serve: str = "merged", manifest_digest: str | None = None) -> VectorIndex:
-    """Load a built index: every shard checked against its sha256, served as one faiss index.
-    With `manifest_digest` (what the job's index stage recorded), an index whose manifest changed
-    since is refused.
-
-    serve="merged" merges the shards into one in-memory index (one search pass); "shards" keeps
-    them apart behind a faiss IndexShards (the layout for shards served from several nodes).
-    """
-    import faiss
-
-    root = Location.parse(uri, endpoint=endpoint)
-    root.check_reachable()
-    manifest = Manifest.read(root)
-    if manifest is None:
-        raise StorageError(f"no index at {root.uri} ({root.where()}): build it first (retrack index build)")
-    if manifest_digest is not None:
-        if manifest.content_digest() != manifest_digest:
-            raise StorageError(f"index manifest {root.uri}/manifest.json does not match the digest recorded when the job built it: rebuild the index (rerun the index stage)")
-    if threads:
-        faiss.omp_set_num_threads(threads)
-    subs = [load_shard_index(root, s) for s in manifest.shards]
-    for rec, sub in zip(manifest.shards, subs):
-        if sub.d != manifest.dim or rec.dim != manifest.dim:
-            raise StorageError(f"index {root.uri}: shard {rec.number} holds {sub.d}-dimensional vectors, the manifest says {manifest.dim}: rebuild it")
-    if serve == "shards":
-        index = faiss.IndexShards(manifest.dim, False, True)
-        for s in subs:
-            index.add_shard(s)
-    else:
-        index = subs[0]
-        for s in subs[1:]:
-            # IVF lists take the shard's row offset; a flat index appends rows in order.
-            index.merge_from(s, 0 if manifest.index_type == "flat" else index.ntotal)
-    ids = pa.concat_arrays([load_shard_ids(root, s) for s in manifest.shards])
-    if len(ids) != index.ntotal:
-        raise StorageError(f"index {root.uri}: {index.ntotal} vectors but {len(ids)} ids; rebuild it")
-    vi = VectorIndex(index, ids, manifest.dim, _ShardVectors(root, manifest), manifest, threads)
-    vi._shards = subs  # the IndexShards refers to these without owning them
-    vi.set_nprobe(nprobe if nprobe is not None else manifest.params.get("nprobe"))
-    return vi
+def id_positions(ids: pa.Array, value_set: pa.Array) -> np.ndarray:
+    return pc.fill_null(pc.index_in(ids, value_set=value_set), -1).to_numpy().astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------

@@ -174,6 +174,18 @@ def calibrate_nprobe(params: IndexParams, quantizer: bytes, sample: np.ndarray, 
         nprobe = min(2 * nprobe, params.nlist)
 
 
+def train_ivf(root: Location, keys: list[str], infos: list[dict], params: IndexParams, threads: int | None = None) -> tuple[bytes, int, float]:
+    """Draw the training sample from the encoded chunks, train the IVF(-PQ) quantizer on it and,
+    unless nprobe is given, calibrate nprobe: (serialised quantizer, nprobe, recall@10). Runs
+    wherever the executor puts it (a Ray task on a cluster: the sample never reaches the driver)."""
+    sample = sample_vectors([(embeddings_dir(root, k), i) for k, i in zip(keys, infos)], params.train_size, params.seed)
+    data = train_quantizer(params, sample, threads)
+    if params.nprobe is not None:
+        return data, params.nprobe, float("nan")
+    nprobe, recall = calibrate_nprobe(params, data, sample)
+    return data, nprobe, recall
+
+
 def shard_config(params: IndexParams, quantizer: FileRecord | None) -> str:
     return config_digest([params.build_digest(), quantizer.sha256 if quantizer else None])
 

@@ -12,43 +12,49 @@ from retrack.data.corpus import decode_image, to_model_space
 from retrack.errors import CorpusError
 
 
-def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int]) -> dict:
+def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int],
+                 images: bool = True) -> dict:
     """Keep the wanted ids of a corpus batch, decoded to uint8 HxWxC at the model's geometry.
-    `wanted[id] = (row, pos)`: global retain index (or -1) and forget position (or -1)."""
+    `wanted[id] = (row, pos)`: global retain index (or -1) and forget position (or -1).
+    `images=False` keeps the captions and labels alone (an all-zero image column of no size)."""
     from retrack.models.latents import item_seed, rgb_at
 
     keep = [n for n, i in enumerate(batch["id"]) if i in wanted]
-    h, w, c = shape
-    images = np.zeros((len(keep), h, w, c), dtype=np.uint8)
-    for j, n in enumerate(keep):
+    h, w, c = shape if images else (0, 0, 0)
+    pixels = np.zeros((len(keep), h, w, c), dtype=np.uint8)
+    for j, n in enumerate(keep if images else ()):
         img = decode_image(batch["image"][n], batch["id"][n])
         if kind is ModelKind.STABLE_DIFFUSION:
             img = rgb_at(img, h)  # the model's geometry is square
         elif img.shape != shape:
             raise CorpusError(f"item {batch['id'][n]!r}: image is {img.shape}, the model denoises {shape}")
-        images[j] = img
-    captions = batch.get("caption")
+        pixels[j] = img
+    captions, labels = batch.get("caption"), batch.get("label")
     ids = [batch["id"][n] for n in keep]
     return {
         "row": np.array([wanted[i][0] for i in ids], dtype=np.int64),
         "pos": np.array([wanted[i][1] for i in ids], dtype=np.int64),
         "seed": np.array([item_seed(i) for i in ids], dtype=np.int64),
-        "image": images,
+        "image": pixels,
         "caption": np.array([("" if captions is None or captions[n] is None else str(captions[n])) for n in keep], dtype=object),
+        "label": np.array([-1 if labels is None or labels[n] is None else int(labels[n]) for n in keep], dtype=np.int64),
     }
 
 
-def read_items(files: dict, source, wanted: dict[str, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int]) -> dict:
-    """The wanted rows of the corpus files in `files` (a batch of `SourceFile` fields), streamed
-    from storage and decoded as `decode_items` does."""
+def read_items(files: dict, source, wanted: dict[str, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int],
+               images: bool = True) -> dict:
+    """The wanted rows of the corpus files in `files` (a batch of `SourceFile` fields and, in
+    `positions`, each file's wanted row positions: only those are fetched), decoded as
+    `decode_items` does."""
     from retrack.data.source import SourceFile, iter_file_rows
 
+    fields = {k: v for k, v in files.items() if k != "positions"}
     rows = []
-    for values in zip(*(np.asarray(v).tolist() for v in files.values())):
-        f = SourceFile(**dict(zip(files, values)))
-        rows += [r for r in iter_file_rows(source, f) if r["id"] in wanted]
-    batch = {k: [r[k] for r in rows] for k in ("id", "image", "caption")}
-    return decode_items(batch, wanted, kind, shape)
+    for values, positions in zip(zip(*(np.asarray(v).tolist() for v in fields.values())), files["positions"]):
+        f = SourceFile(**dict(zip(fields, values)))
+        rows += [r for r in iter_file_rows(source, f, rows=np.asarray(positions, dtype=np.int64)) if r["id"] in wanted]
+    batch = {k: [r[k] for r in rows] for k in ("id", "image", "caption", "label")}
+    return decode_items(batch, wanted, kind, shape, images)
 
 
 def no_items(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
@@ -58,6 +64,7 @@ def no_items(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
         "seed": np.zeros(0, np.int64),
         "image": np.zeros((0, *shape), np.uint8),
         "caption": np.zeros(0, dtype=object),
+        "label": np.zeros(0, np.int64),
     }
 
 

@@ -17,6 +17,7 @@ import torch
 from retrack.config.train import MethodConfig, TrainConfig
 from retrack.data.corpus import Corpus
 from retrack.data.forget import check_forget_ids
+from retrack.data.sample import block_sample
 from retrack.models.schedule import NoiseSchedule
 from retrack.errors import InputError
 from retrack.index.exact import exact_knn
@@ -59,6 +60,18 @@ def split_for_unlearning(corpus: Corpus, forget_ids: Sequence[str], method: Meth
     return UnlearnData(retain=retain, forget=forget, neighbours=neighbours)
 
 
+MIN_RETAIN_POOL = 4096  # so a short run still draws from many runs of the corpus, not a few
+
+
+def retain_pool(n_retain: int, train: TrainConfig) -> np.ndarray | None:
+    """The retain indices a run draws from: all (None) when the retained set is no larger than
+    the run's draws (steps x batch, at least MIN_RETAIN_POOL), otherwise a seeded block sample of
+    that size. A run then fetches about as many retained rows as it draws, however large the
+    corpus; each draw is still uniform over a uniform sample of the retained set."""
+    size = max(train.steps * train.batch_size, MIN_RETAIN_POOL)
+    return None if size >= n_retain else block_sample(n_retain, size, train.seed)
+
+
 def micro_generator(seed: int, step: int, micro: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, step, micro]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
@@ -72,6 +85,7 @@ class BatchDrawer:
         self.data, self.needs, self.train = data, needs, train
         self.micro_size = train.batch_size // train.grad_accum
         self.forget_micro_size = train.forget_batch // train.grad_accum
+        self.pool = retain_pool(len(data.retain), train)
 
     @cached_property
     def neighbour_sets(self) -> NeighbourSets | None:
@@ -80,7 +94,10 @@ class BatchDrawer:
 
     def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.train.seed, step])
-        return rng.integers(0, len(self.data.forget), self.train.forget_batch), rng.integers(0, len(self.data.retain), self.train.batch_size)
+        f = rng.integers(0, len(self.data.forget), self.train.forget_batch)
+        if self.pool is None:
+            return f, rng.integers(0, len(self.data.retain), self.train.batch_size)
+        return f, self.pool[rng.integers(0, len(self.pool), self.train.batch_size)]
 
     def microbatch(self, step: int, micro: int) -> tuple[UnlearnBatch, torch.Generator]:
         f_rows, r_rows = self.rows(step)

@@ -5,7 +5,7 @@ space the model denoises (small corpora)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -18,16 +18,20 @@ if TYPE_CHECKING:
     from retrack.storage.location import Location
 
 
-def read_neighbours_file(path: "Location", forget_ids: list[str], retain_pos: dict[str, int], k: int) -> np.ndarray:
+def read_neighbours_file(path: "Location", forget_ids: list[str], k: int, retain_index: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """[forget, K] retain indices of the neighbours file's entries; `retain_index(ids)` maps ids
+    to retain indices (-1: not a retained corpus item)."""
     from retrack.data.neighbours import read_neighbours
 
     nb = read_neighbours(path, forget_ids, k)
+    named = sorted({nid for fid in forget_ids for nid in nb[fid]})
+    at = dict(zip(named, retain_index(named).tolist()))
     out = np.zeros((len(forget_ids), k), dtype=np.int64)
     for n, fid in enumerate(forget_ids):
         for j, nid in enumerate(nb[fid]):
-            if nid not in retain_pos:
+            if at[nid] < 0:
                 raise InputError(f"neighbours file {path}: forget entry {n + 1} names a neighbour that is not a retained corpus item")
-            out[n, j] = retain_pos[nid]
+            out[n, j] = at[nid]
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -37,6 +38,24 @@ class CorpusIndex:
     def has_captions(self) -> bool:
         return self.source.has_captions
 
+    def positions(self, ids: Sequence[str]) -> np.ndarray:
+        """The corpus row of each of the given (distinct) ids, -1 where the corpus lacks it: one
+        pass over the corpus ids, holding a map of the given ids only."""
+        wanted = {i: n for n, i in enumerate(ids)}
+        out = np.full(len(ids), -1, np.int64)
+        for row, i in enumerate(self.ids):
+            n = wanted.get(i)
+            if n is not None:
+                out[n] = row
+        return out
+
+    def rows_of(self, ids: Sequence[str]) -> np.ndarray:
+        """The corpus rows of the given (distinct, known) ids, in their order."""
+        out = self.positions(ids)
+        if (out < 0).any():
+            raise CorpusError(f"{int((out < 0).sum())} of {len(ids)} id(s) are not in the corpus")
+        return out
+
     def files_of(self, rows) -> list[int]:
         """The files that hold the given corpus rows."""
         return sorted({int(n) for n in np.searchsorted(self.starts, np.asarray(rows), side="right") - 1})
@@ -49,6 +68,15 @@ def read_corpus_index(uri: str, format: str = "parquet", endpoint: str | None = 
     source, per_file = scan_corpus_ids(uri, format, endpoint=endpoint)
     starts = np.cumsum([0] + [len(i) for i in per_file])
     return CorpusIndex(ids=[i for ids in per_file for i in ids], source=source, starts=starts)
+
+
+def retain_index(corpus: CorpusIndex, forget_rows: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+    """The retain index (the position among the retained rows, in corpus order) of each id; -1
+    for an id that is not a retained corpus item."""
+    rows = corpus.positions(ids)
+    forget = np.sort(forget_rows)
+    out = rows - np.searchsorted(forget, rows)
+    return np.where((rows < 0) | np.isin(rows, forget), -1, out)
 
 
 def resolve_model(uri: str, expected: ModelKind, endpoint: str | None = None) -> Path:
@@ -136,8 +164,7 @@ def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
     corpus = corpus or read_corpus_index(spec.corpus.uri, spec.corpus.format, endpoint)
     forget_ids = requested_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
-    pos = {i: n for n, i in enumerate(corpus.ids)}
-    forget_rows = np.array([pos[i] for i in forget_ids], dtype=np.int64)
+    forget_rows = corpus.rows_of(forget_ids)
     retain_rows = np.setdiff1d(np.arange(len(corpus.ids)), forget_rows)
     if len(retain_rows) == 0:
         raise InputError("the forget set covers the whole corpus: nothing is left to retain")
@@ -153,9 +180,8 @@ def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
         k = spec.method.k
         check_k(k, len(retain_rows))
         if run.neighbours_file:
-            retain_pos = {corpus.ids[r]: n for n, r in enumerate(retain_rows)}
             nb_file = Location.parse(run.neighbours_file, endpoint=endpoint)
-            neighbours = read_neighbours_file(nb_file, forget_ids, retain_pos, k)
+            neighbours = read_neighbours_file(nb_file, forget_ids, k, lambda ids: retain_index(corpus, forget_rows, ids))
             nbr_digest = sha256_bytes(nb_file.read_bytes())
         else:
             neighbours = exact_neighbours(kind, model_dir, corpus.source, forget_rows, retain_rows, k, geometry[0])

@@ -47,10 +47,20 @@ def test_stage_killed_midway_is_the_only_one_redone(small, tmp_path):
     from pipelines.job import run_job
     from retrack.config.spec import load_spec
 
-    spec = load_spec(spec_file(small, tmp_path, request_id="req-resume"))
+    from retrack.evaluation.metrics import ReferenceStats
+
+    bench = small / "bench"
+    # The evaluation reads a 128-item sample of the ~300 retained items, and keeps its reference.
+    evaluation = {"num_samples": 32, "holdout_uri": str(bench / "holdout"), "reference_items": 128}
+    spec = load_spec(spec_file(small, tmp_path, request_id="req-resume", evaluation=evaluation))
     first = run_job(spec)
     assert first.stages_run == ["index", "neighbours", "unlearn", "evaluate", "register"]
     job = tmp_path / "jobs" / spec.request_id / spec.config_hash()
+    [reference] = (tmp_path / "jobs" / "references").iterdir()
+    stats = reference / "stats.safetensors"
+    assert (reference / "classifier" / "model.safetensors").is_file()
+    assert 64 < ReferenceStats.load(stats).count <= 128  # the sample's items, less the forgotten ones' look-alikes
+    written = stats.stat().st_mtime_ns
     # As if the job had been killed after unlearning: the later markers never got written.
     (job / "stages" / "evaluate.json").unlink()
     (job / "stages" / "register.json").unlink()
@@ -58,6 +68,8 @@ def test_stage_killed_midway_is_the_only_one_redone(small, tmp_path):
     assert second.stages_skipped == ["index", "neighbours", "unlearn"]
     assert second.stages_run == ["evaluate", "register"]
     assert second.model_version == first.model_version
+    assert second.metrics == first.metrics  # the same reference, read back rather than rebuilt
+    assert [reference] == list((tmp_path / "jobs" / "references").iterdir()) and stats.stat().st_mtime_ns == written
 
 
 def test_bad_spec_registers_nothing_and_trains_nothing(small, tmp_path):

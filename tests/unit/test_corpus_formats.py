@@ -8,6 +8,7 @@ import re
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from retrack.data.corpus import encode_image
@@ -281,3 +282,39 @@ def test_the_scan_hands_back_the_ids_it_read(captioned, name):
     plan, ids = scan_corpus_ids(dirs[name], name)
     assert [list(i) for i in ids] == [[i for b in iter_file_batches(plan, f, 100) for i in b.ids] for f in plan.files]
     assert scan_corpus(dirs[name], name).digest() == plan.digest()
+
+
+def test_rows_by_position_are_those_rows_in_every_format(captioned):
+    from retrack.data.source import iter_file_rows
+
+    _, dirs = captioned
+    for name in ("parquet", "webdataset"):
+        plan = scan_corpus(dirs[name], name)
+        f = plan.files[1]
+        every = list(iter_file_rows(plan, f))
+        got = list(iter_file_rows(plan, f, rows=[0, 7, 8, f.rows - 1]))
+        assert got == [every[n] for n in (0, 7, 8, f.rows - 1)], name
+
+
+def test_a_parquet_shard_is_read_only_in_the_row_groups_that_hold_the_rows(bench, tmp_path):
+    """Row group 3 of 10 is made unreadable: rows in other groups still come back, so it was never read."""
+    import pyarrow.parquet as pq
+
+    from retrack.data.corpus import SCHEMA
+    from retrack.data.source import iter_file_rows
+
+    rows = list(corpus_rows(bench.corpus))[:100]
+    path = tmp_path / "c" / "part-00000.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, row_group_size=10)
+    meta = pq.ParquetFile(path).metadata
+    col = meta.row_group(3).column(1)  # the image column's chunk
+    data = bytearray(path.read_bytes())
+    data[col.data_page_offset : col.data_page_offset + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    plan = scan_corpus(path.parent, "parquet")
+    got = list(iter_file_rows(plan, plan.files[0], rows=[2, 29, 40, 99]))
+    assert [r["id"] for r in got] == [rows[n]["id"] for n in (2, 29, 40, 99)]
+    assert [r["image"] for r in got] == [rows[n]["image"] for n in (2, 29, 40, 99)]
+    with pytest.raises(CorpusError, match="cannot be read as parquet"):
+        list(iter_file_rows(plan, plan.files[0], rows=[35]))

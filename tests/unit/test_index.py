@@ -520,3 +520,28 @@ def test_neighbours_file_round_trips_and_refuses_what_training_cannot_use(tmp_pa
         read_neighbours(tmp_path / "text.json", ["f1"], 2)
     with pytest.raises(InputError, match="does not exist"):
         read_neighbours(tmp_path / "missing.json", ["f1"], 2)
+
+
+def test_a_sharded_index_answers_as_the_merged_one(bench, bench_corpus, bench_index):
+    """The shards searched apart and merged give the merged index's rows, neighbours, copies and ids."""
+    from retrack.index import Shard, ShardedIndex, index_manifest, shard_vectors
+
+    out, _ = bench_index
+    merged = open_index(out)
+    loc, manifest = index_manifest(out)
+    sharded = ShardedIndex([Shard(loc, rec) for rec in manifest.shards], manifest, shard_vectors(loc, manifest))
+    assert len(manifest.shards) == 4 and len(sharded) == len(merged)
+    ids = bench_corpus.ids
+    forget = [ids[1200], ids[3], ids[-1]]
+    assert np.array_equal(sharded.rows_of(forget), merged.rows_of(forget))
+    a, b = find_neighbours(sharded, forget, 7), find_neighbours(merged, forget, 7)
+    assert a.ids == b.ids and np.allclose(a.distances, b.distances)
+    d, rows = sharded.search(merged.vectors(np.array([10, 900])), 25)
+    d2, rows2 = merged.search(merged.vectors(np.array([10, 900])), 25)
+    assert np.allclose(d, d2) and set(rows[0]) == set(rows2[0])
+    one_copy = read_forget_ids(bench.forget_ids)[:1]  # its planted copies sit in every shard
+    added = find_duplicates(sharded, one_copy, 0.5, policy="add")
+    assert added.count > 1 and added.forget_ids == find_duplicates(merged, one_copy, 0.5, policy="add").forget_ids
+    assert sharded.ids_of(np.array([len(ids) - 1, 0, 700])) == [ids[-1], ids[0], ids[700]]
+    with pytest.raises(ForgetSetError, match="1 of 2 forget id"):
+        sharded.rows_of([ids[1], "nope"])

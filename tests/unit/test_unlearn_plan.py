@@ -20,7 +20,7 @@ from retrack.methods import method_class
 from retrack.models.pixel import default_scheduler, save_pixel_model
 from retrack.training.items import decode_items
 from retrack.training.loop import BatchDrawer, UnlearnData, split_for_unlearning
-from retrack.training.plan import SparseRows, micro_batches_of, needed_retain_rows
+from retrack.training.plan import Sized, SparseRows, micro_batches_of, needed_retain_rows
 from retrack.training.prepare import prepare, run_key
 from retrack.training.run_storage import CheckpointMismatchError, RunStorage
 from tests.fixtures.models import tiny_pixel
@@ -274,3 +274,28 @@ def test_progress_comes_out_of_the_reported_metrics():
         ("worker", 0, 0), ("worker", 1, 0), ("step", None, 1), ("step", None, 2)]
     callback.after_report(None, [{"step": 3, **progress_metrics(0, 0)}], None)  # the same processes: no new 'worker' event
     assert len(sink.items) == 4
+
+
+def test_a_block_sample_is_seeded_runs_of_consecutive_rows():
+    from retrack.data.sample import BLOCK, block_sample
+
+    assert np.array_equal(block_sample(500, 500, 0), np.arange(500))  # a small corpus whole
+    s = block_sample(1_000_003, 10_000, seed=3)
+    assert np.array_equal(s, block_sample(1_000_003, 10_000, seed=3)) and not np.array_equal(s, block_sample(1_000_003, 10_000, seed=4))
+    assert 10_000 <= len(s) < 10_000 + BLOCK and len(np.unique(s)) == len(s) and s.max() < 1_000_003
+    starts = s[np.r_[0, np.where(np.diff(s) != 1)[0] + 1]]
+    assert (starts % BLOCK == 0).all()  # whole runs: what one parquet row group of BLOCK rows holds
+    assert np.ptp(s) > 900_000  # spread over the corpus
+
+
+def test_a_large_retained_set_is_drawn_from_a_pool_the_size_of_the_draws():
+    from retrack.training.loop import MIN_RETAIN_POOL, retain_pool
+
+    train = TrainConfig(steps=60, batch_size=128, seed=2)
+    assert retain_pool(5_000, train) is None  # fewer retained items than draws: every one can be drawn
+    pool = retain_pool(1_000_000, train)
+    assert 60 * 128 <= len(pool) < 60 * 128 + 64
+    assert len(retain_pool(1_000_000, TrainConfig(steps=2, batch_size=8))) == MIN_RETAIN_POOL
+    drawer = BatchDrawer(UnlearnData(retain=Sized(1_000_000), forget=Sized(3)), method_class("retrack").requirements, train)  # type: ignore[arg-type]
+    drawn = np.concatenate([drawer.rows(step)[1] for step in range(train.steps)])
+    assert np.isin(drawn, pool).all() and len(np.unique(drawn)) > 0.5 * len(pool)

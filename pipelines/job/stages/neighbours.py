@@ -4,9 +4,11 @@ Needs the index stage's record and the requested forget ids; a request by pictur
 here, from the index (`retrack.index.query.match_images`: every item within the duplicate
 threshold of a picture). `retrack.index.find_duplicates` then applies the spec's near-duplicate
 policy (copies of a forgotten item are refused, reported or forgotten too), and `find_neighbours`
-searches the index. Writes the settled forget set
+searches the index, served by one Ray actor per shard (`pipelines.index.serve_index`: the driver
+never holds it). Writes the settled forget set
 (`forget_ids.txt`) and the neighbours (`neighbours.json`) under the job prefix; its record holds
-the forget set's digest and count, never the ids.
+the forget set's digest and count, never the ids, and the distance from the forget set to its
+nearest retained item (the evaluation's default copy threshold derives from it).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from retrack.digest import ids_digest
 
 
 def run(ctx: JobContext) -> dict:
-    from retrack.index import find_duplicates, find_neighbours, open_index
+    from pipelines.index import serve_index
+    from retrack.index import find_duplicates, find_neighbours
     from retrack.index.query import match_images
     from retrack.training.loop import check_k
 
     spec, idx = ctx.spec, ctx.records["index"]
-    index = open_index(idx["index_uri"], endpoint=spec.storage.endpoint_url, manifest_digest=idx["manifest_digest"])
+    index = serve_index(idx["index_uri"], endpoint=spec.storage.endpoint_url, manifest_digest=idx["manifest_digest"])
     threshold = spec.forget.duplicate_threshold or _default_duplicate_threshold(index)
     requested = ctx.pre.forget_ids
     if ctx.pre.forget_images is not None:
@@ -38,12 +41,15 @@ def run(ctx: JobContext) -> dict:
         console.print(f"near-duplicates of the forget set: {report.count} (policy {spec.forget.duplicates})")
     forget = report.forget_ids
     nb = find_neighbours(index, forget, spec.method.k, margin=spec.index.candidates_margin) if spec.method.needs_neighbours else None
+    # The evaluation's default copy threshold derives from it: recorded, so it need not serve the index again.
+    nearest = nb if nb is not None else find_neighbours(index, forget, 1, margin=spec.index.candidates_margin)
     remote = ctx.jobdir.remote
     (remote / "forget_ids.txt").write_text("\n".join(forget) + "\n")
     mapping = {} if nb is None else {fid: ids for fid, ids in zip(nb.forget_ids, nb.ids)}
     write_neighbours(remote / "neighbours.json", mapping)
     return {"forget_count": len(forget), "duplicates_added": report.count if spec.forget.duplicates == "add" else 0,
-            "forget_ids_digest": ids_digest(forget), "duplicate_threshold": threshold}
+            "forget_ids_digest": ids_digest(forget), "duplicate_threshold": threshold,
+            "nearest_retained_distance": float(nearest.distances[:, 0].min())}
 
 
 def _default_duplicate_threshold(index) -> float:

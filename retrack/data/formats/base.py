@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 from retrack.errors import CorpusError
 
@@ -74,3 +74,13 @@ def caption_of(record: dict[str, Any], where: str) -> str | None:
             raise CorpusError(f"{where}: field {name!r} is a {type(value).__name__}, a caption must be a string")
         return value
     return None
+
+
+def keep_rows(batches: Iterable[RowBatch], rows: Sequence[int]) -> Iterator[RowBatch]:
+    """The rows at the given positions (ascending) of a file's batches, in file order."""
+    wanted, start = set(int(r) for r in rows), 0
+    for b in batches:
+        keep = [n for n in range(len(b.ids)) if start + n in wanted]
+        start += len(b.ids)
+        if keep:
+            yield RowBatch(*([col[n] for n in keep] for col in b))

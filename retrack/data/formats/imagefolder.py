@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from retrack.data.formats.base import RowBatch, Scanned, SourceFile, caption_of, image_id, label_of
 from retrack.errors import CorpusError
@@ -84,3 +84,8 @@ def ids(loc: Location, f: SourceFile) -> list[str]:
 
 def read(loc: Location, f: SourceFile, batch_size: int) -> Iterator[RowBatch]:
     yield RowBatch([image_id(f.rel)], [loc.read_bytes()], [f.caption], [f.label])
+
+
+def read_rows(loc: Location, f: SourceFile, rows: Sequence[int]) -> Iterator[RowBatch]:
+    """An image file is one row."""
+    return read(loc, f, 1)

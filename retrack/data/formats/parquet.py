@@ -4,8 +4,9 @@ and `label` (an integer class). The scan reads each footer and the `id` and
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -61,14 +62,37 @@ def ids(loc: Location, f: SourceFile) -> list[str]:
     return _read_columns(loc, f.rel)[0]
 
 
+def _row_batch(batch: pa.RecordBatch | pa.Table, columns: list[str]) -> RowBatch:
+    ids = batch.column("id").to_pylist()
+    col = {c: batch.column(c).to_pylist() if c in columns else [None] * len(ids) for c in ("caption", "label")}
+    return RowBatch(ids, batch.column("image").to_pylist(), col["caption"], col["label"])
+
+
 def read(loc: Location, f: SourceFile, batch_size: int) -> Iterator[RowBatch]:
     try:
         with loc.open_input() as fh:
             pf = pq.ParquetFile(fh)
             columns = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
             for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-                ids = batch.column("id").to_pylist()
-                col = {c: batch.column(c).to_pylist() if c in columns else [None] * len(ids) for c in ("caption", "label")}
-                yield RowBatch(ids, batch.column("image").to_pylist(), col["caption"], col["label"])
+                yield _row_batch(batch, columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(f.rel, exc) from None
+
+
+def read_rows(loc: Location, f: SourceFile, rows: Sequence[int]) -> Iterator[RowBatch]:
+    """The given rows of one shard (positions, ascending): only the row groups holding them are
+    fetched (ranged reads on S3), so a few rows of a large shard cost a few row groups."""
+    rows = np.asarray(rows, dtype=np.int64)
+    try:
+        with loc.open_input() as fh:
+            pf = pq.ParquetFile(fh)
+            columns = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
+            start = 0
+            for g in range(pf.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                local = rows[(rows >= start) & (rows < start + n)] - start
+                if len(local):
+                    yield _row_batch(pf.read_row_group(g, columns=columns).take(local), columns)
+                start += n
     except (pa.ArrowException, OSError) as exc:
         raise _unreadable(f.rel, exc) from None

@@ -1,0 +1,68 @@
+"""Corpus items fetched by row: Ray Data tasks read, from storage by URI, only the files that hold
+the wanted rows, and of those files only the wanted rows (a parquet shard's row groups that hold
+them), decoded at the model's geometry. The unlearn stage trains on them; the evaluation scores
+against them. What is fetched grows with the rows asked for, never with the corpus."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from typing import Sequence
+
+import numpy as np
+import ray
+
+from pipelines.progress import ray_data_progress
+from pipelines.runtime import unwrap
+from retrack.config.model_kind import ModelKind
+from retrack.storage.location import Location
+from retrack.training.items import no_items, read_items
+from retrack.training.prepare import CorpusIndex
+
+
+def _read_items(files: dict, source, **kwargs) -> dict:
+    return read_items(files, ray.get(source), **kwargs)
+
+
+def items_dataset(corpus: CorpusIndex, wanted_rows: dict[int, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int],
+                  images: bool = True) -> ray.data.Dataset:
+    """The wanted corpus rows (row -> the (row, pos) tags each item carries), read by one task per
+    file that holds some; a retrack error in a read task surfaces as itself. Materialised, so that
+    no read competes later with the work that uses them."""
+    ray_data_progress(ray.data.DataContext.get_current())
+    rows = np.array(sorted(wanted_rows), dtype=np.int64)
+    file_of = np.searchsorted(corpus.starts, rows, side="right") - 1
+    tasks = []
+    for n in np.unique(file_of):
+        local = rows[file_of == n] - corpus.starts[n]
+        tasks.append(asdict(corpus.source.files[n]) | {"positions": local.tolist()})
+    wanted = {corpus.ids[r]: v for r, v in wanted_rows.items()}
+    # The listing reaches the tasks without its file list (each task names its own file), with S3
+    # credentials resolved here (workers may have started before the AWS_* variables were set),
+    # inside an object reference (never in a task's arguments).
+    root = corpus.source.root
+    source = ray.put(replace(corpus.source, root=Location(root.uri, root.s3.resolved()), files=[], chunks=[]))
+    ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
+    ds.context.raise_original_map_exception = True  # so a bad row's CorpusError arrives as the cause
+    try:
+        return ds.map_batches(_read_items, batch_size=1, batch_format="numpy", fn_kwargs={
+            "source": source, "wanted": wanted, "kind": kind, "shape": shape, "images": images,
+        }).materialize()
+    except Exception as exc:  # a Ray task error: surface retrack's own error, not a traceback
+        cause = unwrap(exc)
+        if cause is not exc:
+            raise cause from None
+        raise
+
+
+def fetch_items(corpus: CorpusIndex, rows: Sequence[int], kind: ModelKind, shape: tuple[int, int, int], images: bool = True) -> dict[str, np.ndarray]:
+    """The items at the given corpus rows (distinct), in that order, on the caller: for a bounded
+    number of rows (the forgotten items, their neighbours, an evaluation sample)."""
+    rows = [int(r) for r in rows]
+    if not rows:
+        return no_items(shape if images else (0, 0, 0))
+    parts = list(items_dataset(corpus, {r: (r, -1) for r in rows}, kind, shape, images).iter_batches(batch_size=None, batch_format="numpy"))
+    got = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(got["row"])[np.searchsorted(np.sort(got["row"]), rows)]
+    if not np.array_equal(got["row"][order], rows):
+        raise RuntimeError(f"fetched {len(got['row'])} of {len(rows)} corpus rows")  # a listing that changed under the job
+    return {k: v[order] for k, v in got.items()}
