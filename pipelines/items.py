@@ -61,8 +61,9 @@ def fetch_items(corpus: CorpusIndex, rows: Sequence[int], kind: ModelKind, shape
     if not rows:
         return no_items(shape if images else (0, 0, 0))
     parts = list(items_dataset(corpus, {r: (r, -1) for r in rows}, kind, shape, images).iter_batches(batch_size=None, batch_format="numpy"))
-    got = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(got["row"])[np.searchsorted(np.sort(got["row"]), rows)]
-    if not np.array_equal(got["row"][order], rows):
+    got = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else no_items(shape if images else (0, 0, 0))
+    by_row = np.argsort(got["row"])
+    order = by_row[np.clip(np.searchsorted(got["row"][by_row], rows), 0, max(len(by_row) - 1, 0))]
+    if len(by_row) == 0 or not np.array_equal(got["row"][order], rows):
         raise RuntimeError(f"fetched {len(got['row'])} of {len(rows)} corpus rows")  # a listing that changed under the job
     return {k: v[order] for k, v in got.items()}
