@@ -51,7 +51,8 @@ def read_items(files: dict, source, wanted: dict[str, tuple[int, int]], kind: Mo
     fields = {k: v for k, v in files.items() if k != "positions"}
     rows = []
     for values, positions in zip(zip(*(np.asarray(v).tolist() for v in fields.values())), files["positions"]):
-        f = SourceFile(**dict(zip(fields, values)))
+        # An optional int field (an image's label) comes out of an arrow column with nulls as NaN.
+        f = SourceFile(**{k: None if isinstance(v, float) and v != v else v for k, v in zip(fields, values)})
         rows += [r for r in iter_file_rows(source, f, rows=np.asarray(positions, dtype=np.int64)) if r["id"] in wanted]
     batch = {k: [r[k] for r in rows] for k in ("id", "image", "caption", "label")}
     return decode_items(batch, wanted, kind, shape, images)
