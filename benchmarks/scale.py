@@ -204,7 +204,8 @@ def neighbour_recall(s3, spec_path: Path) -> dict:
     import pyarrow.parquet as pq
 
     from retrack.config.spec import load_spec
-    from retrack.index import index_manifest
+    from retrack.index import index_manifest, shard_vectors
+    from retrack.index.exact import exact_knn
     from retrack.storage.location import Location
 
     spec = load_spec(spec_path)
@@ -214,21 +215,16 @@ def neighbour_recall(s3, spec_path: Path) -> dict:
     root, manifest = index_manifest(index_uri, s3.endpoint)
     forget = set(nb)
     ids_per_shard = [pq.read_table(io.BytesIO((root / rec.ids.name).read_bytes())).column("id").to_pylist() for rec in manifest.shards]
-    vec_of = {}
-    for rec, ids in zip(manifest.shards, ids_per_shard):
-        vec = np.frombuffer((root / rec.vectors.name).read_bytes(), np.float32).reshape(-1, manifest.dim)
-        vec_of.update({i: vec[n].copy() for n, i in enumerate(ids) if i in forget})
+    row_of = {i: r for r, i in enumerate(i for ids in ids_per_shard for i in ids) if i in forget}
+    queries = shard_vectors(root, manifest)(np.array([row_of[f] for f in nb]))  # ranged reads of the forget rows
     k = len(next(iter(nb.values())))
-    best: dict[str, list[tuple[float, str]]] = {f: [] for f in nb}
+    best: list[list[tuple[float, str]]] = [[] for _ in nb]
     for rec, ids in zip(manifest.shards, ids_per_shard):
         vec = np.frombuffer((root / rec.vectors.name).read_bytes(), np.float32).reshape(-1, manifest.dim)
-        keep = np.array([i not in forget for i in ids])
-        for f in nb:
-            d = np.sqrt(((vec[keep] - vec_of[f]) ** 2).sum(1))
-            top = np.argsort(d)[:k]
-            kept_ids = np.array(ids, dtype=object)[keep]
-            best[f] = sorted(best[f] + [(float(d[t]), kept_ids[t]) for t in top])[:k]
-    recall = float(np.mean([len(set(nb[f]) & {i for _, i in best[f]}) / k for f in nb]))
+        kept = np.flatnonzero([i not in forget for i in ids])
+        d, idx = exact_knn(queries, vec[kept], k)
+        best = [sorted(b + [(float(x), ids[kept[j]]) for x, j in zip(dq, iq)])[:k] for b, dq, iq in zip(best, d, idx)]
+    recall = float(np.mean([len(set(nb[f]) & {i for _, i in b}) / k for f, b in zip(nb, best)]))
     return {"type": manifest.index_type, "params": manifest.params, "neighbour_recall_at_k": recall, "k": k}
 
 

@@ -5,7 +5,7 @@ against them. What is fetched grows with the rows asked for, never with the corp
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -29,18 +29,15 @@ def items_dataset(corpus: CorpusIndex, wanted_rows: dict[int, tuple[int, int]], 
     file that holds some; a retrack error in a read task surfaces as itself. Materialised, so that
     no read competes later with the work that uses them."""
     ray_data_progress(ray.data.DataContext.get_current())
-    rows = np.array(sorted(wanted_rows), dtype=np.int64)
-    file_of = np.searchsorted(corpus.starts, rows, side="right") - 1
-    tasks = []
-    for n in np.unique(file_of):
-        local = rows[file_of == n] - corpus.starts[n]
-        tasks.append(asdict(corpus.source.files[n]) | {"positions": local.tolist()})
+    groups = corpus.by_file(sorted(wanted_rows))
+    tasks = [{"file": j, "positions": local.tolist()} for j, (_, local) in enumerate(groups)]
     wanted = {corpus.ids[r]: v for r, v in wanted_rows.items()}
-    # The listing reaches the tasks without its file list (each task names its own file), with S3
-    # credentials resolved here (workers may have started before the AWS_* variables were set),
-    # inside an object reference (never in a task's arguments).
+    # The tasks get a listing of just the files they read (never the corpus's whole file list),
+    # with S3 credentials resolved here (workers may have started before the AWS_* variables were
+    # set), inside an object reference (never in a task's arguments).
     root = corpus.source.root
-    source = ray.put(replace(corpus.source, root=Location(root.uri, root.s3.resolved()), files=[], chunks=[]))
+    needed = [corpus.source.files[n] for n, _ in groups]
+    source = ray.put(replace(corpus.source, root=Location(root.uri, root.s3.resolved()), files=needed, chunks=[]))
     ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
     ds.context.raise_original_map_exception = True  # so a bad row's CorpusError arrives as the cause
     try:

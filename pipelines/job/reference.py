@@ -59,8 +59,7 @@ def pixel_reference(ctx: "JobContext", forget: list[str]) -> tuple["EvalReferenc
     from retrack.evaluation.pixel import EvalReference, reference_of
     from retrack.storage.tree import download_tree, upload_tree
 
-    ev, corpus = ctx.spec.evaluation, ctx.pre.corpus_index
-    shape = corpus.source.image_shape
+    ev, corpus, shape = ctx.spec.evaluation, ctx.pre.corpus_index, ctx.pre.geometry
     nearest = ctx.records["neighbours"].get("nearest_retained_distance")  # absent from records of earlier versions
     if nearest is None:
         nearest = float(_nearest_retained(ctx, forget, 1).distances[:, 0].min())
@@ -99,7 +98,9 @@ def sd_evaluation_items(ctx: "JobContext", forget: list[str]) -> "SdItems":
     forget_rows = corpus.rows_of(forget)
     k = min(spec.evaluation.stable_diffusion.candidates, len(corpus.ids) - len(forget))
     nb = _nearest_retained(ctx, forget, k)
-    cand_rows = [corpus.rows_of(ids) for ids in nb.ids]
+    named = sorted({i for ids in nb.ids for i in ids})  # forgotten copies share candidates
+    row_of = dict(zip(named, corpus.rows_of(named).tolist()))  # one pass over the corpus ids for them all
+    cand_rows = [np.array([row_of[i] for i in ids], dtype=np.int64) for ids in nb.ids]
     images = fetch_items(corpus, np.unique(np.concatenate([forget_rows, *cand_rows])), kind, geometry)
     at = {int(r): n for n, r in enumerate(images["row"])}
     pick = lambda rows: images["image"][[at[int(r)] for r in rows]]  # noqa: E731

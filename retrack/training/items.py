@@ -4,12 +4,17 @@ into the tensors the model denoises (on the worker); Stable Diffusion items foll
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from retrack.config.model_kind import ModelKind
 from retrack.data.corpus import decode_image, to_model_space
 from retrack.errors import CorpusError
+
+if TYPE_CHECKING:
+    from retrack.data.source import CorpusPlan
 
 
 def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int],
@@ -41,18 +46,15 @@ def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], kind: ModelKin
     }
 
 
-def read_items(files: dict, source, wanted: dict[str, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int],
+def read_items(files: dict, source: "CorpusPlan", wanted: dict[str, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int],
                images: bool = True) -> dict:
-    """The wanted rows of the corpus files in `files` (a batch of `SourceFile` fields and, in
-    `positions`, each file's wanted row positions: only those are fetched), decoded as
-    `decode_items` does."""
-    from retrack.data.source import SourceFile, iter_file_rows
+    """The wanted rows of the corpus files `files["file"]` (numbers in `source.files`), of each only
+    those at its `files["positions"]`, decoded as `decode_items` does."""
+    from retrack.data.source import iter_file_rows
 
-    fields = {k: v for k, v in files.items() if k != "positions"}
     rows = []
-    for values, positions in zip(zip(*(np.asarray(v).tolist() for v in fields.values())), files["positions"]):
-        # An optional int field (an image's label) comes out of an arrow column with nulls as NaN.
-        f = SourceFile(**{k: None if isinstance(v, float) and v != v else v for k, v in zip(fields, values)})
+    for n, positions in zip(files["file"], files["positions"]):
+        f = source.files[int(n)]
         rows += [r for r in iter_file_rows(source, f, rows=np.asarray(positions, dtype=np.int64)) if r["id"] in wanted]
     batch = {k: [r[k] for r in rows] for k in ("id", "image", "caption", "label")}
     return decode_items(batch, wanted, kind, shape, images)

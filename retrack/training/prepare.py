@@ -56,9 +56,12 @@ class CorpusIndex:
             raise CorpusError(f"{int((out < 0).sum())} of {len(ids)} id(s) are not in the corpus")
         return out
 
-    def files_of(self, rows) -> list[int]:
-        """The files that hold the given corpus rows."""
-        return sorted({int(n) for n in np.searchsorted(self.starts, np.asarray(rows), side="right") - 1})
+    def by_file(self, rows) -> list[tuple[int, np.ndarray]]:
+        """The given corpus rows (ascending) grouped by the file that holds them: (file number,
+        the rows' positions in that file)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        file_of = np.searchsorted(self.starts, rows, side="right") - 1
+        return [(int(n), rows[file_of == n] - self.starts[n]) for n in np.unique(file_of)]
 
 
 def read_corpus_index(uri: str, format: str = "parquet", endpoint: str | None = None) -> CorpusIndex:

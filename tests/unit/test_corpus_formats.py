@@ -320,16 +320,13 @@ def test_a_parquet_shard_is_read_only_in_the_row_groups_that_hold_the_rows(bench
         list(iter_file_rows(plan, plan.files[0], rows=[35]))
 
 
-def test_items_of_an_unlabelled_image_folder_are_read_as_a_ray_data_batch_carries_them(bench, tmp_path):
-    """A file list through Ray Data turns an image's missing label into NaN: read_items takes it as none."""
-    from dataclasses import asdict
-
+def test_items_of_an_unlabelled_image_folder_read_by_position(bench, tmp_path):
+    """What a fetch task runs: the wanted rows of the listed files, an unlabelled item labelled -1."""
     from retrack.config.model_kind import ModelKind
     from retrack.training.items import read_items
 
     rows = [{**r, "label": None} for r in list(corpus_rows(bench.corpus))[:3]]
     plan = scan_corpus(write_imagefolder(rows, tmp_path / "f"), "imagefolder")
-    f = asdict(plan.files[1])
-    files = {k: np.array([np.nan if v is None and k == "label" else v], dtype=object) for k, v in f.items()} | {"positions": [np.array([0])]}
+    files = {"file": np.array([1]), "positions": [np.array([0])]}
     got = read_items(files, plan, {rows[1]["id"]: (7, -1)}, ModelKind.STABLE_DIFFUSION, (16, 16, 3))
     assert got["row"].tolist() == [7] and got["label"].tolist() == [-1] and got["image"].shape == (1, 16, 16, 3)

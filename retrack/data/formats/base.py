@@ -76,7 +76,7 @@ def caption_of(record: dict[str, Any], where: str) -> str | None:
     return None
 
 
-def keep_rows(batches: Iterable[RowBatch], rows: Sequence[int]) -> Iterator[RowBatch]:
+def rows_at(batches: Iterable[RowBatch], rows: Sequence[int]) -> Iterator[RowBatch]:
     """The rows at the given positions (ascending) of a file's batches, in file order."""
     wanted, start = set(int(r) for r in rows), 0
     for b in batches:

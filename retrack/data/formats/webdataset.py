@@ -29,7 +29,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import pyarrow as pa
 
-from retrack.data.formats.base import RowBatch, Scanned, SourceFile, caption_of, keep_rows, label_of
+from retrack.data.formats.base import RowBatch, Scanned, SourceFile, caption_of, rows_at, label_of
 from retrack.errors import CorpusError, StorageError, redact
 from retrack.storage.location import FileEntry, Location
 
@@ -156,4 +156,4 @@ def read(loc: Location, f: SourceFile, batch_size: int) -> Iterator[RowBatch]:
 
 def read_rows(loc: Location, f: SourceFile, rows: Sequence[int]) -> Iterator[RowBatch]:
     """The given rows of one shard (positions, ascending); a tar is read through to find them."""
-    return keep_rows(read(loc, f, 256), rows)
+    return rows_at(read(loc, f, 256), rows)
