@@ -13,7 +13,6 @@ import ray
 
 from pipelines.progress import ray_data_progress
 from pipelines.runtime import unwrap
-from retrack.config.model_kind import ModelKind
 from retrack.storage.location import Location
 from retrack.training.items import no_items, read_items
 from retrack.training.prepare import CorpusIndex
@@ -23,8 +22,7 @@ def _read_items(files: dict, source, **kwargs) -> dict:
     return read_items(files, ray.get(source), **kwargs)
 
 
-def items_dataset(corpus: CorpusIndex, wanted_rows: dict[int, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int],
-                  images: bool = True) -> ray.data.Dataset:
+def items_dataset(corpus: CorpusIndex, wanted_rows: dict[int, tuple[int, int]], shape: tuple[int, int, int], images: bool = True) -> ray.data.Dataset:
     """The wanted corpus rows (row -> the (row, pos) tags each item carries), read by one task per
     file that holds some; a retrack error in a read task surfaces as itself. Materialised, so that
     no read competes later with the work that uses them."""
@@ -42,7 +40,7 @@ def items_dataset(corpus: CorpusIndex, wanted_rows: dict[int, tuple[int, int]], 
     ds.context.raise_original_map_exception = True  # so a bad row's CorpusError arrives as the cause
     try:
         return ds.map_batches(_read_items, batch_size=1, batch_format="numpy", fn_kwargs={
-            "source": source, "wanted": wanted, "kind": kind, "shape": shape, "images": images,
+            "source": source, "wanted": wanted, "shape": shape, "images": images,
         }).materialize()
     except Exception as exc:  # a Ray task error: surface retrack's own error, not a traceback
         cause = unwrap(exc)
@@ -51,13 +49,13 @@ def items_dataset(corpus: CorpusIndex, wanted_rows: dict[int, tuple[int, int]], 
         raise
 
 
-def fetch_items(corpus: CorpusIndex, rows: Sequence[int], kind: ModelKind, shape: tuple[int, int, int], images: bool = True) -> dict[str, np.ndarray]:
+def fetch_items(corpus: CorpusIndex, rows: Sequence[int], shape: tuple[int, int, int], images: bool = True) -> dict[str, np.ndarray]:
     """The items at the given corpus rows (distinct), in that order, on the caller: for a bounded
     number of rows (the forgotten items, their neighbours, an evaluation sample)."""
     rows = [int(r) for r in rows]
     if not rows:
         return no_items(shape if images else (0, 0, 0))
-    parts = list(items_dataset(corpus, {r: (r, -1) for r in rows}, kind, shape, images).iter_batches(batch_size=None, batch_format="numpy"))
+    parts = list(items_dataset(corpus, {r: (r, -1) for r in rows}, shape, images).iter_batches(batch_size=None, batch_format="numpy"))
     got = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else no_items(shape if images else (0, 0, 0))
     by_row = np.argsort(got["row"])
     order = by_row[np.clip(np.searchsorted(got["row"][by_row], rows), 0, max(len(by_row) - 1, 0))]

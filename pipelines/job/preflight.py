@@ -5,7 +5,7 @@ them again. No image is read here: the corpus stays in storage."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +15,7 @@ from retrack.config.spec import JobSpec
 from retrack.data.source import CorpusPlan
 from retrack.digest import ids_digest
 from retrack.storage.location import Location
-from retrack.training.prepare import CorpusIndex, check_geometry, model_geometry, read_corpus_index
+from retrack.training.prepare import CorpusIndex, model_geometry, read_corpus_index
 
 if TYPE_CHECKING:
     from retrack.data.corpus import Corpus
@@ -27,7 +27,7 @@ class Preflight:
     corpus_index: CorpusIndex  # the corpus's files (by URI) and ids
     model_dir: Path  # the driver's copy of the original model (checks, digests, pixel scoring)
     forget_ids: list[str]  # as requested (the neighbours stage may add near-duplicates); none by picture
-    geometry: tuple[int, int, int]  # uint8 (H, W, C) every item is delivered to the model in
+    geometry: tuple[int, int, int]  # uint8 (H, W, C) every item is brought to on read (`fit_image`)
     holdout_source: CorpusPlan | None = None  # evaluation.holdout_uri's listing
     forget_images: "ForgetImages | None" = None  # a request by picture: resolved to ids by the neighbours stage
 
@@ -47,7 +47,7 @@ class Preflight:
     def holdout(self) -> "Corpus | None":
         from retrack.data.corpus import read_corpus
 
-        return None if self.holdout_source is None else read_corpus(self.holdout_source)
+        return None if self.holdout_source is None else read_corpus(self.holdout_source, shape=self.geometry)
 
 
 def preflight(spec: JobSpec) -> Preflight:
@@ -80,27 +80,17 @@ def preflight(spec: JobSpec) -> Preflight:
         for what, source in (("corpus", corpus.source), ("evaluation.holdout_uri", holdout)):
             if source is not None:
                 require_captions(source, what)
-        geometry = model_geometry(spec.model.kind, model_dir)
     else:
         require_labels(corpus.source)
-        geometry = check_geometry(spec.model.kind, model_dir, corpus.source)
+    # Items of any size are brought to the model's geometry as they are read (index, training,
+    # evaluation): the corpus is delivered at it.
+    geometry = model_geometry(spec.model.kind, model_dir)
+    corpus = replace(corpus, source=replace(corpus.source, image_shape=geometry))
     if spec.forget.images is not None:  # its ids (and K against the retained set) are known only after the index stage
-        images = read_forget_images(spec.forget.images, endpoint)
-        if not sd:
-            check_query_geometry(images, geometry)
+        images = read_forget_images(spec.forget.images, endpoint, shape=geometry)
         return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=[], geometry=geometry, holdout_source=holdout, forget_images=images)
     forget_ids = requested_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
     if spec.method.needs_neighbours:
         check_k(spec.method.k, len(corpus.ids) - len(forget_ids))
     return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=forget_ids, geometry=geometry, holdout_source=holdout)
-
-
-def check_query_geometry(queries: "ForgetImages", geometry: tuple[int, int, int]) -> None:
-    """A pixel model's pictures are compared at its own size: a query of another size is refused."""
-    from retrack.errors import ForgetSetError
-
-    for n, image in enumerate(queries.images, 1):
-        if image.shape != geometry:
-            h, w, c = image.shape
-            raise ForgetSetError(f"forget.images entry {n} is {w}x{h}x{c} but the model denoises {geometry[1]}x{geometry[0]}x{geometry[2]}")

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipelines.items import fetch_items
-from retrack.config.model_kind import ModelKind
 from retrack.data.corpus import from_model_space, to_model_space
 from retrack.data.sample import block_sample
 from retrack.digest import config_digest, ids_digest
@@ -65,7 +64,7 @@ def pixel_reference(ctx: "JobContext", forget: list[str]) -> tuple["EvalReferenc
         nearest = float(_nearest_retained(ctx, forget, 1).distances[:, 0].min())
     threshold = ev.forget_threshold or 0.25 * nearest
     forget_rows = corpus.rows_of(forget)
-    forget_m11 = to_model_space(fetch_items(corpus, np.unique(forget_rows), ModelKind.PIXEL_DDPM, shape)["image"])
+    forget_m11 = to_model_space(fetch_items(corpus, np.unique(forget_rows), shape)["image"])
     holdout = None if ctx.pre.holdout is None else ctx.pre.holdout.images
     key = config_digest({"corpus": ctx.pre.corpus_key, "items": ev.reference_items, "seed": ev.seed,
                          "forget": ids_digest(forget), "threshold": threshold})[:16]
@@ -75,7 +74,7 @@ def pixel_reference(ctx: "JobContext", forget: list[str]) -> tuple["EvalReferenc
             classifier = load_classifier(download_tree(where / "classifier", Path(tmp) / "classifier"))
             stats = ReferenceStats.load(download_tree(where / STATS, Path(tmp) / STATS))
             return EvalReference(np.unique(forget_m11, axis=0), threshold, stats, holdout, classifier), threshold
-        sample = fetch_items(corpus, _retained_sample(ctx, forget_rows), ModelKind.PIXEL_DDPM, shape)
+        sample = fetch_items(corpus, _retained_sample(ctx, forget_rows), shape)
         retained = to_model_space(sample["image"])
         classifier, _ = train_classifier(retained, sample["label"], seed=ev.seed)
         ref = reference_of(forget_m11, retained, threshold, classifier, holdout)
@@ -93,20 +92,19 @@ def sd_evaluation_items(ctx: "JobContext", forget: list[str]) -> "SdItems":
     same-seed pair of generations each, for integrity), the held-out items."""
     from pipelines.evaluate import SdItems
 
-    spec, corpus = ctx.spec, ctx.pre.corpus_index
-    kind, geometry = ModelKind.STABLE_DIFFUSION, ctx.pre.geometry
+    spec, corpus, geometry = ctx.spec, ctx.pre.corpus_index, ctx.pre.geometry
     forget_rows = corpus.rows_of(forget)
     k = min(spec.evaluation.stable_diffusion.candidates, len(corpus.ids) - len(forget))
     nb = _nearest_retained(ctx, forget, k)
     named = sorted({i for ids in nb.ids for i in ids})  # forgotten copies share candidates
     row_of = dict(zip(named, corpus.rows_of(named).tolist()))  # one pass over the corpus ids for them all
     cand_rows = [np.array([row_of[i] for i in ids], dtype=np.int64) for ids in nb.ids]
-    images = fetch_items(corpus, np.unique(np.concatenate([forget_rows, *cand_rows])), kind, geometry)
+    images = fetch_items(corpus, np.unique(np.concatenate([forget_rows, *cand_rows])), geometry)
     at = {int(r): n for n, r in enumerate(images["row"])}
     pick = lambda rows: images["image"][[at[int(r)] for r in rows]]  # noqa: E731
     forget_captions = [str(images["caption"][at[int(r)]]) for r in forget_rows]
     banned = set(forget_captions)
-    pool = fetch_items(corpus, _retained_sample(ctx, forget_rows), kind, geometry, images=False)["caption"]
+    pool = fetch_items(corpus, _retained_sample(ctx, forget_rows), geometry, images=False)["caption"]
     keep = [str(c) for c in pool if c not in banned]
     if not keep:
         raise InputError("no retained item has a caption other than the forgotten items': integrity needs retained captions")

@@ -33,10 +33,10 @@ def build_datasets(prep: Prepared) -> dict[str, ray.data.Dataset]:
     if plan.neighbours is not None:
         for r in np.unique(plan.neighbours):
             forget_wanted[int(prep.retain_rows[r])] = (int(r), -1)
-    out = {"forget": items_dataset(prep.corpus, forget_wanted, plan.kind, plan.item_shape)}
+    out = {"forget": items_dataset(prep.corpus, forget_wanted, plan.item_shape)}
     world = prep.run.spec.scaling.num_workers
     for rank in range(world):
         rows = needed_retain_rows(plan, train, world, rank)
         if len(rows):
-            out[retain_name(rank)] = items_dataset(prep.corpus, {int(prep.retain_rows[r]): (int(r), -1) for r in rows}, plan.kind, plan.item_shape)
+            out[retain_name(rank)] = items_dataset(prep.corpus, {int(prep.retain_rows[r]): (int(r), -1) for r in rows}, plan.item_shape)
     return out

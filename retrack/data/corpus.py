@@ -54,6 +54,27 @@ def decode_image(data: bytes, item_id: str = "?") -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+FIT_RULE = "shorter side resized to the target (PIL box filter shrinking, bicubic enlarging), centre-cropped; grey<->RGB converted, alpha dropped"
+
+
+def fit_image(img: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """uint8 HxWxC -> uint8 at `shape` (H, W, C) by FIT_RULE (diffusers' training examples' Resize +
+    CenterCrop): the one rule that brings every item, of any size, to a model's geometry. Shrinking
+    averages areas (no aliasing; a whole-number reduction of a blocky image is exact). An image
+    already at `shape` is returned as it is."""
+    h, w, c = shape
+    if img.shape == (h, w, c):
+        return img
+    pil = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).convert("L" if c == 1 else "RGB")
+    if pil.size != (w, h):
+        scale = max(w / pil.width, h / pil.height)
+        sw, sh = max(w, round(pil.width * scale)), max(h, round(pil.height * scale))
+        left, top = (sw - w) // 2, (sh - h) // 2
+        pil = pil.resize((sw, sh), Image.BOX if scale < 1 else Image.BICUBIC).crop((left, top, left + w, top + h))
+    arr = np.asarray(pil)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
 def to_model_space(images_u8: np.ndarray) -> np.ndarray:
     """uint8 NxHxWxC -> float32 NxCxHxW in [-1, 1], the space pixel DDPMs denoise."""
     return (images_u8.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)
@@ -116,14 +137,16 @@ def iter_rows(corpus: "str | Path | CorpusPlan", endpoint: str | None = None, fo
         yield from iter_file_rows(plan, f)
 
 
-def read_corpus(corpus: "str | Path | CorpusPlan", endpoint: str | None = None, format: str = "parquet") -> Corpus:
+def read_corpus(corpus: "str | Path | CorpusPlan", endpoint: str | None = None, format: str = "parquet",
+                shape: Sequence[int] | None = None) -> Corpus:
     """Read and check a small corpus into memory (the embedded benchmark, an evaluation's
-    reference): unique non-empty ids, decodable images of one size."""
+    holdout): unique non-empty ids, decodable images of one size, or each brought to `shape`
+    (`fit_image`) when it is given."""
     ids: list[str] = []
     pixels: list[np.ndarray] = []
     labels: list[int | None] = []
     captions: list[str | None] = []
-    shape = None
+    fit, shape = shape is not None, None if shape is None else tuple(shape)
     for row in iter_rows(corpus, endpoint, format):
         item_id = row["id"]
         if not item_id:
@@ -131,7 +154,9 @@ def read_corpus(corpus: "str | Path | CorpusPlan", endpoint: str | None = None, 
         if row["image"] is None:
             raise CorpusError(f"item {item_id!r}: no image bytes")
         img = decode_image(row["image"], item_id)
-        if shape is None:
+        if fit:
+            img = fit_image(img, shape)
+        elif shape is None:
             shape = img.shape
         elif img.shape != shape:
             raise CorpusError(f"item {item_id!r}: image is {img.shape[1]}x{img.shape[0]}x{img.shape[2]}, the corpus is {shape[1]}x{shape[0]}x{shape[2]}")

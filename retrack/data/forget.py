@@ -57,7 +57,7 @@ class ForgetImages:
     """The pictures of a request by picture (`forget.images`), held in memory only: they are
     never logged or written anywhere; the audit keeps their digests and count."""
 
-    images: list[np.ndarray]  # uint8 HxWxC, as decoded
+    images: list[np.ndarray]  # uint8 HxWxC, at the model's geometry (`fit_image`)
     digests: list[str]  # sha256 of each file's bytes
 
     def summary(self) -> dict:
@@ -65,10 +65,11 @@ class ForgetImages:
         return {"digest": ids_digest(self.digests), "count": len(self.digests), "by": "picture"}
 
 
-def read_forget_images(uris: Sequence[str], endpoint: str | None = None) -> ForgetImages:
-    """Read and decode every query picture; a missing, unreadable, undecodable or repeated one is
-    refused naming its entry (1-based), never its URI or content."""
-    from retrack.data.corpus import decode_image
+def read_forget_images(uris: Sequence[str], endpoint: str | None, shape: Sequence[int]) -> ForgetImages:
+    """Read and decode every query picture, brought to the model's geometry `shape` as corpus items are;
+    a missing, unreadable, undecodable or repeated one is refused naming its entry (1-based),
+    never its URI or content."""
+    from retrack.data.corpus import decode_image, fit_image
 
     images, digests = [], []
     for n, uri in enumerate(uris, 1):
@@ -80,7 +81,7 @@ def read_forget_images(uris: Sequence[str], endpoint: str | None = None) -> Forg
         if digest in digests:
             raise ForgetSetError(f"forget.images entries {digests.index(digest) + 1} and {n} are the same file")
         try:
-            images.append(decode_image(data, f"forget.images entry {n}"))
+            images.append(fit_image(decode_image(data, f"forget.images entry {n}"), shape))
         except CorpusError as exc:
             raise ForgetSetError(str(exc)) from None
         digests.append(digest)

@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from retrack.data.corpus import decode_image
+from retrack.data.corpus import decode_image, fit_image
 from retrack.data.formats import FORMATS, RowBatch, SourceFile, corpus_format, image_id
 from retrack.digest import config_digest
 from retrack.errors import CaptionsMissingError, CorpusError, InputError
@@ -63,7 +63,7 @@ class CorpusPlan:
     root: Location
     format: str  # parquet | imagefolder | webdataset
     files: list[SourceFile]
-    image_shape: tuple[int, int, int]  # H, W, C of the first item: every item must match
+    image_shape: tuple[int, int, int]  # H, W, C every item is decoded to (`fit_image`): the first item's, a job's model's
     chunks: list[Chunk] = field(default_factory=list)
 
     @property
@@ -239,7 +239,8 @@ def decode_batch(
     image_shape: tuple[int, ...],
     on_bad: str = "fail",
 ) -> tuple[list[str], np.ndarray, list[BadRow]]:
-    """Decode and check one batch: (kept ids, uint8 NxHxWxC, rows skipped with reasons).
+    """Decode and check one batch: (kept ids, uint8 NxHxWxC at `image_shape` by `fit_image`,
+    rows skipped with reasons).
 
     With on_bad="fail" the first bad row raises CorpusError naming it; with "skip" it is left out
     and reported (the per-row report the index writes next to its manifest).
@@ -251,12 +252,7 @@ def decode_batch(
                 raise CorpusError(f"a row of {src} has no id")
             if blob is None:
                 raise CorpusError(f"item {item_id!r} in {src}: no image bytes")
-            img = decode_image(blob, item_id)
-            if img.shape != tuple(image_shape):
-                h, w, c = image_shape
-                raise CorpusError(
-                    f"item {item_id!r} in {src}: image is {img.shape[1]}x{img.shape[0]}x{img.shape[2]}, the corpus is {w}x{h}x{c}"
-                )
+            img = fit_image(decode_image(blob, item_id), image_shape)
         except CorpusError as exc:
             if on_bad == "fail":
                 raise

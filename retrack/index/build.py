@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Protocol
 
 import pyarrow.parquet as pq
 
+from retrack.data.corpus import FIT_RULE
 from retrack.errors import CorpusError, StorageError
 from retrack.models.encoders import EncoderSpec, build_encoder
 from retrack.index.manifest import FileRecord, IndexParams, Manifest, ShardRecord
@@ -222,7 +223,7 @@ def build_index(
     keys = [chunk_key(c.digest(), enc_digest, plan.image_shape, on_bad) for c in plan.chunks]
     corpus_info = {
         "uri": plan.root.uri, "format": plan.format, "digest": plan.digest(), "files": len(plan.files),
-        "rows": plan.count, "image_shape": list(plan.image_shape), "on_bad": on_bad,
+        "rows": plan.count, "image_shape": list(plan.image_shape), "fit": FIT_RULE, "on_bad": on_bad,
     }
     try:
         old = None if force else Manifest.read(root)

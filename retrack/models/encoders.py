@@ -58,7 +58,7 @@ class EncoderSpec:
         body: dict = {"kind": self.kind}
         if self.kind == "vae":
             vae_dir, resolution = self.vae_geometry()
-            body.update(rule="sd-latent", resolution=resolution, model=directory_digest(vae_dir))
+            body.update(rule="sd-latent/centre-crop", resolution=resolution, model=directory_digest(vae_dir))
         return config_digest(body)
 
     def to_dict(self) -> dict:

@@ -1,8 +1,8 @@
 """The one rule for an item's Stable Diffusion latent, used by the index, training and evaluation,
 so an item has the same latent wherever it is searched, trained on or scored:
 
-1. resize the image to the model's resolution (PIL bicubic, grey expanded to RGB) and map it to
-   [-1, 1];
+1. bring the image to the model's resolution in RGB (`retrack.data.corpus.fit_image`: the
+   shorter side resized, bicubic, then centre-cropped) and map it to [-1, 1];
 2. sample the frozen VAE's posterior with the item's own generator, seeded from the item's id
    (diffusers' per-sample generators: `latent_dist.sample(generator=[...])`), so the latent never
    depends on the batch or the worker the item fell into;
@@ -31,19 +31,11 @@ def item_seed(item_id: str) -> int:
     return int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") >> 1
 
 
-def rgb_at(img: np.ndarray, resolution: int) -> np.ndarray:
-    """uint8 HxWxC (grey or RGB) -> uint8 RxRx3, resized (bicubic) when the sizes differ."""
-    from PIL import Image
-
-    pil = Image.fromarray(img[:, :, 0] if img.ndim == 3 and img.shape[2] == 1 else img).convert("RGB")
-    if pil.size != (resolution, resolution):
-        pil = pil.resize((resolution, resolution), Image.BICUBIC)
-    return np.asarray(pil)
-
-
 def sd_pixels(images_u8: np.ndarray, resolution: int) -> torch.Tensor:
-    """uint8 NxHxWxC (grey or RGB) -> float32 Nx3xRxR in [-1, 1] (`rgb_at` each)."""
-    arr = np.stack([rgb_at(img, resolution) for img in images_u8]).astype(np.float32) / 127.5 - 1.0
+    """uint8 NxHxWxC (grey or RGB) -> float32 Nx3xRxR in [-1, 1] (`fit_image` each)."""
+    from retrack.data.corpus import fit_image
+
+    arr = np.stack([fit_image(img, (resolution, resolution, 3)) for img in images_u8]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())
 
 

@@ -10,30 +10,23 @@ import numpy as np
 import torch
 
 from retrack.config.model_kind import ModelKind
-from retrack.data.corpus import decode_image, to_model_space
-from retrack.errors import CorpusError
+from retrack.data.corpus import decode_image, fit_image, to_model_space
 
 if TYPE_CHECKING:
     from retrack.data.source import CorpusPlan
 
 
-def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int],
-                 images: bool = True) -> dict:
+def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], shape: tuple[int, int, int], images: bool = True) -> dict:
     """Keep the wanted ids of a corpus batch, decoded to uint8 HxWxC at the model's geometry.
     `wanted[id] = (row, pos)`: global retain index (or -1) and forget position (or -1).
     `images=False` keeps the captions and labels alone (an all-zero image column of no size)."""
-    from retrack.models.latents import item_seed, rgb_at
+    from retrack.models.latents import item_seed
 
     keep = [n for n, i in enumerate(batch["id"]) if i in wanted]
     h, w, c = shape if images else (0, 0, 0)
     pixels = np.zeros((len(keep), h, w, c), dtype=np.uint8)
     for j, n in enumerate(keep if images else ()):
-        img = decode_image(batch["image"][n], batch["id"][n])
-        if kind is ModelKind.STABLE_DIFFUSION:
-            img = rgb_at(img, h)  # the model's geometry is square
-        elif img.shape != shape:
-            raise CorpusError(f"item {batch['id'][n]!r}: image is {img.shape}, the model denoises {shape}")
-        pixels[j] = img
+        pixels[j] = fit_image(decode_image(batch["image"][n], batch["id"][n]), shape)
     captions, labels = batch.get("caption"), batch.get("label")
     ids = [batch["id"][n] for n in keep]
     return {
@@ -46,7 +39,7 @@ def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], kind: ModelKin
     }
 
 
-def read_items(files: dict, source: "CorpusPlan", wanted: dict[str, tuple[int, int]], kind: ModelKind, shape: tuple[int, int, int],
+def read_items(files: dict, source: "CorpusPlan", wanted: dict[str, tuple[int, int]], shape: tuple[int, int, int],
                images: bool = True) -> dict:
     """The wanted rows of the corpus files `files["file"]` (numbers in `source.files`), of each only
     those at its `files["positions"]`, decoded as `decode_items` does."""
@@ -57,7 +50,7 @@ def read_items(files: dict, source: "CorpusPlan", wanted: dict[str, tuple[int, i
         f = source.files[int(n)]
         rows += [r for r in iter_file_rows(source, f, rows=np.asarray(positions, dtype=np.int64)) if r["id"] in wanted]
     batch = {k: [r[k] for r in rows] for k in ("id", "image", "caption", "label")}
-    return decode_items(batch, wanted, kind, shape, images)
+    return decode_items(batch, wanted, shape, images)
 
 
 def no_items(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ import torch
 from retrack.config.train import MethodConfig, TrainConfig
 from retrack.data.corpus import Corpus
 from retrack.data.forget import check_forget_ids
-from retrack.data.sample import block_sample
+from retrack.data.sample import BLOCK, block_sample
 from retrack.models.schedule import NoiseSchedule
 from retrack.errors import InputError
 from retrack.index.exact import exact_knn
@@ -60,16 +60,17 @@ def split_for_unlearning(corpus: Corpus, forget_ids: Sequence[str], method: Meth
     return UnlearnData(retain=retain, forget=forget, neighbours=neighbours)
 
 
-MIN_RETAIN_POOL = 4096  # so a short run still draws from many runs of the corpus, not a few
+MIN_RETAIN_POOL = 4096  # so a short run still draws from many items, not a few
+POOL_RUNS = 16  # at most this many runs of consecutive rows: every corpus file a run touches costs a read of its footer
 
 
 def retain_pool(n_retain: int, train: TrainConfig) -> np.ndarray | None:
     """The retain indices a run draws from: all (None) when the retained set is no larger than
     the run's draws (steps x batch, at least MIN_RETAIN_POOL), otherwise a seeded block sample of
-    that size. A run then fetches about as many retained rows as it draws, however large the
-    corpus; each draw is still uniform over a uniform sample of the retained set."""
+    that size in at most POOL_RUNS runs. A run then fetches about as many retained rows, from
+    about as many files, however large the corpus; each draw is uniform over the pool."""
     size = max(train.steps * train.batch_size, MIN_RETAIN_POOL)
-    return None if size >= n_retain else block_sample(n_retain, size, train.seed)
+    return None if size >= n_retain else block_sample(n_retain, size, train.seed, block=max(BLOCK, -(-size // POOL_RUNS)))
 
 
 def micro_generator(seed: int, step: int, micro: int) -> torch.Generator:

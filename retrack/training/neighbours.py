@@ -35,17 +35,18 @@ def read_neighbours_file(path: "Location", forget_ids: list[str], k: int, retain
     return out
 
 
-def exact_neighbours(kind: ModelKind, model_dir: Path, corpus: "CorpusPlan", forget_rows: np.ndarray, retain_rows: np.ndarray, k: int, resolution: int) -> np.ndarray:
+def exact_neighbours(kind: ModelKind, model_dir: Path, corpus: "CorpusPlan", forget_rows: np.ndarray, retain_rows: np.ndarray, k: int,
+                     geometry: tuple[int, int, int]) -> np.ndarray:
     """Exact K nearest retained items of every forget item, in the space the model denoises
     (the small-corpus path; large corpora pass the index stage's neighbours file)."""
     from retrack.data.corpus import read_corpus
     from retrack.index.exact import exact_knn
 
     if kind is ModelKind.PIXEL_DDPM:
-        c = read_corpus(corpus)
+        c = read_corpus(corpus, shape=geometry)
         _, idx = exact_knn(c.images[forget_rows], c.images[retain_rows], k)
         return idx.astype(np.int64)
-    from retrack.data.corpus import decode_image, iter_rows
+    from retrack.data.corpus import decode_image, fit_image, iter_rows
     from retrack.models.latents import encode_latents, item_seed
     from retrack.models.sd import load_vae
 
@@ -53,13 +54,13 @@ def exact_neighbours(kind: ModelKind, model_dir: Path, corpus: "CorpusPlan", for
     latents = []
     chunk_imgs, chunk_seeds = [], []
     for row in iter_rows(corpus):
-        chunk_imgs.append(decode_image(row["image"], row["id"]))
+        chunk_imgs.append(fit_image(decode_image(row["image"], row["id"]), geometry))
         chunk_seeds.append(item_seed(row["id"]))
         if len(chunk_imgs) == 64:
-            latents.append(encode_latents(vae, np.stack(chunk_imgs), chunk_seeds, resolution))
+            latents.append(encode_latents(vae, np.stack(chunk_imgs), chunk_seeds, geometry[0]))
             chunk_imgs, chunk_seeds = [], []
     if chunk_imgs:
-        latents.append(encode_latents(vae, np.stack(chunk_imgs), chunk_seeds, resolution))
+        latents.append(encode_latents(vae, np.stack(chunk_imgs), chunk_seeds, geometry[0]))
     z = torch.cat(latents).numpy()
     _, idx = exact_knn(z[forget_rows], z[retain_rows], k)
     return idx.astype(np.int64)

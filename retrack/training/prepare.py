@@ -119,16 +119,6 @@ def model_geometry(kind: ModelKind, model_dir: Path) -> tuple[int, int, int]:
     return (res, res, 3)
 
 
-def check_geometry(kind: ModelKind, model_dir: Path, source: CorpusPlan) -> tuple[int, int, int]:
-    """The model's item geometry; a pixel model's corpus must have its image size (Stable
-    Diffusion resizes every item to its resolution)."""
-    geometry = model_geometry(kind, model_dir)
-    if kind is ModelKind.PIXEL_DDPM and source.image_shape != geometry:
-        h, w, c = source.image_shape
-        raise CorpusError(f"corpus images are {w}x{h}x{c} but the model denoises {geometry[1]}x{geometry[0]}x{geometry[2]}")
-    return geometry
-
-
 def run_key(method: MethodConfig, train: TrainConfig, plan: DataPlan, model_sha: str) -> str:
     """The unlearn run's config hash: everything that determines the result (not where or on how
     many workers it runs). The kind is recorded by its short name, as it always was."""
@@ -173,7 +163,7 @@ def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
         raise InputError("the forget set covers the whole corpus: nothing is left to retain")
     if kind is ModelKind.STABLE_DIFFUSION:
         require_captions(corpus.source)
-    geometry = check_geometry(kind, model_dir, corpus.source)
+    geometry = model_geometry(kind, model_dir)  # every item is brought to it as it is read (`fit_image`)
     needs = method_class(spec.method.name).requirements
     neighbours = None
     nbr_digest = None
@@ -187,7 +177,7 @@ def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
             neighbours = read_neighbours_file(nb_file, forget_ids, k, lambda ids: retain_index(corpus, forget_rows, ids))
             nbr_digest = sha256_bytes(nb_file.read_bytes())
         else:
-            neighbours = exact_neighbours(kind, model_dir, corpus.source, forget_rows, retain_rows, k, geometry[0])
+            neighbours = exact_neighbours(kind, model_dir, corpus.source, forget_rows, retain_rows, k, geometry)
             nbr_digest = "exact:" + sha256_bytes(neighbours.tobytes())
     plan = DataPlan(
         kind=kind,

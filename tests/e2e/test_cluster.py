@@ -5,12 +5,16 @@ survives the loss of a whole worker node."""
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 import retrack
 from retrack.config.spec import JobSpec
@@ -210,6 +214,56 @@ def test_stable_diffusion_with_captions_in_an_image_folder_on_s3(ray_cluster, sd
     assert any(k.endswith("model/unet/diffusion_pytorch_model.safetensors") for k in s3_keys(s3, job_prefix(spec) + "model/"))
     mv = MlflowClient(tracking_uri=ray_cluster.mlflow.tracking_uri).get_model_version(spec.mlflow.registered_model, records["register"]["model_version"])
     assert mv.tags["retrack.verdict"] == "forgotten" and mv.tags["retrack.forget_count"] == str(COPIES)
+
+
+DRIVER_CAP = 1_152 * 2**20  # the driver pod's limits.memory in this test (its peak is about 830 MiB)
+
+
+def big_pictures(corpus: Path, side: int):
+    """The rows of a parquet corpus with each image scaled up to side x side (nearest
+    neighbour, stored uncompressed), so the corpus's bytes outgrow the driver's memory."""
+    from retrack.data.corpus import decode_image
+    from tests.fixtures.corpora import corpus_rows
+
+    for row in corpus_rows(corpus, captions=False):
+        img = decode_image(row["image"])[:, :, 0]
+        scale = side // img.shape[0]
+        buf = io.BytesIO()
+        Image.fromarray(np.kron(img, np.ones((scale, scale), np.uint8))).save(buf, format="PNG", compress_level=0)
+        yield {**row, "image": buf.getvalue()}
+
+
+def test_a_corpus_larger_than_the_drivers_memory_limit(ray_cluster, small_on_s3):
+    """The small job on its corpus of 2304x2304 pictures (an image folder larger than the
+    driver's memory limit; each brought to the model's 8x8 as a worker reads it) with the driver
+    under that limit (a memory cgroup, as a pod's limits.memory): it finishes, forgets the planted
+    item and registers, and the index records the resize."""
+    from tests.fixtures.corpora import write_imagefolder
+    from tests.fixtures.memory_cap import MemoryCap
+
+    folder = write_imagefolder(big_pictures(small_on_s3["root"] / "bench" / "corpus", 2304), ray_cluster.root / "big", captions=False)
+    corpus_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    uri = ray_cluster.s3.upload_dir(folder, "datasets/small-big-pictures")
+    shutil.rmtree(folder)
+    assert corpus_bytes > DRIVER_CAP
+    holdout = ray_cluster.s3.upload_dir(write_imagefolder(small_on_s3["root"] / "bench" / "holdout", ray_cluster.root / "big-holdout", captions=False),
+                                        "datasets/small-big-pictures-holdout")
+    path, spec = write_job(ray_cluster, small_on_s3, "req-big-pictures", corpus={"uri": uri, "format": "imagefolder"},
+                           evaluation={"holdout_uri": holdout})
+    cap = MemoryCap(DRIVER_CAP)
+    try:
+        run = ray_cluster.run_retrack(["run", path.name], timeout=600, cap=cap)
+        oom_kills = cap.oom_kills
+    finally:
+        cap.close()
+    print(f"\nretrack run, a {corpus_bytes / 2**20:.0f} MiB corpus, the driver limited to {DRIVER_CAP / 2**20:.0f} MiB by a "
+          f"{cap.how}: {run.seconds:.1f} s, driver peak RSS {cap.peak / 2**20:.0f} MiB")
+    assert run.returncode == 0 and oom_kills == 0, failure(ray_cluster, run)
+    assert 0 < cap.peak < DRIVER_CAP
+    records = markers(ray_cluster.s3, spec)
+    assert sorted(records) == sorted(ALL_STAGES) and records["evaluate"]["verdict"] == "forgotten"
+    manifest = s3_json(ray_cluster.s3, records["index"]["index_uri"].split(f"{ray_cluster.s3.bucket}/", 1)[1] + "/manifest.json")
+    assert manifest["corpus"]["image_shape"] == [8, 8, 1] and manifest["corpus"]["fit"].startswith("shorter side resized")
 
 
 def test_tune_a_two_trial_grid(ray_cluster, small_on_s3):

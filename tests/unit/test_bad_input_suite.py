@@ -237,19 +237,14 @@ CASES = [
     Case("forget: file does not exist", spec_field("forget.file", "/nonexistent/ids.txt", "run"), "forget-id file /nonexistent/ids.txt does not exist"),
     Case("forget: picture that cannot be decoded", forget_pictures(b"\x89PNG\r\n\x1a\n garbage"),
          "item 'forget.images entry 1': image bytes cannot be decoded"),
-    Case("forget: picture of another size than the model's", forget_pictures(encode_image(np.zeros((16, 16), np.uint8))),
-         "forget.images entry 1 is 16x16x1 but the model denoises 8x8x1"),
     Case("forget: the same picture twice", forget_pictures(encode_image(np.zeros((8, 8), np.uint8)), encode_image(np.zeros((8, 8), np.uint8))),
          "forget.images entries 1 and 2 are the same file"),
     Case("forget: picture file does not exist", spec_field("forget", {"images": ["/nonexistent/picture.png"]}, "run"), "forget.images entry 1 does not exist"),
     Case("forget: K larger than the retained set", spec_field("method.params", {"lambda": 0.5, "k": 1000}, "run"), "larger than the retained set"),
     # corpora (`retrack run` preflight)
     Case("corpus: corrupt image bytes", corpus_edit(set_row(3, image=b"\x89PNG\r\n\x1a\n garbage")), "item 'img-000003': image bytes cannot be decoded", at_index=True),
-    Case("corpus: mixed image sizes", corpus_edit(set_row(5, image=encode_image(load_digits_u8()[0][5][:7, :7]))), "image is 7x7x1, the corpus is 8x8x1", at_index=True),
     Case("corpus: rows without a class label (pixel model)", corpus_edit(set_row(6, label=None)),
          "1 of 64 item(s) have no class label; the pixel evaluation's Fréchet distance uses a feature network"),
-    Case("corpus: images of another size than the model's", corpus_edit(set_row(0, image=encode_image(np.zeros((16, 16), np.uint8)))),
-         "corpus images are 16x16x1 but the model denoises 8x8x1"),
     Case("corpus: duplicate ids", corpus_edit(set_row(4, id="img-000009")), "1 id(s) occur more than once in the corpus"),
     Case("corpus: empty shard", corpus_edit(rewrite_rows(lambda rows: [], shard=1)), "shard part-00001.parquet is empty"),
     Case("corpus: missing id column", corpus_edit(rewrite_rows(lambda rows: [{"image": r["image"]} for r in rows], schema=pa.schema([("image", pa.binary())]))), "lacks column(s) ['id']"),
@@ -329,6 +324,27 @@ def test_the_good_input_passes_the_same_checks(env, tmp_path):
     pre = preflight(load_spec(path))
     assert pre.forget_ids == ["img-000001", "img-000002"]
     assert open_index(env / "index").manifest.dim == 64
+
+
+def test_items_of_any_size_are_brought_to_the_models_geometry(env, tmp_path):
+    """Neither a corpus of another size than the model's (its first item sets none), nor a mixed
+    one, nor a picture of another size is refused: each item is resized and centre-cropped as it
+    is read, the corpus delivered at the model's 8x8x1."""
+    from pipelines.job import preflight
+    from retrack.config.spec import load_spec
+
+    digit = load_digits_u8()[0][0]
+    big = encode_image(np.kron(digit, np.ones((2, 2), np.uint8)))  # 16x16: resizes back to the 8x8 original
+    corpus = tmp_path / "corpus"
+    shutil.copytree(env / "corpus", corpus)
+    set_row(0, image=big)(corpus)
+    set_row(5, image=encode_image(np.zeros((7, 9, 3), np.uint8)))(corpus)
+    (tmp_path / "picture.png").write_bytes(big)
+    spec = with_fields(base_spec(env, tmp_path), {"corpus.uri": str(corpus), "forget": {"images": [str(tmp_path / "picture.png")]}})
+    pre = preflight(load_spec(write_yaml(tmp_path, spec)))
+    assert pre.geometry == (8, 8, 1) and pre.corpus_index.source.image_shape == (8, 8, 1)
+    assert [im.shape for im in pre.forget_images.images] == [(8, 8, 1)]
+    assert np.array_equal(pre.forget_images.images[0][:, :, 0], digit)
 
 
 def test_index_changed_after_the_job_recorded_it_is_refused(env, tmp_path):

@@ -53,6 +53,28 @@ def test_mixed_image_sizes_are_refused(tmp_path):
         read_corpus(tmp_path / "c")
 
 
+def test_fit_image_resizes_the_shorter_side_and_crops_the_centre():
+    from retrack.data.corpus import fit_image
+
+    same = np.zeros((8, 8, 1), np.uint8)
+    assert fit_image(same, (8, 8, 1)) is same
+    # Three vertical bands 32 wide: at 8x8 only the bright middle band survives the crop (a
+    # stretch to 8x8 would keep all three).
+    bands = np.zeros((32, 96, 1), np.uint8)
+    bands[:, 32:64] = 255
+    out = fit_image(bands, (8, 8, 1))
+    assert out.shape == (8, 8, 1) and (out == 255).all()
+    digit = np.arange(64, dtype=np.uint8).reshape(8, 8, 1) * 3
+    assert np.array_equal(fit_image(np.kron(digit, np.ones((5, 5, 1), np.uint8)), (8, 8, 1)), digit)  # area averaging: exact
+    assert fit_image(np.full((4, 6, 1), 90, np.uint8), (8, 8, 1)).tolist() == np.full((8, 8, 1), 90).tolist()  # enlarged
+    assert fit_image(bands, (4, 4, 3)).shape == (4, 4, 3)  # grey to RGB
+    rgba = np.full((10, 10, 4), 200, np.uint8)
+    assert (fit_image(rgba, (5, 5, 3)) == 200).all()  # alpha dropped, a flat image stays flat
+    tall = np.zeros((40, 8, 3), np.uint8)
+    tall[16:24] = 255
+    assert fit_image(tall, (8, 8, 1)).min() == 255  # the centre 8 rows of a tall image
+
+
 def test_empty_shard_and_missing_column_are_refused(tmp_path):
     (tmp_path / "c").mkdir()
     pq.write_table(pa.Table.from_pylist([], schema=SCHEMA), tmp_path / "c" / "part-00000.parquet")

@@ -322,11 +322,10 @@ def test_a_parquet_shard_is_read_only_in_the_row_groups_that_hold_the_rows(bench
 
 def test_items_of_an_unlabelled_image_folder_read_by_position(bench, tmp_path):
     """What a fetch task runs: the wanted rows of the listed files, an unlabelled item labelled -1."""
-    from retrack.config.model_kind import ModelKind
     from retrack.training.items import read_items
 
     rows = [{**r, "label": None} for r in list(corpus_rows(bench.corpus))[:3]]
     plan = scan_corpus(write_imagefolder(rows, tmp_path / "f"), "imagefolder")
     files = {"file": np.array([1]), "positions": [np.array([0])]}
-    got = read_items(files, plan, {rows[1]["id"]: (7, -1)}, ModelKind.STABLE_DIFFUSION, (16, 16, 3))
+    got = read_items(files, plan, {rows[1]["id"]: (7, -1)}, (16, 16, 3))
     assert got["row"].tolist() == [7] and got["label"].tolist() == [-1] and got["image"].shape == (1, 16, 16, 3)

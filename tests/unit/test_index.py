@@ -302,18 +302,26 @@ def test_missing_image_column_and_garbage_shard_are_refused(tmp_path):
         build_index(tmp_path / "nothing", tmp_path / "idx")
 
 
-def test_mixed_image_sizes_fail_or_are_skipped_and_reported(tmp_path):
+def test_an_image_of_another_size_is_fitted_and_a_bad_one_fails_or_is_skipped_and_reported(tmp_path):
+    from retrack.data.corpus import FIT_RULE, fit_image, to_model_space
+
     images = list(clustered_images(30))
-    images[11] = np.zeros((9, 8), np.uint8)
+    images[11] = np.kron(images[11], np.ones((2, 3), np.uint8))  # 16x24: resized and centre-cropped to 8x8
     ids = [f"m{i}" for i in range(30)]
-    write_shards(tmp_path / "c", _rows(images, ids), shard_size=10)
-    with pytest.raises(CorpusError, match="item 'm11' in part-00001.parquet: image is 8x9x1, the corpus is 8x8x1"):
+    rows = list(_rows(images, ids))
+    rows[12]["image"] = b"\x89PNG broken"
+    write_shards(tmp_path / "c", rows, shard_size=10)
+    with pytest.raises(CorpusError, match="item 'm12': image bytes cannot be decoded"):
         build_index(tmp_path / "c", tmp_path / "idx")
     res = build_index(tmp_path / "c", tmp_path / "idx", on_bad="skip")
     assert res.manifest.count == 29 and res.manifest.skipped == 1
+    assert res.manifest.corpus["image_shape"] == [8, 8, 1] and res.manifest.corpus["fit"] == FIT_RULE
     report = [json.loads(line) for line in (tmp_path / "idx" / "bad_rows.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in report] == ["m11"] and "8x9x1" in report[0]["reason"]
-    assert "m11" not in open_index(tmp_path / "idx").ids.to_pylist()
+    assert [r["id"] for r in report] == ["m12"] and "cannot be decoded" in report[0]["reason"]
+    idx = open_index(tmp_path / "idx")
+    assert "m12" not in idx.ids.to_pylist()
+    fitted = to_model_space(fit_image(images[11][:, :, None], (8, 8, 1))[None]).reshape(-1)
+    np.testing.assert_allclose(idx.vectors(np.array([idx.ids.to_pylist().index("m11")]))[0], fitted, atol=1e-6)
 
 
 def test_unreadable_image_bytes_in_parquet(tmp_path):
