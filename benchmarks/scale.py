@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +145,9 @@ class Meter:
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sent(self) -> int:
-        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
-        key = f'SeaweedFS_s3_bucket_traffic_sent_bytes_total{{bucket="{self.bucket}"}}'
-        return int(float(next((l.split()[-1] for l in text.splitlines() if l.startswith(key)), "0")))
+        from tests.fixtures.services import bucket_bytes_sent
+
+        return bucket_bytes_sent(self.metrics_url, self.bucket)
 
     def _sample(self) -> None:
         import psutil
@@ -261,7 +260,7 @@ def main() -> None:
             }
             spec_path, out = work / f"scale-{n}.yaml", work / f"scale-{n}.json"
             spec_path.write_text(json.dumps(spec))
-            subprocess.run([sys.executable, __file__, "--one", str(spec_path), f"http://127.0.0.1:{port}/metrics", s3.bucket, str(out)],
+            subprocess.run([sys.executable, __file__, "--one", str(spec_path), s3.metrics_url, s3.bucket, str(out)],
                            check=True, env=env)
             row = {"items": n, **json.loads(out.read_text()), "index": neighbour_recall(s3, spec_path)}
             results.append(row)

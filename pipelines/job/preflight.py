@@ -5,7 +5,7 @@ them again. No image is read here: the corpus stays in storage."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,19 +73,18 @@ def preflight(spec: JobSpec) -> Preflight:
     sd = spec.model.kind is ModelKind.STABLE_DIFFUSION
     (check_sd_model_dir if sd else check_pixel_model_dir)(model_dir)
     spec.method.check_schedule(scheduler_timesteps(model_dir))
+    # Items of any size are brought to the model's geometry as they are read (index, training,
+    # evaluation): the corpus is delivered at it, and no image is read here.
+    geometry = model_geometry(spec.model.kind, model_dir)
     fmt = spec.corpus.format
-    corpus = read_corpus_index(spec.corpus.uri, fmt, endpoint)
-    holdout = scan_corpus(spec.evaluation.holdout_uri, fmt, endpoint=endpoint) if spec.evaluation.holdout_uri else None
+    corpus = read_corpus_index(spec.corpus.uri, fmt, endpoint, geometry)
+    holdout = scan_corpus(spec.evaluation.holdout_uri, fmt, endpoint=endpoint, image_shape=geometry) if spec.evaluation.holdout_uri else None
     if sd:  # each item is trained on, and its memorisation checked with, its own caption
         for what, source in (("corpus", corpus.source), ("evaluation.holdout_uri", holdout)):
             if source is not None:
                 require_captions(source, what)
     else:
         require_labels(corpus.source)
-    # Items of any size are brought to the model's geometry as they are read (index, training,
-    # evaluation): the corpus is delivered at it.
-    geometry = model_geometry(spec.model.kind, model_dir)
-    corpus = replace(corpus, source=replace(corpus.source, image_shape=geometry))
     if spec.forget.images is not None:  # its ids (and K against the retained set) are known only after the index stage
         images = read_forget_images(spec.forget.images, endpoint, shape=geometry)
         return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=[], geometry=geometry, holdout_source=holdout, forget_images=images)

@@ -1,10 +1,10 @@
 """The Ray Train worker function of the unlearn stage.
 
-Each worker loads the model, resumes from the newest verified checkpoint, assembles the data its
-micro-batches draw (micro-batch m of a step runs on worker m % W) and runs the unchanged update
-step. DDP wraps the UNet (parameter broadcast from rank 0 at start: replicas cannot drift); its
-own gradient reduction is bypassed with `no_sync()` because the gradients come from
-`torch.autograd.grad` per named loss and step.py sums them across workers BEFORE the method
+Each worker loads the model, resumes from the newest verified checkpoint (fetched once per node),
+assembles the data its micro-batches draw (micro-batch m of a step runs on worker m % W) and runs
+the unchanged update step. DDP wraps the UNet (parameter broadcast from rank 0 at start: replicas
+cannot drift); its own gradient reduction is bypassed with `no_sync()` because the gradients come
+from `torch.autograd.grad` per named loss and step.py sums them across workers BEFORE the method
 combines them, so EraseDiff's projection and SISS's rescaling see the global gradients.
 Rank 0 writes a checkpoint every `train.checkpoint_every` updates and at the end; a non-finite
 loss (or a quality collapse) writes the run's stop marker so that retries and relaunches stop.
@@ -75,7 +75,7 @@ def train_loop(config: dict) -> None:
     if stopped is not None:
         ray.train.report({"diverged_step": stopped["step"]})
         return
-    run = _WorkerRun(s, rank, world, device)
+    run = _WorkerRun(s, rank, world, device, ctx.get_local_rank())
     if run.start >= s.train.steps:  # relaunched after the final checkpoint: nothing left to train
         ray.train.report({"step": run.start, **progress_metrics(rank, run.start)})
         return
@@ -122,7 +122,7 @@ def _device_generator(gen: torch.Generator, device: torch.device) -> torch.Gener
 class _WorkerRun:
     """One worker's model, optimiser, data and progress from its start step on."""
 
-    def __init__(self, s: WorkerSettings, rank: int, world: int, device: torch.device):
+    def __init__(self, s: WorkerSettings, rank: int, world: int, device: torch.device, local_rank: int):
         from retrack.storage.cache import local_model_dir
 
         self.s, self.rank, self.world, self.device = s, rank, world, device
@@ -134,7 +134,8 @@ class _WorkerRun:
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         self.opt = make_optimizer(self.params, s.train.lr, s.train.betas, s.train.weight_decay)
         self.scaler = loss_scaler(device.type, s.train.mixed_precision, s.scaling.fp16_loss_scale)
-        state = resume(s.storage, ray.train.get_checkpoint(), lambda d, _: load_checkpoint(d, self.unet, self.opt, device))
+        state = resume(s.storage, ray.train.get_checkpoint(), lambda d, _: load_checkpoint(d, self.unet, self.opt, device),
+                       local_rank, dist.barrier if world > 1 else lambda: None)
         self.start, self.history = (int(state["step"]), list(state["history"])) if state else (0, [])
         if state and self.scaler is not None and "loss_scaler" in state:
             self.scaler.load_state_dict(state["loss_scaler"])

@@ -102,20 +102,23 @@ def _id_hash(ids: Sequence[str]) -> np.ndarray:
 
 
 def scan_corpus(uri: "str | Location", format: str = "parquet", *, rows_per_chunk: int = 200_000,
-                endpoint: str | None = None, on_bad: str = "fail") -> CorpusPlan:
+                endpoint: str | None = None, on_bad: str = "fail", image_shape: Sequence[int] | None = None) -> CorpusPlan:
     """List and check a corpus of the given format (ids and captions; images are checked as they
     are decoded). `on_bad` is the bad-row policy: "skip" lets through the rows that the decoder
-    will report (a WebDataset sample without an image), "fail" refuses them here."""
-    return _scan(uri, format, rows_per_chunk, endpoint, on_bad, keep_ids=False)[0]
+    will report (a WebDataset sample without an image), "fail" refuses them here. Items are
+    delivered at `image_shape` (a job's model geometry), else at the first image's shape (the
+    one image decoded here)."""
+    return _scan(uri, format, rows_per_chunk, endpoint, on_bad, image_shape, keep_ids=False)[0]
 
 
 def scan_corpus_ids(uri: "str | Location", format: str = "parquet", *, endpoint: str | None = None,
-                    on_bad: str = "fail") -> tuple[CorpusPlan, list[Sequence[str]]]:
+                    on_bad: str = "fail", image_shape: Sequence[int] | None = None) -> tuple[CorpusPlan, list[Sequence[str]]]:
     """`scan_corpus`, and the ids the scan read, file by file (no file is read twice)."""
-    return _scan(uri, format, 200_000, endpoint, on_bad, keep_ids=True)
+    return _scan(uri, format, 200_000, endpoint, on_bad, image_shape, keep_ids=True)
 
 
-def _scan(uri, format: str, rows_per_chunk: int, endpoint: str | None, on_bad: str, keep_ids: bool) -> tuple[CorpusPlan, list[Sequence[str]]]:
+def _scan(uri, format: str, rows_per_chunk: int, endpoint: str | None, on_bad: str, image_shape: Sequence[int] | None,
+          keep_ids: bool) -> tuple[CorpusPlan, list[Sequence[str]]]:
     if on_bad not in ON_BAD:
         raise InputError(f"on_bad must be one of {ON_BAD}, not {on_bad!r}")
     fmt = corpus_format(format)
@@ -138,7 +141,7 @@ def _scan(uri, format: str, rows_per_chunk: int, endpoint: str | None, on_bad: s
         raise CorpusError(f"corpus {root.uri} holds no {fmt.WHAT}; corpus.format is {format!r} and the folder holds {what}")
     _check_unique(root, format, files, hashes)
     plan = CorpusPlan(root, format, files, (0, 0, 0))
-    plan.image_shape = _first_image_shape(plan)
+    plan.image_shape = tuple(image_shape) if image_shape else _first_image_shape(plan)
     plan.chunks = plan_chunks(files, rows_per_chunk)
     return plan, ids
 

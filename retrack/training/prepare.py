@@ -64,11 +64,12 @@ class CorpusIndex:
         return [(int(n), rows[file_of == n] - self.starts[n]) for n in np.unique(file_of)]
 
 
-def read_corpus_index(uri: str, format: str = "parquet", endpoint: str | None = None) -> CorpusIndex:
-    """List the corpus (local path or s3://) and read its ids (of the images, only the first: its size)."""
+def read_corpus_index(uri: str, format: str, endpoint: str | None, geometry: tuple[int, int, int]) -> CorpusIndex:
+    """List the corpus (local path or s3://) and read its ids; no image is read: every item is
+    delivered at the model's `geometry`."""
     from retrack.data.source import scan_corpus_ids
 
-    source, per_file = scan_corpus_ids(uri, format, endpoint=endpoint)
+    source, per_file = scan_corpus_ids(uri, format, endpoint=endpoint, image_shape=geometry)
     starts = np.cumsum([0] + [len(i) for i in per_file])
     return CorpusIndex(ids=[i for ids in per_file for i in ids], source=source, starts=starts)
 
@@ -154,7 +155,8 @@ def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
     spec = run.spec
     kind, endpoint = spec.model.kind, spec.storage.endpoint_url
     model_dir = resolve_model(spec.model.uri, kind, endpoint)
-    corpus = corpus or read_corpus_index(spec.corpus.uri, spec.corpus.format, endpoint)
+    geometry = model_geometry(kind, model_dir)  # every item is brought to it as it is read (`fit_image`)
+    corpus = corpus or read_corpus_index(spec.corpus.uri, spec.corpus.format, endpoint, geometry)
     forget_ids = requested_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
     forget_rows = corpus.rows_of(forget_ids)
@@ -163,7 +165,6 @@ def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
         raise InputError("the forget set covers the whole corpus: nothing is left to retain")
     if kind is ModelKind.STABLE_DIFFUSION:
         require_captions(corpus.source)
-    geometry = model_geometry(kind, model_dir)  # every item is brought to it as it is read (`fit_image`)
     needs = method_class(spec.method.name).requirements
     neighbours = None
     nbr_digest = None
