@@ -1,8 +1,8 @@
 """The one rule for an item's Stable Diffusion latent, used by the index, training and evaluation,
 so an item has the same latent wherever it is searched, trained on or scored:
 
-1. bring the image to the model's resolution in RGB (`retrack.data.corpus.fit_image`: the
-   shorter side resized, bicubic, then centre-cropped) and map it to [-1, 1];
+1. bring the image to the model's resolution in RGB (`retrack.data.corpus.fit_image`, the
+   one rule every item and query goes through) and map it to [-1, 1];
 2. sample the frozen VAE's posterior with the item's own generator, seeded from the item's id
    (diffusers' per-sample generators: `latent_dist.sample(generator=[...])`), so the latent never
    depends on the batch or the worker the item fell into;
