@@ -122,7 +122,7 @@ class TreePeak:
 def unlearn(work: Path, kill_after_checkpoint: bool) -> dict:
     """`retrack unlearn` on the SD-1.5-shaped model; killed (process group) once its first
     checkpoint is complete when asked."""
-    from retrack.training.checkpoint import STATE_FILE, checkpoint_name
+    from retrack.training.checkpoint import STATE_FILE, checkpoint_name, verified_state
 
     argv = [str(Path(sys.executable).with_name("retrack")), "unlearn", "--model", str(work / "model"), "--corpus", str(work / "corpus"),
             "--forget-ids", str(work / "forget.txt"), "--out", str(work / "out"), *TRAIN]
@@ -135,20 +135,20 @@ def unlearn(work: Path, kill_after_checkpoint: bool) -> dict:
     reader.start()
     killed = False
     while proc.poll() is None:
-        if kill_after_checkpoint and any((d / STATE_FILE).is_file() for d in (work / "out.runs").rglob(checkpoint_name(1))):
+        # Complete: every file uploaded with its recorded digest (the state file may land first).
+        if kill_after_checkpoint and any((d / STATE_FILE).is_file() and verified_state(d) for d in (work / "out.runs").rglob(checkpoint_name(1))):
             os.killpg(proc.pid, signal.SIGKILL)
             killed = True
             break
-        time.sleep(0.5)
+        time.sleep(2)
     proc.wait()
     reader.join(10)
     seconds = time.perf_counter() - start
     rss = peak.stop()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
     if not killed and proc.returncode != 0:
         raise SystemExit(f"retrack unlearn failed ({proc.returncode}):\n{''.join(out)[-4000:]}")
-    return {"seconds": round(seconds, 1), "peak_rss_gb": round(rss / 2**30, 2), "killed_after_first_checkpoint": killed,
-            "output_tail": "".join(out)[-400:] if not killed else None}
+    return {"seconds": round(seconds, 1), "peak_rss_gb": round(rss / 2**30, 2), "killed_after_first_checkpoint": killed}
 
 
 def checkpoint_io(checkpoint: str, model: str) -> dict:
@@ -202,7 +202,7 @@ def main() -> None:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    from retrack.training.checkpoint import STATE_FILE
+    from retrack.training.checkpoint import STATE_FILE, checkpoint_name
 
     t = time.perf_counter()
     params = in_process(build, str(work / "model"))
@@ -210,9 +210,16 @@ def main() -> None:
     model_bytes = sum(p.stat().st_size for p in (work / "model").rglob("*") if p.is_file())
     write_corpus(work)
     first = unlearn(work, kill_after_checkpoint=True)
+    # The killed run's checkpoint (10 GB) is still being written back: its dirty pages count as
+    # used memory, and Ray's memory monitor would kill the resumed run's worker for them.
+    os.sync()
+    first_update = json.loads(next((work / "out.runs").rglob(f"{checkpoint_name(1)}/{STATE_FILE}")).read_text())["history"][0]
     resumed = unlearn(work, kill_after_checkpoint=False)
     states = sorted((work / "out.runs").rglob(STATE_FILE))
     final = json.loads(states[-1].read_text())
+    # Resumed: the first update's record (its seconds included) is the killed run's, not a new one.
+    if len(final["history"]) != 2 or final["history"][0] != first_update:
+        raise SystemExit(f"the second run did not resume from the first one's checkpoint: {final['history']}")
     checkpoint = states[-1].parent
     ckpt_bytes = sum(p.stat().st_size for p in checkpoint.iterdir())
     io_figures = in_process(checkpoint_io, str(checkpoint), str(work / "model"))
@@ -225,10 +232,9 @@ def main() -> None:
         "parameters": {**params, "total": sum(params.values())},
         "parent": {"build_and_save_seconds": round(build_seconds, 1), "bytes_fp16": model_bytes},
         "first_run": first,
-        "resumed_run": resumed,
+        "resumed_run": {**resumed, "resumed_from_step": 1},
         "peak_rss_gb": max(first["peak_rss_gb"], resumed["peak_rss_gb"]),
         "updates": [{k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()} for h in final["history"]],
-        "resumed_from_step": 1,
         "checkpoint": {"bytes": ckpt_bytes, **io_figures},
         "output": output,
     }

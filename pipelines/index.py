@@ -59,14 +59,15 @@ class _EncodeBatch:
         self.id_column, self.image_column = id_column, image_column
         import numpy as np
 
-        self.dim = self.encoder(np.zeros((1, *self.image_shape), np.uint8), ["_probe"]).shape[1]
+        from retrack.models.encoders import embedding_table
+
+        # An empty batch still writes the schema every other batch has.
+        self.schema = embedding_table(self.encoder, ["_probe"], np.zeros((1, *self.image_shape), np.uint8)).schema
 
     def __call__(self, batch):
-        import numpy as np
-        import pyarrow as pa
-
         from retrack.index.shards import write_bad_rows
-        from retrack.data.source import decode_batch, image_id, vectors_table
+        from retrack.data.source import decode_batch, image_id
+        from retrack.models.encoders import embedding_table
 
         sources = [str(p) for p in batch.column("path").to_pylist()]
         if self.id_column is None:
@@ -79,9 +80,8 @@ class _EncodeBatch:
         if bad:
             write_bad_rows(self.dest, uuid.uuid4().hex, bad)
         if not keep:
-            return pa.table({"id": pa.array([], pa.string()),
-                             "vector": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), self.dim)})
-        return vectors_table(keep, np.asarray(self.encoder(pixels, keep), dtype=np.float32))
+            return self.schema.empty_table()
+        return embedding_table(self.encoder, keep, pixels)
 
     dest_root_prefix = ""
 
@@ -323,7 +323,7 @@ def serve_index(uri: str, endpoint: str | None = None, manifest_digest: str | No
     worker node (a KubeRay head offers none)."""
     import ray
 
-    from retrack.index import Shard, ShardedIndex, index_manifest, shard_vectors
+    from retrack.index import Shard, ShardedIndex, index_manifest, shard_latents, shard_vectors
     from retrack.storage.location import Location
 
     root, manifest = index_manifest(uri, endpoint, manifest_digest)
@@ -332,7 +332,8 @@ def serve_index(uri: str, endpoint: str | None = None, manifest_digest: str | No
     server = ray.remote(num_cpus=0.01)(Shard)
     nprobe = manifest.params.get("nprobe")
     actors = [server.remote(remote_root, rec, nprobe) for rec in manifest.shards]
-    return ShardedIndex([_Calls(a) for a in actors], manifest, shard_vectors(root, manifest), gather=get)
+    return ShardedIndex([_Calls(a) for a in actors], manifest, shard_vectors(root, manifest), gather=get,
+                        full=shard_latents(root, manifest))
 
 
 class _Calls:

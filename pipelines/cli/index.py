@@ -42,6 +42,7 @@ def build_cmd(
     encoder: str = typer.Option("pixels", help="pixels (pixel DDPMs) or vae (Stable Diffusion latents)."),
     vae_dir: Optional[str] = typer.Option(None, help="vae: the Stable Diffusion pipeline folder (or its vae/); items are encoded at its resolution."),
     device: str = typer.Option("cuda", help="vae: device of the encoding actors when the cluster has GPUs."),
+    latent_pool: int = typer.Option(1, help="vae: side of the latent blocks pooled into the indexed vector (1: latents indexed whole; see docs/scaling.md)."),
     index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq"),
     nlist: Optional[int] = typer.Option(None), nprobe: Optional[int] = typer.Option(None),
     pq_m: Optional[int] = typer.Option(None),
@@ -58,7 +59,7 @@ def build_cmd(
     from retrack.index import EncoderSpec, IndexParams, LocalExecutor, build_index
 
     try:
-        spec = EncoderSpec(kind=encoder, model_dir=vae_dir, device=device if encoder == "vae" else "cpu")
+        spec = EncoderSpec(kind=encoder, model_dir=vae_dir, device=device if encoder == "vae" else "cpu", pool=latent_pool)
         params = IndexParams(type=index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m)
         with stage_progress("index") as progress:
             if local:

@@ -128,6 +128,10 @@ class IndexSpec(StrictModel):
     kind: Literal["auto", "flat", "ivf", "ivfpq"] = Field("auto", description="auto: exact (flat) for small corpora, IVF above index.flat_max_items.")
     flat_max_items: int = Field(200_000, ge=1, description="Largest corpus indexed exactly when kind is auto.")
     candidates_margin: int = Field(32, ge=0, description="Extra candidates searched beyond K before forget ids are dropped and the rest re-ranked exactly.")
+    latent_pool: int = Field(1, ge=1, description=(
+        "Stable Diffusion: index each latent's pool x pool blocks pooled, 1/pool² of the full latent (candidates re-ranked "
+        "exactly on the full latents, stored in fp16 beside the index). Near-duplicates stay exact; the K nearest lose "
+        "recall (docs/scaling.md: 0.53 to 0.94 at pool 4 on real images). 1: latents indexed whole."))
 
 
 class SdEvaluationSpec(StrictModel):
@@ -289,6 +293,8 @@ class JobSpec(UnlearnSpec):
             del fields["forget"]["images"]
         # The gate decides the promotion, a result: a changed ceiling is a new job. At its defaults
         # it is left out, so specs keep the hash they had before the gate existed.
+        if fields["index"]["latent_pool"] == 1:  # latents indexed whole, as before pooling existed
+            del fields["index"]["latent_pool"]
         if fields["evaluation"]["reference_items"] == EvaluationSpec.model_fields["reference_items"].default:
             del fields["evaluation"]["reference_items"]  # at its default, specs keep the hash they had before the sample
         gate = self.evaluation.gate.model_dump(mode="json", exclude_defaults=True)

@@ -284,16 +284,22 @@ def iter_file_rows(plan: CorpusPlan, f: SourceFile, batch_size: int = 256, rows:
             yield dict(zip(("id", "image", "caption", "label"), row))
 
 
-def vectors_table(ids: Sequence[str], vectors: np.ndarray) -> pa.Table:
-    """An embedding batch as arrow: id (string), vector (fixed_size_list<float32>[D])."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    d = vectors.shape[1] if vectors.ndim == 2 else 0
-    flat = pa.array(vectors.reshape(-1), type=pa.float32())
-    return pa.table({"id": pa.array(list(ids), type=pa.string()), "vector": pa.FixedSizeListArray.from_arrays(flat, d)})
+def vectors_table(ids: Sequence[str], vectors: np.ndarray, latents: np.ndarray | None = None) -> pa.Table:
+    """An embedding batch as arrow: id (string), vector (fixed_size_list<float32>[D]) and, for an
+    index of pooled latents, latent (the full latents, fixed_size_list<float16>[L])."""
+    columns = {"id": pa.array(list(ids), type=pa.string()), "vector": _fixed_lists(vectors, np.float32)}
+    if latents is not None:
+        columns["latent"] = _fixed_lists(latents, np.float16)
+    return pa.table(columns)
 
 
-def table_vectors(table: pa.Table) -> np.ndarray:
-    col = table.column("vector").combine_chunks()
-    d = col.type.list_size
-    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, d)
+def _fixed_lists(x: np.ndarray, dtype) -> pa.FixedSizeListArray:
+    x = np.ascontiguousarray(x, dtype=dtype)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1] if x.ndim == 2 else 0)
+
+
+def table_vectors(table: pa.Table, column: str = "vector") -> np.ndarray:
+    """The vectors of an embedding batch (float32, or float16 for `latent`), N x D."""
+    col = table.column(column).combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
 

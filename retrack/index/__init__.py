@@ -19,11 +19,11 @@ from retrack.index.search import (
     find_duplicates,
     find_neighbours,
 )
-from retrack.index.serving import Shard, ShardedIndex, index_manifest, open_index, shard_vectors
+from retrack.index.serving import Shard, ShardedIndex, index_manifest, open_index, shard_latents, shard_vectors
 from retrack.data.source import CorpusPlan, scan_corpus
 
 __all__ = [
     "BuildResult", "CorpusPlan", "DuplicateReport", "DuplicatesFound", "EncoderSpec", "IndexParams", "LocalExecutor",
     "Manifest", "Neighbours", "PixelEncoder", "Shard", "ShardedIndex", "VectorIndex", "build_encoder", "build_index",
-    "find_duplicates", "find_neighbours", "index_manifest", "open_index", "scan_corpus", "shard_vectors",
+    "find_duplicates", "find_neighbours", "index_manifest", "open_index", "scan_corpus", "shard_latents", "shard_vectors",
 ]

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from retrack.data.corpus import FIT_RULE
 from retrack.errors import CorpusError, StorageError
-from retrack.models.encoders import EncoderSpec, build_encoder
+from retrack.models.encoders import EncoderSpec, build_encoder, embedding_table
 from retrack.index.manifest import FileRecord, IndexParams, Manifest, ShardRecord
 from retrack.index.shards import (
     build_shard,
@@ -47,7 +47,6 @@ from retrack.data.source import (
     iter_file_batches,
     plan_chunks,
     scan_corpus,
-    vectors_table,
 )
 from retrack.storage.location import Location, S3Options
 
@@ -129,7 +128,7 @@ def encode_file(plan: CorpusPlan, f: SourceFile, n: int, dest: Location, encoder
             keep, pixels, bad = decode_batch(ids, blobs, [f.rel] * len(ids), plan.image_shape, on_bad)
             bad_all.extend(bad)
             if keep:
-                table = vectors_table(keep, encoder(pixels, keep))
+                table = embedding_table(encoder, keep, pixels)
                 if sink is None:
                     out = (dest / f"part-{n:06d}.parquet").open_output()
                     sink = (out, pq.ParquetWriter(out, table.schema))

@@ -107,9 +107,10 @@ class ShardRecord:
     faiss: FileRecord
     ids: FileRecord
     vectors: FileRecord
+    latents: FileRecord | None = None  # pooled-latent indexes: the full latents (fp16), apart from the index
 
     def files(self) -> list[FileRecord]:
-        return [self.faiss, self.ids, self.vectors]
+        return [self.faiss, self.ids, self.vectors, *([self.latents] if self.latents else [])]
 
     def valid(self, root: Location) -> bool:
         return all(f.valid_size(root) for f in self.files())
@@ -117,8 +118,8 @@ class ShardRecord:
     @classmethod
     def from_dict(cls, d: dict) -> "ShardRecord":
         d = dict(d)
-        for k in ("faiss", "ids", "vectors"):
-            d[k] = FileRecord(**d[k])
+        for k in ("faiss", "ids", "vectors", "latents"):
+            d[k] = FileRecord(**d[k]) if d.get(k) else None
         return cls(**d)
 
 
@@ -159,6 +160,11 @@ class Manifest:
         d["quantizer"] = FileRecord(**d["quantizer"]) if d.get("quantizer") else None
         d["shards"] = [ShardRecord.from_dict(s) for s in d["shards"]]
         return cls(**d)
+
+    @property
+    def latent_pool(self) -> int:
+        """> 1: the index holds pooled latents, and neighbours are re-ranked on full ones."""
+        return int(self.encoder["spec"].get("pool") or 1)
 
     @property
     def index_params(self) -> IndexParams:

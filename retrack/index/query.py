@@ -24,8 +24,8 @@ def match_images(index: VectorIndex, queries: ForgetImages, threshold: float) ->
     rows: set[int] = set()
     for n, (image, digest) in enumerate(zip(queries.images, queries.digests), 1):
         # A query's latent is sampled with a seed of its own, as an item's is with its id's.
-        vector = encoder(image[None], [f"forget-image-{digest}"])[0]
-        found = within(index, vector, threshold)
+        vector, full = encoder.indexed_and_full(image[None], [f"forget-image-{digest}"])
+        found = within(index, vector[0], threshold, q_full=full[0])
         if not found:
             raise ForgetSetError(f"forget.images entry {n} (sha256 {digest[:12]}) matches no corpus item within distance "
                                  f"{threshold:.4g}: it is not in the corpus, or is further from its copy than the "

@@ -7,7 +7,8 @@
 
 Candidates come from the (possibly approximate) faiss index; every forget id is dropped from
 them, and the rest are re-ranked exactly on the full vectors (float64). Distances are Euclidean
-in the index's space (model space, flattened, for the pixel encoder).
+in the model's space (pixels, or Stable Diffusion latents, flattened); an index of pooled latents
+is searched on those and re-ranked on the full latents stored beside it (`VectorIndex.full`).
 
 Forget ids are personal data: messages and logs carry counts and positions, never the ids.
 """
@@ -44,13 +45,14 @@ class VectorIndex:
     """A faiss index over rows 0..n-1, the ids of those rows, and their full vectors."""
 
     def __init__(self, index, ids: pa.Array, dim: int, vectors: Callable[[np.ndarray], np.ndarray],
-                 manifest: Manifest | None = None, threads: int | None = None):
+                 manifest: Manifest | None = None, threads: int | None = None, full: Callable[[np.ndarray], np.ndarray] | None = None):
         self.index = index
         self.ids = ids
         self.dim = dim
         self._vectors = vectors
         self.manifest = manifest
         self.threads = threads
+        self.full = full  # an index of pooled latents: the full latents by row, for the re-rank
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -129,6 +131,22 @@ class Neighbours:
         return self.rows.shape[1]
 
 
+def exact_rerank(q: np.ndarray, cand_vectors: np.ndarray) -> np.ndarray:
+    diff = cand_vectors.astype(np.float64) - q.astype(np.float64)[None, :]
+    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+
+def full_vectors(index: VectorIndex) -> Callable[[np.ndarray], np.ndarray]:
+    """What the re-rank reads: the full latents stored beside an index of pooled ones, else the
+    indexed vectors themselves."""
+    if index.full is not None:
+        return index.full
+    if index.manifest is not None and index.manifest.latent_pool > 1:
+        raise InputError(f"this index holds latents pooled by {index.manifest.latent_pool} and not the full latents "
+                         "its candidates are re-ranked on")
+    return index.vectors
+
+
 def _candidates(index: VectorIndex, q: np.ndarray, exclude: np.ndarray, need: int, start: int) -> list[np.ndarray]:
     """Per query, at least `need` candidate rows not in `exclude` (searching wider until found)."""
     n = len(index)
@@ -150,36 +168,30 @@ def _candidates(index: VectorIndex, q: np.ndarray, exclude: np.ndarray, need: in
     return out  # type: ignore[return-value]
 
 
-def exact_rerank(q: np.ndarray, cand_vectors: np.ndarray) -> np.ndarray:
-    diff = cand_vectors.astype(np.float64) - q.astype(np.float64)[None, :]
-    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
-
-
-def find_neighbours(index: VectorIndex, forget_ids: Sequence[str], k: int, margin: int | None = None,
-                    vectors_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> Neighbours:
+def find_neighbours(index: VectorIndex, forget_ids: Sequence[str], k: int, margin: int | None = None) -> Neighbours:
     """K nearest retained items of every forget item, re-ranked exactly in the full space.
 
     Searches K + margin candidates (margin defaults to max(K, 16), or max(4K, 64) when the index
-    holds PQ codes, whose approximate distances need a deeper candidate list), widening the search for a
-    query whose candidates are mostly forget items (e.g. many copies of it are being forgotten).
-    `vectors_fn(rows)` overrides where the full vectors come from (e.g. re-encoding candidates
-    when the index stores a compact embedding).
+    holds PQ codes, whose approximate distances need a deeper candidate list), widening the search
+    for a query whose candidates are mostly forget items (e.g. many copies of it are being
+    forgotten). The candidates are re-ranked on full vectors (`full_vectors`): for an index of
+    pooled latents, whose distances rank them only roughly, the full latents stored beside it.
     """
     if k < 1:
         raise InputError(f"k must be at least 1, not {k}")
+    vec = full_vectors(index)
     rows = index.rows_of(forget_ids)
     retained = len(index) - len(rows)
     if k > retained:
         raise InputError(f"k = {k} is larger than the retained set ({retained} items)")
-    vec = vectors_fn or index.vectors
     q = vec(rows)
     if margin is None:
         pq = index.manifest is not None and index.manifest.index_type == "ivfpq"
         margin = max(4 * k, 64) if pq else max(k, 16)
-    cands = _candidates(index, q, rows, k, k + margin + 0)
+    cands = _candidates(index, q if index.full is None else index.vectors(rows), rows, k, k + margin)
     out_rows = np.empty((len(rows), k), np.int64)
     out_dist = np.empty((len(rows), k), np.float64)
-    out_vec = np.empty((len(rows), k, index.dim), np.float32)
+    out_vec = np.empty((len(rows), k, q.shape[1]), np.float32)
     for i, c in enumerate(cands):
         cv = vec(c)
         d = exact_rerank(q[i], cv)
@@ -227,12 +239,14 @@ class DuplicatesFound(ForgetSetError):
         )
 
 
-def within(index: VectorIndex, q: np.ndarray, threshold: float, exclude: Collection[int] = frozenset(),
-           vectors_fn: Callable[[np.ndarray], np.ndarray] | None = None, start_k: int = 32) -> list[tuple[int, float]]:
-    """(row, exact distance) of every indexed item within Euclidean `threshold` of the vector `q`,
-    rows in `exclude` left out: the search widens until it passes the threshold, then the
-    candidates are re-ranked exactly on full vectors."""
-    vec = vectors_fn or index.vectors
+def within(index: VectorIndex, q: np.ndarray, threshold: float, exclude: Collection[int] = frozenset(), start_k: int = 32,
+           q_full: np.ndarray | None = None) -> list[tuple[int, float]]:
+    """(row, exact distance) of every indexed item within Euclidean `threshold` of a query (`q` in
+    the index's space, `q_full` in the full one if they differ): the search widens until it passes
+    the threshold (the index's distances never exceed the full ones), rows in `exclude` left out,
+    then the candidates are re-ranked exactly on full vectors."""
+    vec = full_vectors(index)
+    q_full = q if q_full is None else q_full
     n = len(index)
     # Approximate (PQ) distances may over-estimate: search a little wider than the threshold.
     slack = 1.0 if index.manifest is None or index.manifest.index_type != "ivfpq" else 1.5
@@ -247,23 +261,22 @@ def within(index: VectorIndex, q: np.ndarray, threshold: float, exclude: Collect
     cand = np.array([r for r, dd in zip(labels, d2) if r >= 0 and dd <= radius2 * (1 + 1e-6) and r not in exclude], dtype=np.int64)
     if len(cand) == 0:
         return []
-    return [(int(r), float(d)) for r, d in zip(cand, exact_rerank(q, vec(cand))) if d <= threshold]
+    return [(int(r), float(d)) for r, d in zip(cand, exact_rerank(q_full, vec(cand))) if d <= threshold]
 
 
 def find_duplicates(index: VectorIndex, forget_ids: Sequence[str], threshold: float, policy: str = "fail",
-                    vectors_fn: Callable[[np.ndarray], np.ndarray] | None = None, start_k: int = 32) -> DuplicateReport:
+                    start_k: int = 32) -> DuplicateReport:
     """Every retained item within Euclidean `threshold` of a forget item (exact on full vectors)."""
     if policy not in POLICIES:
         raise InputError(f"duplicates policy must be one of {POLICIES}, not {policy!r}")
     if not threshold >= 0:
         raise InputError(f"the duplicate threshold must be >= 0, not {threshold}")
     rows = index.rows_of(forget_ids)
-    vec = vectors_fn or index.vectors
-    q = vec(rows)
+    q_index, q = index.vectors(rows), full_vectors(index)(rows)
     found: dict[int, tuple[int, float]] = {}
     forget_set = set(rows.tolist())
     for i in range(len(rows)):
-        for r, dist in within(index, q[i], threshold, exclude=forget_set, vectors_fn=vec, start_k=start_k + len(rows)):
+        for r, dist in within(index, q_index[i], threshold, exclude=forget_set, start_k=start_k + len(rows), q_full=q[i]):
             if r not in found or dist < found[r][1]:
                 found[r] = (i, dist)
     dup_rows = sorted(found)

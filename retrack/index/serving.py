@@ -1,7 +1,7 @@
 """Serving a built index: loaded whole into one process (`open_index`), or shard by shard where
 each is loaded (`Shard`; `ShardedIndex` merges their answers; on a cluster one Ray actor per
-shard, `pipelines.index.serve_index`). Either answers as a `VectorIndex`; the full vectors are
-read by row from the shards' vector files."""
+shard, `pipelines.index.serve_index`). Either answers as a `VectorIndex`; the vectors (and a
+pooled-latent index's full latents) are read by row from the shards' raw files."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ class ShardedIndex(VectorIndex):
     vectors are read by row from the shards' vector files."""
 
     def __init__(self, shards: list, manifest: Manifest, vectors: Callable[[np.ndarray], np.ndarray],
-                 gather: Callable[[list], list] = list):
-        super().__init__(None, None, manifest.dim, vectors, manifest)
+                 gather: Callable[[list], list] = list, full: Callable[[np.ndarray], np.ndarray] | None = None):
+        super().__init__(None, None, manifest.dim, vectors, manifest, full=full)
         self.shards, self.gather = shards, gather
         self.offsets = np.cumsum([0] + [s.count for s in manifest.shards])
 
@@ -86,13 +86,14 @@ class ShardedIndex(VectorIndex):
 
 
 class _ShardVectors:
-    """Full vectors read from the shards' raw .vec files (memory-mapped locally, ranged reads on S3)."""
+    """Vectors by row from the shards' raw files (memory-mapped locally, ranged reads on S3): the
+    indexed vectors (.vec, float32), or a pooled-latent index's full latents (.lat, float16)."""
 
-    def __init__(self, root: Location, manifest: Manifest):
-        self.root = root
-        self.dim = manifest.dim
+    def __init__(self, root: Location, manifest: Manifest, latents: bool = False):
+        self.dim = manifest.dim * manifest.latent_pool**2 if latents else manifest.dim
+        self.dtype = np.dtype(np.float16 if latents else np.float32)
         self.offsets = np.cumsum([0] + [s.count for s in manifest.shards])
-        self.files = [root / s.vectors.name for s in manifest.shards]
+        self.files = [root / (s.latents if latents else s.vectors).name for s in manifest.shards]
         self._open: dict[int, object] = {}
 
     def _reader(self, shard: int):
@@ -101,20 +102,20 @@ class _ShardVectors:
             if loc.is_s3:
                 self._open[shard] = loc.open_input()
             else:
-                self._open[shard] = np.memmap(loc.path, dtype=np.float32, mode="r").reshape(-1, self.dim)
+                self._open[shard] = np.memmap(loc.path, dtype=self.dtype, mode="r").reshape(-1, self.dim)
         return self._open[shard]
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), self.dim), np.float32)
         shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
-        width = self.dim * 4
+        width = self.dim * self.dtype.itemsize
         for i, (row, s) in enumerate(zip(rows, shard_of)):
             local = int(row - self.offsets[s])
             r = self._reader(int(s))
             if isinstance(r, np.memmap):
                 out[i] = r[local]
             else:
-                out[i] = np.frombuffer(r.read_at(width, local * width), dtype=np.float32)
+                out[i] = np.frombuffer(r.read_at(width, local * width), dtype=self.dtype)
         return out
 
 
@@ -132,8 +133,18 @@ def index_manifest(uri: "str | Location", endpoint: str | None = None, manifest_
 
 
 def shard_vectors(root: Location, manifest: Manifest) -> Callable[[np.ndarray], np.ndarray]:
-    """The full vectors by row, read from the shards' vector files (ranged reads on S3)."""
+    """The indexed vectors by row, read from the shards' vector files (ranged reads on S3)."""
     return _ShardVectors(root, manifest)
+
+
+def shard_latents(root: Location, manifest: Manifest) -> Callable[[np.ndarray], np.ndarray] | None:
+    """A pooled-latent index's full latents by row (what its candidates are re-ranked on); None
+    for an index of full vectors."""
+    if manifest.latent_pool == 1:
+        return None
+    if any(s.latents is None for s in manifest.shards):
+        raise StorageError("this index holds pooled latents but not the full ones its neighbours are re-ranked on: rebuild it")
+    return _ShardVectors(root, manifest, latents=True)
 
 
 def open_index(uri: "str | Location", endpoint: str | None = None, nprobe: int | None = None,
@@ -166,7 +177,7 @@ def open_index(uri: "str | Location", endpoint: str | None = None, nprobe: int |
     ids = pa.concat_arrays([load_shard_ids(root, s) for s in manifest.shards])
     if len(ids) != index.ntotal:
         raise StorageError(f"index {root.uri}: {index.ntotal} vectors but {len(ids)} ids; rebuild it")
-    vi = VectorIndex(index, ids, manifest.dim, _ShardVectors(root, manifest), manifest, threads)
+    vi = VectorIndex(index, ids, manifest.dim, _ShardVectors(root, manifest), manifest, threads, full=shard_latents(root, manifest))
     vi._shards = subs  # the IndexShards refers to these without owning them
     vi.set_nprobe(nprobe if nprobe is not None else manifest.params.get("nprobe"))
     return vi

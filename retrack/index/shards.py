@@ -7,7 +7,9 @@ Layout under an index root:
     quantizer.faiss                       the trained, empty IVF index (IVF types only)
     shards/shard-NNNNN.faiss              faiss.serialize_index of one chunk's vectors
     shards/shard-NNNNN.ids.parquet        the ids, in index order
-    shards/shard-NNNNN.vec                the full vectors, raw float32 row-major (random access)
+    shards/shard-NNNNN.vec                the indexed vectors, raw float32 row-major (random access)
+    shards/shard-NNNNN.lat                pooled-latent indexes only: the full latents, raw float16
+                                          row-major, read by row for the re-rank (never loaded whole)
     shards/shard-NNNNN.json               the shard's record: written last, sizes and sha256
     manifest.json                         written last of all
 
@@ -56,19 +58,20 @@ def write_bad_rows(dest: Location, name: str, bad: list[BadRow]) -> None:
 def finish_chunk(dest: Location) -> dict:
     """Record a fully written chunk: its parquet parts (name, size, rows), dim and skipped rows."""
     parts = []
-    dim = None
+    dim, latents = None, False
     for e in dest.list(suffixes=(".parquet",)):
         with e.location.open_input() as f:
             meta = pq.ParquetFile(f)
             rows = meta.metadata.num_rows
             t = meta.schema_arrow.field("vector").type
             dim = t.list_size if dim is None else dim
+            latents = "latent" in meta.schema_arrow.names
         parts.append({"name": e.location.relative_to(dest), "size": e.size, "rows": rows})
     bad: list[dict] = []
     for e in dest.list(hidden=True):
         if e.location.relative_to(dest).startswith(BAD_DIR + "/"):
             bad.extend(json.loads(line) for line in e.location.read_text().splitlines() if line)
-    info = {"parts": parts, "rows": sum(p["rows"] for p in parts), "dim": dim, "bad": bad}
+    info = {"parts": parts, "rows": sum(p["rows"] for p in parts), "dim": dim, "latents": latents, "bad": bad}
     (dest / SUCCESS).write_json(info)
     return info
 
@@ -88,10 +91,11 @@ def chunk_info(dest: Location) -> dict | None:
     return info
 
 
-def iter_chunk_tables(dest: Location, info: dict, batch_size: int = 8192) -> Iterator[pa.Table]:
+def iter_chunk_tables(dest: Location, info: dict, batch_size: int = 8192, latents: bool = False) -> Iterator[pa.Table]:
+    columns = ["id", "vector", "latent"] if latents else ["id", "vector"]
     for p in sorted(info["parts"], key=lambda p: p["name"]):
         with (dest / p["name"]).open_input() as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["id", "vector"]):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
                 yield pa.Table.from_batches([batch])
 
 
@@ -230,22 +234,17 @@ def build_shard(
         index = new_index(params, dim)
     base = shard_name(number)
     (root / f"{base}.json").remove()
-    vec_loc = root / f"{base}.vec"
+    latents = info.get("latents", False)
     ids: list[str] = []
-    import hashlib
-
-    vec_hash = hashlib.sha256()
-    vec_size = 0
-    with vec_loc.open_output() as vf:
-        for table in iter_chunk_tables(dest, info):
+    with _RawWriter(root, f"{base}.vec") as vec, _RawWriter(root, f"{base}.lat", open_file=latents) as lat:
+        for table in iter_chunk_tables(dest, info, latents=latents):
             x = table_vectors(table)
             if len(x) == 0:
                 continue
             index.add(x)
-            data = x.tobytes()
-            vf.write(data)
-            vec_hash.update(data)
-            vec_size += len(data)
+            vec.write(x.tobytes())
+            if latents:
+                lat.write(table_vectors(table, "latent").tobytes())
             ids.extend(table.column("id").to_pylist())
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table({"id": pa.array(ids, type=pa.string())}), sink)
@@ -261,10 +260,37 @@ def build_shard(
         dim=dim,
         faiss=FileRecord.of(root, f"{base}.faiss", index_bytes),
         ids=FileRecord.of(root, f"{base}.ids.parquet", ids_bytes),
-        vectors=FileRecord(f"{base}.vec", vec_size, vec_hash.hexdigest()),
+        vectors=vec.record,
+        latents=lat.record if latents else None,
     )
     (root / f"{base}.json").write_json(asdict(record))
     return record
+
+
+class _RawWriter:
+    """A raw file written in pieces, its size and sha256 kept for the shard's record."""
+
+    def __init__(self, root: Location, name: str, open_file: bool = True):
+        import hashlib
+
+        self.name, self.size, self.hash = name, 0, hashlib.sha256()
+        self.file = (root / name).open_output() if open_file else None
+
+    def __enter__(self) -> "_RawWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.hash.update(data)
+        self.size += len(data)
+
+    @property
+    def record(self) -> FileRecord:
+        return FileRecord(self.name, self.size, self.hash.hexdigest())
 
 
 def read_shard_record(root: Location, number: int) -> ShardRecord | None:

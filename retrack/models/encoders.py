@@ -2,9 +2,14 @@
 
 - `pixels`: decoded images in model space (float32 in [-1, 1], CxHxW), flattened. The space of
   pixel DDPMs, so a neighbour found here is a neighbour for the unlearning method.
-- `vae`: Stable Diffusion latents, flattened, by the rule of `retrack.models.latents` (resized to
-  the model's resolution, sampled with the item's own seed, shifted and scaled): exactly the
-  latents the model is trained and evaluated on.
+- `vae`: Stable Diffusion latents, by the rule of `retrack.models.latents` (brought to the model's
+  resolution, sampled with the item's own seed, shifted and scaled): exactly the latents the model
+  is trained and evaluated on. With `pool` > 1 (opt-in) the index holds each channel's
+  pool x pool blocks summed and divided by pool, an orthogonal projection onto the latent's coarse
+  structure, and the full latents apart (`embedding_table`). A pooled distance never exceeds the
+  full one, so a radius search for near-duplicates on them misses none; neighbours are searched on
+  them and re-ranked on the full latents (`retrack.index.search`), with a loss of recall that
+  docs/scaling.md measures.
 
 An `EncoderSpec` is plain data (picklable, hashable into the manifest); `build_encoder(spec)` makes
 the callable inside whatever process runs it (a Ray actor on a GPU, or the driver).
@@ -12,15 +17,19 @@ the callable inside whatever process runs it (a Ray actor on a GPU, or the drive
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
 from retrack.data.corpus import to_model_space
 from retrack.digest import config_digest, directory_digest
 from retrack.errors import InputError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,8 @@ class EncoderSpec:
     model_dir: str | None = None
     resolution: int | None = None
     device: str = "cpu"
+    # vae: side of the latent blocks pooled into the indexed vector (1: latents indexed whole)
+    pool: int = 1
 
     def vae_geometry(self) -> tuple[Path, int]:
         """The VAE folder and the side length items are resized to before encoding."""
@@ -53,16 +64,39 @@ class EncoderSpec:
             raise InputError(f"resolution {self.resolution} was given, but the model at {root} denoises {resolution}x{resolution}")
         return vae_dir, resolution
 
+    def latent_pool(self) -> int:
+        """The pool side, checked against the VAE's latents (1 for pixels: indexed whole)."""
+        if self.kind != "vae" or self.pool == 1:
+            return 1
+        vae_dir, resolution = self.vae_geometry()
+        levels = len(json.loads((vae_dir / "config.json").read_text())["block_out_channels"])
+        side = resolution // 2 ** (levels - 1)
+        if self.pool < 1 or side % self.pool:
+            raise InputError(f"the latent pool {self.pool} does not divide the latent side {side}")
+        return self.pool
+
     def digest(self) -> str:
-        """What decides the vectors: the kind, the VAE's weights and the resolution (not the device)."""
+        """What decides the vectors: the kind, the VAE's weights, the resolution and the pool (not
+        the device)."""
         body: dict = {"kind": self.kind}
         if self.kind == "vae":
             vae_dir, resolution = self.vae_geometry()
             body.update(rule="sd-latent/centre-crop", resolution=resolution, model=directory_digest(vae_dir))
+            if (pool := self.latent_pool()) > 1:  # full-latent indexes keep the digest they had
+                body["pool"] = pool
         return config_digest(body)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def pool_latents(z: np.ndarray, pool: int) -> np.ndarray:
+    """N x C x H x W latents -> N x (C * H/pool * W/pool): each block's sum divided by pool (its
+    coordinate on the block's unit vector), so distances shrink or stay, never grow."""
+    n, c, h, w = z.shape
+    if pool == 1:
+        return np.ascontiguousarray(z.reshape(n, -1))
+    return np.ascontiguousarray(z.reshape(n, c, h // pool, pool, w // pool, pool).sum(axis=(3, 5)).reshape(n, -1) / pool)
 
 
 def _is_pipeline(path: Path) -> bool:
@@ -73,7 +107,10 @@ class Encoder(Protocol):
     spec: EncoderSpec
 
     def __call__(self, images_u8: np.ndarray, ids: Sequence[str]) -> np.ndarray:
-        """uint8 NxHxWxC -> float32 NxD."""
+        """uint8 NxHxWxC -> float32 NxD: the indexed vectors."""
+
+    def indexed_and_full(self, images_u8: np.ndarray, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The indexed vectors and the full ones (the same for an encoder that indexes them whole)."""
 
 
 class PixelEncoder:
@@ -82,6 +119,10 @@ class PixelEncoder:
 
     def __call__(self, images_u8: np.ndarray, ids: Sequence[str] = ()) -> np.ndarray:
         return np.ascontiguousarray(to_model_space(images_u8).reshape(len(images_u8), -1))
+
+    def indexed_and_full(self, images_u8: np.ndarray, ids: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+        v = self(images_u8, ids)
+        return v, v
 
 
 class VaeEncoder:
@@ -95,14 +136,39 @@ class VaeEncoder:
         self.spec = spec
         vae_dir, self.resolution = spec.vae_geometry()
         self.vae = load_vae(vae_dir).to(spec.device)
+        self.pool = spec.latent_pool()
 
-    def __call__(self, images_u8: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+    def latents(self, images_u8: np.ndarray, ids: Sequence[str]) -> np.ndarray:
         from retrack.models.latents import encode_latents, item_seed
 
+        return encode_latents(self.vae, images_u8, [item_seed(i) for i in ids], self.resolution).numpy()
+
+    def __call__(self, images_u8: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+        """The indexed vectors: the latents pooled by `pool`."""
         if len(images_u8) == 0:
             return np.zeros((0, 0), np.float32)
-        z = encode_latents(self.vae, images_u8, [item_seed(i) for i in ids], self.resolution)
-        return z.reshape(len(z), -1).numpy()
+        return pool_latents(self.latents(images_u8, ids), self.pool)
+
+    def full(self, images_u8: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+        """The full latents, flattened (what a compact index's candidates are re-ranked on)."""
+        return self.indexed_and_full(images_u8, ids)[1]
+
+    def indexed_and_full(self, images_u8: np.ndarray, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        if len(images_u8) == 0:
+            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+        z = self.latents(images_u8, ids)
+        return pool_latents(z, self.pool), np.ascontiguousarray(z.reshape(len(z), -1))
+
+
+def embedding_table(encoder: Encoder, ids: Sequence[str], images_u8: np.ndarray) -> "pa.Table":
+    """An embedding batch: the indexed vectors and, where they are pooled latents, the full
+    latents in fp16 (what neighbours are re-ranked on; the index stores them apart)."""
+    from retrack.data.source import vectors_table
+
+    if getattr(encoder, "pool", 1) > 1:
+        vectors, latents = encoder.indexed_and_full(images_u8, ids)
+        return vectors_table(ids, vectors, latents)
+    return vectors_table(ids, encoder(images_u8, ids))
 
 
 def build_encoder(spec: EncoderSpec) -> Encoder:

@@ -63,6 +63,7 @@ def _save_model(prep: Prepared, checkpoint_dir: str, state: dict, out: str) -> s
 
     from retrack.models.sd import save_finetuned_unet
 
-    unet = UNet2DConditionModel.from_pretrained(prep.model_dir, subfolder="unet", use_safetensors=True).float()
+    # The parent's config, not its weights (which may exist only as a variant): the run's replace them all.
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(prep.model_dir, subfolder="unet"))
     unet.load_state_dict(weights)
     return save_finetuned_unet(unet, prep.model_dir, out, metadata=meta)

@@ -188,7 +188,9 @@ def test_run_on_an_image_folder_and_webdataset_shards_on_s3(ray_cluster, small_o
 def test_stable_diffusion_with_captions_in_an_image_folder_on_s3(ray_cluster, sd_inputs):
     """A tiny Stable Diffusion that memorises a planted captioned item; its corpus and holdout as
     image folders whose metadata.jsonl carries the captions, the model and the forget file on S3.
-    The planted item's copies are found in latent space and forgotten; the version is registered."""
+    The index holds latents pooled 2x2 (a compact index), its candidates re-ranked on the full
+    latents stored beside it on S3. The planted item's copies are found in latent space and
+    forgotten; the version is registered."""
     from mlflow import MlflowClient
 
     from tests.fixtures.corpora import write_imagefolder
@@ -200,7 +202,7 @@ def test_stable_diffusion_with_captions_in_an_image_folder_on_s3(ray_cluster, sd
     inputs = {"model": s3.upload_dir(sd_inputs / "model", "models/tiny-sd"), "corpus": uris["corpus"], "holdout": uris["holdout"],
               "forget": s3.uri("requests/req-sd/forget.txt")}
     path, spec = write_job(
-        ray_cluster, inputs, "req-cluster-sd", model={"kind": "stable-diffusion"}, corpus={"format": "imagefolder"},
+        ray_cluster, inputs, "req-cluster-sd", model={"kind": "stable-diffusion"}, corpus={"format": "imagefolder"}, index={"latent_pool": 2},
         train={"steps": 20, "batch_size": 8, "lr": 2e-4, "checkpoint_every": 0}, scaling={"num_workers": 1, "cpus_per_worker": 0.5},
         evaluation={"num_samples": 16, "stable_diffusion": {"generations_per_caption": 16, "inference_steps": 20, "guidance_scale": 1.0}},
     )
@@ -210,6 +212,9 @@ def test_stable_diffusion_with_captions_in_an_image_folder_on_s3(ray_cluster, sd
     records = markers(s3, spec)
     assert sorted(records) == sorted(ALL_STAGES) and records["evaluate"]["verdict"] == "forgotten"
     assert records["neighbours"]["forget_count"] == COPIES
+    manifest = s3_json(s3, records["index"]["index_uri"].split(f"{s3.bucket}/", 1)[1] + "/manifest.json")
+    assert manifest["encoder"]["spec"]["pool"] == 2 and manifest["dim"] == 4 * 4 * 4  # of 4x8x8 latents
+    assert all(s["latents"]["size"] == s["count"] * 4 * 8 * 8 * 2 for s in manifest["shards"])
     assert {Path(k).name for k in s3_keys(s3, job_prefix(spec) + "report/")} == REPORT_FILES
     assert any(k.endswith("model/unet/diffusion_pytorch_model.safetensors") for k in s3_keys(s3, job_prefix(spec) + "model/"))
     mv = MlflowClient(tracking_uri=ray_cluster.mlflow.tracking_uri).get_model_version(spec.mlflow.registered_model, records["register"]["model_version"])

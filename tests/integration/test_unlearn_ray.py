@@ -321,6 +321,21 @@ def test_tiny_stable_diffusion_stage_with_captions(ray_local, tiny_sd_job, tmp_p
         unlearn(with_spec(req, model=ModelSpec(uri=req.spec.model.uri, kind="pixel-ddpm")).model_copy(update={"output_dir": str(tmp_path / "x")}))
 
 
+def test_a_parent_shipped_only_as_the_fp16_variant_is_unlearned_and_loads_plainly(ray_local, tiny_sd_job, tmp_path):
+    """`save_pretrained(..., variant="fp16")`, as SD checkpoints ship, leaves no plain weights: the
+    stage trains from the variant and writes an output a plain `from_pretrained` loads."""
+    from diffusers import StableDiffusionPipeline
+
+    parent = tmp_path / "parent"
+    StableDiffusionPipeline.from_pretrained(tiny_sd_job / "model").to(torch.float16).save_pretrained(parent, variant="fp16", safe_serialization=True)
+    assert not list(parent.rglob("diffusion_pytorch_model.safetensors"))
+    req = stage_run(parent, tiny_sd_job / "corpus", tiny_sd_job / "forget.txt", tmp_path, "sd-fp16", kind="stable-diffusion",
+                    request_id="sd-fp16", workers=1, params={"lambda": 0.5, "k": 4}, steps=1, batch_size=4, checkpoint_every=0)
+    result = unlearn(req)
+    pipe = StableDiffusionPipeline.from_pretrained(result.output_dir)
+    assert pipe.unet.dtype == torch.float32 and all(torch.isfinite(p).all() for p in pipe.unet.parameters())
+
+
 @pytest.mark.slow
 def test_checkpoints_on_s3_storage(ray_local, s3_env, bench, model_dir, tmp_path):
     """Checkpoints and run markers on a real S3 server (SeaweedFS); the workers were started before

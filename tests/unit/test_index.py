@@ -448,6 +448,61 @@ def test_vae_index_build_and_encoder_change_triggers_rebuild(tmp_path, tiny_vae_
     assert pixels.status == "built" and pixels.encoded_chunks == 1 and pixels.manifest.dim == 16 * 16 * 3
 
 
+def test_pooled_latents_never_lengthen_a_distance():
+    from retrack.models.encoders import pool_latents
+
+    z = np.random.default_rng(0).normal(size=(200, 4, 8, 8)).astype(np.float32)
+    full = np.linalg.norm(z[:100].reshape(100, -1) - z[100:].reshape(100, -1), axis=1)
+    for pool in (2, 4, 8):
+        pooled = pool_latents(z, pool)
+        assert pooled.shape == (200, 4 * (8 // pool) ** 2)
+        assert (np.linalg.norm(pooled[:100] - pooled[100:], axis=1) <= full * (1 + 1e-5)).all()
+    block = np.zeros((1, 1, 4, 4), np.float32)
+    block[0, 0, :2, :2] = 1.0  # one 2x2 block of ones: its coordinate is 4 / 2, its norm kept
+    assert pool_latents(block, 2)[0].tolist() == [2.0, 0.0, 0.0, 0.0]
+
+
+def test_a_compact_latent_index_finds_the_exact_full_latent_neighbours(tmp_path, tiny_vae_dir):
+    """Latents pooled 2x2 (a quarter of a full latent's bytes) are searched; the candidates are
+    re-ranked on the full latents stored beside the index (fp16): the neighbours and the
+    near-duplicates of exact search on the full latents."""
+    import torch
+
+    from retrack.index import VectorIndex
+    from retrack.models.encoders import build_encoder
+    from retrack.models.sd import load_vae
+
+    vae = load_vae(tiny_vae_dir)
+    with torch.no_grad():  # a trained VAE's tight posterior: latents near their means, as SD's are
+        vae.quant_conv.weight[4:] = 0.0
+        vae.quant_conv.bias[4:] = -12.0
+    vae.save_pretrained(tmp_path / "vae")
+    # Smooth pictures (4x4 patterns scaled up): as in real images, most of a latent's energy is
+    # in its coarse structure, which pooling keeps.
+    coarse = np.kron(clustered_images(90, size=4, clusters=6, noise=30.0, seed=3).astype(np.float32), np.ones((4, 4), np.float32))
+    grey = np.clip(coarse + np.random.default_rng(4).normal(0, 3, coarse.shape), 0, 255).astype(np.uint8)
+    images = np.repeat(grey[:, :, :, None], 3, axis=3)
+    ids = write_corpus(tmp_path / "c", images, shard_size=30)
+    spec = EncoderSpec(kind="vae", model_dir=str(tmp_path / "vae"), resolution=16, pool=2)
+    assert spec.digest() != EncoderSpec(kind="vae", model_dir=str(tmp_path / "vae"), resolution=16).digest()
+    with pytest.raises(InputError, match="does not divide the latent side 8"):
+        EncoderSpec(kind="vae", model_dir=str(tmp_path / "vae"), resolution=16, pool=3).digest()
+    m = build_index(tmp_path / "c", tmp_path / "idx", encoder=spec, rows_per_chunk=30).manifest
+    full = build_encoder(spec).full(images, ids)
+    assert m.latent_pool == 2 and m.dim * 4 == full.shape[1] == 256
+    for s in m.shards:  # the indexed vectors a quarter of the full latents; the latents apart, in fp16
+        assert s.vectors.size == s.count * full.shape[1] * 4 // 4 and s.latents.size == s.count * full.shape[1] * 2
+
+    compact, exact = open_index(tmp_path / "idx"), VectorIndex.from_arrays(ids, full)
+    forget = [ids[4], ids[40], ids[77]]
+    want, got = find_neighbours(exact, forget, 8), find_neighbours(compact, forget, 8, margin=24)
+    assert got.ids == want.ids
+    np.testing.assert_allclose(got.distances, want.distances, rtol=2e-3)  # fp16 latents
+    threshold = float(want.distances[:, 2].max())  # each forget item has 3 retained items or more within it
+    dup = find_duplicates(compact, forget, threshold=threshold * 0.999, policy="warn")
+    assert dup.count >= 3 and dup.duplicate_ids == find_duplicates(exact, forget, threshold=threshold * 0.999, policy="warn").duplicate_ids
+
+
 # --------------------------------------------------------------------------------------------
 # Storage and CLI
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ def run(ctx: JobContext) -> dict:
     if spec.model.kind is ModelKind.STABLE_DIFFUSION:
         from retrack.index import EncoderSpec
 
-        encoder = EncoderSpec(kind="vae", model_dir=spec.model.uri, device="cuda" if spec.scaling.use_gpu else "cpu")
+        encoder = EncoderSpec(kind="vae", model_dir=spec.model.uri, device="cuda" if spec.scaling.use_gpu else "cpu",
+                              pool=spec.index.latent_pool)
         key += "-vae-" + encoder.digest()[:12]  # one index per (corpus, VAE): a pixel index of the same corpus is kept
     out = ctx.storage / "indexes" / key
     params = IndexParams(type=spec.index.kind, flat_max=spec.index.flat_max_items)

@@ -55,7 +55,8 @@ def run(ctx: JobContext) -> dict:
 def _default_duplicate_threshold(index) -> float:
     """Model-space L2 under which two items are copies: a tenth of the typical nearest-neighbour
     distance between distinct retained items (exact copies sit at 0), measured on the index's
-    vectors (the space duplicates are searched in: pixels, or Stable Diffusion's VAE latents)."""
+    vectors (the space duplicates are searched in: pixels, or Stable Diffusion's VAE latents;
+    pooled latents, whose distances are shorter, give a stricter threshold)."""
     rng = np.random.default_rng(0)
     rows = rng.choice(len(index), min(len(index), 512), replace=False)
     d2, _ = index.search(index.vectors(rows), 2)
