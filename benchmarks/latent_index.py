@@ -143,7 +143,7 @@ def main() -> None:
     build_seconds = time.perf_counter() - t
     t = time.perf_counter()
     encoder = build_encoder(spec)  # brings the images to the model's resolution as the index stage does
-    full = np.concatenate([encoder.full(images[s:s + 256], ids[s:s + 256]) for s in range(0, len(ids), 256)])
+    full = np.concatenate([encoder.indexed_and_full(images[s:s + 256], ids[s:s + 256])[1] for s in range(0, len(ids), 256)])
     full_seconds = time.perf_counter() - t
     forget = [ids[n] for n in sorted(np.random.default_rng(0).choice(len(ids), REQUEST, replace=False))]
     truth = find_neighbours(VectorIndex.from_arrays(ids, full), forget, K)

@@ -232,7 +232,7 @@ def main() -> None:
         "parameters": {**params, "total": sum(params.values())},
         "parent": {"build_and_save_seconds": round(build_seconds, 1), "bytes_fp16": model_bytes},
         "first_run": first,
-        "resumed_run": {**resumed, "resumed_from_step": 1},
+        "resumed_run": {**resumed, "resumed_from_step": first_update["step"]},
         "peak_rss_gb": max(first["peak_rss_gb"], resumed["peak_rss_gb"]),
         "updates": [{k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()} for h in final["history"]],
         "checkpoint": {"bytes": ckpt_bytes, **io_figures},

@@ -94,8 +94,6 @@ def pool_latents(z: np.ndarray, pool: int) -> np.ndarray:
     """N x C x H x W latents -> N x (C * H/pool * W/pool): each block's sum divided by pool (its
     coordinate on the block's unit vector), so distances shrink or stay, never grow."""
     n, c, h, w = z.shape
-    if pool == 1:
-        return np.ascontiguousarray(z.reshape(n, -1))
     return np.ascontiguousarray(z.reshape(n, c, h // pool, pool, w // pool, pool).sum(axis=(3, 5)).reshape(n, -1) / pool)
 
 
@@ -105,6 +103,7 @@ def _is_pipeline(path: Path) -> bool:
 
 class Encoder(Protocol):
     spec: EncoderSpec
+    pool: int  # > 1: the indexed vectors are pooled latents, and the full ones are kept apart
 
     def __call__(self, images_u8: np.ndarray, ids: Sequence[str]) -> np.ndarray:
         """uint8 NxHxWxC -> float32 NxD: the indexed vectors."""
@@ -114,6 +113,8 @@ class Encoder(Protocol):
 
 
 class PixelEncoder:
+    pool = 1
+
     def __init__(self, spec: EncoderSpec = EncoderSpec()):
         self.spec = spec
 
@@ -144,20 +145,15 @@ class VaeEncoder:
         return encode_latents(self.vae, images_u8, [item_seed(i) for i in ids], self.resolution).numpy()
 
     def __call__(self, images_u8: np.ndarray, ids: Sequence[str]) -> np.ndarray:
-        """The indexed vectors: the latents pooled by `pool`."""
-        if len(images_u8) == 0:
-            return np.zeros((0, 0), np.float32)
-        return pool_latents(self.latents(images_u8, ids), self.pool)
-
-    def full(self, images_u8: np.ndarray, ids: Sequence[str]) -> np.ndarray:
-        """The full latents, flattened (what a compact index's candidates are re-ranked on)."""
-        return self.indexed_and_full(images_u8, ids)[1]
+        return self.indexed_and_full(images_u8, ids)[0]
 
     def indexed_and_full(self, images_u8: np.ndarray, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The latents pooled by `pool` (whole when it is 1) and whole, flattened."""
         if len(images_u8) == 0:
             return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
         z = self.latents(images_u8, ids)
-        return pool_latents(z, self.pool), np.ascontiguousarray(z.reshape(len(z), -1))
+        full = np.ascontiguousarray(z.reshape(len(z), -1))
+        return (pool_latents(z, self.pool) if self.pool > 1 else full), full
 
 
 def embedding_table(encoder: Encoder, ids: Sequence[str], images_u8: np.ndarray) -> "pa.Table":
@@ -165,7 +161,7 @@ def embedding_table(encoder: Encoder, ids: Sequence[str], images_u8: np.ndarray)
     latents in fp16 (what neighbours are re-ranked on; the index stores them apart)."""
     from retrack.data.source import vectors_table
 
-    if getattr(encoder, "pool", 1) > 1:
+    if encoder.pool > 1:
         vectors, latents = encoder.indexed_and_full(images_u8, ids)
         return vectors_table(ids, vectors, latents)
     return vectors_table(ids, encoder(images_u8, ids))

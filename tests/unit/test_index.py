@@ -488,7 +488,7 @@ def test_a_compact_latent_index_finds_the_exact_full_latent_neighbours(tmp_path,
     with pytest.raises(InputError, match="does not divide the latent side 8"):
         EncoderSpec(kind="vae", model_dir=str(tmp_path / "vae"), resolution=16, pool=3).digest()
     m = build_index(tmp_path / "c", tmp_path / "idx", encoder=spec, rows_per_chunk=30).manifest
-    full = build_encoder(spec).full(images, ids)
+    full = build_encoder(spec).indexed_and_full(images, ids)[1]
     assert m.latent_pool == 2 and m.dim * 4 == full.shape[1] == 256
     for s in m.shards:  # the indexed vectors a quarter of the full latents; the latents apart, in fp16
         assert s.vectors.size == s.count * full.shape[1] * 4 // 4 and s.latents.size == s.count * full.shape[1] * 2
