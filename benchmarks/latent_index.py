@@ -1,4 +1,4 @@
-"""The compact latent index against exact search on full latents, on real images.
+"""The compact latent indexes against exact search on full latents, on real images.
 
     python benchmarks/latent_index.py [--items 20000]   # -> benchmarks/results/latent_index.json
 
@@ -6,16 +6,16 @@ Needs Debian's `dataset-fashion-mnist` (apt-get install dataset-fashion-mnist). 
 training images (28x28, grey, as RGB) are a parquet corpus, brought to 128x128 by retrack's fit
 rule and encoded by a VAE of Stable Diffusion's shape (4 levels, so latents are 4x16x16: 4 KiB in
 fp32), narrower so that 20k images encode on a laptop CPU; random weights (nothing is downloaded)
-with a trained VAE's tight posterior, as the tests' tiny SD has. `retrack index build`'s code path
-(`build_index`, `EncoderSpec(pool=4)`) indexes the latents pooled 4x4 (64 floats, 1/16 of the full
-latent), first flat (the auto choice at this size), then as IVF-PQ over the same encoded chunks.
-A deletion request of 100 random items asks for their 10 nearest retained items
-(`find_neighbours`, K + margin candidates re-ranked on the full latents the index stage stored in
-fp16 beside the index, at several margins); the truth is exact search on every full latent (fp32,
-encoded again) with the forget items left out. Recorded: recall@10, candidates re-ranked per
-forget item, bytes per item of the index and of the stored latents against a full fp32 latent,
-seconds; and, for comparison, the same request through a PCA projection to as many floats as the
-pooled vectors (not part of retrack).
+with a trained VAE's tight posterior, as the tests' tiny SD has. Through `retrack index build`'s
+code path (`build_index`) the corpus is indexed two ways, each flat and as IVF-PQ over the same
+encoded chunks: the latents pooled 4x4 (`EncoderSpec(pool=4)`: 64 floats, 1/16 of the full latent;
+the full latents stored in fp16 beside the index), and the full latents projected by a PCA trained
+with the index (`IndexParams(pca=...)`; the full latents are the index's stored vectors). A
+deletion request of 100 random items asks for their 10 nearest retained items (`find_neighbours`,
+K + margin candidates re-ranked on the full latents, at several margins); the truth is exact
+search on every full latent (fp32) with the forget items left out. Recorded: recall@10,
+candidates re-ranked per forget item, bytes per item of the index and of what is stored beside
+it, against a full fp32 latent; seconds.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 RESOLUTION, POOL, K, REQUEST = 128, 4, 10, 100
 MARGINS = (32, 64, 128, 256, 512)
+PCA_DIMS = (64, 128)
 
 
 def make_vae(path: Path) -> None:
@@ -54,58 +55,46 @@ def make_vae(path: Path) -> None:
 
 def index_bytes(manifest) -> dict:
     """Bytes per item of what a search loads (the faiss index and the ids) and of the files read
-    by row beside it: the pooled vectors (.vec) and the full latents in fp16 (.lat)."""
+    by row beside it: the indexed vectors (.vec: pooled, or the full latents when projected) and
+    the full latents in fp16 (.lat, pooled indexes only)."""
     per_item = lambda files: round(sum(f.size for f in files) / manifest.count, 1)  # noqa: E731
     shards = manifest.shards
     return {"index_bytes_per_item": per_item([f for s in shards for f in (s.faiss, s.ids)]),
-            "pooled_vector_bytes_per_item": per_item([s.vectors for s in shards]),
-            "stored_latent_bytes_per_item": per_item([s.latents for s in shards])}
+            "vector_bytes_per_item": per_item([s.vectors for s in shards]),
+            "stored_latent_bytes_per_item": per_item([s.latents for s in shards if s.latents is not None])}
 
 
 def request(index, forget: list[str], truth) -> list[dict]:
-    """The request's neighbours at each candidate margin (re-ranked on the full latents stored
-    beside the index), against the truth."""
+    """The request's neighbours at each candidate margin (re-ranked on the full latents), against the truth."""
     from retrack.index import find_neighbours
 
-    stored, out = index.full, []
+    reads = "full" if index.full is not None else "vectors"  # where the re-rank reads the full latents
+    stored, out = getattr(index, reads), []
     for margin in MARGINS:
         reranked: list[int] = []
-        index.full = lambda rows: reranked.append(len(rows)) or stored(rows)  # noqa: B023 (counts this margin's reads)
+        setattr(index, reads, lambda rows: reranked.append(len(rows)) or stored(rows))  # noqa: B023 (counts this margin's reads)
         t = time.perf_counter()
         got = find_neighbours(index, forget, K, margin=margin)
         seconds = time.perf_counter() - t
         out.append({"margin": margin, "recall_at_10": float(np.mean([len(set(a) & set(b)) / K for a, b in zip(got.ids, truth.ids)])),
                     "items_with_all_10": int(sum(set(a) == set(b) for a, b in zip(got.ids, truth.ids))), "seconds": round(seconds, 2),
-                    # one read for the forget items, then one per forget item
-                    "candidates_reranked_per_item": round((sum(reranked) - len(forget)) / len(forget), 1)})
-    index.full = stored
+                    # one read for the forget items (two when the re-rank reads the indexed vectors), then one per forget item
+                    "candidates_reranked_per_item": round((sum(reranked) - len(forget) * (1 + (reads == "vectors"))) / len(forget), 1)})
+    setattr(index, reads, stored)
     return out
 
 
-def projection_request(full: np.ndarray, ids: list[str], forget: list[str], truth, dim: int) -> list[dict]:
-    """The same request through a PCA projection of the full latents to `dim` (as many floats as
-    the pooled vectors), flat search, re-ranked on the full latents: what a learned projection
-    would give in place of pooling (measured here, not built into retrack)."""
-    import faiss
+def variant(work: Path, name: str, spec, params, executor, forget: list[str], truth) -> dict:
+    """Build (or rebuild over the kept encoded chunks) the index `name` and run the request on it."""
+    from retrack.index import build_index, open_index
 
-    pca = faiss.PCAMatrix(full.shape[1], dim)
-    pca.train(full[np.random.default_rng(1).choice(len(full), min(5000, len(full)), replace=False)])
-    projected = pca.apply(full)
-    at = {i: n for n, i in enumerate(ids)}
-    rows = np.array([at[i] for i in forget])
-    kept = np.setdiff1d(np.arange(len(ids)), rows)
-    index = faiss.IndexFlatL2(dim)
-    index.add(projected[kept])
-    out = []
-    for margin in MARGINS:
-        _, found = index.search(projected[rows], K + margin)
-        got = []
-        for q, cand in zip(rows, kept[found]):
-            order = np.argsort(((full[cand] - full[q]) ** 2).sum(axis=1), kind="stable")[:K]
-            got.append([ids[r] for r in cand[order]])
-        out.append({"margin": margin, "recall_at_10": float(np.mean([len(set(a) & set(b)) / K for a, b in zip(got, truth.ids)])),
-                    "candidates_reranked_per_item": K + margin})
-    return out
+    t = time.perf_counter()
+    built = build_index(work / "corpus", work / name, encoder=spec, params=params, executor=executor, rows_per_chunk=5000)
+    seconds = time.perf_counter() - t
+    p = built.manifest.params
+    return {"type": built.manifest.index_type, **{k: p[k] for k in ("pca", "nlist", "nprobe", "pq_m", "pq_bits") if p.get(k) is not None},
+            "encoded_chunks": built.encoded_chunks, "build_seconds": round(seconds, 1), **index_bytes(built.manifest),
+            "by_margin": request(open_index(work / name), forget, truth)}
 
 
 def main() -> None:
@@ -122,7 +111,6 @@ def main() -> None:
     from retrack.data.corpus import encode_image, write_shards
     from retrack.embedded.benchmark import fashion_mnist_available, load_fashion_mnist_u8
     from retrack.index import EncoderSpec, IndexParams, LocalExecutor, VectorIndex, build_index, find_neighbours, open_index
-    from retrack.models.encoders import build_encoder
 
     if not fashion_mnist_available():
         raise SystemExit("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist")
@@ -135,40 +123,36 @@ def main() -> None:
     ids = [f"fm-{n:06d}" for n in range(len(images))]
     write_shards(work / "corpus", ({"id": i, "image": encode_image(im)} for i, im in zip(ids, images)), shard_size=5000)
     make_vae(work / "vae")
-    spec = EncoderSpec(kind="vae", model_dir=str(work / "vae"), resolution=RESOLUTION, pool=POOL)
+    whole = EncoderSpec(kind="vae", model_dir=str(work / "vae"), resolution=RESOLUTION)
+    pooled = EncoderSpec(kind="vae", model_dir=str(work / "vae"), resolution=RESOLUTION, pool=POOL)
     executor = LocalExecutor(threads=os.cpu_count() or 1, batch_size=256)
 
+    # The truth: exact search on the full latents, read back from a flat index of them (encoded once).
     t = time.perf_counter()
-    flat = build_index(work / "corpus", work / "index", encoder=spec, executor=executor, rows_per_chunk=5000)
-    build_seconds = time.perf_counter() - t
-    t = time.perf_counter()
-    encoder = build_encoder(spec)  # brings the images to the model's resolution as the index stage does
-    full = np.concatenate([encoder.indexed_and_full(images[s:s + 256], ids[s:s + 256])[1] for s in range(0, len(ids), 256)])
-    full_seconds = time.perf_counter() - t
+    build_index(work / "corpus", work / "whole", encoder=whole, executor=executor, rows_per_chunk=5000)
+    encode_seconds = time.perf_counter() - t
+    exact = open_index(work / "whole")
+    full = exact.vectors(np.arange(len(exact)))
     forget = [ids[n] for n in sorted(np.random.default_rng(0).choice(len(ids), REQUEST, replace=False))]
-    truth = find_neighbours(VectorIndex.from_arrays(ids, full), forget, K)
+    truth = find_neighbours(VectorIndex.from_arrays(exact.ids_of(np.arange(len(exact))), full), forget, K)
 
-    flat_result = {"type": flat.manifest.index_type, **index_bytes(flat.manifest), "by_margin": request(open_index(work / "index"), forget, truth)}
-    t = time.perf_counter()
-    pq = build_index(work / "corpus", work / "index", encoder=spec, params=IndexParams(type="ivfpq", pq_m=16), executor=executor,
-                     rows_per_chunk=5000)
-    pq_seconds = time.perf_counter() - t
-    p = pq.manifest.params
-    pq_result = {"type": pq.manifest.index_type, "nlist": p["nlist"], "nprobe": p["nprobe"], "pq_m": p["pq_m"], "pq_bits": p["pq_bits"],
-                 "build_seconds_reusing_the_encoded_chunks": round(pq_seconds, 1), **index_bytes(pq.manifest),
-                 "by_margin": request(open_index(work / "index"), forget, truth)}
+    results = {}
+    for dim in PCA_DIMS:
+        results[f"pca_{dim}_flat"] = variant(work, "whole", whole, IndexParams(type="flat", pca=dim), executor, forget, truth)
+        results[f"pca_{dim}_ivfpq"] = variant(work, "whole", whole, IndexParams(type="ivfpq", pca=dim, pq_m=64), executor, forget, truth)
+    results["pool_4_flat"] = variant(work, "pooled", pooled, IndexParams(type="flat"), executor, forget, truth)
+    results["pool_4_ivfpq"] = variant(work, "pooled", pooled, IndexParams(type="ivfpq", pq_m=16), executor, forget, truth)
+    if exact.manifest.count != len(ids) or full.shape[1] != 4 * (RESOLUTION // 8) ** 2:
+        raise SystemExit(f"the index holds {exact.manifest.count} vectors of dim {full.shape[1]}: not the corpus's full latents")
     result = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "data": f"Fashion-MNIST, first {len(ids)} training images, as RGB at {RESOLUTION}x{RESOLUTION}",
-        "latent": [4, RESOLUTION // 8, RESOLUTION // 8], "full_latent_bytes": full.shape[1] * 4, "pool": POOL,
+        "latent": [4, RESOLUTION // 8, RESOLUTION // 8], "full_latent_bytes": full.shape[1] * 4,
         "request": {"forget_items": REQUEST, "k": K, "truth": "exact search on every full latent, forget items left out"},
-        "encode_and_build_flat_seconds": round(build_seconds, 1), "full_latents_seconds": round(full_seconds, 1),
-        "flat": flat_result, "ivfpq": pq_result,
-        f"pca_{full.shape[1] // POOL**2}_flat_for_comparison": projection_request(full, ids, forget, truth, full.shape[1] // POOL**2),
+        "encode_and_build_exact_seconds": round(encode_seconds, 1),
+        **results,
     }
-    if flat.manifest.count != len(ids) or flat.manifest.dim * POOL * POOL != full.shape[1]:
-        raise SystemExit(f"the index holds {flat.manifest.count} vectors of dim {flat.manifest.dim}: not the corpus's pooled latents")
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -45,6 +45,16 @@ TRAIN = ["--steps", "2", "--batch-size", "2", "--forget-batch-size", "1", "--lr"
          "--params", json.dumps({"k": 2, "lambda": 0.1})]
 
 
+def sd15_unet_config(resolution: int) -> dict:
+    """SD-1.5's UNet (860M parameters) for `resolution`-pixel images (latents 8x smaller)."""
+    return dict(
+        sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+
+
 def build(path: str) -> dict:
     """SD-1.5's UNet, VAE and CLIP ViT-L/14 text encoder configs, random weights, saved fp16."""
     import torch
@@ -55,12 +65,7 @@ def build(path: str) -> dict:
     from retrack.models.sd import sd_scheduler
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )
+    unet = UNet2DConditionModel(**sd15_unet_config(RESOLUTION))
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=RESOLUTION,

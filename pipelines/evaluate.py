@@ -5,16 +5,18 @@ the samples equal those of a single process and integrity stays paired. A model 
 either as an s3:// URI that each node copies once, or as its files through the object store (no
 shared filesystem needed between nodes either way).
 
-Stable Diffusion (`evaluate_sd_request`): latents of the forgotten items, their retained
-candidates and the held-out items are encoded in a task, generations for the forgotten and for
-retained captions and the per-item denoising losses are spread over tasks, and
-`retrack.sd_evaluation` scores them. Captions travel only inside object references, never in
-task names, logs or the report.
+Stable Diffusion (`evaluate_sd_request`): each model in turn is loaded once per scorer actor (one
+per GPU with bf16 autocast where the cluster has GPUs, one per CPU otherwise); the original's
+encode the forgotten items, their retained candidates and the held-out items, then each model's
+scorers share out its generations (batched) for the forgotten and for retained captions and the
+per-item denoising losses, and `retrack.evaluation.sd` scores them. Captions travel only inside
+call arguments, never in task names, logs or the report.
 """
 
 from __future__ import annotations
 
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -187,50 +189,66 @@ class SdItems:
     holdout_captions: list[str] | None = None
 
 
-def _sd_model(source: dict, tmp: str, threads: int):
-    import torch
+class SdScorer:
+    """One model (the original or the unlearned), loaded once per actor: on the actor's GPU, where
+    it was given one, with bf16 autocast for generation and losses; on its CPU otherwise. Item
+    latents are encoded in fp32 either way: the copy thresholds are distances between them."""
 
-    from retrack.models.sd import load_sd_model
+    def __init__(self, source: dict):
+        import torch
 
-    torch.set_num_threads(threads)
-    return load_sd_model(_open_model(source, tmp))
+        from retrack.models.sd import load_sd_model
+
+        self._tmp = tempfile.TemporaryDirectory()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # one CPU per actor, as Ray placed it
+        self.model = load_sd_model(_open_model(source, self._tmp.name), self.device)
+
+    def _autocast(self):
+        import torch
+
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+    def encode(self, groups: dict[str, tuple[np.ndarray, list[str]]]) -> dict[str, np.ndarray]:
+        from retrack.evaluation.sd import item_latents
+
+        return {name: item_latents(self.model, images, ids) for name, (images, ids) in groups.items()}
+
+    def generate(self, work: dict) -> tuple[np.ndarray, np.ndarray | None]:
+        from retrack.evaluation.sd import generate_latents
+
+        with self._autocast():
+            return generate_latents(self.model, work["captions"], work["seeds"], work["steps"], work["guidance"],
+                                    decode=work["decode"])
+
+    def losses(self, work: dict) -> np.ndarray:
+        from retrack.evaluation.sd import item_losses
+
+        with self._autocast():
+            return item_losses(self.model, work["latents"], work["captions"], seed=work["seed"])
 
 
-def _sd_encode(source: dict, groups: dict[str, tuple[np.ndarray, list[str]]], threads: int) -> dict[str, np.ndarray]:
-    from retrack.evaluation.sd import item_latents
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model = _sd_model(source, tmp, threads)
-        return {name: item_latents(model, images, ids) for name, (images, ids) in groups.items()}
-
-
-def _sd_generate(source: dict, work: dict, threads: int) -> tuple[np.ndarray, np.ndarray | None]:
-    from retrack.evaluation.sd import generate_latents
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model = _sd_model(source, tmp, threads)
-        return generate_latents(model, work["captions"], work["seeds"], work["steps"], work["guidance"], decode=work["decode"])
-
-
-def _sd_losses(source: dict, work: dict, threads: int) -> np.ndarray:
-    from retrack.evaluation.sd import item_losses
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model = _sd_model(source, tmp, threads)
-        return item_losses(model, work["latents"], work["captions"], seed=work["seed"])
-
-
-def _spread(fn, sources: list, rows: int, work_of, num_tasks: int | None = None, progress: Report | None = None,
-            name: str = "") -> list[list]:
-    """Per model source, `fn` over contiguous row ranges on Ray tasks; the parts in order.
-    `progress(name, rows done, rows of every source)` as tasks end."""
+def _scorers(source: dict, wanted: int) -> list:
+    """Up to `wanted` SdScorer actors of one model: one per cluster GPU when there are GPUs, one
+    per CPU otherwise. A scorer whose worker dies is restarted and its calls rerun (same seeds,
+    same results): a lost worker costs time only."""
     import ray
 
-    remote = ray.remote(num_cpus=1, max_retries=SAMPLE_RETRIES)(fn)
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    slots = gpus or max(1, int(res.get("CPU", 1)))
+    actor = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=SAMPLE_RETRIES, max_task_retries=SAMPLE_RETRIES)(SdScorer)
+    return [actor.remote(source) for _ in range(max(1, min(wanted, slots)))]
+
+
+def _spread(scorers: list, method: str, rows: int, work_of, done: int, total: int, num_tasks: int | None = None,
+            progress: Report | None = None, name: str = "") -> list:
+    """`method` of the scorers over contiguous row ranges, dealt round-robin; the parts in order.
+    `progress(name, rows done, total)` as calls end, counting from `done`."""
     parts = _split(rows, _task_count(rows, num_tasks))
-    futures = [remote.remote(src, ray.put(work_of(part)), 1) for src in sources for part in parts]
-    done = _gather(futures, [p.stop - p.start for p in parts] * len(sources), progress, name, 0, rows * len(sources))
-    return [done[k:k + len(parts)] for k in range(0, len(done), len(parts))]
+    futures = [getattr(scorers[n % len(scorers)], method).remote(work_of(part)) for n, part in enumerate(parts)]
+    return _gather(futures, [p.stop - p.start for p in parts], progress, name, done, total)
 
 
 def evaluate_sd_request(
@@ -250,8 +268,6 @@ def evaluate_sd_request(
     """Score an unlearned Stable Diffusion against its original (local directories or s3:// URIs).
     `settings`: seed, forget_threshold (latent L2, None: calibrated per item), generations_per_caption,
     inference_steps, guidance_scale (`retrack.spec.EvaluationSpec` and its `stable_diffusion`)."""
-    import ray
-
     from retrack.evaluation.metrics import membership_test
     from retrack.evaluation.sd import SD_METRIC_KEYS, ForgetReference, copy_thresholds, is_copy, memorisation, sd_integrity
 
@@ -262,23 +278,25 @@ def evaluate_sd_request(
     groups |= {f"cand{j}": c for j, c in enumerate(items.candidates)}
     if items.holdout_images is not None:
         groups["holdout"] = (items.holdout_images, items.holdout_ids)
-    latents = get(ray.remote(num_cpus=1, max_retries=SAMPLE_RETRIES)(_sd_encode).remote(sources[0], ray.put(groups), 1))
-
-    prompts = list(dict.fromkeys(items.forget_captions))  # distinct forget captions: planted copies share one
-    prompt_of = np.array([prompts.index(c) for c in items.forget_captions])
-    if settings.forget_threshold is not None:
-        thresholds = np.full(len(prompt_of), float(settings.forget_threshold))
-    else:
-        thresholds = copy_thresholds(latents["forget"], [latents[f"cand{j}"] for j in range(len(items.candidates))])
-    ref = ForgetReference(latents=latents["forget"], thresholds=thresholds, prompt_of=prompt_of, n_prompts=len(prompts))
-
     # One job list for both models: generation k draws its noise from seed + k (paired by seed).
+    prompts = list(dict.fromkeys(items.forget_captions))  # distinct forget captions: planted copies share one
     g = sd_settings.generations_per_caption
     n_forget_gens = len(prompts) * g
     captions = [p for p in prompts for _ in range(g)] + list(items.integrity_captions)
     seeds = [settings.seed + k for k in range(len(captions))]
     shown = min(64, len(items.integrity_captions))
     decode = [False] * n_forget_gens + [k < shown for k in range(len(items.integrity_captions))]
+
+    # One model at a time, its scorers holding one copy each; the original's encode every item first.
+    scorers = _scorers(sources[0], _task_count(len(captions), num_tasks))
+    latents = get(scorers[0].encode.remote(groups))
+
+    prompt_of = np.array([prompts.index(c) for c in items.forget_captions])
+    if settings.forget_threshold is not None:
+        thresholds = np.full(len(prompt_of), float(settings.forget_threshold))
+    else:
+        thresholds = copy_thresholds(latents["forget"], [latents[f"cand{j}"] for j in range(len(items.candidates))])
+    ref = ForgetReference(latents=latents["forget"], thresholds=thresholds, prompt_of=prompt_of, n_prompts=len(prompts))
 
     def gen_work(part: slice) -> dict:
         return {"captions": captions[part], "seeds": seeds[part], "decode": decode[part],
@@ -291,8 +309,15 @@ def evaluate_sd_request(
     def loss_work(part: slice) -> dict:
         return {"latents": all_latents[part], "captions": loss_captions[part], "seed": settings.seed}
 
-    generated = _spread(_sd_generate, sources, len(captions), gen_work, num_tasks, progress, "generations")
-    losses = [np.concatenate(parts) for parts in _spread(_sd_losses, sources, len(all_latents), loss_work, num_tasks, progress, "losses")]
+    generated, losses = [], []
+    n_gen, n_loss = len(captions), len(all_latents)
+    for k, source in enumerate(sources):
+        if k:
+            scorers = _scorers(source, _task_count(n_gen, num_tasks))
+        generated.append(_spread(scorers, "generate", n_gen, gen_work, k * n_gen, 2 * n_gen, num_tasks, progress, "generations"))
+        losses.append(np.concatenate(_spread(scorers, "losses", n_loss, loss_work, k * n_loss, 2 * n_loss, num_tasks, progress, "losses")))
+        for actor in scorers:  # ends once its calls are done, its atexit cleanup run (ray.kill would skip it)
+            actor.__ray_terminate__.remote()
     gens = [np.concatenate([z for z, _ in parts]) for parts in generated]
     pixels = [np.concatenate([px for _, px in parts if px is not None]) for parts in generated]
 

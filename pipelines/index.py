@@ -281,10 +281,10 @@ class RayExecutor:
     def train(self, root, keys, infos, params):
         import ray
 
-        from retrack.index.shards import train_ivf
+        from retrack.index.shards import train_index
 
         # One task draws the sample from the encoded chunks and trains on it: not on the driver.
-        task = ray.remote(num_cpus=self.shard_cpus, max_retries=self.shard_retries)(train_ivf)
+        task = ray.remote(num_cpus=self.shard_cpus, max_retries=self.shard_retries)(train_index)
         return get(task.remote(root, keys, infos, params, max(1, int(self.shard_cpus))))
 
     def build_shards(self, root, jobs, params, quantizer, progress=None):

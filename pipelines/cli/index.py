@@ -46,6 +46,7 @@ def build_cmd(
     index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq"),
     nlist: Optional[int] = typer.Option(None), nprobe: Optional[int] = typer.Option(None),
     pq_m: Optional[int] = typer.Option(None),
+    pca_dim: Optional[int] = typer.Option(None, help="Project the vectors to this many dimensions (PCA trained with the index); candidates are re-ranked on the full ones."),
     rows_per_chunk: int = typer.Option(200_000, help="Rows per encode chunk / index shard."),
     on_bad: str = typer.Option("fail", help="fail, or skip bad rows and report them in bad_rows.jsonl."),
     force: bool = typer.Option(False, help="Rebuild even if the manifest matches."),
@@ -60,7 +61,7 @@ def build_cmd(
 
     try:
         spec = EncoderSpec(kind=encoder, model_dir=vae_dir, device=device if encoder == "vae" else "cpu", pool=latent_pool)
-        params = IndexParams(type=index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m)
+        params = IndexParams(type=index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m, pca=pca_dim)
         with stage_progress("index") as progress:
             if local:
                 res = build_index(corpus, out, spec, params, LocalExecutor(threads=os.cpu_count() or 1),
@@ -82,7 +83,7 @@ def neighbours_cmd(
     index: str = typer.Argument(..., help="Index folder (path or s3://)."),
     forget: str = typer.Option(..., help="Forget-id file: one id a line."),
     k: int = typer.Option(8, "-k", help="Neighbours per forget item."),
-    margin: Optional[int] = typer.Option(None, help="Extra candidates searched before re-ranking (default max(k, 16))."),
+    margin: Optional[int] = typer.Option(None, help="Extra candidates searched before re-ranking (default max(k, 16); deeper for PQ codes and projected indexes)."),
     out: str = typer.Option(..., help="Where to write the neighbours file (the one `retrack unlearn --neighbours` reads; path or s3://)."),
     vectors_out: Optional[str] = typer.Option(None, help="Also write the neighbour vectors [U, K, D] (.npy, local)."),
     nprobe: Optional[int] = typer.Option(None), endpoint: Optional[str] = typer.Option(None, envvar="AWS_ENDPOINT_URL"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -31,7 +31,7 @@ from retrack.config.model_kind import ModelKind
 from retrack.config.spec import ScalingSpec
 from retrack.config.train import MethodConfig, TrainConfig
 from retrack.errors import QualityCollapseError, TrainingDivergedError
-from retrack.methods import UnlearnBatch, build_method
+from retrack.methods import build_method
 from retrack.models.schedule import NoiseSchedule
 from retrack.storage.location import S3Options
 from retrack.training.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
@@ -107,18 +107,6 @@ def _load_bundle(kind: ModelKind, model_dir: str, device: torch.device):
     return m, m.unet, m.scheduler
 
 
-def _to_device(batch: UnlearnBatch, device: torch.device) -> UnlearnBatch:
-    if device.type == "cpu":
-        return batch
-    return UnlearnBatch(**{f.name: None if (x := getattr(batch, f.name)) is None else x.to(device, non_blocking=True) for f in fields(batch)})
-
-
-def _device_generator(gen: torch.Generator, device: torch.device) -> torch.Generator:
-    if device.type == "cpu":
-        return gen
-    return torch.Generator(device=device).manual_seed(gen.initial_seed())
-
-
 class _WorkerRun:
     """One worker's model, optimiser, data and progress from its start step on."""
 
@@ -151,7 +139,7 @@ class _WorkerRun:
 
         retain = batches(retain_name(self.rank)) if s.plan.needs.retain and len(mine) else ()
         data = assemble(s.plan, ItemEncoder(s.plan.kind, self.bundle), batches("forget"), retain, mine)
-        self.drawer = BatchDrawer(data, self.method.requirements, s.train)
+        self.drawer = BatchDrawer(data, self.method.requirements, s.train, self.device)
 
     def train(self) -> None:
         s, train = self.s, self.s.train
@@ -175,8 +163,7 @@ class _WorkerRun:
         for step in range(self.start, train.steps):
             began = time.perf_counter()
             pairs = [self.drawer.microbatch(step, m) for m in mine]
-            batches = [_to_device(b, self.device) for b, _ in pairs]
-            gens = [_device_generator(g, self.device) for _, g in pairs]
+            batches, gens = [b for b, _ in pairs], [g for _, g in pairs]
             try:
                 with model.no_sync() if self.world > 1 else nullcontext():
                     logs = unlearning_step(

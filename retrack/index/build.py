@@ -36,7 +36,7 @@ from retrack.index.shards import (
     finish_chunk,
     read_shard_record,
     shard_config,
-    train_ivf,
+    train_index,
     write_bad_rows,
 )
 from retrack.data.source import (
@@ -75,8 +75,8 @@ class Executor(Protocol):
         as a job's files are all written (build_index marks the chunk complete there, so a crash
         later in the run keeps it)."""
 
-    def train(self, root: Location, keys: list[str], infos: list[dict], params: IndexParams) -> tuple[bytes, int, float]:
-        """`retrack.index.shards.train_ivf` where the work runs."""
+    def train(self, root: Location, keys: list[str], infos: list[dict], params: IndexParams) -> tuple[bytes, int | None, float]:
+        """`retrack.index.shards.train_index` where the work runs."""
 
     def build_shards(self, root: Location, jobs: list[ShardJob], params: IndexParams, quantizer: FileRecord | None,
                      progress: Progress | None) -> list[ShardRecord]:
@@ -174,7 +174,7 @@ class LocalExecutor:
                 chunk_done(job)
 
     def train(self, root, keys, infos, params):
-        return train_ivf(root, keys, infos, params, self.threads)
+        return train_index(root, keys, infos, params, self.threads)
 
     def build_shards(self, root, jobs, params, quantizer, progress=None):
         out = []
@@ -285,7 +285,7 @@ def build_index(
 def index_chunks(root: Location, keys: list[str], params: IndexParams, executor: Executor,
                  old: Manifest | None = None, force: bool = False, progress: Progress | None = None,
                  ) -> tuple[IndexParams, FileRecord | None, list[ShardRecord], int]:
-    """Index encoded chunks (embeddings/<key>/, complete): train the quantizer if IVF, then build
+    """Index encoded chunks (embeddings/<key>/, complete): train the empty index if it needs it, then build
     the shards that are missing, stale or damaged. Returns (params, quantizer, shards, built)."""
     infos = [chunk_info(embeddings_dir(root, k)) for k in keys]
     if any(i is None for i in infos):
@@ -294,7 +294,7 @@ def index_chunks(root: Location, keys: list[str], params: IndexParams, executor:
     dim = next(i["dim"] for i in infos if i["rows"])
     resolved = params.resolve(count, dim)
     quantizer = None
-    if resolved.type != "flat":
+    if resolved.trained:
         same_inputs = old is not None and old.quantizer is not None and old.index_params.build_digest() == resolved.build_digest() \
             and [s.chunk_key for s in old.shards] == keys and old.quantizer.valid_size(root) and not force
         if same_inputs:
@@ -302,11 +302,12 @@ def index_chunks(root: Location, keys: list[str], params: IndexParams, executor:
             if resolved.nprobe is None:
                 resolved = replace(resolved, nprobe=old.index_params.nprobe)
         else:
-            log.info("training %s quantizer: nlist=%d on %d sampled vectors", resolved.type, resolved.nlist, resolved.train_size)
+            log.info("training the %s index (nlist %s, pca %s) on %d sampled vectors", resolved.type, resolved.nlist, resolved.pca,
+                     resolved.train_size)
             data, nprobe, recall = executor.train(root, keys, infos, resolved)
             quantizer = FileRecord.of(root, "quantizer.faiss", data)
             (root / "quantizer.faiss").write_bytes(data)
-            if resolved.nprobe is None:
+            if resolved.nprobe is None and nprobe is not None:
                 log.info("nprobe %d reaches recall@10 %.3f on held-out sample queries", nprobe, recall)
                 resolved = replace(resolved, nprobe=nprobe, calibrated_recall=round(recall, 4))
     config = shard_config(resolved, quantizer)

@@ -30,7 +30,10 @@ class IndexParams:
     given, is calibrated at build time: the smallest power of two whose recall@10 on held-out
     sample queries reaches `target_recall` against exact search. ivfpq stores `pq_m` sub-quantizer
     codes of `pq_bits` bits per vector; neighbours are always re-ranked on the full vectors, so PQ
-    only affects candidate recall.
+    only affects candidate recall. `pca` projects the vectors to that many dimensions (a faiss
+    PCAMatrix trained with the index, on the same sample) before any of these: the index then
+    holds `pca` floats, or PQ codes of them, per item; its distances are lower bounds of the full
+    ones and rank candidates only roughly, so searches re-rank a deeper candidate list.
     """
 
     type: str = "auto"
@@ -43,18 +46,30 @@ class IndexParams:
     target_recall: float = 0.99
     seed: int = 0
     calibrated_recall: float | None = None  # what the calibrated nprobe reached (recorded, not asked for)
+    pca: int | None = None
 
     def __post_init__(self):
         if self.type not in INDEX_TYPES:
             raise InputError(f"index type {self.type!r} is not one of {INDEX_TYPES}")
+        if self.pca is not None and self.pca < 1:
+            raise InputError(f"index pca must be at least 1, not {self.pca}")
+
+    @property
+    def trained(self) -> bool:
+        """Is the index trained on a sample before vectors are added (IVF lists, PQ codebooks, PCA)?"""
+        return self.type != "flat" or self.pca is not None
 
     def resolve(self, n: int, dim: int) -> "IndexParams":
         """Concrete parameters for n vectors of dimension dim (what the manifest records)."""
         kind = self.type
         if kind == "auto":
             kind = "flat" if n <= self.flat_max else "ivf"
+        if self.pca is not None and self.pca >= dim:
+            raise InputError(f"index pca = {self.pca} must be below the vectors' dimension {dim}")
         if kind == "flat":
-            return IndexParams(type="flat", flat_max=self.flat_max, seed=self.seed)
+            train = None if self.pca is None else min(n, self.train_size or 20_000)
+            return IndexParams(type="flat", flat_max=self.flat_max, seed=self.seed, pca=self.pca, train_size=train)
+        dim = self.pca or dim  # what the IVF lists and PQ codes see
         nlist = self.nlist or max(16, 2 ** round(math.log2(max(2 * math.sqrt(n), 1))))
         nlist = min(nlist, max(1, n // 39))  # faiss wants >= 39 training points per list
         nprobe = None if self.nprobe is None else min(nlist, self.nprobe)
@@ -67,13 +82,15 @@ class IndexParams:
         # PQ codebooks of 2**bits centroids want >= 39 training points each.
         pq_bits = min(self.pq_bits, max(1, int(math.log2(max(train // 39, 2))))) if kind == "ivfpq" else self.pq_bits
         return IndexParams(type=kind, flat_max=self.flat_max, nlist=nlist, nprobe=nprobe, pq_m=pq_m,
-                           pq_bits=pq_bits, train_size=train, target_recall=self.target_recall, seed=self.seed)
+                           pq_bits=pq_bits, train_size=train, target_recall=self.target_recall, seed=self.seed, pca=self.pca)
 
     def build_digest(self) -> str:
         """What decides the stored shards (nprobe is a search-time setting and is left out)."""
         d = asdict(self)
         for search_only in ("nprobe", "flat_max", "target_recall", "calibrated_recall"):
             d.pop(search_only)
+        if d["pca"] is None:  # indexes built before projection existed keep their digest
+            del d["pca"]
         return config_digest(d)
 
 

@@ -171,8 +171,9 @@ def _candidates(index: VectorIndex, q: np.ndarray, exclude: np.ndarray, need: in
 def find_neighbours(index: VectorIndex, forget_ids: Sequence[str], k: int, margin: int | None = None) -> Neighbours:
     """K nearest retained items of every forget item, re-ranked exactly in the full space.
 
-    Searches K + margin candidates (margin defaults to max(K, 16), or max(4K, 64) when the index
-    holds PQ codes, whose approximate distances need a deeper candidate list), widening the search
+    Searches K + margin candidates (margin defaults to max(K, 16), max(4K, 64) when the index
+    holds PQ codes and max(4K, 256) when it holds projected vectors, whose approximate distances
+    need a deeper candidate list), widening the search
     for a query whose candidates are mostly forget items (e.g. many copies of it are being
     forgotten). The candidates are re-ranked on full vectors (`full_vectors`): for an index of
     pooled latents, whose distances rank them only roughly, the full latents stored beside it.
@@ -186,8 +187,11 @@ def find_neighbours(index: VectorIndex, forget_ids: Sequence[str], k: int, margi
         raise InputError(f"k = {k} is larger than the retained set ({retained} items)")
     q = vec(rows)
     if margin is None:
-        pq = index.manifest is not None and index.manifest.index_type == "ivfpq"
-        margin = max(4 * k, 64) if pq else max(k, 16)
+        m = index.manifest
+        if m is not None and m.index_params.pca is not None:
+            margin = max(4 * k, 256)
+        else:
+            margin = max(4 * k, 64) if m is not None and m.index_type == "ivfpq" else max(k, 16)
     cands = _candidates(index, q if index.full is None else index.vectors(rows), rows, k, k + margin)
     out_rows = np.empty((len(rows), k), np.int64)
     out_dist = np.empty((len(rows), k), np.float64)

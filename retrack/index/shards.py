@@ -20,7 +20,7 @@ and encoded again; a shard whose record is missing or whose files differ in size
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -125,6 +125,9 @@ def sample_vectors(chunks: list[tuple[Location, dict]], size: int, seed: int) ->
 def new_index(params: IndexParams, dim: int):
     import faiss
 
+    if params.pca is not None:
+        # faiss's Python constructor keeps the projection and the inner index alive with it.
+        return faiss.IndexPreTransform(faiss.PCAMatrix(dim, params.pca), new_index(replace(params, pca=None), params.pca))
     if params.type == "flat":
         return faiss.IndexFlatL2(dim)
     quantizer = faiss.IndexFlatL2(dim)
@@ -140,13 +143,17 @@ def new_index(params: IndexParams, dim: int):
 
 
 def train_quantizer(params: IndexParams, sample: np.ndarray, threads: int | None = None) -> bytes:
-    """An empty IVF(-PQ) index trained on `sample`, serialised with faiss."""
+    """An empty index trained on `sample` (its IVF lists, PQ codebooks, PCA), serialised with faiss."""
     import faiss
 
     if threads:
         faiss.omp_set_num_threads(threads)
     index = new_index(params, sample.shape[1])
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    if params.pca is not None:
+        # The full eigenvector basis (d_in² floats, 1 GB for an SD latent at 512²) is training's;
+        # the projection is A and b. Every shard carries a copy of this index.
+        faiss.downcast_VectorTransform(index.chain.at(0)).PCAMat.clear()
     return faiss.serialize_index(index).tobytes()
 
 
@@ -154,23 +161,26 @@ def calibrate_nprobe(params: IndexParams, quantizer: bytes, sample: np.ndarray, 
     """Smallest power-of-two nprobe whose recall@k on held-out sample queries reaches the target.
 
     The sample (already in memory for training) stands in for the corpus: its points are sparser,
-    so neighbours are farther and the estimate errs on the side of more probes.
+    so neighbours are farther and the estimate errs on the side of more probes. For a projected
+    index the truth is exact search in the projected space: nprobe decides which lists are
+    searched, not what the projection loses (the re-rank's margin makes up for that).
     """
     import faiss
 
     rng = np.random.default_rng(params.seed + 1)
     perm = rng.permutation(len(sample))
     q, base = sample[perm[:queries]], np.ascontiguousarray(sample[perm[queries:]])
-    flat = faiss.IndexFlatL2(base.shape[1])
-    flat.add(base)
-    _, truth = flat.search(q, k)
     index = faiss.deserialize_index(np.frombuffer(quantizer, dtype=np.uint8))
     index.add(base)
-    # PQ candidates are re-ranked on full vectors: what counts is the truth among K + margin.
+    space = (lambda x: x) if params.pca is None else faiss.downcast_VectorTransform(index.chain.at(0)).apply
+    flat = faiss.IndexFlatL2(params.pca or base.shape[1])
+    flat.add(space(base))
+    _, truth = flat.search(space(q), k)
+    # PQ's candidates are re-ranked on full vectors: what counts is the truth among K + margin.
     depth = k if params.type == "ivf" else k + max(4 * k, 64)
     nprobe, recall = 1, 0.0
     while True:
-        index.nprobe = nprobe
+        faiss.extract_index_ivf(index).nprobe = nprobe
         _, got = index.search(q, depth)
         recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)]))
         if recall >= params.target_recall or nprobe >= params.nlist:
@@ -178,13 +188,14 @@ def calibrate_nprobe(params: IndexParams, quantizer: bytes, sample: np.ndarray, 
         nprobe = min(2 * nprobe, params.nlist)
 
 
-def train_ivf(root: Location, keys: list[str], infos: list[dict], params: IndexParams, threads: int | None = None) -> tuple[bytes, int, float]:
-    """Draw the training sample from the encoded chunks, train the IVF(-PQ) quantizer on it and,
-    unless nprobe is given, calibrate nprobe: (serialised quantizer, nprobe, recall@10). Runs
-    wherever the executor puts it (a Ray task on a cluster: the sample never reaches the driver)."""
+def train_index(root: Location, keys: list[str], infos: list[dict], params: IndexParams, threads: int | None = None,
+                ) -> tuple[bytes, int | None, float]:
+    """Draw the training sample from the encoded chunks, train the empty index on it and, for IVF
+    unless nprobe is given, calibrate nprobe: (serialised index, nprobe, recall@10). Runs wherever
+    the executor puts it (a Ray task on a cluster: the sample never reaches the driver)."""
     sample = sample_vectors([(embeddings_dir(root, k), i) for k, i in zip(keys, infos)], params.train_size, params.seed)
     data = train_quantizer(params, sample, threads)
-    if params.nprobe is not None:
+    if params.nprobe is not None or params.type == "flat":
         return data, params.nprobe, float("nan")
     nprobe, recall = calibrate_nprobe(params, data, sample)
     return data, nprobe, recall

@@ -79,11 +79,12 @@ def micro_generator(seed: int, step: int, micro: int) -> torch.Generator:
 
 
 class BatchDrawer:
-    """Draws step `s`'s global batch from (seed, s) and serves it as `grad_accum` micro-batches."""
+    """Draws step `s`'s global batch from (seed, s) and serves it as `grad_accum` micro-batches on
+    `device` (the data stays where it is; each micro-batch is copied over)."""
 
-    def __init__(self, data: UnlearnData, needs: DataRequirements, train: TrainConfig):
+    def __init__(self, data: UnlearnData, needs: DataRequirements, train: TrainConfig, device: torch.device = torch.device("cpu")):
         train.check_pairing(needs)
-        self.data, self.needs, self.train = data, needs, train
+        self.data, self.needs, self.train, self.device = data, needs, train, device
         self.micro_size = train.batch_size // train.grad_accum
         self.forget_micro_size = train.forget_batch // train.grad_accum
         self.pool = retain_pool(len(data.retain), train)
@@ -91,7 +92,7 @@ class BatchDrawer:
     @cached_property
     def neighbour_sets(self) -> NeighbourSets | None:
         # None when the data has none: the method's check_batch then names what is missing.
-        return None if self.data.neighbours is None else NeighbourSets.of(self.data.neighbours)
+        return None if self.data.neighbours is None else NeighbourSets.of(self.data.neighbours).to(self.device)
 
     def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.train.seed, step])
@@ -105,16 +106,19 @@ class BatchDrawer:
         fs, rs = self.forget_micro_size, self.micro_size
         f, r = torch.from_numpy(f_rows[micro * fs : (micro + 1) * fs]), torch.from_numpy(r_rows[micro * rs : (micro + 1) * rs])
         d, needs = self.data, self.needs
-        pick = lambda x, rows: None if x is None else x[rows]  # noqa: E731
+        dev = self.device
+        pick = lambda x, rows: None if x is None else x[rows].to(dev)  # noqa: E731
         batch = UnlearnBatch(
             retain=pick(d.retain, r) if needs.retain else None,
             forget=pick(d.forget, f) if needs.forget else None,
             neighbours=self.neighbour_sets if needs.neighbours else None,
-            neighbour_of=f if needs.neighbours and self.neighbour_sets is not None else None,
+            neighbour_of=f.to(dev) if needs.neighbours and self.neighbour_sets is not None else None,
             retain_cond=pick(d.retain_cond, r) if needs.retain else None,
             forget_cond=pick(d.forget_cond, f) if needs.forget else None,
         )
-        return batch, micro_generator(self.train.seed, step, micro)
+        gen = micro_generator(self.train.seed, step, micro)
+        # Same seed on the device: the draws are the device's own, made where the noise is used.
+        return batch, gen if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(gen.initial_seed())
 
 
 def pixel_denoiser(unet):

@@ -62,18 +62,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: str, device: st
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _flat_grads(loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool) -> torch.Tensor:
-    grads = list(torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True))
-    flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+def _point_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Make each parameter's .grad a view into `flat`: backward then accumulates into it in place."""
     offset = 0
-    for i, p in enumerate(params):
-        # Each gradient is released once copied, so the model's gradients are never held twice
-        # (3.4 GB for an SD-1.5 UNet).
-        g, grads[i] = grads[i], None
+    for p in params:
         n = p.numel()
-        flat[offset : offset + n] = 0.0 if g is None else g.reshape(-1)
+        p.grad = flat[offset : offset + n].view_as(p)
         offset += n
-    return flat
 
 
 def unlearning_step(
@@ -98,9 +93,9 @@ def unlearning_step(
     `all_reduce` SUMS across workers, so the result is the mean over every micro-batch.
 
     With a `scaler` (fp16), the losses are scaled before autograd and the summed gradients
-    unscaled before the method combines them (SISS's rescaling is not scale-free); an overflow,
-    which the all-reduce hands to every worker alike, skips the update everywhere and lowers the
-    scale (`skipped_updates` 1, no `grad_norm`) instead of counting as divergence."""
+    unscaled before the method combines them (SISS's rescaling is not scale-free); an overflow
+    skips the update and lowers the scale (`skipped_updates` 1, no `grad_norm`) instead of
+    counting as divergence."""
     total = total_microbatches or len(microbatches)
     scale = 1.0 if scaler is None else scaler.get_scale()
     sums: dict[str, torch.Tensor] = {}
@@ -109,12 +104,19 @@ def unlearning_step(
         with autocast():
             terms = method.losses(denoise, mb, gen)
         names = list(terms.losses)
+        # A flat gradient per loss where one is needed (several losses for the method to combine,
+        # or one all-reduce per loss across workers): backward accumulates into it in place
+        # through the parameters' .grad views. Otherwise backward fills .grad as a plain loop does.
+        flat = len(names) > 1 or all_reduce is not None
         for i, name in enumerate(names):
             loss = terms.losses[name].float() / total
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(step, f"loss {name!r}")
-            g = _flat_grads(loss if scaler is None else scaler.scale(loss), params, retain_graph=i < len(names) - 1)
-            sums[name] = g if name not in sums else sums[name].add_(g)
+            if flat:
+                if name not in sums:
+                    sums[name] = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+                _point_grads(params, sums[name])
+            torch.autograd.backward(loss if scaler is None else scaler.scale(loss), inputs=params, retain_graph=i < len(names) - 1)
         for key, value in terms.logs.items():
             logs[key] = logs.get(key, 0.0) + value / total
     if all_reduce is not None:
@@ -122,22 +124,25 @@ def unlearning_step(
         keys = sorted(logs)
         reduced = all_reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64))
         logs = dict(zip(keys, reduced.tolist()))
-    combined = method.combine(sums if scaler is None else {name: g / scale for name, g in sums.items()})
-    # In pieces: isfinite on CPU builds |x| and two masks, 5 GB at once for an SD-1.5 UNet's gradient.
-    overflow = not all(bool(torch.isfinite(part).all()) for part in combined.split(1 << 24))
+    if sums:
+        combined = method.combine(sums if scaler is None else {name: g / scale for name, g in sums.items()})
+        if scaler is not None:
+            combined = combined * scale  # the scaler unscales .grad itself
+        _point_grads(params, combined)
+    for p in params:  # a parameter the losses did not reach: a zero gradient, as every worker count gives it
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
+    # The norm is finite exactly when every gradient is. With fp16 a non-finite one is an overflow,
+    # which the all-reduce hands to every worker alike: the scaler skips the update everywhere and
+    # lowers the scale. Without a scaler it is divergence.
+    overflow = not math.isfinite(norm)
     if overflow and scaler is None:
         raise TrainingDivergedError(step, "gradient")
     if scaler is not None:
-        combined = combined * scale  # the scaler unscales .grad itself, and finds the overflow there
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = combined[offset : offset + n].view_as(p).to(p.dtype)
-        offset += n
-    if scaler is not None:
-        scaler.unscale_(optimizer)
         logs.update(loss_scale=scale, skipped_updates=float(overflow))
-    norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
     if not overflow:
         logs["grad_norm"] = norm
     if scaler is not None:

@@ -220,6 +220,8 @@ CASES = [
          "evaluation.gate.max_integrity_ratio: Input should be greater than 0"),
     Case("spec: flat_max_items with a fixed index kind", spec_field("index", {"kind": "flat", "flat_max_items": 10}),
          "index.flat_max_items is set, but index.kind is 'flat'"),
+    Case("spec: a projected index with a shallow candidate list", spec_field("index", {"pca_dim": 64}),
+         "index.pca_dim is set, so index.candidates_margin must be at least 256 (not 32)"),
     Case("spec: a registered name other than mlflow.registered_model", spec_field("model.registered_name", "other-ddpm"),
          "model.registered_name ('other-ddpm') and mlflow.registered_model ('bad-ddpm') differ"),
     Case("spec: a search on a Stable Diffusion model", spec_fields(model__kind="stable-diffusion", tune={"space": {"lambda": {"values": [0.1]}}}),

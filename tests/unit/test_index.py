@@ -139,6 +139,26 @@ def test_nprobe_is_calibrated_at_build_time_to_the_target_recall(clustered):
                        rows_per_chunk=3000).status == "reused"
 
 
+def test_a_projected_ivfpq_index_calibrates_nprobe_in_its_projected_space(clustered):
+    """64-d vectors projected to 32 before IVF-PQ: nprobe is calibrated against exact search in
+    the projected space, where probing more lists can reach the target (against the full space
+    it never would, and calibration would probe every list); the re-rank on the full vectors
+    makes up for the projection."""
+    root, images, ids = clustered
+    res = build_index(root / "corpus", root / "projected", params=IndexParams(type="ivfpq", nlist=64, pq_m=16, pca=32),
+                      rows_per_chunk=3000)
+    p = res.manifest.params
+    assert p["pca"] == 32 and p["nprobe"] < 64 and p["calibrated_recall"] >= 0.99
+    x = images.reshape(len(images), -1).astype(np.float32) / 127.5 - 1
+    keep = np.arange(30, len(ids))
+    _, ix = exact_knn(x[:30], x[keep], 10)
+    # These clusters' noise is isotropic, half of it outside any 32 dimensions: the re-rank wants a
+    # deep candidate list (measured recall 0.92 at the default margin of 64, 0.99 at 128).
+    nb = find_neighbours(open_index(root / "projected"), ids[:30], k=10, margin=128)
+    assert recall_at(nb.ids, [[ids[keep[j]] for j in row] for row in ix]) >= 0.97
+    np.testing.assert_allclose(nb.distances, np.linalg.norm(nb.vectors - x[:30][:, None, :], axis=2), rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # Reuse, rebuild, repair
 # --------------------------------------------------------------------------------------------
@@ -462,45 +482,74 @@ def test_pooled_latents_never_lengthen_a_distance():
     assert pool_latents(block, 2)[0].tolist() == [2.0, 0.0, 0.0, 0.0]
 
 
+def smooth_latent_corpus(tmp_path, tiny_vae_dir) -> tuple[np.ndarray, list[str], str]:
+    """90 smooth pictures (4x4 patterns scaled up: as in real images, most of a latent's energy is
+    in its coarse structure) in a corpus, and a tiny VAE with a trained VAE's tight posterior
+    (latents near their means, as SD's are): (images, ids, vae folder)."""
+    import torch
+
+    from retrack.models.sd import load_vae
+
+    vae = load_vae(tiny_vae_dir)
+    with torch.no_grad():
+        vae.quant_conv.weight[4:] = 0.0
+        vae.quant_conv.bias[4:] = -12.0
+    vae.save_pretrained(tmp_path / "vae")
+    coarse = np.kron(clustered_images(90, size=4, clusters=6, noise=30.0, seed=3).astype(np.float32), np.ones((4, 4), np.float32))
+    grey = np.clip(coarse + np.random.default_rng(4).normal(0, 3, coarse.shape), 0, 255).astype(np.uint8)
+    images = np.repeat(grey[:, :, :, None], 3, axis=3)
+    return images, write_corpus(tmp_path / "c", images, shard_size=30), str(tmp_path / "vae")
+
+
+def assert_exact_neighbours_and_duplicates(compact, exact, ids: list[str], margin: int, rtol: float) -> None:
+    forget = [ids[4], ids[40], ids[77]]
+    want, got = find_neighbours(exact, forget, 8), find_neighbours(compact, forget, 8, margin=margin)
+    assert got.ids == want.ids
+    np.testing.assert_allclose(got.distances, want.distances, rtol=rtol)
+    threshold = float(want.distances[:, 2].max())  # each forget item has 3 retained items or more within it
+    dup = find_duplicates(compact, forget, threshold=threshold * 0.999, policy="warn")
+    assert dup.count >= 3 and dup.duplicate_ids == find_duplicates(exact, forget, threshold=threshold * 0.999, policy="warn").duplicate_ids
+
+
 def test_a_compact_latent_index_finds_the_exact_full_latent_neighbours(tmp_path, tiny_vae_dir):
     """Latents pooled 2x2 (a quarter of a full latent's bytes) are searched; the candidates are
     re-ranked on the full latents stored beside the index (fp16): the neighbours and the
     near-duplicates of exact search on the full latents."""
-    import torch
-
     from retrack.index import VectorIndex
     from retrack.models.encoders import build_encoder
-    from retrack.models.sd import load_vae
 
-    vae = load_vae(tiny_vae_dir)
-    with torch.no_grad():  # a trained VAE's tight posterior: latents near their means, as SD's are
-        vae.quant_conv.weight[4:] = 0.0
-        vae.quant_conv.bias[4:] = -12.0
-    vae.save_pretrained(tmp_path / "vae")
-    # Smooth pictures (4x4 patterns scaled up): as in real images, most of a latent's energy is
-    # in its coarse structure, which pooling keeps.
-    coarse = np.kron(clustered_images(90, size=4, clusters=6, noise=30.0, seed=3).astype(np.float32), np.ones((4, 4), np.float32))
-    grey = np.clip(coarse + np.random.default_rng(4).normal(0, 3, coarse.shape), 0, 255).astype(np.uint8)
-    images = np.repeat(grey[:, :, :, None], 3, axis=3)
-    ids = write_corpus(tmp_path / "c", images, shard_size=30)
-    spec = EncoderSpec(kind="vae", model_dir=str(tmp_path / "vae"), resolution=16, pool=2)
-    assert spec.digest() != EncoderSpec(kind="vae", model_dir=str(tmp_path / "vae"), resolution=16).digest()
+    images, ids, vae = smooth_latent_corpus(tmp_path, tiny_vae_dir)
+    spec = EncoderSpec(kind="vae", model_dir=vae, resolution=16, pool=2)
+    assert spec.digest() != EncoderSpec(kind="vae", model_dir=vae, resolution=16).digest()
     with pytest.raises(InputError, match="does not divide the latent side 8"):
-        EncoderSpec(kind="vae", model_dir=str(tmp_path / "vae"), resolution=16, pool=3).digest()
+        EncoderSpec(kind="vae", model_dir=vae, resolution=16, pool=3).digest()
     m = build_index(tmp_path / "c", tmp_path / "idx", encoder=spec, rows_per_chunk=30).manifest
     full = build_encoder(spec).indexed_and_full(images, ids)[1]
     assert m.latent_pool == 2 and m.dim * 4 == full.shape[1] == 256
     for s in m.shards:  # the indexed vectors a quarter of the full latents; the latents apart, in fp16
         assert s.vectors.size == s.count * full.shape[1] * 4 // 4 and s.latents.size == s.count * full.shape[1] * 2
+    assert_exact_neighbours_and_duplicates(open_index(tmp_path / "idx"), VectorIndex.from_arrays(ids, full), ids, 24, 2e-3)  # fp16 latents
 
-    compact, exact = open_index(tmp_path / "idx"), VectorIndex.from_arrays(ids, full)
-    forget = [ids[4], ids[40], ids[77]]
-    want, got = find_neighbours(exact, forget, 8), find_neighbours(compact, forget, 8, margin=24)
-    assert got.ids == want.ids
-    np.testing.assert_allclose(got.distances, want.distances, rtol=2e-3)  # fp16 latents
-    threshold = float(want.distances[:, 2].max())  # each forget item has 3 retained items or more within it
-    dup = find_duplicates(compact, forget, threshold=threshold * 0.999, policy="warn")
-    assert dup.count >= 3 and dup.duplicate_ids == find_duplicates(exact, forget, threshold=threshold * 0.999, policy="warn").duplicate_ids
+
+def test_a_projected_latent_index_finds_the_exact_full_latent_neighbours(tmp_path, tiny_vae_dir):
+    """The full latents projected to 16 of their 256 dimensions by a PCA trained with the index:
+    the index holds 16 floats per item; its candidates, re-ranked on the full latents, give the
+    neighbours and near-duplicates of exact search."""
+    from retrack.index import VectorIndex
+    from retrack.models.encoders import build_encoder
+
+    images, ids, vae = smooth_latent_corpus(tmp_path, tiny_vae_dir)
+    spec = EncoderSpec(kind="vae", model_dir=vae, resolution=16)
+    with pytest.raises(InputError, match="pca = 256 must be below the vectors' dimension 256"):
+        build_index(tmp_path / "c", tmp_path / "bad", encoder=spec, params=IndexParams(pca=256), rows_per_chunk=30)
+    m = build_index(tmp_path / "c", tmp_path / "idx", encoder=spec, params=IndexParams(pca=16), rows_per_chunk=30).manifest
+    assert m.index_params.pca == 16 and m.index_type == "flat" and m.dim == 256 and m.quantizer is not None
+    for s in m.shards:  # the faiss shard: 16 floats per item; the projection (16 x 256), mean and eigenvalues beside them
+        assert s.faiss.size < s.count * 16 * 4 + (16 * 256 + 256 + 256 + 16) * 4 + 1024
+    full = build_encoder(spec).indexed_and_full(images, ids)[1]
+    compact = open_index(tmp_path / "idx")
+    assert_exact_neighbours_and_duplicates(compact, VectorIndex.from_arrays(ids, full), ids, 24, 1e-5)
+    assert build_index(tmp_path / "c", tmp_path / "idx", encoder=spec, params=IndexParams(pca=16), rows_per_chunk=30).status == "reused"
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def run(ctx: JobContext) -> dict:
                               pool=spec.index.latent_pool)
         key += "-vae-" + encoder.digest()[:12]  # one index per (corpus, VAE): a pixel index of the same corpus is kept
     out = ctx.storage / "indexes" / key
-    params = IndexParams(type=spec.index.kind, flat_max=spec.index.flat_max_items)
+    params = IndexParams(type=spec.index.kind, flat_max=spec.index.flat_max_items, pca=spec.index.pca_dim)
     with stage_progress("index") as progress:
         # The corpus as preflight listed it: its files are not listed and read again.
         result = build(ctx.pre.corpus_index.source, str(out), encoder=encoder, params=params, endpoint=spec.storage.endpoint_url,
