@@ -84,6 +84,7 @@ def test_bad_spec_registers_nothing_and_trains_nothing(small, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow  # 62 s; test_stage_killed_midway_is_the_only_one_redone covers resuming by default
 def test_run_killed_for_real_between_stages_resumes_without_redoing_them(small, tmp_path):
     """SIGKILL the `retrack run` process group right after unlearning finished; the rerun skips
     index, neighbours and unlearn and registers exactly one version."""

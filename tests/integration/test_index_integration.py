@@ -149,7 +149,8 @@ def test_cli_build_on_ray_from_s3(ray_local, s3_env, bench, bench_corpus, bench_
     assert list(nb.values()) == brute_force(corpus, forget, 3)[1]
 
 
-@pytest.mark.parametrize("layout", ["parquet", pytest.param("webdataset", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 38 s per layout
+@pytest.mark.parametrize("layout", ["parquet", "webdataset"])
 def test_vae_latents_through_a_ray_actor_pool_match_the_local_loop(ray_local, tmp_path, layout):
     """The VAE runs in Ray Data actors (fractional CPUs, no GPU here): same vectors as in-process.
     Parquet shards are read by Ray Data's reader, WebDataset shards by retrack's in Ray tasks."""

@@ -184,6 +184,7 @@ class Killer:
                 os.kill(self.killed, signal.SIGKILL)
 
 
+@pytest.mark.slow  # 41 s, run in CI's slow pass with the other kill-and-resume tests
 def test_killed_worker_resumes_from_the_last_checkpoint(ray_local, bench, model_dir, tmp_path):
     req = make_request(bench, model_dir, tmp_path, steps=20, checkpoint_every=4)
     req = with_spec(req, scaling=req.spec.scaling.model_copy(update={"max_failures": 1}))
