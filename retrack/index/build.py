@@ -219,6 +219,7 @@ def build_index(
     else:
         plan = scan_corpus(Location.parse(corpus, s3=s3), format, rows_per_chunk=rows_per_chunk, on_bad=on_bad)
     enc_digest = encoder.digest()
+    params.resolve(max(plan.count, 1), encoder.vector_dim(plan.image_shape))  # bad parameters refused before any encoding
     keys = [chunk_key(c.digest(), enc_digest, plan.image_shape, on_bad) for c in plan.chunks]
     corpus_info = {
         "uri": plan.root.uri, "format": plan.format, "digest": plan.digest(), "files": len(plan.files),

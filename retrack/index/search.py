@@ -189,7 +189,7 @@ def find_neighbours(index: VectorIndex, forget_ids: Sequence[str], k: int, margi
     if margin is None:
         m = index.manifest
         if m is not None and m.index_params.pca is not None:
-            margin = max(4 * k, 256)
+            margin = max(4 * k, 256)  # what the spec asks for too (config.spec.PROJECTED_MIN_MARGIN; importing it here costs torch)
         else:
             margin = max(4 * k, 64) if m is not None and m.index_type == "ivfpq" else max(k, 16)
     cands = _candidates(index, q if index.full is None else index.vectors(rows), rows, k, k + margin)

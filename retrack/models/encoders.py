@@ -64,16 +64,28 @@ class EncoderSpec:
             raise InputError(f"resolution {self.resolution} was given, but the model at {root} denoises {resolution}x{resolution}")
         return vae_dir, resolution
 
+    def _latents(self) -> tuple[int, int]:
+        """(channels, side) of the VAE's latents at the model's resolution."""
+        vae_dir, resolution = self.vae_geometry()
+        config = json.loads((vae_dir / "config.json").read_text())
+        return config["latent_channels"], resolution // 2 ** (len(config["block_out_channels"]) - 1)
+
     def latent_pool(self) -> int:
         """The pool side, checked against the VAE's latents (1 for pixels: indexed whole)."""
         if self.kind != "vae" or self.pool == 1:
             return 1
-        vae_dir, resolution = self.vae_geometry()
-        levels = len(json.loads((vae_dir / "config.json").read_text())["block_out_channels"])
-        side = resolution // 2 ** (levels - 1)
+        side = self._latents()[1]
         if self.pool < 1 or side % self.pool:
             raise InputError(f"the latent pool {self.pool} does not divide the latent side {side}")
         return self.pool
+
+    def vector_dim(self, image_shape: tuple[int, int, int]) -> int:
+        """Length of the indexed vectors, known before anything is encoded (`image_shape`: the
+        corpus items' geometry, which the pixel encoder keeps)."""
+        if self.kind != "vae":
+            return int(np.prod(image_shape))
+        channels, side = self._latents()
+        return channels * (side // self.latent_pool()) ** 2
 
     def digest(self) -> str:
         """What decides the vectors: the kind, the VAE's weights, the resolution and the pool (not

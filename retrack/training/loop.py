@@ -135,7 +135,7 @@ def run_unlearning(
     """Unlearn in place; returns the per-step logs and wall seconds."""
     device = next(model.unet.parameters()).device
     method: Method = build_method(method_cfg.name, NoiseSchedule.from_scheduler(model.scheduler, device), method_cfg.params)
-    drawer = BatchDrawer(data, method.requirements, train)
+    drawer = BatchDrawer(data, method.requirements, train, device)
     params = [p for p in model.unet.parameters() if p.requires_grad]
     opt = make_optimizer(params, train.lr, train.betas, train.weight_decay)
     denoise = pixel_denoiser(model.unet)

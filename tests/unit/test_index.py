@@ -149,6 +149,7 @@ def test_a_projected_ivfpq_index_calibrates_nprobe_in_its_projected_space(cluste
                       rows_per_chunk=3000)
     p = res.manifest.params
     assert p["pca"] == 32 and p["nprobe"] < 64 and p["calibrated_recall"] >= 0.99
+    assert res.manifest.dim == EncoderSpec().vector_dim(res.manifest.corpus["image_shape"]) == 64
     x = images.reshape(len(images), -1).astype(np.float32) / 127.5 - 1
     keep = np.arange(30, len(ids))
     _, ix = exact_knn(x[:30], x[keep], 10)
@@ -525,7 +526,7 @@ def test_a_compact_latent_index_finds_the_exact_full_latent_neighbours(tmp_path,
         EncoderSpec(kind="vae", model_dir=vae, resolution=16, pool=3).digest()
     m = build_index(tmp_path / "c", tmp_path / "idx", encoder=spec, rows_per_chunk=30).manifest
     full = build_encoder(spec).indexed_and_full(images, ids)[1]
-    assert m.latent_pool == 2 and m.dim * 4 == full.shape[1] == 256
+    assert m.latent_pool == 2 and m.dim * 4 == full.shape[1] == 256 and spec.vector_dim((16, 16, 3)) == m.dim
     for s in m.shards:  # the indexed vectors a quarter of the full latents; the latents apart, in fp16
         assert s.vectors.size == s.count * full.shape[1] * 4 // 4 and s.latents.size == s.count * full.shape[1] * 2
     assert_exact_neighbours_and_duplicates(open_index(tmp_path / "idx"), VectorIndex.from_arrays(ids, full), ids, 24, 2e-3)  # fp16 latents
@@ -540,8 +541,10 @@ def test_a_projected_latent_index_finds_the_exact_full_latent_neighbours(tmp_pat
 
     images, ids, vae = smooth_latent_corpus(tmp_path, tiny_vae_dir)
     spec = EncoderSpec(kind="vae", model_dir=vae, resolution=16)
+    assert spec.vector_dim((16, 16, 3)) == 256  # known before encoding
     with pytest.raises(InputError, match="pca = 256 must be below the vectors' dimension 256"):
         build_index(tmp_path / "c", tmp_path / "bad", encoder=spec, params=IndexParams(pca=256), rows_per_chunk=30)
+    assert not (tmp_path / "bad" / "embeddings").exists()  # refused before anything was encoded
     m = build_index(tmp_path / "c", tmp_path / "idx", encoder=spec, params=IndexParams(pca=16), rows_per_chunk=30).manifest
     assert m.index_params.pca == 16 and m.index_type == "flat" and m.dim == 256 and m.quantizer is not None
     for s in m.shards:  # the faiss shard: 16 floats per item; the projection (16 x 256), mean and eigenvalues beside them
