@@ -23,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -55,26 +56,41 @@ def sd15_unet_config(resolution: int) -> dict:
     )
 
 
-def build(path: str) -> dict:
-    """SD-1.5's UNet, VAE and CLIP ViT-L/14 text encoder configs, random weights, saved fp16."""
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+def sd15_vae(resolution: int):
+    """SD-1.5's VAE (83.7M parameters), random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=resolution,
+    )
+
+
+def sd15_text_encoder():
+    """A CLIP ViT-L/14-shaped text encoder (123.1M parameters), random weights."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from retrack.models.clip import CLIP_CONTEXT_LENGTH, clip_tokenizer
-    from retrack.models.sd import sd_scheduler
+    from retrack.models.clip import CLIP_CONTEXT_LENGTH
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**sd15_unet_config(RESOLUTION))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=RESOLUTION,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+    return CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
         max_position_embeddings=CLIP_CONTEXT_LENGTH, projection_dim=768, hidden_act="quick_gelu",
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     ))
+
+
+def build(path: str) -> dict:
+    """SD-1.5's UNet, VAE and CLIP ViT-L/14 text encoder configs, random weights, saved fp16."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from retrack.models.clip import clip_tokenizer
+    from retrack.models.sd import sd_scheduler
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**sd15_unet_config(RESOLUTION))
+    vae = sd15_vae(RESOLUTION)
+    text_encoder = sd15_text_encoder()
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=sd_scheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -153,7 +169,9 @@ def unlearn(work: Path, kill_after_checkpoint: bool) -> dict:
     subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
     if not killed and proc.returncode != 0:
         raise SystemExit(f"retrack unlearn failed ({proc.returncode}):\n{''.join(out)[-4000:]}")
-    return {"seconds": round(seconds, 1), "peak_rss_gb": round(rss / 2**30, 2), "killed_after_first_checkpoint": killed}
+    items = re.search(r"items: (\d+) from the item cache, (\d+) encoded", "".join(out))
+    return {"seconds": round(seconds, 1), "peak_rss_gb": round(rss / 2**30, 2), "killed_after_first_checkpoint": killed,
+            **({"items": {"cached": int(items[1]), "encoded": int(items[2])}} if items else {})}
 
 
 def checkpoint_io(checkpoint: str, model: str) -> dict:
@@ -225,6 +243,12 @@ def main() -> None:
     # Resumed: the first update's record (its seconds included) is the killed run's, not a new one.
     if len(final["history"]) != 2 or final["history"][0] != first_update:
         raise SystemExit(f"the second run did not resume from the first one's checkpoint: {final['history']}")
+    # The items the first run encoded and kept (all it used but the forgotten ones): the resumed
+    # run reads them back and encodes only the forgotten ones, which are never kept.
+    parts = sorted((work / "out.runs" / "_item_cache").rglob("*.parquet"))
+    cached = resumed.get("items", {}).get("cached", 0)
+    if resumed.get("items", {}).get("encoded") != FORGET or cached == 0:
+        raise SystemExit(f"the resumed run did not read its retained items from the item cache: {resumed.get('items')}")
     checkpoint = states[-1].parent
     ckpt_bytes = sum(p.stat().st_size for p in checkpoint.iterdir())
     io_figures = in_process(checkpoint_io, str(checkpoint), str(work / "model"))
@@ -241,6 +265,8 @@ def main() -> None:
         "peak_rss_gb": max(first["peak_rss_gb"], resumed["peak_rss_gb"]),
         "updates": [{k: round(v, 4) if isinstance(v, float) else v for k, v in h.items()} for h in final["history"]],
         "checkpoint": {"bytes": ckpt_bytes, **io_figures},
+        "item_cache": {"parts": len(parts), "bytes": sum(p.stat().st_size for p in parts),
+                       "bytes_per_item": round(sum(p.stat().st_size for p in parts) / cached, 1)},
         "output": output,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

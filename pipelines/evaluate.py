@@ -222,6 +222,10 @@ class SdScorer:
             return generate_latents(self.model, work["captions"], work["seeds"], work["steps"], work["guidance"],
                                     decode=work["decode"])
 
+    def close(self) -> None:
+        """Removes the model copy; the actor is killed next (a graceful exit would be retried as a failed call)."""
+        self._tmp.cleanup()
+
     def losses(self, work: dict) -> np.ndarray:
         from retrack.evaluation.sd import item_losses
 
@@ -268,6 +272,8 @@ def evaluate_sd_request(
     """Score an unlearned Stable Diffusion against its original (local directories or s3:// URIs).
     `settings`: seed, forget_threshold (latent L2, None: calibrated per item), generations_per_caption,
     inference_steps, guidance_scale (`retrack.spec.EvaluationSpec` and its `stable_diffusion`)."""
+    import ray
+
     from retrack.evaluation.metrics import membership_test
     from retrack.evaluation.sd import SD_METRIC_KEYS, ForgetReference, copy_thresholds, is_copy, memorisation, sd_integrity
 
@@ -316,8 +322,9 @@ def evaluate_sd_request(
             scorers = _scorers(source, _task_count(n_gen, num_tasks))
         generated.append(_spread(scorers, "generate", n_gen, gen_work, k * n_gen, 2 * n_gen, num_tasks, progress, "generations"))
         losses.append(np.concatenate(_spread(scorers, "losses", n_loss, loss_work, k * n_loss, 2 * n_loss, num_tasks, progress, "losses")))
-        for actor in scorers:  # ends once its calls are done, its atexit cleanup run (ray.kill would skip it)
-            actor.__ray_terminate__.remote()
+        get([actor.close.remote() for actor in scorers])  # after its calls (an actor runs them in order)
+        for actor in scorers:
+            ray.kill(actor, no_restart=True)
     gens = [np.concatenate([z for z, _ in parts]) for parts in generated]
     pixels = [np.concatenate([px for _, px in parts if px is not None]) for parts in generated]
 

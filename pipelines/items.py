@@ -37,12 +37,18 @@ def items_dataset(corpus: CorpusIndex, wanted_rows: dict[int, tuple[int, int]], 
     needed = [corpus.source.files[n] for n, _ in groups]
     source = ray.put(replace(corpus.source, root=Location(root.uri, root.s3.resolved()), files=needed, chunks=[]))
     ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
-    ds.context.raise_original_map_exception = True  # so a bad row's CorpusError arrives as the cause
+    return materialized(ds.map_batches(_read_items, batch_size=1, batch_format="numpy", fn_kwargs={
+        "source": source, "wanted": wanted, "shape": shape, "images": images,
+    }))
+
+
+def materialized(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """`ds.materialize()`; a retrack error in one of its tasks (a bad row's CorpusError, a storage
+    error) surfaces as itself, not as Ray's traceback."""
+    ds.context.raise_original_map_exception = True
     try:
-        return ds.map_batches(_read_items, batch_size=1, batch_format="numpy", fn_kwargs={
-            "source": source, "wanted": wanted, "shape": shape, "images": images,
-        }).materialize()
-    except Exception as exc:  # a Ray task error: surface retrack's own error, not a traceback
+        return ds.materialize()
+    except Exception as exc:
         cause = unwrap(exc)
         if cause is not exc:
             raise cause from None

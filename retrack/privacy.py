@@ -45,16 +45,25 @@ class ForgetContent:
         return [(what, n) for what, n in out if len(n) >= 4]
 
 
+PROBES = 5  # per side: the pattern's pixels every position is first checked at
+
+
 def _contains_image(haystack: np.ndarray, needle: np.ndarray, max_scale: int = 8) -> bool:
     hay = haystack if haystack.ndim == 3 else haystack[:, :, None]
     if hay.shape[2] != needle.shape[2]:
         hay = hay[:, :, :1] if needle.shape[2] == 1 else np.repeat(hay[:, :, :1], needle.shape[2], 2)
     for s in range(1, max_scale + 1):
         pat = needle.repeat(s, 0).repeat(s, 1)
-        if pat.shape[0] > hay.shape[0] or pat.shape[1] > hay.shape[1]:
+        (ph, pw), (h, w) = pat.shape[:2], hay.shape[:2]
+        if ph > h or pw > w:
             break
-        windows = np.lib.stride_tricks.sliding_window_view(hay, pat.shape)
-        if np.any(np.all(windows == pat, axis=(-3, -2, -1))):
+        # Positions where a grid of the pattern's pixels match, then each of those checked whole:
+        # exact, and linear in the picture's size (comparing every window whole is not).
+        at = np.ones((h - ph + 1, w - pw + 1), dtype=bool)
+        for py in np.linspace(0, ph - 1, PROBES).astype(int):
+            for px in np.linspace(0, pw - 1, PROBES).astype(int):
+                at &= np.all(hay[py : py + h - ph + 1, px : px + w - pw + 1] == pat[py, px], axis=-1)
+        if any(np.array_equal(hay[y : y + ph, x : x + pw], pat) for y, x in zip(*np.nonzero(at))):
             return True
     return False
 

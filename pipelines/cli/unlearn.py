@@ -111,3 +111,5 @@ def unlearn_command(
         typer.echo(f"already done: {result.output_dir} (sha256 {result.digest})")
     else:
         typer.echo(f"wrote {result.output_dir} (sha256 {result.digest}) after {result.steps} steps in {result.seconds:.1f}s")
+        if result.items is not None:
+            typer.echo(f"items: {result.items['cached']} from the item cache, {result.items['encoded']} encoded")

@@ -1,4 +1,5 @@
-"""The unlearn stage's Ray datasets: only the corpus rows the run needs (`pipelines.items`).
+"""The unlearn stage's Ray datasets: only the corpus rows the run needs (`pipelines.items`; for
+Stable Diffusion encoded once, through the item cache: `pipelines.encoded_items`).
 
 - 'retain_<rank>': the retained rows worker <rank>'s micro-batches draw over the whole run
   (`needed_retain_rows`; a large retained set is drawn from a pool as large as the draws), each
@@ -15,7 +16,9 @@ import numpy as np
 import ray
 from ray.train import DataConfig
 
+from pipelines.encoded_items import encoded_items, subset
 from pipelines.items import items_dataset
+from retrack.storage.location import S3Options, is_s3
 from retrack.training.plan import needed_retain_rows
 from retrack.training.prepare import Prepared
 
@@ -27,16 +30,28 @@ def retain_name(rank: int) -> str:
     return f"retain_{rank}"
 
 
-def build_datasets(prep: Prepared) -> dict[str, ray.data.Dataset]:
+def build_datasets(prep: Prepared) -> tuple[dict[str, ray.data.Dataset], dict[str, int] | None]:
+    """The datasets, and for Stable Diffusion how many of their items the item cache held and how
+    many were encoded now."""
     plan, train = prep.plan, prep.run.spec.train
     forget_wanted = {int(r): (-1, n) for n, r in enumerate(prep.forget_rows)}
-    if plan.neighbours is not None:
-        for r in np.unique(plan.neighbours):
-            forget_wanted[int(prep.retain_rows[r])] = (int(r), -1)
-    out = {"forget": items_dataset(prep.corpus, forget_wanted, plan.item_shape)}
+    neighbour_rows = np.unique(plan.neighbours) if plan.neighbours is not None else np.zeros(0, np.int64)
+    for r in neighbour_rows:
+        forget_wanted[int(prep.retain_rows[r])] = (int(r), -1)
     world = prep.run.spec.scaling.num_workers
-    for rank in range(world):
-        rows = needed_retain_rows(plan, train, world, rank)
-        if len(rows):
+    ranks = {rank: rows for rank in range(world) if len(rows := needed_retain_rows(plan, train, world, rank))}
+    if plan.cache is None:
+        out = {"forget": items_dataset(prep.corpus, forget_wanted, plan.item_shape)}
+        for rank, rows in ranks.items():
             out[retain_name(rank)] = items_dataset(prep.corpus, {int(prep.retain_rows[r]): (int(r), -1) for r in rows}, plan.item_shape)
-    return out
+        return out, None
+    # Every item the run uses, encoded (or read from the cache) once; each dataset its share.
+    wanted = dict(forget_wanted)
+    for rows in ranks.values():
+        wanted.update({int(prep.retain_rows[r]): (int(r), -1) for r in rows})
+    spec = prep.run.spec
+    items = encoded_items(prep.corpus, wanted, plan.cache, spec.model.uri, S3Options().resolved() if is_s3(spec.model.uri) else None,
+                          spec.scaling.encode_batch_size)
+    out = {"forget": subset(items.dataset, neighbour_rows, forget=True)}
+    out.update({retain_name(rank): subset(items.dataset, rows) for rank, rows in ranks.items()})
+    return out, {"cached": items.cached, "encoded": items.encoded}

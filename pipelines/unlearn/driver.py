@@ -11,8 +11,8 @@ Train `TorchTrainer`, and turn the final checkpoint into the output model.
    collapse) stops every retry and relaunch at once and saves nothing as final.
 4. The final checkpoint becomes the output model (retrack/training/output.py).
 
-Tolerance: W workers reproduce one process up to float32 summation order and thread count (and,
-for Stable Diffusion, the batch composition of the frozen VAE / text encoder). Measured on CPU:
+Tolerance: W workers reproduce one process up to float32 summation order and thread count (for
+Stable Diffusion, one process that trains on the same fp16 encodings the item cache keeps). Measured on CPU:
 1 vs 2 workers gave bitwise equal loss curves over 30 steps (benchmarks/results/train.json) and
 final weights within ~5e-7 of the single process.
 """
@@ -65,6 +65,7 @@ class UnlearnResult:
     model_kind: ModelKind
     resumed_from: list[int] = field(default_factory=list)  # the step each resumed attempt started from
     skipped: bool = False  # the output already existed for this config hash
+    items: dict[str, int] | None = None  # Stable Diffusion: items read from the item cache ('cached') and encoded now ('encoded')
 
 
 def unlearn(run: UnlearnRun, progress: Progress | None = None, address: str | None = None, monitor: TrainMonitor | None = None,
@@ -84,7 +85,7 @@ def unlearn(run: UnlearnRun, progress: Progress | None = None, address: str | No
     if stopped is not None:
         raise stopped_error(stopped)
     storage.claim(run.spec.request_id)
-    datasets = build_datasets(prep)
+    datasets, items = build_datasets(prep)
     with ProgressRelay(progress) as relay:
         trainer = _trainer(prep, storage, datasets, monitor, relay.callback())
         start = time.perf_counter()
@@ -105,6 +106,7 @@ def unlearn(run: UnlearnRun, progress: Progress | None = None, address: str | No
         seconds=seconds,
         model_kind=prep.plan.kind,
         resumed_from=relay.resumed_from(),
+        items=items,
     )
 
 

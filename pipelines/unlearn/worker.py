@@ -1,7 +1,8 @@
 """The Ray Train worker function of the unlearn stage.
 
-Each worker loads the model, resumes from the newest verified checkpoint (fetched once per node),
-assembles the data its micro-batches draw (micro-batch m of a step runs on worker m % W) and runs
+Each worker loads the denoiser alone (Stable Diffusion items arrive encoded, from the item cache),
+resumes from the newest verified checkpoint (fetched once per node), assembles the data its
+micro-batches draw (micro-batch m of a step runs on worker m % W) and runs
 the unchanged update step. DDP wraps the UNet (parameter broadcast from rank 0 at start: replicas
 cannot drift); its own gradient reduction is bypassed with `no_sync()` because the gradients come
 from `torch.autograd.grad` per named loss and step.py sums them across workers BEFORE the method
@@ -35,7 +36,7 @@ from retrack.methods import build_method
 from retrack.models.schedule import NoiseSchedule
 from retrack.storage.location import S3Options
 from retrack.training.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
-from retrack.training.items import ItemEncoder
+from retrack.training.items import CachedItems, PixelItems
 from retrack.training.loop import BatchDrawer, pixel_denoiser
 from retrack.training.plan import DataPlan, micro_batches_of, needed_retain_rows
 from retrack.training.precision import autocast, loss_scaler
@@ -95,16 +96,16 @@ def _set_up_device(scaling: ScalingSpec) -> torch.device:
     return torch.device("cpu")
 
 
-def _load_bundle(kind: ModelKind, model_dir: str, device: torch.device):
+def _load_unet(kind: ModelKind, model_dir: str, device: torch.device):
+    """The denoiser and its scheduler; Stable Diffusion items arrive encoded, so no VAE or text encoder."""
     if kind is ModelKind.PIXEL_DDPM:
         from retrack.models.pixel import load_pixel_model
 
         m = load_pixel_model(model_dir, device)
-    else:
-        from retrack.models.sd import load_sd_model
+        return m.unet, m.scheduler
+    from retrack.models.sd import load_sd_unet
 
-        m = load_sd_model(model_dir, device)
-    return m, m.unet, m.scheduler
+    return load_sd_unet(model_dir, device)
 
 
 class _WorkerRun:
@@ -115,7 +116,7 @@ class _WorkerRun:
 
         self.s, self.rank, self.world, self.device = s, rank, world, device
         self.use_gpu = device.type == "cuda"
-        self.bundle, self.unet, scheduler = _load_bundle(s.plan.kind, str(local_model_dir(s.model_uri, s3=s.model_s3)), device)
+        self.unet, scheduler = _load_unet(s.plan.kind, str(local_model_dir(s.model_uri, s3=s.model_s3)), device)
         if s.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.method = build_method(s.method.name, NoiseSchedule.from_scheduler(scheduler, device), s.method.params)
@@ -138,7 +139,8 @@ class _WorkerRun:
             return ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="numpy")
 
         retain = batches(retain_name(self.rank)) if s.plan.needs.retain and len(mine) else ()
-        data = assemble(s.plan, ItemEncoder(s.plan.kind, self.bundle), batches("forget"), retain, mine)
+        items = PixelItems(s.plan.item_shape) if s.plan.cache is None else CachedItems(s.plan.cache.latent_shape, s.plan.cache.cond_shape)
+        data = assemble(s.plan, items, batches("forget"), retain, mine)
         self.drawer = BatchDrawer(data, self.method.requirements, s.train, self.device)
 
     def train(self) -> None:

@@ -117,6 +117,9 @@ class ScalingSpec(StrictModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     max_failures: int = Field(2, ge=-1, description="Lost training workers (or worker groups) recovered from by restarting from the last checkpoint (-1: unlimited).")
     allow_tf32: bool = Field(True, description="TF32 matmuls/convolutions on Ampere+ GPUs (ignored on CPU).")
+    encode_batch_size: int = Field(32, ge=1, description=(
+        "Stable Diffusion: items per batch of the encoding actors that fill the item cache (the VAE in fp32, the text "
+        "encoder under bf16 autocast on a GPU); one actor per GPU where the cluster has GPUs, up to one per CPU otherwise."))
     fp16_loss_scale: float = Field(1024.0, gt=0.0, description=(
         "Initial loss scale for fp16 autocast (bf16 needs none); dynamic: an overflowing update is skipped and the scale halved, "
         "2000 clean updates double it."))

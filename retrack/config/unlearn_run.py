@@ -17,4 +17,11 @@ class UnlearnRun(StrictModel):
         None, description="JSON {forget id: [retained ids, nearest first]} from the index stage; computed exactly when absent."
     )
     run_name: str | None = Field(None, description="Override of the derived run name '<request id>-<config hash>'.")
+    item_cache: str | None = Field(None, description=(
+        "Stable Diffusion: where items' latents and caption embeddings are cached (keyed by corpus and encoders, shared "
+        "by every run that names it); default: '_item_cache' under checkpoint_root."))
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage.")
+
+    @property
+    def item_cache_root(self) -> str:
+        return self.item_cache or f"{self.checkpoint_root.rstrip('/')}/_item_cache"

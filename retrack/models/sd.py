@@ -234,22 +234,38 @@ def load_vae(folder: str | Path) -> AutoencoderKL:
     return vae.float().eval().requires_grad_(False)
 
 
-def load_sd_model(path: str | Path, device: str | torch.device = "cpu") -> StableDiffusion:
-    """Load a Stable Diffusion directory (diffusers layout, safetensors only), encoders frozen,
-    every weight upcast to fp32 (fp32 master weights; autocast handles reduced precision)."""
+def load_sd_unet(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet2DConditionModel, DDPMScheduler]:
+    """The UNet (upcast to fp32: fp32 master weights; autocast handles reduced precision) and the
+    noise scheduler of a Stable Diffusion directory: all a training worker loads, its items
+    arriving encoded (`retrack.data.item_cache`)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     root = Path(path)
     variants = check_sd_model_dir(root)
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", use_safetensors=True, variant=variants["unet"])
+    return unet.float().to(device), DDPMScheduler.from_pretrained(root, subfolder="scheduler")
+
+
+def load_sd_encoders(path: str | Path, device: str | torch.device = "cpu") -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
+    """The frozen VAE, text encoder (fp32) and tokenizer of a Stable Diffusion directory."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = Path(path)
+    variants = check_sd_model_dir(root)
     vae = load_vae(root / "vae")
     text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", use_safetensors=True, variant=variants["text_encoder"])
-    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
-    model = StableDiffusion(unet=unet.float(), vae=vae, text_encoder=text_encoder.float(), tokenizer=tokenizer, scheduler=scheduler)
+    text_encoder = text_encoder.float().eval().requires_grad_(False).to(device)
+    return vae.to(device), text_encoder, CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+
+
+def load_sd_model(path: str | Path, device: str | torch.device = "cpu") -> StableDiffusion:
+    """Load a Stable Diffusion directory (diffusers layout, safetensors only), encoders frozen,
+    every weight upcast to fp32."""
+    unet, scheduler = load_sd_unet(path, device)
+    vae, text_encoder, tokenizer = load_sd_encoders(path, device)
+    model = StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
     model.freeze_encoders()
-    return model.to(device)
+    return model
 
 
 def _model_index() -> dict:

@@ -1,15 +1,16 @@
 """Corpus items for training: decoded at the model's geometry (in the data pipeline), then turned
-into the tensors the model denoises (on the worker); Stable Diffusion items follow
-`retrack.models.latents`, the one latent rule of index, training and evaluation."""
+into the tensors the model denoises: pixels on the worker; Stable Diffusion latents (by
+`retrack.models.latents`, the one latent rule of index, training and evaluation) and caption
+embeddings once per item, by the encoders that fill the item cache (`retrack.data.item_cache`)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from retrack.config.model_kind import ModelKind
 from retrack.data.corpus import decode_image, fit_image, to_model_space
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], shape: tuple[i
     captions, labels = batch.get("caption"), batch.get("label")
     ids = [batch["id"][n] for n in keep]
     return {
+        "id": np.array(ids, dtype=object),
         "row": np.array([wanted[i][0] for i in ids], dtype=np.int64),
         "pos": np.array([wanted[i][1] for i in ids], dtype=np.int64),
         "seed": np.array([item_seed(i) for i in ids], dtype=np.int64),
@@ -55,6 +57,7 @@ def read_items(files: dict, source: "CorpusPlan", wanted: dict[str, tuple[int, i
 
 def no_items(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
     return {
+        "id": np.zeros(0, dtype=object),
         "row": np.zeros(0, np.int64),
         "pos": np.zeros(0, np.int64),
         "seed": np.zeros(0, np.int64),
@@ -68,24 +71,51 @@ def select(items: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndar
     return {k: v[index] for k, v in items.items()}
 
 
-class ItemEncoder:
-    """Items (uint8 images, captions, per-item seeds) -> tensors in the space the model denoises."""
+class PixelItems:
+    """Pixel-DDPM items as a worker receives them (uint8 images) -> the tensors the model denoises."""
 
-    def __init__(self, kind: ModelKind, bundle):
-        self.kind, self.bundle = kind, bundle
+    def __init__(self, shape: tuple[int, int, int]):
+        self.shape = shape
+
+    def empty(self) -> dict[str, np.ndarray]:
+        return no_items(self.shape)
 
     def images(self, part: dict[str, np.ndarray]) -> torch.Tensor:
-        if self.kind is ModelKind.PIXEL_DDPM:
-            return torch.from_numpy(to_model_space(part["image"].astype(np.uint8)))
-        from retrack.models.latents import encode_latents
+        return torch.from_numpy(to_model_space(part["image"].astype(np.uint8)))
 
-        m = self.bundle
-        return encode_latents(m.vae, part["image"].astype(np.uint8), [int(s) for s in part["seed"]], m.resolution)
+    def conds(self, part: dict[str, np.ndarray]) -> None:
+        return None
 
-    def conds(self, part: dict[str, np.ndarray]) -> torch.Tensor | None:
-        if self.kind is ModelKind.PIXEL_DDPM:
-            return None
-        from retrack.models.clip import tokenize
-        from retrack.models.sd import encode_captions
 
-        return encode_captions(self.bundle.text_encoder, tokenize(self.bundle.tokenizer, list(part["caption"])))
+class CachedItems:
+    """Stable Diffusion items as the item cache delivers them (`retrack.data.item_cache`: fp16
+    latents and caption embeddings, encoded once) -> float32 tensors."""
+
+    def __init__(self, latent_shape: tuple[int, ...], cond_shape: tuple[int, ...]):
+        self.latent_shape, self.cond_shape = tuple(latent_shape), tuple(cond_shape)
+
+    def empty(self) -> dict[str, np.ndarray]:
+        return {"id": np.zeros(0, dtype=object), "row": np.zeros(0, np.int64), "pos": np.zeros(0, np.int64),
+                "latent": np.zeros((0, *self.latent_shape), np.float16), "cond": np.zeros((0, *self.cond_shape), np.float16)}
+
+    def images(self, part: dict[str, np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(part["latent"].astype(np.float32))
+
+    def conds(self, part: dict[str, np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(part["cond"].astype(np.float32))
+
+
+@torch.no_grad()
+def encode_sd_items(vae, text_encoder, tokenizer, part: dict[str, np.ndarray], resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded items (uint8 images, captions, per-item seeds) -> their latents and caption
+    embeddings in fp16, as the item cache keeps them. The VAE runs in fp32 whatever the device:
+    the index encodes the same latents, and an item has one latent everywhere."""
+    from retrack.models.clip import tokenize
+    from retrack.models.latents import encode_latents
+    from retrack.models.sd import encode_captions
+
+    device = next(text_encoder.parameters()).device
+    latents = encode_latents(vae, part["image"].astype(np.uint8), [int(s) for s in part["seed"]], resolution)
+    with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
+        conds = encode_captions(text_encoder, tokenize(tokenizer, list(part["caption"])))
+    return latents.half().numpy(), conds.half().numpy()

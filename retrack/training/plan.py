@@ -1,4 +1,5 @@
-"""The data plan of a distributed unlearning run: integers only (never ids or images).
+"""The data plan of a distributed unlearning run: integers only (never ids or images), and where
+a Stable Diffusion run's item encodings are kept.
 
 `BatchDrawer` keys every draw by (seed, step, micro-batch), so the retained rows a run will ever
 touch follow from the sizes alone, and micro-batch m of a step belongs to worker m % W. A worker
@@ -15,6 +16,7 @@ import torch
 
 from retrack.config.model_kind import ModelKind
 from retrack.config.train import TrainConfig
+from retrack.data.item_cache import ItemCache
 from retrack.methods import DataRequirements
 from retrack.training.loop import BatchDrawer, UnlearnData
 
@@ -28,11 +30,12 @@ class DataPlan:
     n_forget: int
     needs: DataRequirements
     neighbours: np.ndarray | None  # [n_forget, K] global retain indices
-    item_shape: tuple[int, int, int]  # uint8 H, W, C delivered to workers
+    item_shape: tuple[int, int, int]  # uint8 H, W, C every item is decoded to
     has_captions: bool
     corpus_fingerprint: str
     forget_digest: str
     neighbours_digest: str | None
+    cache: ItemCache | None = None  # Stable Diffusion: where the items' encodings are kept
 
 
 class Sized:

@@ -15,6 +15,7 @@ from retrack.config.hashing import recipe_hash
 from retrack.config.model_kind import ModelKind
 from retrack.config.train import MethodConfig, TrainConfig
 from retrack.config.unlearn_run import UnlearnRun
+from retrack.data.item_cache import ItemCache
 from retrack.data.forget import check_forget_ids, requested_forget_ids
 from retrack.digest import ids_digest, sha256_bytes
 from retrack.data.source import CorpusPlan
@@ -191,6 +192,8 @@ def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
         corpus_fingerprint=corpus.source.digest(),
         forget_digest=ids_digest(forget_ids),
         neighbours_digest=nbr_digest,
+        cache=None if kind is ModelKind.PIXEL_DDPM else ItemCache.for_model(
+            Location.parse(run.item_cache_root, endpoint=endpoint), corpus.source.digest(), model_dir, geometry[0]),
     )
     chash = run_key(spec.method, spec.train, plan, model_digest(model_dir))
     name = run.run_name or f"{spec.request_id}-{chash[:12]}"

@@ -9,14 +9,15 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from retrack.training.items import ItemEncoder, no_items, select
+from retrack.training.items import CachedItems, PixelItems, select
 from retrack.training.loop import UnlearnData
 from retrack.training.plan import DataPlan, Sized, SparseRows
 
 
-def keep_rows(batches: Iterable[dict[str, np.ndarray]], shape: tuple[int, int, int], rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The items of `batches` (all, or those whose retain row is in `rows`), concatenated."""
-    parts: dict[str, list] = {k: [v] for k, v in no_items(shape).items()}
+def keep_rows(batches: Iterable[dict[str, np.ndarray]], empty: dict[str, np.ndarray], rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The items of `batches` (all, or those whose retain row is in `rows`), concatenated
+    (`empty`: the columns of no items)."""
+    parts: dict[str, list] = {k: [v] for k, v in empty.items()}
     for batch in batches:
         if rows is not None:
             batch = select(batch, np.isin(batch["row"], rows))
@@ -25,10 +26,10 @@ def keep_rows(batches: Iterable[dict[str, np.ndarray]], shape: tuple[int, int, i
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def assemble(plan: DataPlan, encoder: ItemEncoder, forget_batches: Iterable[dict], retain_batches: Iterable[dict], mine: np.ndarray) -> UnlearnData:
+def assemble(plan: DataPlan, encoder: PixelItems | CachedItems, forget_batches: Iterable[dict], retain_batches: Iterable[dict], mine: np.ndarray) -> UnlearnData:
     """`forget_batches`: the forget dataset (forget items by position, neighbours by retain row);
     `retain_batches`: the retained rows of the whole run, of which the worker keeps `mine`."""
-    forget_part = keep_rows(forget_batches, plan.item_shape)
+    forget_part = keep_rows(forget_batches, encoder.empty())
     f_idx = np.where(forget_part["pos"] >= 0)[0]
     f_idx = f_idx[np.argsort(forget_part["pos"][f_idx])]
     if len(f_idx) != plan.n_forget:
@@ -45,7 +46,7 @@ def assemble(plan: DataPlan, encoder: ItemEncoder, forget_batches: Iterable[dict
     retain = Sized(plan.n_retain)
     retain_cond = None
     if plan.needs.retain:
-        held = keep_rows(retain_batches, plan.item_shape, mine)
+        held = keep_rows(retain_batches, encoder.empty(), mine)
         if not np.array_equal(np.sort(held["row"]), mine):
             raise RuntimeError(f"a worker holds {len(held['row'])} of its {len(mine)} retained rows")
         retain = SparseRows(plan.n_retain, held["row"], encoder.images(held))

@@ -100,6 +100,13 @@ def test_stable_diffusion_request_end_to_end(sd_inputs, tmp_path, monkeypatch, c
     # metrics and inputs, or the logs.
     content = forget_content(sd_inputs)
     findings = scan_tree(job / "report", content) + scan_tree(tmp_path / "art", content)
+    # The item cache holds the items the run trained on, encoded once, but none it forgot (nor
+    # their latents: every row carries its id).
+    unlearned = json.loads((job / "stages" / "unlearn.json").read_text())["items"]
+    assert unlearned["cached"] == 0 and unlearned["encoded"] > COPIES
+    cache = tmp_path / "jobs" / "cache" / "items"
+    assert len(list(cache.rglob("*.parquet"))) >= 1
+    findings += scan_tree(cache, content)
     findings += scan_texts(mlflow_texts(client, versions[0].run_id), content)
     stdout, stderr = capfd.readouterr()
     findings += scan_texts({"stdout": stdout, "stderr": stderr}, content)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from pipelines.cli.unlearn import unlearn_command
+from pipelines.encoded_items import encoded_items
 from pipelines.unlearn.driver import UnlearnFailedError, unlearn
 from pipelines.unlearn.placement import PlacementError
 from retrack.config.model_kind import ModelKind
@@ -263,7 +264,8 @@ def tiny_sd_job(tiny_sd_dir, tmp_path_factory):
 
 
 def sd_single_process(prep, run: UnlearnRun):
-    """The same update in one process: every retained latent encoded, BatchDrawer, unlearning_step."""
+    """The same update in one process: every item's latent and caption embedding encoded and kept
+in fp16 (as the item cache keeps them), BatchDrawer, unlearning_step."""
     from retrack.data.corpus import read_corpus
     from retrack.models import sd
     from retrack.models.clip import tokenize
@@ -277,8 +279,8 @@ def sd_single_process(prep, run: UnlearnRun):
     model = sd.load_sd_model(req.model.uri)
     corpus = read_corpus(req.corpus.uri)
     u8 = ((corpus.images + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
-    latents = encode_latents(model.vae, u8, [item_seed(i) for i in corpus.ids], model.resolution)
-    conds = sd.encode_captions(model.text_encoder, tokenize(model.tokenizer, corpus.captions))
+    latents = encode_latents(model.vae, u8, [item_seed(i) for i in corpus.ids], model.resolution).half().float()
+    conds = sd.encode_captions(model.text_encoder, tokenize(model.tokenizer, corpus.captions)).half().float()
     f, r = torch.from_numpy(prep.forget_rows), torch.from_numpy(prep.retain_rows)
     data = UnlearnData(
         retain=latents[r], forget=latents[f], neighbours=latents[r][torch.from_numpy(prep.plan.neighbours)],
@@ -301,7 +303,8 @@ def sd_single_process(prep, run: UnlearnRun):
 def test_tiny_stable_diffusion_stage_with_captions(ray_local, tiny_sd_job, tmp_path):
     """The whole stage on a tiny SD: UNet2DConditionModel fine-tuned on two workers, VAE and text
     encoder frozen, each item conditioned on its own caption, neighbours in VAE-latent space; the
-    result equals the single-process update and is saved as a diffusers SD directory."""
+    result equals the single-process update and is saved as a diffusers SD directory. The items are
+    encoded once, into the item cache: a second run reads them from it."""
     from retrack.models import sd
     from retrack.training.prepare import prepare
 
@@ -310,8 +313,26 @@ def test_tiny_stable_diffusion_stage_with_captions(ray_local, tiny_sd_job, tmp_p
                     params={"lambda": 0.5, "k": 4}, steps=3, batch_size=4, grad_accum=2, lr=1e-4, checkpoint_every=0)
     result = unlearn(req)
     assert result.model_kind is ModelKind.STABLE_DIFFUSION and result.steps == 3
+    used = result.items["encoded"]
+    assert result.items == {"cached": 0, "encoded": used} and used >= 3 + 4  # the forget items and their neighbours at least
     reference, history = sd_single_process(prepare(req), req)
     assert_same_curve(result.history, history, keys=("loss", "loss_knn", "loss_retain"))
+    # A second run on the same corpus and model (another output) encodes only the 3 items it
+    # forgets, which are never kept: the rest come from the item cache, and it trains the same
+    # (to float32 summation order).
+    again = unlearn(req.model_copy(update={"output_dir": str(tmp_path / "sd-again"), "run_name": "sd-again"}))
+    assert again.items == {"cached": used - 3, "encoded": 3}
+    assert_same_curve(again.history, result.history, keys=("loss", "loss_knn", "loss_retain"))
+    # A run that forgets an item the cache holds (one the runs above trained on) removes it before it reads.
+    prep = prepare(req)
+    cache, corpus = prep.plan.cache, prep.corpus
+    held = {i for part in cache.parts() for i in cache.ids_in(part)}
+    assert len(held) == used - 3 and not held & {"d0003", "d0013", "d0023"}
+    gone, kept = sorted(held)[:2]
+    rows = corpus.rows_of([gone, kept])
+    got = encoded_items(corpus, {int(rows[0]): (-1, 0), int(rows[1]): (0, -1)}, cache, req.spec.model.uri, None, 4)
+    assert (got.cached, got.encoded) == (1, 1)
+    assert held - {i for part in cache.parts() for i in cache.ids_in(part)} == {gone}
     out = sd.load_sd_model(result.output_dir)
     assert max_weight_diff(out.unet, reference.unet) < WEIGHT_ATOL
     base = root / "model"

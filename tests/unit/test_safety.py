@@ -83,3 +83,33 @@ def test_unreachable_endpoint_error_names_it_but_not_the_secret(monkeypatch, cap
     assert "127.0.0.1:9" in str(err.value) and SECRET not in str(err.value) and SECRET not in repr(loc)
     out, errs = capfd.readouterr()
     assert SECRET not in out + errs
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_privacy_scan_finds_a_forget_image_drawn_at_any_upscale_in_a_png_and_nothing_else(channels):
+    """A forget image pasted into a sample grid at scale 1 to 8 is found; the grid without it, or
+    with one pixel of the copy changed, is not (the check is exact)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from retrack.privacy import ForgetContent, scan_blob
+
+    rng = np.random.default_rng(channels)
+    needle = rng.integers(0, 256, (8, 8, channels), dtype=np.uint8)
+    content = ForgetContent(images_u8=[needle])
+
+    def png(img: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(img[:, :, 0] if channels == 1 else img).save(buf, format="PNG")
+        return buf.getvalue()
+
+    for scale in (1, 3, 8):
+        grid = np.zeros((150, 170, channels), np.uint8)  # a black background, as sample grids have
+        copy = needle.repeat(scale, 0).repeat(scale, 1)
+        grid[17 : 17 + len(copy), 41 : 41 + len(copy)] = copy
+        assert [f.what for f in scan_blob(png(grid), "grid.png", content)] == ["forget image #0 drawn in a PNG"]
+        grid[17 + len(copy) - 1, 41] ^= 1
+        assert scan_blob(png(grid), "grid.png", content) == []
+    assert scan_blob(png(np.zeros((150, 170, channels), np.uint8)), "grid.png", content) == []

@@ -14,10 +14,13 @@ import pytest
 import torch
 
 from retrack.config.model_kind import ModelKind
+from retrack.data.item_cache import ItemCache
 from retrack.digest import directory_digest
 from retrack.errors import InputError, ModelLayoutError
 from retrack.models import clip, sd
 from retrack.models.latents import encode_latents, item_seed
+from retrack.storage.location import Location
+from retrack.training.items import encode_sd_items
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +129,42 @@ def test_an_item_has_the_same_latent_in_the_index_in_training_and_in_evaluation(
     with torch.no_grad():
         want = model.vae.encode(sd_pixels(images, 16)).latent_dist.sample(generator=generators) * model.vae.config.scaling_factor
     assert np.array_equal(want.numpy(), training)
+    # What the item cache keeps for training: the same latent, rounded to fp16.
+    part = {"image": images, "seed": np.array([item_seed(i) for i in ids]), "caption": np.array(["a digit"] * 6, dtype=object)}
+    cached, _ = encode_sd_items(model.vae, model.text_encoder, model.tokenizer, part, model.resolution)
+    assert cached.dtype == np.float16 and np.array_equal(cached, training.astype(np.float16))
+
+
+def test_the_item_cache_keeps_encodings_under_the_corpus_and_the_encoders(tiny, tmp_path):
+    """Parts written whole, read back bit for bit by id, found by id; another corpus, another VAE
+    or another resolution is another key; encodings of the wrong shape are refused."""
+    _, path = tiny
+    root = Location.parse(tmp_path / "cache")
+    cache = ItemCache.for_model(root, "corpus-a", path, 16)
+    assert cache.latent_shape == (4, 8, 8) and cache.cond_shape == (77, 32) and cache.parts() == []
+    rng = np.random.default_rng(0)
+    latents, conds = rng.standard_normal((3, 4, 8, 8)), rng.standard_normal((3, 77, 32))
+    part = cache.write(["a", "b", "c"], latents, conds)
+    assert cache.parts() == [part]
+    assert cache.ids_in(part) == ["a", "b", "c"]
+    ids, got_latents, got_conds = cache.read(part, ["c", "a"])
+    assert ids == ["a", "c"]
+    assert np.array_equal(got_latents, latents[[0, 2]].astype(np.float16)) and np.array_equal(got_conds, conds[[0, 2]].astype(np.float16))
+    # A forgotten item leaves the cache: the part is rewritten without it, the old one removed.
+    rest = cache.drop(part, ["b"])
+    assert cache.parts() == [rest] and cache.ids_in(rest) == ["a", "c"]
+    assert np.array_equal(cache.read(rest, ["c"])[1], got_latents[1:])
+    assert cache.drop(rest, ["a", "c"]) is None and cache.parts() == []
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.write(["d"], latents[:1, :, :4], conds[:1])
+    assert ItemCache.for_model(root, "corpus-a", path, 16).root == cache.root
+    other_vae = tmp_path / "other"
+    shutil.copytree(path, other_vae)
+    weights = other_vae / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
+    for other in (ItemCache.for_model(root, "corpus-b", path, 16), ItemCache.for_model(root, "corpus-a", other_vae, 16),
+                  ItemCache.for_model(root, "corpus-a", path, 32)):
+        assert other.root != cache.root and other.parts() == []
 
 
 def test_index_encoder_resolution_comes_from_the_pipeline(tiny):

@@ -5,7 +5,8 @@ Needs the original model, the corpus and the neighbours stage's forget set and n
 by URI (the workers read them from storage themselves).
 `pipelines.unlearn.driver.unlearn` does the work (`train` below is the job's one call into it; tuning
 trials use it too). Writes the unlearned model (`model/` under the job prefix, completion marker last); its record holds
-the model's digest, the wall time and the step it resumed from.
+the model's digest, the wall time, the step it resumed from and, for Stable Diffusion, how many
+items came from the item cache and how many were encoded.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def run(ctx: JobContext) -> dict:
     with stage_progress("unlearn") as progress:
         result = train(ctx, ctx.unlearned_uri(), ctx.spec.run_name, progress=progress)
     return {"model_digest": result.digest, "wall_seconds": result.seconds, "steps": result.steps,
-            "final_loss": result.history[-1]["loss"] if result.history else None, "resumed_from": result.resumed_from}
+            "final_loss": result.history[-1]["loss"] if result.history else None, "resumed_from": result.resumed_from,
+            **({} if result.items is None else {"items": result.items})}
 
 
 def train(ctx: JobContext, output: str, run_name: str, monitor: "TrainMonitor | None" = None, progress: Report | None = None) -> "UnlearnResult":
@@ -40,6 +42,7 @@ def train(ctx: JobContext, output: str, run_name: str, monitor: "TrainMonitor | 
         spec=stage,
         output_dir=output,
         checkpoint_root=str(ctx.storage / "checkpoints"),
+        item_cache=str(ctx.storage / "cache" / "items"),  # shared by every job on this storage
         neighbours_file=str(remote / "neighbours.json") if spec.method.needs_neighbours else None,
         run_name=run_name,
     )
