@@ -6,7 +6,9 @@ those no earlier run encoded (adding them), so a second run on the same corpus a
 nothing, and training workers need no VAE or text encoder at all.
 
 Items a run forgets are never kept: they are encoded for that run alone, and the run removes them
-from every part that held them (as another run's neighbours or retained rows) before it reads.
+from every part that held them (as another run's neighbours or retained rows) before it reads. A
+run that reads a part another run removes at that moment fails with a StorageError naming it; run
+again, it reads the part that replaced it.
 
 Layout: `<root>/<key>/<part>.parquet`, rows (id, latent, cond), each part one atomic object that is
 never rewritten, so a reader never meets a partial part. Two runs encoding the same item at once
@@ -57,8 +59,9 @@ class ItemCache:
         return [e.location for e in self.root.list(suffixes=(PART_SUFFIX,), recursive=False)]
 
     def ids_in(self, part: Location) -> list[str]:
-        """The ids a part holds (its id column alone is read)."""
-        return pq.read_table(io.BytesIO(part.read_bytes()), columns=["id"]).column("id").to_pylist()
+        """The ids a part holds (its id column alone is read: ranged GETs on S3)."""
+        with part.open_input() as f:
+            return pq.read_table(f, columns=["id"]).column("id").to_pylist()
 
     def drop(self, part: Location, ids: Collection[str]) -> Location | None:
         """Remove the given ids from the cache's part: the rest is written as a new part before the
