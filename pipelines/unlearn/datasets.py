@@ -18,9 +18,10 @@ from ray.train import DataConfig
 
 from pipelines.encoded_items import encoded_items, subset
 from pipelines.items import items_dataset
+from retrack.config.model_kind import ModelKind
 from retrack.storage.location import S3Options, is_s3
 from retrack.training.plan import needed_retain_rows
-from retrack.training.prepare import Prepared
+from retrack.training.prepare import Prepared, item_cache
 
 # Nothing is split: a worker filters the rows it draws (streaming_split would also drop rows to even out shards).
 DATA_CONFIG = DataConfig(datasets_to_split=[])
@@ -40,7 +41,7 @@ def build_datasets(prep: Prepared) -> tuple[dict[str, ray.data.Dataset], dict[st
         forget_wanted[int(prep.retain_rows[r])] = (int(r), -1)
     world = prep.run.spec.scaling.num_workers
     ranks = {rank: rows for rank in range(world) if len(rows := needed_retain_rows(plan, train, world, rank))}
-    if plan.cache is None:
+    if plan.kind is ModelKind.PIXEL_DDPM:
         out = {"forget": items_dataset(prep.corpus, forget_wanted, plan.item_shape)}
         for rank, rows in ranks.items():
             out[retain_name(rank)] = items_dataset(prep.corpus, {int(prep.retain_rows[r]): (int(r), -1) for r in rows}, plan.item_shape)
@@ -50,7 +51,7 @@ def build_datasets(prep: Prepared) -> tuple[dict[str, ray.data.Dataset], dict[st
     for rows in ranks.values():
         wanted.update({int(prep.retain_rows[r]): (int(r), -1) for r in rows})
     spec = prep.run.spec
-    items = encoded_items(prep.corpus, wanted, plan.cache, spec.model.uri, S3Options().resolved() if is_s3(spec.model.uri) else None,
+    items = encoded_items(prep.corpus, wanted, item_cache(prep), spec.model.uri, S3Options().resolved() if is_s3(spec.model.uri) else None,
                           spec.scaling.encode_batch_size)
     out = {"forget": subset(items.dataset, neighbour_rows, forget=True)}
     out.update({retain_name(rank): subset(items.dataset, rows) for rank, rows in ranks.items()})

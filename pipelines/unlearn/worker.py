@@ -139,9 +139,18 @@ class _WorkerRun:
             return ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="numpy")
 
         retain = batches(retain_name(self.rank)) if s.plan.needs.retain and len(mine) else ()
-        items = PixelItems(s.plan.item_shape) if s.plan.cache is None else CachedItems(s.plan.cache.latent_shape, s.plan.cache.cond_shape)
-        data = assemble(s.plan, items, batches("forget"), retain, mine)
+        data = assemble(s.plan, self._items(), batches("forget"), retain, mine)
         self.drawer = BatchDrawer(data, self.method.requirements, s.train, self.device)
+
+    def _items(self) -> PixelItems | CachedItems:
+        """How the worker's items arrive; for Stable Diffusion the encodings' shapes follow from the UNet."""
+        if self.s.plan.kind is ModelKind.PIXEL_DDPM:
+            return PixelItems(self.s.plan.item_shape)
+        from retrack.models.clip import CLIP_CONTEXT_LENGTH
+
+        c = self.unet.config
+        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        return CachedItems((c.in_channels, size, size), (CLIP_CONTEXT_LENGTH, c.cross_attention_dim))
 
     def train(self) -> None:
         s, train = self.s, self.s.train

@@ -1,5 +1,4 @@
-"""The data plan of a distributed unlearning run: integers only (never ids or images), and where
-a Stable Diffusion run's item encodings are kept.
+"""The data plan of a distributed unlearning run: integers only (never ids or images).
 
 `BatchDrawer` keys every draw by (seed, step, micro-batch), so the retained rows a run will ever
 touch follow from the sizes alone, and micro-batch m of a step belongs to worker m % W. A worker
@@ -16,7 +15,6 @@ import torch
 
 from retrack.config.model_kind import ModelKind
 from retrack.config.train import TrainConfig
-from retrack.data.item_cache import ItemCache
 from retrack.methods import DataRequirements
 from retrack.training.loop import BatchDrawer, UnlearnData
 
@@ -35,7 +33,6 @@ class DataPlan:
     corpus_fingerprint: str
     forget_digest: str
     neighbours_digest: str | None
-    cache: ItemCache | None = None  # Stable Diffusion: where the items' encodings are kept
 
 
 class Sized:

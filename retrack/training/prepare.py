@@ -148,6 +148,14 @@ class Prepared:
         return Location.parse(self.run.output_dir, endpoint=self.run.spec.storage.endpoint_url)
 
 
+def item_cache(prep: "Prepared") -> ItemCache:
+    """Where a Stable Diffusion run's item encodings are kept: keyed by digests of the corpus and
+    the encoders, so built only when the run trains (not for a run whose output exists)."""
+    run = prep.run
+    return ItemCache.for_model(Location.parse(run.item_cache_root, endpoint=run.spec.storage.endpoint_url),
+                               prep.plan.corpus_fingerprint, prep.model_dir, prep.plan.item_shape[0])
+
+
 def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
     """All validation and planning that needs no cluster (`corpus`: the corpus's ids, if read already)."""
     from retrack.data.source import require_captions
@@ -192,8 +200,6 @@ def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
         corpus_fingerprint=corpus.source.digest(),
         forget_digest=ids_digest(forget_ids),
         neighbours_digest=nbr_digest,
-        cache=None if kind is ModelKind.PIXEL_DDPM else ItemCache.for_model(
-            Location.parse(run.item_cache_root, endpoint=endpoint), corpus.source.digest(), model_dir, geometry[0]),
     )
     chash = run_key(spec.method, spec.train, plan, model_digest(model_dir))
     name = run.run_name or f"{spec.request_id}-{chash[:12]}"

@@ -306,7 +306,7 @@ def test_tiny_stable_diffusion_stage_with_captions(ray_local, tiny_sd_job, tmp_p
     result equals the single-process update and is saved as a diffusers SD directory. The items are
     encoded once, into the item cache: a second run reads them from it."""
     from retrack.models import sd
-    from retrack.training.prepare import prepare
+    from retrack.training.prepare import item_cache, prepare
 
     root = tiny_sd_job
     req = stage_run(root / "model", root / "corpus", root / "forget.txt", tmp_path, "sd-out", kind="stable-diffusion", request_id="sd",
@@ -325,7 +325,7 @@ def test_tiny_stable_diffusion_stage_with_captions(ray_local, tiny_sd_job, tmp_p
     assert_same_curve(again.history, result.history, keys=("loss", "loss_knn", "loss_retain"))
     # A run that forgets an item the cache holds (one the runs above trained on) removes it before it reads.
     prep = prepare(req)
-    cache, corpus = prep.plan.cache, prep.corpus
+    cache, corpus = item_cache(prep), prep.corpus
     held = {i for part in cache.parts() for i in cache.ids_in(part)}
     assert len(held) == used - 3 and not held & {"d0003", "d0013", "d0023"}
     gone, kept = sorted(held)[:2]
