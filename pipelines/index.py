@@ -281,11 +281,17 @@ class RayExecutor:
     def train(self, root, keys, infos, params):
         import ray
 
-        from retrack.index.shards import train_index
+        from retrack.index.shards import embeddings_dir, read_sample, sample_plan, train_on_sample
 
-        # One task draws the sample from the encoded chunks and trains on it: not on the driver.
-        task = ray.remote(num_cpus=self.shard_cpus, max_retries=self.shard_retries)(train_index)
-        return get(task.remote(root, keys, infos, params, max(1, int(self.shard_cpus))))
+        # One task per chunk reads its share of the sample, in parallel; one task trains on the
+        # parts (object references: the sample never reaches the driver). Nothing else of the
+        # build runs meanwhile, so training takes a whole node's CPUs.
+        plan = sample_plan([(embeddings_dir(root, k), i) for k, i in zip(keys, infos)], params.train_size, params.seed)
+        read = ray.remote(num_cpus=self.shard_cpus, max_retries=self.shard_retries)(read_sample)
+        parts = [read.remote(chunk) for chunk in plan]
+        cpus = max(1, min(self.threads, max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])))
+        task = ray.remote(num_cpus=cpus, max_retries=self.shard_retries)(train_on_sample)
+        return get(task.remote(params, cpus, *parts))
 
     def build_shards(self, root, jobs, params, quantizer, progress=None):
         import ray

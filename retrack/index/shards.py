@@ -104,22 +104,46 @@ def iter_chunk_tables(dest: Location, info: dict, batch_size: int = 8192, latent
 # --------------------------------------------------------------------------------------------
 
 
+def sample_plan(chunks: list[tuple[Location, dict]], size: int, seed: int) -> list[list[tuple[Location, np.ndarray]]]:
+    """Where `size` rows drawn uniformly without replacement across the chunks fall: for each chunk
+    with some, its parts' (location, rows drawn, ascending). Bounded by `size`, not by the corpus."""
+    parts = [[(dest / p["name"], int(p["rows"])) for p in sorted(info["parts"], key=lambda p: p["name"])] for dest, info in chunks]
+    starts = np.cumsum([0] + [n for chunk in parts for _, n in chunk])
+    size = min(size, int(starts[-1]))
+    wanted = np.sort(np.random.default_rng(seed).choice(int(starts[-1]), size=size, replace=False))
+    cuts = np.searchsorted(wanted, starts)
+    out, n = [], 0
+    for chunk in parts:
+        drawn = []
+        for loc, _ in chunk:
+            if cuts[n + 1] > cuts[n]:
+                drawn.append((loc, wanted[cuts[n]:cuts[n + 1]] - starts[n]))
+            n += 1
+        if drawn:
+            out.append(drawn)
+    return out
+
+
+def read_sample(parts: list[tuple[Location, np.ndarray]]) -> np.ndarray:
+    """The vectors at the given rows of each embedding part, in order: the vector column alone,
+    streamed (one chunk's share of the training sample, read wherever the caller runs it)."""
+    out = []
+    for loc, rows in parts:
+        offset, w = 0, 0
+        with loc.open_input() as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=8192, columns=["vector"]):
+                hi = np.searchsorted(rows, offset + batch.num_rows, side="left")
+                if hi > w:
+                    out.append(table_vectors(pa.Table.from_batches([batch]))[rows[w:hi] - offset])
+                    w = hi
+                offset += batch.num_rows
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
 def sample_vectors(chunks: list[tuple[Location, dict]], size: int, seed: int) -> np.ndarray:
     """`size` rows drawn uniformly without replacement across the chunks, streamed."""
-    total = sum(info["rows"] for _, info in chunks)
-    size = min(size, total)
-    rng = np.random.default_rng(seed)
-    wanted = np.sort(rng.choice(total, size=size, replace=False))
-    out, offset, w = [], 0, 0
-    for dest, info in chunks:
-        for table in iter_chunk_tables(dest, info):
-            n = table.num_rows
-            hi = np.searchsorted(wanted, offset + n, side="left")
-            if hi > w:
-                out.append(table_vectors(table)[wanted[w:hi] - offset])
-                w = hi
-            offset += n
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    parts = [read_sample(chunk) for chunk in sample_plan(chunks, size, seed)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
 def new_index(params: IndexParams, dim: int):
@@ -190,10 +214,16 @@ def calibrate_nprobe(params: IndexParams, quantizer: bytes, sample: np.ndarray, 
 
 def train_index(root: Location, keys: list[str], infos: list[dict], params: IndexParams, threads: int | None = None,
                 ) -> tuple[bytes, int | None, float]:
-    """Draw the training sample from the encoded chunks, train the empty index on it and, for IVF
-    unless nprobe is given, calibrate nprobe: (serialised index, nprobe, recall@10). Runs wherever
-    the executor puts it (a Ray task on a cluster: the sample never reaches the driver)."""
+    """Draw the training sample from the encoded chunks and train on it (`train_on_sample`), in
+    this process."""
     sample = sample_vectors([(embeddings_dir(root, k), i) for k, i in zip(keys, infos)], params.train_size, params.seed)
+    return train_on_sample(params, threads, sample)
+
+
+def train_on_sample(params: IndexParams, threads: int | None, *samples: np.ndarray) -> tuple[bytes, int | None, float]:
+    """Train the empty index on the sample (given in parts) and, for IVF unless nprobe is given,
+    calibrate nprobe: (serialised index, nprobe, recall@10)."""
+    sample = np.concatenate(samples) if len(samples) > 1 else samples[0]
     data = train_quantizer(params, sample, threads)
     if params.nprobe is not None or params.type == "flat":
         return data, params.nprobe, float("nan")

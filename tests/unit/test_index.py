@@ -660,3 +660,29 @@ def test_a_sharded_index_answers_as_the_merged_one(bench, bench_corpus, bench_in
     assert sharded.ids_of(np.array([len(ids) - 1, 0, 700])) == [ids[-1], ids[0], ids[700]]
     with pytest.raises(ForgetSetError, match="1 of 2 forget id"):
         sharded.rows_of([ids[1], "nope"])
+
+
+def test_the_training_sample_is_read_by_chunk_and_is_a_uniform_draw_over_every_part(tmp_path):
+    """The sample's plan names, for each chunk, only its parts' drawn rows; read back (as the Ray
+    build does, one chunk per task) they are exactly the rows of one uniform draw over the corpus,
+    in corpus order."""
+    from retrack.data.source import vectors_table
+    from retrack.index.shards import finish_chunk, read_sample, sample_plan, sample_vectors
+
+    root, row, chunks = Location.parse(str(tmp_path)), 0, []
+    for c, part_rows in enumerate([(300, 5), (0,), (120, 80, 410)]):  # an empty part, a part of 5
+        dest = root / f"embeddings/chunk-{c}"
+        (tmp_path / f"embeddings/chunk-{c}").mkdir(parents=True)
+        for n, rows in enumerate(part_rows):
+            values = np.arange(row, row + rows, dtype=np.float32)[:, None].repeat(3, axis=1)  # each vector holds its global row
+            pq.write_table(vectors_table([f"i{r}" for r in range(row, row + rows)], values), str(tmp_path / f"embeddings/chunk-{c}/part-{n:06d}.parquet"))
+            row += rows
+        chunks.append((dest, finish_chunk(dest)))
+    size, seed = 200, 3
+    want = np.sort(np.random.default_rng(seed).choice(row, size=size, replace=False))
+    plan = sample_plan(chunks, size, seed)
+    assert len(plan) == 2  # the chunk with nothing in it is no task
+    got = np.concatenate([read_sample(chunk) for chunk in plan])
+    np.testing.assert_array_equal(got[:, 0], want)
+    np.testing.assert_array_equal(sample_vectors(chunks, size, seed), got)
+    assert len(sample_vectors(chunks, 10 * row, seed)) == row  # a sample larger than the corpus is the corpus
