@@ -74,7 +74,7 @@ class JobContext:
     @classmethod
     def open(cls, spec: JobSpec, address: str | None = None) -> "JobContext":
         """Preflight `spec` (everything refusable, before any work), then open its job prefix."""
-        pre = preflight(spec)
+        pre = preflight(spec, address)
         return cls(spec=spec, pre=pre, jobdir=JobDir(spec), address=address)
 
     def for_spec(self, spec: JobSpec) -> "JobContext":

@@ -1,15 +1,17 @@
 """Everything that can refuse a job, checked before its first expensive step; and what those
 checks read (the corpus listing and ids, the model, the forget ids), kept so that no stage reads
-them again. No image is read here: the corpus stays in storage."""
+them again. No image is read here: the corpus stays in storage. A corpus of many shards has its
+ids read by Ray tasks, a group of shards each."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipelines.runtime import task_map
 from retrack.config.model_kind import ModelKind
 from retrack.config.spec import JobSpec
 from retrack.data.source import CorpusPlan
@@ -50,8 +52,9 @@ class Preflight:
         return None if self.holdout_source is None else read_corpus(self.holdout_source, shape=self.geometry)
 
 
-def preflight(spec: JobSpec) -> Preflight:
-    """Every check that can refuse the job, before any index, training or registration."""
+def preflight(spec: JobSpec, address: str | None = None) -> Preflight:
+    """Every check that can refuse the job, before any index, training or registration; `address`
+    is the Ray cluster that reads a large corpus's ids (None: RAY_ADDRESS or a local instance)."""
     from retrack.data.forget import check_forget_ids, read_forget_images, requested_forget_ids
     from retrack.data.source import require_captions, require_labels, scan_corpus
     from retrack.lineage.store import check_tracking_server
@@ -77,7 +80,7 @@ def preflight(spec: JobSpec) -> Preflight:
     # evaluation): the corpus is delivered at it, and no image is read here.
     geometry = model_geometry(spec.model.kind, model_dir)
     fmt = spec.corpus.format
-    corpus = read_corpus_index(spec.corpus.uri, fmt, endpoint, geometry)
+    corpus = read_corpus_index(spec.corpus.uri, fmt, endpoint, geometry, map_groups=partial(task_map, address=address))
     holdout = scan_corpus(spec.evaluation.holdout_uri, fmt, endpoint=endpoint, image_shape=geometry) if spec.evaluation.holdout_uri else None
     if sd:  # each item is trained on, and its memorisation checked with, its own caption
         for what, source in (("corpus", corpus.source), ("evaluation.holdout_uri", holdout)):

@@ -75,7 +75,7 @@ def search(spec: JobSpec, address: str | None = None) -> Search:
     wide = largest_k_spec(spec)
     # K checked against the retained set at its largest; `wide` only widens K, and its index and
     # neighbours land in the tuning job's own prefix.
-    widest = JobContext(spec=wide, pre=preflight(wide), jobdir=JobDir(spec), address=address)
+    widest = JobContext(spec=wide, pre=preflight(wide, address), jobdir=JobDir(spec), address=address)
     ensure_ray(address)
     run_stages(widest, ("index", "neighbours"))
     job = replace(widest, spec=spec)

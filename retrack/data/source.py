@@ -26,16 +26,17 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from functools import partial
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from retrack.data.corpus import decode_image, fit_image
-from retrack.data.formats import FORMATS, RowBatch, SourceFile, corpus_format, image_id
+from retrack.data.formats import FORMATS, RowBatch, Scanned, SourceFile, corpus_format, image_id
 from retrack.digest import config_digest
 from retrack.errors import CaptionsMissingError, CorpusError, InputError
-from retrack.storage.location import Location
+from retrack.storage.location import FileEntry, Location
 
 __all__ = [
     "BadRow", "Chunk", "CorpusPlan", "FORMATS", "ON_BAD", "RowBatch", "SourceFile", "decode_batch", "image_id",
@@ -111,14 +112,41 @@ def scan_corpus(uri: "str | Location", format: str = "parquet", *, rows_per_chun
     return _scan(uri, format, rows_per_chunk, endpoint, on_bad, image_shape, keep_ids=False)[0]
 
 
+# Runs a function over groups of files, somewhere (e.g. one Ray task per group), and yields its
+# results in the groups' order.
+MapGroups = Callable[[Callable[[list[tuple[str, int, int]]], list[Scanned]], list[list[tuple[str, int, int]]]], Iterable[list[Scanned]]]
+SCAN_GROUP = 16  # files per group: a group's ids are a second or so of reads
+SCAN_GROUPS_FROM = 2 * SCAN_GROUP  # files: a smaller corpus is scanned in this process (the groups would cost more than they save)
+
+
 def scan_corpus_ids(uri: "str | Location", format: str = "parquet", *, endpoint: str | None = None,
-                    on_bad: str = "fail", image_shape: Sequence[int] | None = None) -> tuple[CorpusPlan, list[Sequence[str]]]:
-    """`scan_corpus`, and the ids the scan read, file by file (no file is read twice)."""
-    return _scan(uri, format, 200_000, endpoint, on_bad, image_shape, keep_ids=True)
+                    on_bad: str = "fail", image_shape: Sequence[int] | None = None,
+                    map_groups: MapGroups | None = None) -> tuple[CorpusPlan, list[Sequence[str]]]:
+    """`scan_corpus`, and the ids the scan read, file by file (no file is read twice). With
+    `map_groups`, a corpus of many files in a format whose files scan independently is read in
+    groups of `SCAN_GROUP` files wherever `map_groups` runs them."""
+    return _scan(uri, format, 200_000, endpoint, on_bad, image_shape, keep_ids=True, map_groups=map_groups)
+
+
+def scan_files(format: str, root: Location, on_bad: str, files: list[tuple[str, int, int]]) -> list[Scanned]:
+    """One group's scan: `files` are (path relative to `root`, size, mtime_ns) of the listing."""
+    entries = [FileEntry(root / rel, size, mtime) for rel, size, mtime in files]
+    return list(corpus_format(format).scan(root, entries, on_bad))
+
+
+def _scanned(format: str, root: Location, entries: list[FileEntry], on_bad: str, map_groups: MapGroups | None) -> Iterable[Scanned]:
+    fmt = corpus_format(format)
+    if map_groups is None or not fmt.SCANS_BY_FILE or len(entries) < SCAN_GROUPS_FROM:
+        return fmt.scan(root, entries, on_bad)
+    # Credentials resolved here: the groups may run where the AWS_* variables are not set.
+    remote = Location(root.uri, root.s3.resolved()) if root.is_s3 else root
+    files = [(e.location.relative_to(root), e.size, e.mtime_ns) for e in entries]
+    groups = [files[i:i + SCAN_GROUP] for i in range(0, len(files), SCAN_GROUP)]
+    return (s for part in map_groups(partial(scan_files, format, remote, on_bad), groups) for s in part)
 
 
 def _scan(uri, format: str, rows_per_chunk: int, endpoint: str | None, on_bad: str, image_shape: Sequence[int] | None,
-          keep_ids: bool) -> tuple[CorpusPlan, list[Sequence[str]]]:
+          keep_ids: bool, map_groups: MapGroups | None = None) -> tuple[CorpusPlan, list[Sequence[str]]]:
     if on_bad not in ON_BAD:
         raise InputError(f"on_bad must be one of {ON_BAD}, not {on_bad!r}")
     fmt = corpus_format(format)
@@ -130,7 +158,7 @@ def _scan(uri, format: str, rows_per_chunk: int, endpoint: str | None, on_bad: s
     files: list[SourceFile] = []
     hashes: list[np.ndarray] = []
     ids: list[Sequence[str]] = []  # only when asked: 8 bytes of hash per id are what the check needs
-    for scanned in fmt.scan(root, entries, on_bad):
+    for scanned in _scanned(format, root, entries, on_bad, map_groups):
         files.append(scanned.file)
         hashes.append(_id_hash(scanned.ids))
         if keep_ids:

@@ -65,12 +65,13 @@ class CorpusIndex:
         return [(int(n), rows[file_of == n] - self.starts[n]) for n in np.unique(file_of)]
 
 
-def read_corpus_index(uri: str, format: str, endpoint: str | None, geometry: tuple[int, int, int]) -> CorpusIndex:
-    """List the corpus (local path or s3://) and read its ids; no image is read: every item is
-    delivered at the model's `geometry`."""
+def read_corpus_index(uri: str, format: str, endpoint: str | None, geometry: tuple[int, int, int], map_groups=None) -> CorpusIndex:
+    """List the corpus (local path or s3://) and read its ids (by groups of files through
+    `map_groups` when given: `retrack.data.source.scan_corpus_ids`); no image is read: every item
+    is delivered at the model's `geometry`."""
     from retrack.data.source import scan_corpus_ids
 
-    source, per_file = scan_corpus_ids(uri, format, endpoint=endpoint, image_shape=geometry)
+    source, per_file = scan_corpus_ids(uri, format, endpoint=endpoint, image_shape=geometry, map_groups=map_groups)
     starts = np.cumsum([0] + [len(i) for i in per_file])
     return CorpusIndex(ids=[i for ids in per_file for i in ids], source=source, starts=starts)
 

@@ -168,12 +168,18 @@ def test_worker_node_lost_mid_unlearning(ray_cluster, small_on_s3):
 @pytest.mark.parametrize("fmt", ["imagefolder", "webdataset"])
 def test_run_on_an_image_folder_and_webdataset_shards_on_s3(ray_cluster, small_on_s3, fmt):
     """The same job with its corpus and holdout as an image folder (metadata.jsonl labels) or as
-    WebDataset tar shards (cls labels) on S3: the workers stream the files themselves."""
+    WebDataset tar shards (cls labels) on S3: the workers stream the files themselves. The tar
+    corpus is 34 shards of 8: preflight reads their keys in Ray tasks, on the worker nodes."""
+    from retrack.data.source import SCAN_GROUPS_FROM
     from tests.fixtures.corpora import WRITERS
 
     bench, run_dir = small_on_s3["root"] / "bench", ray_cluster.root / fmt
-    uris = {part: ray_cluster.s3.upload_dir(WRITERS[fmt](bench / part, run_dir / part, captions=False), f"datasets/small-{fmt}/{part}")
+    shards = {"shard_size": 8} if fmt == "webdataset" else {}
+    uris = {part: ray_cluster.s3.upload_dir(WRITERS[fmt](bench / part, run_dir / part, captions=False, **(shards if part == "corpus" else {})),
+                                            f"datasets/small-{fmt}/{part}")
             for part in ("corpus", "holdout")}
+    if fmt == "webdataset":
+        assert len(list((run_dir / "corpus").glob("*.tar"))) >= SCAN_GROUPS_FROM
     path, spec = write_job(ray_cluster, small_on_s3, f"req-{fmt}", corpus={"uri": uris["corpus"], "format": fmt},
                            evaluation={"holdout_uri": uris["holdout"]})
     run = ray_cluster.run_retrack(["run", path.name], timeout=400)

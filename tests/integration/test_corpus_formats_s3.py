@@ -83,3 +83,36 @@ def test_the_ray_index_from_webdataset_on_s3_matches_the_local_loop(ray_local, s
     pos = {i: n for n, i in enumerate(b.ids.to_pylist())}
     order = np.array([pos[i] for i in a.ids.to_pylist()])
     np.testing.assert_array_equal(a.vectors(np.arange(len(rows))), b.vectors(order))
+
+
+@pytest.mark.parametrize("layout", ["parquet", "webdataset"])
+def test_a_corpus_of_many_shards_has_its_ids_read_by_ray_tasks_as_in_one_process(ray_local, s3_env, tmp_path, layout):
+    """40 shards on S3 (3 groups of files): the ids, the listing digest and the file starts read by
+    Ray tasks equal the in-process scan's; a duplicate id across two groups and an unreadable shard
+    are refused as in one process, naming the id and the shard."""
+    from functools import partial
+
+    from pipelines.runtime import task_map
+    from retrack.data.source import SCAN_GROUPS_FROM
+    from retrack.training.prepare import read_corpus_index
+    from tests.fixtures.corpora import write_corpus
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (160, 8, 8), dtype=np.uint8)
+    ids = write_corpus(tmp_path / "c", images, shard_size=4, layout=layout)
+    uri = s3_env.upload_dir(tmp_path / "c", f"{uuid.uuid4().hex[:8]}/c")
+    tasks = partial(task_map, address=None)
+    here, there = (read_corpus_index(uri, layout, None, (8, 8, 1), map_groups=m) for m in (None, tasks))
+    assert len(there.source.files) == 40 >= SCAN_GROUPS_FROM
+    assert there.ids == here.ids == ids and list(there.starts) == list(here.starts)
+    assert there.source.digest() == here.source.digest()
+
+    ids[150] = ids[2]  # the first group's id again in the last group
+    write_corpus(tmp_path / "dup", images, ids=ids, shard_size=4, layout=layout)
+    dup = s3_env.upload_dir(tmp_path / "dup", f"{uuid.uuid4().hex[:8]}/dup")
+    with pytest.raises(CorpusError, match="occur more than once"):
+        read_corpus_index(dup, layout, None, (8, 8, 1), map_groups=tasks)
+    bad = sorted((e.location for e in Location.parse(dup).list() if e.location.name.endswith((".parquet", ".tar"))), key=lambda loc: loc.name)[-1]
+    bad.write_bytes(b"not a shard")  # in the last group
+    with pytest.raises(CorpusError, match=bad.name):
+        read_corpus_index(dup, layout, None, (8, 8, 1), map_groups=tasks)

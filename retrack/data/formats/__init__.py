@@ -1,6 +1,8 @@
 """Corpus formats, one module each behind one interface (`retrack.data.source` uses them):
 
     NAME, WHAT                          its `corpus.format` name; what its files are, for messages
+    SCANS_BY_FILE                       whether `scan` of a part of the listing is that part's scan
+                                        (so a large corpus can be scanned in groups, in parallel)
     scan(root, entries, on_bad)      -> Scanned(SourceFile, ids) per corpus file, from the listing
                                         of every file under the root; reads no image, refuses
                                         malformed input naming the file (and line or key)

@@ -21,6 +21,7 @@ from retrack.storage.location import FileEntry, Location
 
 NAME = "imagefolder"
 WHAT = "image files"
+SCANS_BY_FILE = False  # captions live in metadata.jsonl files beside the images: the listing scans as one
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 METADATA = "metadata.jsonl"
 

@@ -16,6 +16,7 @@ from retrack.storage.location import FileEntry, Location
 
 NAME = "parquet"
 WHAT = "parquet shards (*.parquet)"
+SCANS_BY_FILE = True  # each shard's ids are its own: shards scan independently
 
 
 def _unreadable(rel: str, exc: BaseException) -> CorpusError:

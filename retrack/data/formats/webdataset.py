@@ -35,6 +35,7 @@ from retrack.storage.location import FileEntry, Location
 
 NAME = "webdataset"
 WHAT = "WebDataset tar shards (*.tar)"
+SCANS_BY_FILE = True  # each tar's keys are its own: tars scan independently
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # read_webdataset's split of a member path into (key, extension).
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
