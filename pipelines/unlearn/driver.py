@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipelines.runtime import ensure_ray, unwrap
+from pipelines.runtime import ensure_ray, task_map, unwrap
 from pipelines.unlearn.datasets import DATA_CONFIG, build_datasets
 from pipelines.unlearn.placement import check_placement, worker_resources
 from pipelines.unlearn.progress import Progress, ProgressRelay
@@ -74,7 +75,7 @@ def unlearn(run: UnlearnRun, progress: Progress | None = None, address: str | No
     `corpus`: the corpus's ids when the caller has read them already. Raises InputError
     subclasses for bad input before training, TrainingDivergedError on a non-finite loss (nothing
     saved), UnlearnFailedError when the workers fail beyond the retries."""
-    prep = prepare(run, corpus)
+    prep = prepare(run, corpus, map_groups=partial(task_map, address=address))
     done = existing_output(prep)
     if done is not None:
         return UnlearnResult(run.output_dir, done, prep.run_name, prep.config_hash, run.spec.train.steps, [], 0.0, prep.plan.kind, skipped=True)

@@ -157,8 +157,9 @@ def item_cache(prep: "Prepared") -> ItemCache:
                                prep.plan.corpus_fingerprint, prep.model_dir, prep.plan.item_shape[0])
 
 
-def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
-    """All validation and planning that needs no cluster (`corpus`: the corpus's ids, if read already)."""
+def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None, map_groups=None) -> Prepared:
+    """All validation and planning that needs no cluster (`corpus`: the corpus's ids, if read
+    already; else read, by groups of files through `map_groups` when given)."""
     from retrack.data.source import require_captions
     from retrack.models.pixel import model_digest
 
@@ -166,7 +167,7 @@ def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None) -> Prepared:
     kind, endpoint = spec.model.kind, spec.storage.endpoint_url
     model_dir = resolve_model(spec.model.uri, kind, endpoint)
     geometry = model_geometry(kind, model_dir)  # every item is brought to it as it is read (`fit_image`)
-    corpus = corpus or read_corpus_index(spec.corpus.uri, spec.corpus.format, endpoint, geometry)
+    corpus = corpus or read_corpus_index(spec.corpus.uri, spec.corpus.format, endpoint, geometry, map_groups)
     forget_ids = requested_forget_ids(spec)
     check_forget_ids(forget_ids, corpus.ids)
     forget_rows = corpus.rows_of(forget_ids)
