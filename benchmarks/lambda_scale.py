@@ -32,12 +32,12 @@ from retrack.data.corpus import read_corpus
 from retrack.data.forget import read_forget_ids
 from retrack.embedded.pretrain import ensure_pretrained
 from retrack.embedded.workspace import Workspace
+from retrack.methods import method_class
 from retrack.methods.branches import noise
 from retrack.methods.retrack import knn_target
 from retrack.models.pixel import load_pixel_model
 from retrack.models.schedule import NoiseSchedule, sum_sq
 from retrack.training.loop import BatchDrawer, pixel_denoiser, split_for_unlearning
-from retrack.methods import method_class
 
 RESULTS = Path(__file__).parent / "results"
 
