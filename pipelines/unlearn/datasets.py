@@ -19,7 +19,6 @@ from ray.train import DataConfig
 from pipelines.encoded_items import encoded_items, subset
 from pipelines.items import items_dataset
 from retrack.config.model_kind import ModelKind
-from retrack.storage.location import S3Options, is_s3
 from retrack.training.plan import needed_retain_rows
 from retrack.training.prepare import Prepared, item_cache
 
@@ -51,8 +50,7 @@ def build_datasets(prep: Prepared) -> tuple[dict[str, ray.data.Dataset], dict[st
     for rows in ranks.values():
         wanted.update({int(prep.retain_rows[r]): (int(r), -1) for r in rows})
     spec = prep.run.spec
-    items = encoded_items(prep.corpus, wanted, item_cache(prep), spec.model.uri, S3Options().resolved() if is_s3(spec.model.uri) else None,
-                          spec.scaling.encode_batch_size)
+    items = encoded_items(prep.corpus, wanted, item_cache(prep), spec.model.uri, prep.model_s3, spec.scaling.encode_batch_size)
     out = {"forget": subset(items.dataset, neighbour_rows, forget=True)}
     out.update({retain_name(rank): subset(items.dataset, rows) for rank, rows in ranks.items()})
     return out, {"cached": items.cached, "encoded": items.encoded}

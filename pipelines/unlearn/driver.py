@@ -128,7 +128,7 @@ def _trainer(prep: Prepared, storage: RunStorage, datasets: dict, monitor: Train
         scaling=scaling,
         plan=prep.plan,
         model_uri=spec.model.uri,
-        model_s3=S3Options().resolved() if is_s3(spec.model.uri) else None,
+        model_s3=prep.model_s3,
         storage=storage,
         progress=progress_callback.queue,
         report_every=monitor.every if monitor else 0,

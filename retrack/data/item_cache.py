@@ -26,6 +26,7 @@ from typing import Collection
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retrack.digest import config_digest, directory_digest
@@ -67,8 +68,7 @@ class ItemCache:
         """Remove the given ids from the cache's part: the rest is written as a new part before the
         old one is deleted (None: nothing was left)."""
         table = pq.read_table(io.BytesIO(part.read_bytes()))
-        gone = set(ids)
-        table = table.take(pa.array([n for n, i in enumerate(table.column("id").to_pylist()) if i not in gone], pa.int64()))
+        table = table.filter(pc.invert(_among(table, ids)))
         new = self._put(table) if table.num_rows else None
         part.remove()
         return new
@@ -94,10 +94,13 @@ class ItemCache:
     def read(self, part: Location, ids: Collection[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The given ids' (held by the part) latents and conditions, fp16, in the part's order."""
         table = pq.read_table(io.BytesIO(part.read_bytes()))
-        wanted = set(ids)
-        table = table.take(pa.array([n for n, i in enumerate(table.column("id").to_pylist()) if i in wanted], pa.int64()))
+        table = table.filter(_among(table, ids))
         return (table.column("id").to_pylist(), _arrays(table.column("latent"), self.latent_shape),
                 _arrays(table.column("cond"), self.cond_shape))
+
+
+def _among(table: pa.Table, ids: Collection[str]) -> pa.ChunkedArray:
+    return pc.is_in(table.column("id"), value_set=pa.array(list(ids), pa.string()))
 
 
 def _blobs(values: np.ndarray) -> pa.Array:

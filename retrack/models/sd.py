@@ -263,9 +263,7 @@ def load_sd_model(path: str | Path, device: str | torch.device = "cpu") -> Stabl
     every weight upcast to fp32."""
     unet, scheduler = load_sd_unet(path, device)
     vae, text_encoder, tokenizer = load_sd_encoders(path, device)
-    model = StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-    model.freeze_encoders()
-    return model
+    return StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
 def _model_index() -> dict:

@@ -20,7 +20,7 @@ from retrack.data.forget import check_forget_ids, requested_forget_ids
 from retrack.digest import ids_digest, sha256_bytes
 from retrack.data.source import CorpusPlan
 from retrack.errors import CorpusError, InputError, ModelLayoutError
-from retrack.storage.location import Location
+from retrack.storage.location import Location, S3Options, is_s3
 from retrack.methods import method_class
 from retrack.training.neighbours import exact_neighbours, read_neighbours_file
 from retrack.training.plan import DataPlan
@@ -147,6 +147,12 @@ class Prepared:
     def output(self) -> Location:
         """Where the unlearned model goes."""
         return Location.parse(self.run.output_dir, endpoint=self.run.spec.storage.endpoint_url)
+
+    @property
+    def model_s3(self) -> S3Options | None:
+        """The original model's S3 options as tasks and workers get them: resolved here (they may
+        have started before the AWS_* variables were set); None for a local model."""
+        return S3Options().resolved() if is_s3(self.run.spec.model.uri) else None
 
 
 def item_cache(prep: "Prepared") -> ItemCache:
