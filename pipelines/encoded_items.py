@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import ray
 
-from pipelines.items import items_dataset, materialized
+from pipelines.items import fetch_items, items_dataset, materialized
 from retrack.data.item_cache import ItemCache
 from retrack.storage.location import Location, S3Options
 from retrack.training.prepare import CorpusIndex
@@ -31,7 +31,10 @@ class EncodedItems:
 def encoded_items(corpus: CorpusIndex, wanted_rows: dict[int, tuple[int, int]], cache: ItemCache, model_uri: str,
                   model_s3: S3Options | None, batch_size: int) -> EncodedItems:
     """The wanted corpus rows (row -> the (row, pos) tags each item carries), encoded."""
-    tags = {corpus.ids[r]: t for r, t in wanted_rows.items()}
+    # Their ids first (the cache is keyed by id): a read of the wanted rows alone, nothing decoded.
+    read = fetch_items(corpus, sorted(wanted_rows), corpus.source.image_shape, images=False)
+    id_of = dict(zip(read["row"].tolist(), read["id"].tolist()))
+    tags = {id_of[r]: t for r, t in wanted_rows.items()}
     # Credentials resolved here (workers may have started before the AWS_* variables were set),
     # inside object references, never in a task's arguments.
     cache = replace(cache, root=Location(cache.root.uri, cache.root.s3.resolved()))
@@ -44,7 +47,7 @@ def encoded_items(corpus: CorpusIndex, wanted_rows: dict[int, tuple[int, int]], 
             parts.setdefault(part, []).append(i)
         pieces.append(ray.data.from_items([{"part": p, "ids": ids} for p, ids in parts.items()], override_num_blocks=len(parts))
                       .map_batches(_read_cached, batch_size=1, fn_kwargs={"cache": cache_ref, "tags": tags_ref}))
-    missing = {r: t for r, t in wanted_rows.items() if corpus.ids[r] not in found}
+    missing = {r: t for r, t in wanted_rows.items() if id_of[r] not in found}
     if missing:
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))

@@ -28,8 +28,8 @@ def items_dataset(corpus: CorpusIndex, wanted_rows: dict[int, tuple[int, int]], 
     no read competes later with the work that uses them."""
     ray_data_progress(ray.data.DataContext.get_current())
     groups = corpus.by_file(sorted(wanted_rows))
-    tasks = [{"file": j, "positions": local.tolist()} for j, (_, local) in enumerate(groups)]
-    wanted = {corpus.ids[r]: v for r, v in wanted_rows.items()}
+    tasks = [{"file": j, "positions": local.tolist(), "tags": [wanted_rows[int(corpus.starts[n] + p)] for p in local]}
+             for j, (n, local) in enumerate(groups)]
     # The tasks get a listing of just the files they read (never the corpus's whole file list),
     # with S3 credentials resolved here (workers may have started before the AWS_* variables were
     # set), inside an object reference (never in a task's arguments).
@@ -38,7 +38,7 @@ def items_dataset(corpus: CorpusIndex, wanted_rows: dict[int, tuple[int, int]], 
     source = ray.put(replace(corpus.source, root=Location(root.uri, root.s3.resolved()), files=needed, chunks=[]))
     ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
     return materialized(ds.map_batches(_read_items, batch_size=1, batch_format="numpy", fn_kwargs={
-        "source": source, "wanted": wanted, "shape": shape, "images": images,
+        "source": source, "shape": shape, "images": images,
     }))
 
 

@@ -40,19 +40,6 @@ def get(refs):
         raise unwrap(exc) from None
 
 
-def task_map(fn, items, address: str | None = None, retries: int = 3):
-    """`fn(item)` for each item, one Ray task each (retried where a worker dies), yielded in the
-    items' order as they finish in turn; a RetrackError a task raised surfaces as itself."""
-    ray = ensure_ray(address)
-    task = ray.remote(num_cpus=1, max_retries=retries)(_call)
-    for ref in [task.remote(fn, item) for item in items]:
-        yield get(ref)
-
-
-def _call(fn, item):
-    return fn(item)
-
-
 def unwrap(exc: BaseException) -> BaseException:
     """The RetrackError a Ray failure was raised for (the nearest one), else `exc` itself.
 

@@ -1,17 +1,18 @@
 """Everything that can refuse a job, checked before its first expensive step; and what those
-checks read (the corpus listing and ids, the model, the forget ids), kept so that no stage reads
-them again. No image is read here: the corpus stays in storage. A corpus of many shards has its
-ids read by Ray tasks, a group of shards each."""
+checks read (the corpus listing and its id table, the model, the forget ids), kept so that no
+stage reads them again. No image is read here: the corpus stays in storage. A corpus of many
+shards has its ids read by Ray tasks, a group of shards each, into its id table on storage
+(`pipelines.corpus_ids`): the driver never holds them."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.runtime import task_map
+from pipelines.corpus_ids import RayScan
 from retrack.config.model_kind import ModelKind
 from retrack.config.spec import JobSpec
 from retrack.data.source import CorpusPlan
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class Preflight:
-    corpus_index: CorpusIndex  # the corpus's files (by URI) and ids
+    corpus_index: CorpusIndex  # the corpus's files (by URI) and id table
     model_dir: Path  # the driver's copy of the original model (checks, digests, pixel scoring)
     forget_ids: list[str]  # as requested (the neighbours stage may add near-duplicates); none by picture
     geometry: tuple[int, int, int]  # uint8 (H, W, C) every item is brought to on read (`fit_image`)
@@ -80,7 +81,7 @@ def preflight(spec: JobSpec, address: str | None = None) -> Preflight:
     # evaluation): the corpus is delivered at it, and no image is read here.
     geometry = model_geometry(spec.model.kind, model_dir)
     fmt = spec.corpus.format
-    corpus = read_corpus_index(spec.corpus.uri, fmt, endpoint, geometry, map_groups=partial(task_map, address=address))
+    corpus = read_corpus_index(spec.corpus.uri, fmt, endpoint, geometry, root / "corpus-ids", RayScan(address))
     holdout = scan_corpus(spec.evaluation.holdout_uri, fmt, endpoint=endpoint, image_shape=geometry) if spec.evaluation.holdout_uri else None
     if sd:  # each item is trained on, and its memorisation checked with, its own caption
         for what, source in (("corpus", corpus.source), ("evaluation.holdout_uri", holdout)):
@@ -92,7 +93,7 @@ def preflight(spec: JobSpec, address: str | None = None) -> Preflight:
         images = read_forget_images(spec.forget.images, endpoint, shape=geometry)
         return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=[], geometry=geometry, holdout_source=holdout, forget_images=images)
     forget_ids = requested_forget_ids(spec)
-    check_forget_ids(forget_ids, corpus.ids)
+    check_forget_ids(forget_ids, corpus.positions)
     if spec.method.needs_neighbours:
-        check_k(spec.method.k, len(corpus.ids) - len(forget_ids))
+        check_k(spec.method.k, corpus.count - len(forget_ids))
     return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=forget_ids, geometry=geometry, holdout_source=holdout)

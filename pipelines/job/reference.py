@@ -43,7 +43,7 @@ def _nearest_retained(ctx: "JobContext", forget: list[str], k: int) -> "Neighbou
 
 
 def _retained_sample(ctx: "JobContext", forget_rows: np.ndarray) -> np.ndarray:
-    ev, n = ctx.spec.evaluation, len(ctx.pre.corpus_index.ids)
+    ev, n = ctx.spec.evaluation, ctx.pre.corpus_index.count
     return np.setdiff1d(block_sample(n, ev.reference_items, ev.seed), forget_rows)
 
 
@@ -94,10 +94,10 @@ def sd_evaluation_items(ctx: "JobContext", forget: list[str]) -> "SdItems":
 
     spec, corpus, geometry = ctx.spec, ctx.pre.corpus_index, ctx.pre.geometry
     forget_rows = corpus.rows_of(forget)
-    k = min(spec.evaluation.stable_diffusion.candidates, len(corpus.ids) - len(forget))
+    k = min(spec.evaluation.stable_diffusion.candidates, corpus.count - len(forget))
     nb = _nearest_retained(ctx, forget, k)
     named = sorted({i for ids in nb.ids for i in ids})  # forgotten copies share candidates
-    row_of = dict(zip(named, corpus.rows_of(named).tolist()))  # one pass over the corpus ids for them all
+    row_of = dict(zip(named, corpus.rows_of(named).tolist()))  # one lookup in the id table for them all
     cand_rows = [np.array([row_of[i] for i in ids], dtype=np.int64) for ids in nb.ids]
     images = fetch_items(corpus, np.unique(np.concatenate([forget_rows, *cand_rows])), geometry)
     at = {int(r): n for n, r in enumerate(images["row"])}

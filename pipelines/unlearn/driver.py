@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import partial
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipelines.runtime import ensure_ray, task_map, unwrap
+from pipelines.corpus_ids import RayScan
+from pipelines.runtime import ensure_ray, unwrap
 from pipelines.unlearn.datasets import DATA_CONFIG, build_datasets
 from pipelines.unlearn.placement import check_placement, worker_resources
 from pipelines.unlearn.progress import Progress, ProgressRelay
@@ -72,10 +72,10 @@ class UnlearnResult:
 def unlearn(run: UnlearnRun, progress: Progress | None = None, address: str | None = None, monitor: TrainMonitor | None = None,
             corpus: CorpusIndex | None = None) -> UnlearnResult:
     """Run the unlearn stage on Ray (the current connection, `address`, or a new local instance);
-    `corpus`: the corpus's ids when the caller has read them already. Raises InputError
+    `corpus`: the corpus's listing and id table when the caller has read them already. Raises InputError
     subclasses for bad input before training, TrainingDivergedError on a non-finite loss (nothing
     saved), UnlearnFailedError when the workers fail beyond the retries."""
-    prep = prepare(run, corpus, map_groups=partial(task_map, address=address))
+    prep = prepare(run, corpus, RayScan(address))
     done = existing_output(prep)
     if done is not None:
         return UnlearnResult(run.output_dir, done, prep.run_name, prep.config_hash, run.spec.train.steps, [], 0.0, prep.plan.kind, skipped=True)

@@ -25,3 +25,8 @@ class UnlearnRun(StrictModel):
     @property
     def item_cache_root(self) -> str:
         return self.item_cache or f"{self.checkpoint_root.rstrip('/')}/_item_cache"
+
+    @property
+    def corpus_ids_root(self) -> str:
+        """Where the corpus's id table is kept when the run reads the corpus itself (`retrack unlearn`)."""
+        return f"{self.checkpoint_root.rstrip('/')}/_corpus_ids"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -35,8 +35,9 @@ def requested_forget_ids(spec: "UnlearnSpec") -> list[str]:
     return read_forget_ids(spec.forget.file, spec.storage.endpoint_url)
 
 
-def check_forget_ids(forget_ids: Sequence[str], corpus_ids: Iterable[str]) -> None:
-    """An empty set, a repeated id or an id the corpus lacks is an error (nothing is guessed)."""
+def check_forget_ids(forget_ids: Sequence[str], positions: Callable[[Sequence[str]], np.ndarray]) -> np.ndarray:
+    """The corpus rows of the forget ids (`positions(ids)`: each id's row, -1 where the corpus lacks
+    it); an empty set, a repeated id or an id the corpus lacks is an error (nothing is guessed)."""
     if not forget_ids:
         raise ForgetSetError("the forget set is empty: nothing to unlearn")
     counts = Counter(forget_ids)
@@ -45,11 +46,23 @@ def check_forget_ids(forget_ids: Sequence[str], corpus_ids: Iterable[str]) -> No
         # Positions, not the ids: forget ids may themselves be personal data.
         lines = [n + 1 for n, i in enumerate(forget_ids) if counts[i] > 1][:6]
         raise ForgetSetError(f"{repeated} forget id(s) are listed more than once (entries {lines})")
-    wanted = set(forget_ids)
-    known = {i for i in corpus_ids if i in wanted}  # one pass, holding only the forget ids
-    missing = [n + 1 for n, i in enumerate(forget_ids) if i not in known]
+    rows = positions(forget_ids)
+    missing = (np.flatnonzero(rows < 0) + 1).tolist()
     if missing:
         raise ForgetSetError(f"{len(missing)} of {len(forget_ids)} forget id(s) are not in the corpus (entries {missing[:6]})")
+    return rows
+
+
+def positions_in(corpus_ids: Iterable[str], ids: Sequence[str]) -> np.ndarray:
+    """The row of each of the given (distinct) ids in an in-memory list of corpus ids, -1 where it
+    lacks it: one pass, holding a map of the given ids only."""
+    wanted = {i: n for n, i in enumerate(ids)}
+    out = np.full(len(ids), -1, np.int64)
+    for row, i in enumerate(corpus_ids):
+        n = wanted.get(i)
+        if n is not None:
+            out[n] = row
+    return out
 
 
 @dataclass(frozen=True)

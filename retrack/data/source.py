@@ -23,17 +23,17 @@ check the image size against the corpus's, normalise and encode.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from retrack.data.corpus import decode_image, fit_image
-from retrack.data.formats import FORMATS, RowBatch, Scanned, SourceFile, corpus_format, image_id
+from retrack.data.formats import FORMATS, RowBatch, SourceFile, corpus_format, image_id
+from retrack.data.id_table import IdTable, bucket_count, id_hash, id_rows, write_id_table
 from retrack.digest import config_digest
 from retrack.errors import CaptionsMissingError, CorpusError, InputError
 from retrack.storage.location import FileEntry, Location
@@ -94,14 +94,6 @@ class CorpusPlan:
         return Location(f.uri, self.root.s3)
 
 
-def _id_hash(ids: Sequence[str]) -> np.ndarray:
-    return np.fromiter(
-        (int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little", signed=True) for i in ids),
-        dtype=np.int64,
-        count=len(ids),
-    )
-
-
 def scan_corpus(uri: "str | Location", format: str = "parquet", *, rows_per_chunk: int = 200_000,
                 endpoint: str | None = None, on_bad: str = "fail", image_shape: Sequence[int] | None = None) -> CorpusPlan:
     """List and check a corpus of the given format (ids and captions; images are checked as they
@@ -109,69 +101,104 @@ def scan_corpus(uri: "str | Location", format: str = "parquet", *, rows_per_chun
     will report (a WebDataset sample without an image), "fail" refuses them here. Items are
     delivered at `image_shape` (a job's model geometry), else at the first image's shape (the
     one image decoded here)."""
-    return _scan(uri, format, rows_per_chunk, endpoint, on_bad, image_shape, keep_ids=False)[0]
+    return _scan(uri, format, rows_per_chunk, endpoint, on_bad, image_shape)
 
 
-# Runs a function over groups of files, somewhere (e.g. one Ray task per group), and yields its
-# results in the groups' order.
-MapGroups = Callable[[Callable[[list[tuple[str, int, int]]], list[Scanned]], list[list[tuple[str, int, int]]]], Iterable[list[Scanned]]]
+# A corpus scan's unit of work: a group of listed files, each (path relative to the corpus root,
+# size, mtime_ns) -> their metadata and their rows of the id table (`scan_group`).
+ScanGroup = Callable[[list[tuple[str, int, int]]], tuple[list[SourceFile], pa.Table]]
 SCAN_GROUP = 16  # files per group: a group's ids are a second or so of reads
 SCAN_GROUPS_FROM = 2 * SCAN_GROUP  # files: a smaller corpus is scanned in this process (the groups would cost more than they save)
 
 
-def scan_corpus_ids(uri: "str | Location", format: str = "parquet", *, endpoint: str | None = None,
+class ScanRunner(Protocol):
+    """Where a corpus's files are scanned and its id table written (`pipelines.corpus_ids.RayScan`):
+    `scan` yields, in the groups' order, each group's files and a handle on its id rows, which
+    `write_ids` writes."""
+
+    def scan(self, fn: ScanGroup, groups: list[list[tuple[str, int, int]]]) -> Iterable[tuple[list[SourceFile], Any]]: ...
+
+    def write_ids(self, table: IdTable, handles: list[Any], corpus: str) -> None: ...
+
+
+class InProcess:
+    def scan(self, fn: ScanGroup, groups: list[list[tuple[str, int, int]]]) -> Iterable[tuple[list[SourceFile], pa.Table]]:
+        return (fn(g) for g in groups)
+
+    def write_ids(self, table: IdTable, handles: list[pa.Table], corpus: str) -> None:
+        write_id_table(table, handles, corpus)
+
+
+def scan_corpus_ids(uri: "str | Location", format: str = "parquet", *, ids_root: Location, endpoint: str | None = None,
                     on_bad: str = "fail", image_shape: Sequence[int] | None = None,
-                    map_groups: MapGroups | None = None) -> tuple[CorpusPlan, list[Sequence[str]]]:
-    """`scan_corpus`, and the ids the scan read, file by file (no file is read twice). With
-    `map_groups`, a corpus of many files in a format whose files scan independently is read in
-    groups of `SCAN_GROUP` files wherever `map_groups` runs them."""
-    return _scan(uri, format, 200_000, endpoint, on_bad, image_shape, keep_ids=True, map_groups=map_groups)
-
-
-def scan_files(format: str, root: Location, on_bad: str, files: list[tuple[str, int, int]]) -> list[Scanned]:
-    """One group's scan: `files` are (path relative to `root`, size, mtime_ns) of the listing."""
-    entries = [FileEntry(root / rel, size, mtime) for rel, size, mtime in files]
-    return list(corpus_format(format).scan(root, entries, on_bad))
-
-
-def _scanned(format: str, root: Location, entries: list[FileEntry], on_bad: str, map_groups: MapGroups | None) -> Iterable[Scanned]:
-    fmt = corpus_format(format)
-    if map_groups is None or not fmt.SCANS_BY_FILE or len(entries) < SCAN_GROUPS_FROM:
-        return fmt.scan(root, entries, on_bad)
+                    runner: ScanRunner | None = None) -> tuple[CorpusPlan, IdTable]:
+    """`scan_corpus`, and the corpus's id table (`retrack.data.id_table`) under `ids_root`, written
+    from the ids the scan reads (no file is read twice; a listing's complete table is kept, not
+    written again), so that the ids are never gathered in one process. With `runner`, a corpus of
+    many files in a format whose files scan independently is read in groups of `SCAN_GROUP` files
+    where the runner runs them, and its table written there."""
+    root, entries = _listing(uri, format, endpoint, on_bad)
+    size = SCAN_GROUP
+    if runner is None or not corpus_format(format).SCANS_BY_FILE or len(entries) < SCAN_GROUPS_FROM:
+        runner, size = InProcess(), max(1, len(entries))
     # Credentials resolved here: the groups may run where the AWS_* variables are not set.
-    remote = Location(root.uri, root.s3.resolved()) if root.is_s3 else root
     files = [(e.location.relative_to(root), e.size, e.mtime_ns) for e in entries]
-    groups = [files[i:i + SCAN_GROUP] for i in range(0, len(files), SCAN_GROUP)]
-    return (s for part in map_groups(partial(scan_files, format, remote, on_bad), groups) for s in part)
+    groups = [files[i:i + size] for i in range(0, len(files), size)]
+    scanned, handles = [], []
+    for part, rows in runner.scan(partial(scan_group, format, _resolved(root), on_bad), groups):
+        scanned += part
+        handles.append(rows)
+    plan = _plan(root, format, entries, scanned, 200_000, image_shape)
+    table = IdTable(_resolved(ids_root) / plan.digest()[:24], bucket_count(plan.count), plan.count)
+    if IdTable.open(table.root) is None:
+        runner.write_ids(table, handles, root.uri)
+    return plan, table
 
 
-def _scan(uri, format: str, rows_per_chunk: int, endpoint: str | None, on_bad: str, image_shape: Sequence[int] | None,
-          keep_ids: bool, map_groups: MapGroups | None = None) -> tuple[CorpusPlan, list[Sequence[str]]]:
+def scan_group(format: str, root: Location, on_bad: str, files: list[tuple[str, int, int]]) -> tuple[list[SourceFile], pa.Table]:
+    """One group's scan: its files' metadata and their rows of the id table."""
+    entries = [FileEntry(root / rel, size, mtime) for rel, size, mtime in files]
+    scanned = list(corpus_format(format).scan(root, entries, on_bad))
+    return [s.file for s in scanned], id_rows([(s.file.rel, s.ids) for s in scanned])
+
+
+def _resolved(loc: Location) -> Location:
+    return Location(loc.uri, loc.s3.resolved()) if loc.is_s3 else loc
+
+
+def _listing(uri, format: str, endpoint: str | None, on_bad: str) -> tuple[Location, list[FileEntry]]:
     if on_bad not in ON_BAD:
         raise InputError(f"on_bad must be one of {ON_BAD}, not {on_bad!r}")
-    fmt = corpus_format(format)
+    corpus_format(format)
     root = Location.parse(uri, endpoint=endpoint)
     root.check_reachable()
     if not root.exists():
         raise CorpusError(f"corpus {root.uri} does not exist ({root.where()})")
-    entries = root.list()
+    return root, root.list()
+
+
+def _scan(uri, format: str, rows_per_chunk: int, endpoint: str | None, on_bad: str, image_shape: Sequence[int] | None) -> CorpusPlan:
+    root, entries = _listing(uri, format, endpoint, on_bad)
     files: list[SourceFile] = []
-    hashes: list[np.ndarray] = []
-    ids: list[Sequence[str]] = []  # only when asked: 8 bytes of hash per id are what the check needs
-    for scanned in _scanned(format, root, entries, on_bad, map_groups):
+    hashes: list[np.ndarray] = []  # 8 bytes per id are what the check needs
+    for scanned in corpus_format(format).scan(root, entries, on_bad):
         files.append(scanned.file)
-        hashes.append(_id_hash(scanned.ids))
-        if keep_ids:
-            ids.append(scanned.ids)
+        hashes.append(id_hash(scanned.ids))
+    plan = _plan(root, format, entries, files, rows_per_chunk, image_shape)
+    _check_unique(root, format, files, hashes)
+    return plan
+
+
+def _plan(root: Location, format: str, entries: list[FileEntry], files: list[SourceFile], rows_per_chunk: int,
+          image_shape: Sequence[int] | None) -> CorpusPlan:
     if not files:
         found = Counter(e.location.name.rpartition(".")[2].lower() if "." in e.location.name else "(none)" for e in entries)
         what = ", ".join(f"{n} .{ext}" for ext, n in found.most_common(5)) or "nothing"
-        raise CorpusError(f"corpus {root.uri} holds no {fmt.WHAT}; corpus.format is {format!r} and the folder holds {what}")
-    _check_unique(root, format, files, hashes)
+        raise CorpusError(f"corpus {root.uri} holds no {corpus_format(format).WHAT}; corpus.format is {format!r} and the folder holds {what}")
     plan = CorpusPlan(root, format, files, (0, 0, 0))
     plan.image_shape = tuple(image_shape) if image_shape else _first_image_shape(plan)
     plan.chunks = plan_chunks(files, rows_per_chunk)
-    return plan, ids
+    return plan
 
 
 def _check_unique(root: Location, format: str, files: list[SourceFile], hashes: list[np.ndarray]) -> None:
@@ -186,7 +213,7 @@ def _check_unique(root: Location, format: str, files: list[SourceFile], hashes: 
     for f, h in zip(files, hashes):
         if np.isin(h, repeated).any():
             ids = fmt.ids(Location(f.uri, root.s3), f)
-            seen.update(i for i, x in zip(ids, _id_hash(ids)) if x in repeated)
+            seen.update(i for i, x in zip(ids, id_hash(ids)) if x in repeated)
     dupes = sorted(i for i, c in seen.items() if c > 1)
     if dupes:
         raise CorpusError(f"{len(dupes)} id(s) occur more than once in the corpus {root.uri}, e.g. {dupes[:3]}")

@@ -6,53 +6,58 @@ embeddings once per item, by the encoders that fill the item cache (`retrack.dat
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
 from retrack.data.corpus import decode_image, fit_image, to_model_space
+from retrack.errors import CorpusError
 
 if TYPE_CHECKING:
     from retrack.data.source import CorpusPlan
 
 
-def decode_items(batch: dict, wanted: dict[str, tuple[int, int]], shape: tuple[int, int, int], images: bool = True) -> dict:
-    """Keep the wanted ids of a corpus batch, decoded to uint8 HxWxC at the model's geometry.
-    `wanted[id] = (row, pos)`: global retain index (or -1) and forget position (or -1).
-    `images=False` keeps the captions and labels alone (an all-zero image column of no size)."""
+def decode_items(batch: dict, tags: Sequence[tuple[int, int]], shape: tuple[int, int, int], images: bool = True) -> dict:
+    """Corpus rows decoded to uint8 HxWxC at the model's geometry, each with its tag (row, pos):
+    global retain index (or -1) and forget position (or -1). `images=False` keeps the captions
+    and labels alone (an all-zero image column of no size)."""
     from retrack.models.latents import item_seed
 
-    keep = [n for n, i in enumerate(batch["id"]) if i in wanted]
+    ids = list(batch["id"])
     h, w, c = shape if images else (0, 0, 0)
-    pixels = np.zeros((len(keep), h, w, c), dtype=np.uint8)
-    for j, n in enumerate(keep if images else ()):
-        pixels[j] = fit_image(decode_image(batch["image"][n], batch["id"][n]), shape)
+    pixels = np.zeros((len(ids), h, w, c), dtype=np.uint8)
+    for n in range(len(ids) if images else 0):
+        pixels[n] = fit_image(decode_image(batch["image"][n], ids[n]), shape)
     captions, labels = batch.get("caption"), batch.get("label")
-    ids = [batch["id"][n] for n in keep]
+    tags = np.asarray(tags, dtype=np.int64).reshape(len(ids), 2)
     return {
         "id": np.array(ids, dtype=object),
-        "row": np.array([wanted[i][0] for i in ids], dtype=np.int64),
-        "pos": np.array([wanted[i][1] for i in ids], dtype=np.int64),
+        "row": tags[:, 0].copy(),
+        "pos": tags[:, 1].copy(),
         "seed": np.array([item_seed(i) for i in ids], dtype=np.int64),
         "image": pixels,
-        "caption": np.array([("" if captions is None or captions[n] is None else str(captions[n])) for n in keep], dtype=object),
-        "label": np.array([-1 if labels is None or labels[n] is None else int(labels[n]) for n in keep], dtype=np.int64),
+        "caption": np.array([("" if captions is None or captions[n] is None else str(captions[n])) for n in range(len(ids))], dtype=object),
+        "label": np.array([-1 if labels is None or labels[n] is None else int(labels[n]) for n in range(len(ids))], dtype=np.int64),
     }
 
 
-def read_items(files: dict, source: "CorpusPlan", wanted: dict[str, tuple[int, int]], shape: tuple[int, int, int],
-               images: bool = True) -> dict:
-    """The wanted rows of the corpus files `files["file"]` (numbers in `source.files`), of each only
-    those at its `files["positions"]`, decoded as `decode_items` does."""
+def read_items(files: dict, source: "CorpusPlan", shape: tuple[int, int, int], images: bool = True) -> dict:
+    """The rows of the corpus files `files["file"]` (numbers in `source.files`) at their
+    `files["positions"]`, each tagged with its `files["tags"]` entry, decoded as `decode_items`
+    does. A file that no longer holds those rows (rewritten under the job) is an error."""
     from retrack.data.source import iter_file_rows
 
-    rows = []
-    for n, positions in zip(files["file"], files["positions"]):
+    rows, tags = [], []
+    for n, positions, file_tags in zip(files["file"], files["positions"], files["tags"]):
         f = source.files[int(n)]
-        rows += [r for r in iter_file_rows(source, f, rows=np.asarray(positions, dtype=np.int64)) if r["id"] in wanted]
+        got = list(iter_file_rows(source, f, rows=np.asarray(positions, dtype=np.int64)))
+        if len(got) != len(positions):
+            raise CorpusError(f"corpus file {f.rel} holds {len(got)} of the {len(positions)} rows the job listed: it changed under the job")
+        rows += got
+        tags += list(file_tags)
     batch = {k: [r[k] for r in rows] for k in ("id", "image", "caption", "label")}
-    return decode_items(batch, wanted, shape, images)
+    return decode_items(batch, tags, shape, images)
 
 
 def no_items(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:

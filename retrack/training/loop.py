@@ -16,7 +16,7 @@ import torch
 
 from retrack.config.train import MethodConfig, TrainConfig
 from retrack.data.corpus import Corpus
-from retrack.data.forget import check_forget_ids
+from retrack.data.forget import check_forget_ids, positions_in
 from retrack.data.sample import BLOCK, block_sample
 from retrack.models.schedule import NoiseSchedule
 from retrack.errors import InputError
@@ -45,8 +45,7 @@ def check_k(k: int, retain_size: int) -> None:
 
 def split_for_unlearning(corpus: Corpus, forget_ids: Sequence[str], method: MethodConfig) -> UnlearnData:
     """Check the forget ids, split the corpus and look up each forget item's K nearest retained items."""
-    check_forget_ids(forget_ids, corpus.ids)
-    forget_rows = corpus.index_of(forget_ids)
+    forget_rows = check_forget_ids(forget_ids, lambda ids: positions_in(corpus.ids, ids))
     retain_rows = np.setdiff1d(np.arange(len(corpus)), forget_rows)
     if len(retain_rows) == 0:
         raise InputError("the forget set covers the whole corpus: nothing is left to retain")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +19,8 @@ from retrack.config.unlearn_run import UnlearnRun
 from retrack.data.item_cache import ItemCache
 from retrack.data.forget import check_forget_ids, requested_forget_ids
 from retrack.digest import ids_digest, sha256_bytes
-from retrack.data.source import CorpusPlan
+from retrack.data.id_table import IdTable
+from retrack.data.source import CorpusPlan, ScanRunner
 from retrack.errors import CorpusError, InputError, ModelLayoutError
 from retrack.storage.location import Location, S3Options, is_s3
 from retrack.methods import method_class
@@ -28,27 +30,32 @@ from retrack.training.plan import DataPlan
 
 @dataclass
 class CorpusIndex:
-    """The corpus ids in corpus order (files sorted by path, then row order), without images, and
-    where each file starts: the rows of file n are `starts[n]:starts[n + 1]`."""
+    """The corpus's files (by URI) and where each file's rows start (the rows of file n are
+    `starts[n]:starts[n + 1]`, files sorted by path), and its id table on storage: never the ids
+    themselves, which grow with the corpus."""
 
-    ids: list[str]
     source: CorpusPlan
     starts: np.ndarray
+    ids: IdTable
+
+    @property
+    def count(self) -> int:
+        return int(self.starts[-1])
 
     @property
     def has_captions(self) -> bool:
         return self.source.has_captions
 
+    @cached_property
+    def _file_number(self) -> dict[str, int]:
+        return {f.rel: n for n, f in enumerate(self.source.files)}
+
     def positions(self, ids: Sequence[str]) -> np.ndarray:
-        """The corpus row of each of the given (distinct) ids, -1 where the corpus lacks it: one
-        pass over the corpus ids, holding a map of the given ids only."""
-        wanted = {i: n for n, i in enumerate(ids)}
-        out = np.full(len(ids), -1, np.int64)
-        for row, i in enumerate(self.ids):
-            n = wanted.get(i)
-            if n is not None:
-                out[n] = row
-        return out
+        """The corpus row of each of the given ids, -1 where the corpus lacks it: read from the
+        buckets of the id table that hold them."""
+        found = self.ids.find(ids).to_pydict()
+        at = {i: int(self.starts[self._file_number[f]]) + r for i, f, r in zip(found["id"], found["file"], found["row"])}
+        return np.array([at.get(i, -1) for i in ids], dtype=np.int64)
 
     def rows_of(self, ids: Sequence[str]) -> np.ndarray:
         """The corpus rows of the given (distinct, known) ids, in their order."""
@@ -65,24 +72,39 @@ class CorpusIndex:
         return [(int(n), rows[file_of == n] - self.starts[n]) for n in np.unique(file_of)]
 
 
-def read_corpus_index(uri: str, format: str, endpoint: str | None, geometry: tuple[int, int, int], map_groups=None) -> CorpusIndex:
-    """List the corpus (local path or s3://) and read its ids (by groups of files through
-    `map_groups` when given: `retrack.data.source.scan_corpus_ids`); no image is read: every item
-    is delivered at the model's `geometry`."""
+def read_corpus_index(uri: str, format: str, endpoint: str | None, geometry: tuple[int, int, int], ids_root: Location,
+                      runner: ScanRunner | None = None) -> CorpusIndex:
+    """List the corpus (local path or s3://), read its ids into its id table under `ids_root` (a
+    corpus of many files by `runner`: `retrack.data.source.scan_corpus_ids`); no image is read:
+    every item is delivered at the model's `geometry`."""
     from retrack.data.source import scan_corpus_ids
 
-    source, per_file = scan_corpus_ids(uri, format, endpoint=endpoint, image_shape=geometry, map_groups=map_groups)
-    starts = np.cumsum([0] + [len(i) for i in per_file])
-    return CorpusIndex(ids=[i for ids in per_file for i in ids], source=source, starts=starts)
+    source, ids = scan_corpus_ids(uri, format, ids_root=ids_root, endpoint=endpoint, image_shape=geometry, runner=runner)
+    return CorpusIndex(source=source, starts=np.cumsum([0] + [f.rows for f in source.files]), ids=ids)
 
 
-def retain_index(corpus: CorpusIndex, forget_rows: np.ndarray, ids: Sequence[str]) -> np.ndarray:
-    """The retain index (the position among the retained rows, in corpus order) of each id; -1
-    for an id that is not a retained corpus item."""
-    rows = corpus.positions(ids)
-    forget = np.sort(forget_rows)
-    out = rows - np.searchsorted(forget, rows)
-    return np.where((rows < 0) | np.isin(rows, forget), -1, out)
+@dataclass(frozen=True)
+class RetainedRows:
+    """Retain index -> corpus row (the corpus rows but the forgotten ones, in order), computed
+    from the forgotten rows: no array as large as the corpus."""
+
+    count: int  # corpus rows
+    forget: np.ndarray  # the forgotten rows, ascending
+
+    def __len__(self) -> int:
+        return self.count - len(self.forget)
+
+    def __getitem__(self, index):
+        # Retain index i is corpus row i + (forgotten rows at or before it): with f_j - j the
+        # retain indices the forgotten rows are skipped at, the count is a sorted search.
+        skip = self.forget - np.arange(len(self.forget))
+        return np.asarray(index, dtype=np.int64) + np.searchsorted(skip, index, side="right")
+
+    def index_of(self, rows: np.ndarray) -> np.ndarray:
+        """The retain index of each corpus row; -1 for a row that is missing (-1) or forgotten."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = rows - np.searchsorted(self.forget, rows)
+        return np.where((rows < 0) | np.isin(rows, self.forget), -1, out)
 
 
 def resolve_model(uri: str, expected: ModelKind, endpoint: str | None = None) -> Path:
@@ -138,7 +160,7 @@ class Prepared:
     model_dir: Path
     corpus: CorpusIndex
     forget_rows: np.ndarray  # corpus rows, in forget-list order
-    retain_rows: np.ndarray  # corpus rows of the retained set, ascending (retain index -> corpus row)
+    retain_rows: RetainedRows  # retain index -> corpus row
     plan: DataPlan
     config_hash: str
     run_name: str
@@ -163,9 +185,9 @@ def item_cache(prep: "Prepared") -> ItemCache:
                                prep.plan.corpus_fingerprint, prep.model_dir, prep.plan.item_shape[0])
 
 
-def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None, map_groups=None) -> Prepared:
-    """All validation and planning that needs no cluster (`corpus`: the corpus's ids, if read
-    already; else read, by groups of files through `map_groups` when given)."""
+def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None, runner: ScanRunner | None = None) -> Prepared:
+    """All validation and planning that needs no cluster (`corpus`: the corpus's listing and id
+    table, if read already; else read, a corpus of many files by `runner` when given)."""
     from retrack.data.source import require_captions
     from retrack.models.pixel import model_digest
 
@@ -173,11 +195,11 @@ def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None, map_groups=None)
     kind, endpoint = spec.model.kind, spec.storage.endpoint_url
     model_dir = resolve_model(spec.model.uri, kind, endpoint)
     geometry = model_geometry(kind, model_dir)  # every item is brought to it as it is read (`fit_image`)
-    corpus = corpus or read_corpus_index(spec.corpus.uri, spec.corpus.format, endpoint, geometry, map_groups)
+    corpus = corpus or read_corpus_index(spec.corpus.uri, spec.corpus.format, endpoint, geometry,
+                                         Location.parse(run.corpus_ids_root, endpoint=endpoint), runner)
     forget_ids = requested_forget_ids(spec)
-    check_forget_ids(forget_ids, corpus.ids)
-    forget_rows = corpus.rows_of(forget_ids)
-    retain_rows = np.setdiff1d(np.arange(len(corpus.ids)), forget_rows)
+    forget_rows = check_forget_ids(forget_ids, corpus.positions)
+    retain_rows = RetainedRows(corpus.count, np.sort(forget_rows))
     if len(retain_rows) == 0:
         raise InputError("the forget set covers the whole corpus: nothing is left to retain")
     if kind is ModelKind.STABLE_DIFFUSION:
@@ -192,10 +214,10 @@ def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None, map_groups=None)
         check_k(k, len(retain_rows))
         if run.neighbours_file:
             nb_file = Location.parse(run.neighbours_file, endpoint=endpoint)
-            neighbours = read_neighbours_file(nb_file, forget_ids, k, lambda ids: retain_index(corpus, forget_rows, ids))
+            neighbours = read_neighbours_file(nb_file, forget_ids, k, lambda ids: retain_rows.index_of(corpus.positions(ids)))
             nbr_digest = sha256_bytes(nb_file.read_bytes())
         else:
-            neighbours = exact_neighbours(kind, model_dir, corpus.source, forget_rows, retain_rows, k, geometry)
+            neighbours = exact_neighbours(kind, model_dir, corpus.source, forget_rows, retain_rows[np.arange(len(retain_rows))], k, geometry)
             nbr_digest = "exact:" + sha256_bytes(neighbours.tobytes())
     plan = DataPlan(
         kind=kind,

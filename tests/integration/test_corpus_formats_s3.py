@@ -86,33 +86,39 @@ def test_the_ray_index_from_webdataset_on_s3_matches_the_local_loop(ray_local, s
 
 
 @pytest.mark.parametrize("layout", ["parquet", "webdataset"])
-def test_a_corpus_of_many_shards_has_its_ids_read_by_ray_tasks_as_in_one_process(ray_local, s3_env, tmp_path, layout):
-    """40 shards on S3 (3 groups of files): the ids, the listing digest and the file starts read by
-    Ray tasks equal the in-process scan's; a duplicate id across two groups and an unreadable shard
-    are refused as in one process, naming the id and the shard."""
-    from functools import partial
-
-    from pipelines.runtime import task_map
+def test_a_corpus_of_many_shards_has_its_id_table_written_by_ray_as_in_one_process(ray_local, s3_env, tmp_path, layout, monkeypatch):
+    """40 shards on S3 (3 groups of files), the id table in 4 buckets: the table Ray tasks and
+    Ray Data write equals the in-process one (every id at its file and row), as do the listing
+    digest and the file starts; a duplicate id across two groups and an unreadable shard are
+    refused as in one process, naming the id and the shard, and leave no complete table."""
+    import retrack.data.id_table as id_table
+    from pipelines.corpus_ids import RayScan
     from retrack.data.source import SCAN_GROUPS_FROM
     from retrack.training.prepare import read_corpus_index
     from tests.fixtures.corpora import write_corpus
 
+    monkeypatch.setattr(id_table, "BUCKET_IDS", 40)  # 160 ids: 4 buckets
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (160, 8, 8), dtype=np.uint8)
     ids = write_corpus(tmp_path / "c", images, shard_size=4, layout=layout)
     uri = s3_env.upload_dir(tmp_path / "c", f"{uuid.uuid4().hex[:8]}/c")
-    tasks = partial(task_map, address=None)
-    here, there = (read_corpus_index(uri, layout, None, (8, 8, 1), map_groups=m) for m in (None, tasks))
-    assert len(there.source.files) == 40 >= SCAN_GROUPS_FROM
-    assert there.ids == here.ids == ids and list(there.starts) == list(here.starts)
-    assert there.source.digest() == here.source.digest()
+    roots = {m: Location.parse(s3_env.uri(f"{uuid.uuid4().hex[:8]}/ids")) for m in ("here", "there")}
+    here = read_corpus_index(uri, layout, None, (8, 8, 1), roots["here"])
+    there = read_corpus_index(uri, layout, None, (8, 8, 1), roots["there"], RayScan())
+    assert len(there.source.files) == 40 >= SCAN_GROUPS_FROM and there.ids.buckets == 4
+    assert list(there.starts) == list(here.starts) and there.source.digest() == here.source.digest()
+    for corpus in (here, there):
+        assert corpus.positions(ids[::-1] + ["no-such-id"]).tolist() == list(range(159, -1, -1)) + [-1]
+    assert [there.ids.bucket(b).read_bytes() for b in range(4)] == [here.ids.bucket(b).read_bytes() for b in range(4)]
 
     ids[150] = ids[2]  # the first group's id again in the last group
     write_corpus(tmp_path / "dup", images, ids=ids, shard_size=4, layout=layout)
     dup = s3_env.upload_dir(tmp_path / "dup", f"{uuid.uuid4().hex[:8]}/dup")
-    with pytest.raises(CorpusError, match="occur more than once"):
-        read_corpus_index(dup, layout, None, (8, 8, 1), map_groups=tasks)
+    with pytest.raises(CorpusError, match=f"occur more than once.*{ids[2]}"):
+        read_corpus_index(dup, layout, None, (8, 8, 1), roots["there"], RayScan())
+    completes = [e.location.uri for e in roots["there"].list(hidden=True) if e.location.name == "_complete.json"]
+    assert completes == [(there.ids.root / "_complete.json").uri]  # the refused corpus's table is not complete
     bad = sorted((e.location for e in Location.parse(dup).list() if e.location.name.endswith((".parquet", ".tar"))), key=lambda loc: loc.name)[-1]
     bad.write_bytes(b"not a shard")  # in the last group
     with pytest.raises(CorpusError, match=bad.name):
-        read_corpus_index(dup, layout, None, (8, 8, 1), map_groups=tasks)
+        read_corpus_index(dup, layout, None, (8, 8, 1), roots["there"], RayScan())

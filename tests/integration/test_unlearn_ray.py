@@ -281,7 +281,7 @@ in fp16 (as the item cache keeps them), BatchDrawer, unlearning_step."""
     u8 = ((corpus.images + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
     latents = encode_latents(model.vae, u8, [item_seed(i) for i in corpus.ids], model.resolution).half().float()
     conds = sd.encode_captions(model.text_encoder, tokenize(model.tokenizer, corpus.captions)).half().float()
-    f, r = torch.from_numpy(prep.forget_rows), torch.from_numpy(prep.retain_rows)
+    f, r = torch.from_numpy(prep.forget_rows), torch.from_numpy(prep.retain_rows[np.arange(len(prep.retain_rows))])
     data = UnlearnData(
         retain=latents[r], forget=latents[f], neighbours=latents[r][torch.from_numpy(prep.plan.neighbours)],
         retain_cond=conds[r], forget_cond=conds[f],

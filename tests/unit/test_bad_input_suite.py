@@ -288,7 +288,8 @@ def written_outputs(tmp: Path, at_index: bool = False) -> list[str]:
     """Everything a refused command left that a later run could read as a result."""
     left = [p for p in tmp.rglob("*") if p.is_file() and (p.parts[-2] == "stages" or p.name in ("nb.json", "mlflow.db"))]
     jobs = tmp / "jobs"  # the storage root (and a job's folder) may exist, without files
-    allowed = [jobs / "indexes", jobs / "audit"] if at_index else []
+    # The corpus's id table is the corpus's, not the job's: written by the scan the forget ids are checked against.
+    allowed = [jobs / "corpus-ids"] + ([jobs / "indexes", jobs / "audit"] if at_index else [])
     left += [p for p in jobs.rglob("*") if p.is_file() and (not any(a in p.parents for a in allowed) or p.name == "manifest.json")]
     left += [p for p in (tmp / "out", tmp / "out.runs") if p.exists()]
     return [str(p) for p in left]

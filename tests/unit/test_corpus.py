@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from retrack.data.corpus import SCHEMA, encode_image, read_corpus, write_shards
-from retrack.data.forget import check_forget_ids, read_forget_ids
+from retrack.data.forget import check_forget_ids, positions_in, read_forget_ids
 from retrack.errors import CorpusError, ForgetSetError
 
 
@@ -97,13 +99,14 @@ def test_missing_directory_and_non_parquet_shard(tmp_path):
 
 def test_forget_id_checks(tmp_path):
     corpus_ids = ["a", "b", "c"]
-    check_forget_ids(["a", "c"], corpus_ids)
+    rows = partial(positions_in, corpus_ids)
+    assert check_forget_ids(["c", "a"], rows).tolist() == [2, 0]
     with pytest.raises(ForgetSetError, match="empty"):
-        check_forget_ids([], corpus_ids)
+        check_forget_ids([], rows)
     with pytest.raises(ForgetSetError, match=r"1 forget id\(s\) are listed more than once \(entries \[1, 3\]\)"):
-        check_forget_ids(["a", "b", "a"], corpus_ids)
+        check_forget_ids(["a", "b", "a"], rows)
     with pytest.raises(ForgetSetError, match=r"1 of 2 forget id\(s\) are not in the corpus \(entries \[2\]\)"):
-        check_forget_ids(["a", "z"], corpus_ids)
+        check_forget_ids(["a", "z"], rows)
 
 def test_forget_id_file_one_id_a_line_comments_and_blanks_ignored(tmp_path):
     p = tmp_path / "ids.txt"

@@ -15,6 +15,7 @@ from retrack.data.corpus import encode_image
 from retrack.data.source import FORMATS, iter_file_batches, require_captions, scan_corpus
 from retrack.errors import CaptionsMissingError, CorpusError, InputError, StorageError
 from retrack.index import build_index, open_index
+from retrack.storage.location import Location
 from tests.fixtures.corpora import (
     WRITERS, add_member, clustered_images, corpus_rows, write_formats, write_imagefolder, write_webdataset,
 )
@@ -274,14 +275,23 @@ def test_cli_index_build_takes_the_format(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_the_scan_hands_back_the_ids_it_read(captioned, name):
-    """`scan_corpus_ids` returns, file by file, the ids the rows carry: a job reads them once."""
+def test_the_scan_writes_each_ids_file_and_row_to_the_id_table(captioned, name, tmp_path):
+    """`scan_corpus_ids` writes, for every id the rows carry, the file and the row it is at, and
+    the corpus rows the job derives from them are the rows in corpus order."""
     from retrack.data.source import scan_corpus_ids
+    from retrack.training.prepare import read_corpus_index
 
     _, dirs = captioned
-    plan, ids = scan_corpus_ids(dirs[name], name)
-    assert [list(i) for i in ids] == [[i for b in iter_file_batches(plan, f, 100) for i in b.ids] for f in plan.files]
+    plan, table = scan_corpus_ids(dirs[name], name, ids_root=Location.parse(tmp_path / "ids"))
     assert scan_corpus(dirs[name], name).digest() == plan.digest()
+    every = [(i, f.rel, n) for f in plan.files for n, i in enumerate(b for batch in iter_file_batches(plan, f, 100) for b in batch.ids)]
+    assert table.count == len(every) == plan.count
+    found = table.find([i for i, _, _ in every] + ["no-such-id"]).to_pylist()
+    assert sorted((r["id"], r["file"], r["row"]) for r in found) == sorted(every)
+    written = table.bucket(0).info().mtime_ns
+    corpus = read_corpus_index(dirs[name], name, None, plan.image_shape, Location.parse(tmp_path / "ids"))
+    assert corpus.ids == table and table.bucket(0).info().mtime_ns == written  # the listing's complete table is kept
+    assert corpus.positions([every[-1][0], "no-such-id", every[0][0]]).tolist() == [len(every) - 1, -1, 0]
 
 
 def test_rows_by_position_are_those_rows_in_every_format(captioned):
@@ -326,6 +336,10 @@ def test_items_of_an_unlabelled_image_folder_read_by_position(bench, tmp_path):
 
     rows = [{**r, "label": None} for r in list(corpus_rows(bench.corpus))[:3]]
     plan = scan_corpus(write_imagefolder(rows, tmp_path / "f"), "imagefolder")
-    files = {"file": np.array([1]), "positions": [np.array([0])]}
-    got = read_items(files, plan, {rows[1]["id"]: (7, -1)}, (16, 16, 3))
+    files = {"file": np.array([1]), "positions": [np.array([0])], "tags": [[(7, -1)]]}
+    got = read_items(files, plan, (16, 16, 3))
+    assert got["id"].tolist() == [rows[1]["id"]]
     assert got["row"].tolist() == [7] and got["label"].tolist() == [-1] and got["image"].shape == (1, 16, 16, 3)
+    files = {"file": np.array([1]), "positions": [np.array([0, 1])], "tags": [[(7, -1), (8, -1)]]}
+    with pytest.raises(CorpusError, match="changed under the job"):
+        read_items(files, plan, (16, 16, 3))

@@ -76,7 +76,7 @@ def test_plan_matches_the_single_process_split(bench, model_dir, tmp_path):
     forget = read_forget_ids(bench.forget_ids)
     data = split_for_unlearning(corpus, forget, MethodConfig(name="retrack", params={"k": 4}))
     assert prep.plan.n_retain == len(data.retain) and prep.plan.n_forget == len(data.forget)
-    retained = torch.from_numpy(corpus.images[prep.retain_rows])
+    retained = torch.from_numpy(corpus.images[prep.retain_rows[np.arange(len(prep.retain_rows))]])
     assert torch.equal(retained[torch.from_numpy(prep.plan.neighbours)], data.neighbours)
     assert prep.run_name == f"req-1-{prep.config_hash[:12]}"
 
@@ -123,7 +123,8 @@ def test_bad_forget_sets_and_neighbours(bench, model_dir, tmp_path):
         prepare(request(bench, model_dir, tmp_path, method=MethodConfig(name="retrack", params={"k": 100000})))
     forget = read_forget_ids(bench.forget_ids)
     prep = prepare(request(bench, model_dir, tmp_path))
-    retained_ids = [prep.corpus.ids[r] for r in prep.retain_rows]
+    ids = read_corpus(bench.corpus).ids
+    retained_ids = [ids[r] for r in prep.retain_rows[np.arange(len(prep.retain_rows))]]
     good = {f: [retained_ids[j] for j in prep.plan.neighbours[n]] for n, f in enumerate(forget)}
     path = tmp_path / "nbrs.json"
     path.write_text(json.dumps(good))
@@ -154,7 +155,8 @@ def test_the_index_neighbours_file_is_what_the_unlearn_stage_reads(bench, model_
     assert res.exit_code == 0, res.output
     prep = prepare(request(bench, model_dir, tmp_path, neighbours_file=str(tmp_path / "nb.json")))
     forget = read_forget_ids(bench.forget_ids)
-    retained_ids = [prep.corpus.ids[r] for r in prep.retain_rows]
+    ids = read_corpus(bench.corpus).ids
+    retained_ids = [ids[r] for r in prep.retain_rows[np.arange(len(prep.retain_rows))]]
     trained_on = {f: [retained_ids[j] for j in prep.plan.neighbours[n]] for n, f in enumerate(forget)}
     assert trained_on == read_neighbours(tmp_path / "nb.json", forget, 4)
 
@@ -174,20 +176,33 @@ def test_checkpoints_of_another_config_are_refused(bench, model_dir, tmp_path):
         storage.check()
 
 
-def test_decode_batch_keeps_only_planned_rows(bench):
+def test_decoded_rows_carry_their_tags(bench):
     import pyarrow.parquet as pq
 
     shard = sorted(bench.corpus.glob("*.parquet"))[0]
-    table = pq.read_table(shard).slice(0, 6).to_pydict()
+    table = pq.read_table(shard).take([1, 4]).to_pydict()
     batch = {k: np.array(v, dtype=object) for k, v in table.items()}
-    wanted = {table["id"][1]: (17, -1), table["id"][4]: (-1, 0)}
-    out = decode_items(batch, wanted, (8, 8, 1))
-    assert out["row"].tolist() == [17, -1] and out["pos"].tolist() == [-1, 0]
+    out = decode_items(batch, [(17, -1), (-1, 0)], (8, 8, 1))
+    assert out["id"].tolist() == table["id"] and out["row"].tolist() == [17, -1] and out["pos"].tolist() == [-1, 0]
     assert out["image"].shape == (2, 8, 8, 1) and out["image"].dtype == np.uint8
-    sd_out = decode_items(batch, wanted, (16, 16, 3))
+    sd_out = decode_items(batch, [(17, -1), (-1, 0)], (16, 16, 3))
     assert sd_out["image"].shape == (2, 16, 16, 3)
-    empty = decode_items(batch, {}, (8, 8, 1))
+    empty = decode_items({k: v[:0] for k, v in batch.items()}, [], (8, 8, 1))
     assert empty["image"].shape == (0, 8, 8, 1)
+
+
+@pytest.mark.parametrize("forget", [[], [0], [9], [0, 1, 2], [3, 4, 7], [0, 9], list(range(1, 10))])
+def test_retained_rows_map_retain_indices_to_corpus_rows_without_a_corpus_sized_array(forget):
+    """`RetainedRows` equals the explicit list of the rows not forgotten, both ways."""
+    from retrack.training.prepare import RetainedRows
+
+    rows = RetainedRows(10, np.array(forget, dtype=np.int64))
+    explicit = np.setdiff1d(np.arange(10), forget)
+    assert len(rows) == len(explicit)
+    assert rows[np.arange(len(rows))].tolist() == explicit.tolist()
+    assert all(int(rows[i]) == explicit[i] for i in range(len(explicit)))
+    expected = [explicit.tolist().index(r) if r in explicit else -1 for r in range(10)] + [-1]
+    assert rows.index_of(np.array(list(range(10)) + [-1])).tolist() == expected
 
 
 @pytest.mark.parametrize("name", ["retrack", "erasediff", "siss"])

@@ -50,7 +50,7 @@ def run(ctx: JobContext) -> dict:
     store.log_params(run_id, params)
     store.log_metrics(run_id, flat_metrics(ev["metrics"]) | {"unlearn.wall_seconds": un["wall_seconds"]})
     store.log_inputs(run_id, {
-        "corpus": (spec.corpus.uri, ctx.pre.corpus_key, len(ctx.pre.corpus_index.ids)),
+        "corpus": (spec.corpus.uri, ctx.pre.corpus_key, ctx.pre.corpus_index.count),
         "forget": (f"retrack://{spec.request_id}/forget-set", nb["forget_ids_digest"], nb["forget_count"]),
     })
     store.log_artifacts(run_id, report, "report")
