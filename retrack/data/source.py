@@ -14,7 +14,9 @@ columns, malformed metadata, empty or missing ids, duplicate ids across files, a
 digest (paths, sizes, modification times, and an image folder's captions) keys the cache: a
 rewritten or added file changes it. Files are grouped into chunks of about `rows_per_chunk` rows;
 a chunk is the unit of encoding, resumption and index sharding. `iter_file_batches` streams the
-rows (ids, image bytes, captions) of one file; `require_captions` refuses a corpus in which some
+rows (ids, image bytes, captions) of one file. `scan_corpus_ids` scans as `scan_corpus` does and
+writes the corpus's id table on storage as it reads the ids (`retrack.data.id_table`), a group of
+files at a time wherever its runner runs them. `require_captions` refuses a corpus in which some
 item has no caption (a Stable Diffusion model is trained on each item's own caption).
 
 `decode_batch` is the per-batch work both the Ray stage and the single-process loop run: decode,
@@ -169,7 +171,7 @@ def _resolved(loc: Location) -> Location:
 def _listing(uri, format: str, endpoint: str | None, on_bad: str) -> tuple[Location, list[FileEntry]]:
     if on_bad not in ON_BAD:
         raise InputError(f"on_bad must be one of {ON_BAD}, not {on_bad!r}")
-    corpus_format(format)
+    corpus_format(format)  # an unknown format is refused before anything is listed
     root = Location.parse(uri, endpoint=endpoint)
     root.check_reachable()
     if not root.exists():
