@@ -34,7 +34,6 @@ class RayScan:
         ds = ray.data.from_arrow_refs(handles).map_batches(with_bucket, batch_format="pyarrow", fn_kwargs={"buckets": table.buckets})
         materialized(ds.groupby("bucket").map_groups(_write_bucket, batch_format="pyarrow",
                                                       fn_kwargs={"table": table, "corpus": corpus}))
-        table.mark_complete()
 
 
 def _scan_group(fn: Callable, group: list) -> tuple:

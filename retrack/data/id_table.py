@@ -5,8 +5,9 @@ repeated ids as it is written; a lookup of a few ids (a forget set, a request's 
 items an evaluation names) reads only the buckets those ids hash to.
 
 Layout: `<root>/bucket-NNNNN.parquet`, rows (id, file: its path relative to the corpus root,
-row), sorted by id, then `<root>/_complete.json` (buckets, count), written last: a table without it
-is partial and is never read. A bucket no id hashes to has no file.
+row), sorted by id, then `<root>/_complete.json` (buckets, count, and what the scan found of each
+file: a later scan of the same listing reads it instead of the files), written last: a table
+without it is partial and is never read. A bucket no id hashes to has no file.
 """
 
 from __future__ import annotations
@@ -79,17 +80,19 @@ class IdTable:
         pq.write_table(rows.sort_by("id"), sink, row_group_size=64 * 1024)
         self.bucket(b).write_bytes(sink.getvalue())
 
-    def mark_complete(self) -> None:
-        (self.root / COMPLETE).write_json({"buckets": self.buckets, "count": self.count})
+    def mark_complete(self, files: list[dict]) -> None:
+        """Seal the table, with the scan's record of each corpus file (JSON-able)."""
+        (self.root / COMPLETE).write_json({"buckets": self.buckets, "count": self.count, "files": files})
 
     @classmethod
-    def open(cls, root: Location) -> "IdTable | None":
-        """The complete table at `root`, None if there is none (or only a partial one)."""
+    def open(cls, root: Location) -> "tuple[IdTable, list[dict]] | None":
+        """The complete table at `root` and its files' record; None if there is none (or only a
+        partial one)."""
         marker = root / COMPLETE
         if not marker.exists():
             return None
         meta = marker.read_json()
-        return cls(root, int(meta["buckets"]), int(meta["count"]))
+        return cls(root, int(meta["buckets"]), int(meta["count"])), meta["files"]
 
     def find(self, ids: Sequence[str]) -> pa.Table:
         """The rows (id, file, row) of those of the given ids the corpus holds, read from their
@@ -111,9 +114,8 @@ class IdTable:
 
 
 def write_id_table(table: IdTable, files: Sequence[pa.Table], corpus: str) -> None:
-    """Write the whole table in this process (a corpus of few files) from its files' rows."""
+    """Write every bucket in this process (a corpus of few files) from its files' rows."""
     rows = with_bucket(pa.concat_tables(files) if files else SCHEMA.empty_table(), table.buckets)
     bucket = rows.column("bucket").to_numpy()
     for b in np.unique(bucket):
         table.write_bucket(int(b), rows.filter(pa.array(bucket == b)), corpus)
-    table.mark_complete()

@@ -26,7 +26,7 @@ check the image size against the corpus's, normalise and encode.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -135,11 +135,18 @@ def scan_corpus_ids(uri: "str | Location", format: str = "parquet", *, ids_root:
                     on_bad: str = "fail", image_shape: Sequence[int] | None = None,
                     runner: ScanRunner | None = None) -> tuple[CorpusPlan, IdTable]:
     """`scan_corpus`, and the corpus's id table (`retrack.data.id_table`) under `ids_root`, written
-    from the ids the scan reads (no file is read twice; a listing's complete table is kept, not
-    written again), so that the ids are never gathered in one process. With `runner`, a corpus of
-    many files in a format whose files scan independently is read in groups of `SCAN_GROUP` files
-    where the runner runs them, and its table written there."""
+    from the ids the scan reads (no file is read twice), so that the ids are never gathered in one
+    process. With `runner`, a corpus of many files in a format whose files scan independently is
+    read in groups of `SCAN_GROUP` files where the runner runs them, and its table written there.
+    The table is keyed by the listing (every path, size and mtime, an image folder's metadata files
+    included): a listing scanned before is not read again, its table and files' record are kept."""
     root, entries = _listing(uri, format, endpoint, on_bad)
+    key = config_digest({"format": format, "on_bad": on_bad, "listing": [(e.location.relative_to(root), e.size, e.mtime_ns) for e in entries]})
+    done = IdTable.open(_resolved(ids_root) / key[:24])
+    if done is not None:
+        table, record = done
+        files = [SourceFile(uri=(root / f["rel"]).uri, **f) for f in record]
+        return _plan(root, format, entries, files, 200_000, image_shape), table
     size = SCAN_GROUP
     if runner is None or not corpus_format(format).SCANS_BY_FILE or len(entries) < SCAN_GROUPS_FROM:
         runner, size = InProcess(), max(1, len(entries))
@@ -151,9 +158,9 @@ def scan_corpus_ids(uri: "str | Location", format: str = "parquet", *, ids_root:
         scanned += part
         handles.append(rows)
     plan = _plan(root, format, entries, scanned, 200_000, image_shape)
-    table = IdTable(_resolved(ids_root) / plan.digest()[:24], bucket_count(plan.count), plan.count)
-    if IdTable.open(table.root) is None:
-        runner.write_ids(table, handles, root.uri)
+    table = IdTable(_resolved(ids_root) / key[:24], bucket_count(plan.count), plan.count)
+    runner.write_ids(table, handles, root.uri)
+    table.mark_complete([{k: v for k, v in asdict(f).items() if k != "uri"} for f in scanned])
     return plan, table
 
 

@@ -277,21 +277,35 @@ def test_cli_index_build_takes_the_format(tmp_path):
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_the_scan_writes_each_ids_file_and_row_to_the_id_table(captioned, name, tmp_path):
     """`scan_corpus_ids` writes, for every id the rows carry, the file and the row it is at, and
-    the corpus rows the job derives from them are the rows in corpus order."""
+    the corpus rows the job derives from them are the rows in corpus order. A second scan of the
+    same listing reads no corpus file: one overwritten with bytes of its size and its mtime kept
+    is not noticed, while one whose mtime moved is read again (and refused)."""
+    import os
+    import shutil
+
     from retrack.data.source import scan_corpus_ids
     from retrack.training.prepare import read_corpus_index
 
-    _, dirs = captioned
-    plan, table = scan_corpus_ids(dirs[name], name, ids_root=Location.parse(tmp_path / "ids"))
-    assert scan_corpus(dirs[name], name).digest() == plan.digest()
+    src = shutil.copytree(captioned[1][name], tmp_path / "corpus")
+    ids_root = Location.parse(tmp_path / "ids")
+    plan, table = scan_corpus_ids(src, name, ids_root=ids_root)
+    assert scan_corpus(src, name).digest() == plan.digest()
     every = [(i, f.rel, n) for f in plan.files for n, i in enumerate(b for batch in iter_file_batches(plan, f, 100) for b in batch.ids)]
     assert table.count == len(every) == plan.count
     found = table.find([i for i, _, _ in every] + ["no-such-id"]).to_pylist()
     assert sorted((r["id"], r["file"], r["row"]) for r in found) == sorted(every)
-    written = table.bucket(0).info().mtime_ns
-    corpus = read_corpus_index(dirs[name], name, None, plan.image_shape, Location.parse(tmp_path / "ids"))
-    assert corpus.ids == table and table.bucket(0).info().mtime_ns == written  # the listing's complete table is kept
+
+    # A file the scan reads: a shard, or an image folder's captions (its images are read later).
+    victim = next(src.rglob("metadata.jsonl")) if name == "imagefolder" else src / plan.files[0].rel
+    stat = victim.stat()
+    victim.write_bytes(b"\0" * stat.st_size)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    corpus = read_corpus_index(src, name, None, plan.image_shape, ids_root)
+    assert corpus.ids == table and corpus.source.files == plan.files and corpus.source.digest() == plan.digest()
     assert corpus.positions([every[-1][0], "no-such-id", every[0][0]]).tolist() == [len(every) - 1, -1, 0]
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(CorpusError):
+        read_corpus_index(src, name, None, plan.image_shape, ids_root)
 
 
 def test_rows_by_position_are_those_rows_in_every_format(captioned):
