@@ -169,7 +169,8 @@ def test_worker_node_lost_mid_unlearning(ray_cluster, small_on_s3):
 def test_run_on_an_image_folder_and_webdataset_shards_on_s3(ray_cluster, small_on_s3, fmt):
     """The same job with its corpus and holdout as an image folder (metadata.jsonl labels) or as
     WebDataset tar shards (cls labels) on S3: the workers stream the files themselves. The tar
-    corpus is 34 shards of 8: preflight reads their keys in Ray tasks, on the worker nodes."""
+    corpus is 34 shards of 8: preflight reads their keys in Ray tasks, on the worker nodes, and
+    Ray Data writes the id table from them there."""
     from retrack.data.source import SCAN_GROUPS_FROM
     from tests.fixtures.corpora import WRITERS
 
