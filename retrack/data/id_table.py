@@ -2,7 +2,8 @@
 in hash buckets, so that a corpus's ids never sit in one process. It is written as the corpus is
 scanned (by Ray tasks for a corpus of many files: `pipelines.corpus_ids`), each bucket checked for
 repeated ids as it is written; a lookup of a few ids (a forget set, a request's neighbours, the
-items an evaluation names) reads only the buckets those ids hash to.
+items an evaluation names) reads only the buckets those ids hash to, and of those the footer and
+the row groups of 1,024 ids that can hold them.
 
 Layout: `<root>/bucket-NNNNN.parquet`, rows (id, file: its path relative to the corpus root,
 row), sorted by id, then `<root>/_complete.json` (buckets, count, and what the scan found of each
@@ -12,6 +13,7 @@ without it is partial and is never read. A bucket no id hashes to has no file.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 from dataclasses import dataclass
@@ -25,7 +27,8 @@ import pyarrow.parquet as pq
 from retrack.errors import CorpusError
 from retrack.storage.location import Location
 
-BUCKET_IDS = 1_000_000  # ids per bucket, on average: a lookup of one id reads about 20 MB at most
+BUCKET_IDS = 1_000_000  # ids per bucket, on average
+ROW_GROUP = 1024  # ids per row group: a lookup reads, of each bucket it needs, the footer and a row group per id
 SCHEMA = pa.schema([("id", pa.string()), ("file", pa.string()), ("row", pa.int64())])
 COMPLETE = "_complete.json"
 
@@ -77,7 +80,7 @@ class IdTable:
         if repeated:
             raise CorpusError(f"{len(repeated)} id(s) occur more than once in the corpus {corpus}, e.g. {sorted(repeated)[:3]}")
         sink = io.BytesIO()
-        pq.write_table(rows.sort_by("id"), sink, row_group_size=64 * 1024)
+        pq.write_table(rows.sort_by("id"), sink, row_group_size=ROW_GROUP, write_statistics=["id"])
         self.bucket(b).write_bytes(sink.getvalue())
 
     def mark_complete(self, files: list[dict]) -> None:
@@ -96,7 +99,7 @@ class IdTable:
 
     def find(self, ids: Sequence[str]) -> pa.Table:
         """The rows (id, file, row) of those of the given ids the corpus holds, read from their
-        buckets only (each bucket's matching rows, pruned by the sorted id column's statistics)."""
+        buckets only, and of each only the row groups that can hold them (`_row_groups`)."""
         ids = list(ids)
         if not ids:
             return SCHEMA.empty_table()
@@ -109,8 +112,21 @@ class IdTable:
                 continue
             want = pc.filter(wanted, pa.array(of == b))
             with loc.open_input() as f:
-                parts.append(pq.read_table(f, filters=pc.field("id").isin(want)))
+                pf = pq.ParquetFile(f)
+                rows = pf.read_row_groups(_row_groups(pf.metadata, want.to_pylist()), columns=SCHEMA.names)
+            parts.append(rows.filter(pc.is_in(rows.column("id"), value_set=want)))
         return pa.concat_tables(parts).cast(SCHEMA) if parts else SCHEMA.empty_table()
+
+
+def _row_groups(meta: pq.FileMetaData, ids: list[str]) -> list[int]:
+    """The row groups of a bucket (sorted by id) that can hold the given ids, by each group's
+    smallest id; all of them where a group has no statistics."""
+    column = meta.schema.names.index("id")
+    stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+    if any(s is None or not s.has_min_max for s in stats):
+        return list(range(meta.num_row_groups))
+    firsts = [s.min for s in stats]
+    return sorted({bisect.bisect_right(firsts, i) - 1 for i in ids} - {-1})
 
 
 def write_id_table(table: IdTable, files: Sequence[pa.Table], corpus: str) -> None:
