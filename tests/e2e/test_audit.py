@@ -202,9 +202,10 @@ def test_real_job_audit_and_privacy_scan_of_everything_it_wrote(captioned, tmp_p
     jobs = Location.parse(tmp_path / "jobs")
     job_dir = f"req-audit/{spec.config_hash()}/"
     # forget_ids.txt and neighbours.json hold the ids by design (the job resumes from them); the
-    # index under indexes/ is the corpus's own vectors and ids (corpus data, shared by requests).
+    # index under indexes/ and the id table under corpus-ids/ are the corpus's own vectors and ids
+    # (corpus data, shared by requests).
     working = {job_dir + "forget_ids.txt", job_dir + "neighbours.json"}
-    report = scan_location(jobs, content, skip=lambda rel: rel in working or rel.startswith("indexes/"))
+    report = scan_location(jobs, content, skip=lambda rel: rel in working or rel.startswith(("indexes/", "corpus-ids/")))
     for rel in working:
         report.add((tmp_path / "jobs" / rel).read_bytes(), rel, no_ids)
     scanned = {Path(f).name for f in map(str, (tmp_path / "jobs").rglob("*")) if Path(f).is_file()}
@@ -222,9 +223,11 @@ def test_real_job_audit_and_privacy_scan_of_everything_it_wrote(captioned, tmp_p
             if f.is_file():
                 report.add(f.read_bytes(), f"ray log {f.name}", content)
     index = scan_location(jobs / "indexes", content)
+    ids = scan_location(jobs / "corpus-ids", content)
     corpus = scan_location(Location.parse(root / "bench" / "corpus"), content)
     print(f"\nprivacy scan of job outputs, MLflow and logs: {report.summary()}\n"
-          f"corpus-derived index (not a job output): {index.summary()}\ncorpus itself (scanner check): {corpus.summary()}")
+          f"corpus-derived index (not a job output): {index.summary()}\ncorpus id table (not a job output): {ids.summary()}\n"
+          f"corpus itself (scanner check): {corpus.summary()}")
     assert report.findings == [] and report.bytes_found == 0
     # The scan can fail: the same needles find the forget items in the corpus they came from.
     assert corpus.bytes_found > 0 and {f.what for f in corpus.findings} >= {"encoded image", "caption", "forget id"}
