@@ -141,17 +141,16 @@ def scan_corpus_ids(uri: "str | Location", format: str = "parquet", *, ids_root:
     The table is keyed by the listing (every path, size and mtime, an image folder's metadata files
     included): a listing scanned before is not read again, its table and files' record are kept."""
     root, entries = _listing(uri, format, endpoint, on_bad)
-    key = config_digest({"format": format, "on_bad": on_bad, "listing": [(e.location.relative_to(root), e.size, e.mtime_ns) for e in entries]})
+    files = [(e.location.relative_to(root), e.size, e.mtime_ns) for e in entries]
+    key = config_digest({"format": format, "on_bad": on_bad, "listing": files})
     done = IdTable.open(_resolved(ids_root) / key[:24])
     if done is not None:
         table, record = done
-        files = [SourceFile(uri=(root / f["rel"]).uri, **f) for f in record]
-        return _plan(root, format, entries, files, 200_000, image_shape), table
+        return _plan(root, format, entries, [SourceFile(uri=(root / f["rel"]).uri, **f) for f in record], 200_000, image_shape), table
     size = SCAN_GROUP
     if runner is None or not corpus_format(format).SCANS_BY_FILE or len(entries) < SCAN_GROUPS_FROM:
         runner, size = InProcess(), max(1, len(entries))
     # Credentials resolved here: the groups may run where the AWS_* variables are not set.
-    files = [(e.location.relative_to(root), e.size, e.mtime_ns) for e in entries]
     groups = [files[i:i + size] for i in range(0, len(files), size)]
     scanned, handles = [], []
     for part, rows in runner.scan(partial(scan_group, format, _resolved(root), on_bad), groups):

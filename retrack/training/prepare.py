@@ -94,11 +94,14 @@ class RetainedRows:
     def __len__(self) -> int:
         return self.count - len(self.forget)
 
+    @cached_property
+    def _skipped_at(self) -> np.ndarray:
+        # f_j - j: the retain index at which the j-th forgotten row is skipped.
+        return self.forget - np.arange(len(self.forget))
+
     def __getitem__(self, index):
-        # Retain index i is corpus row i + (forgotten rows at or before it): with f_j - j the
-        # retain indices the forgotten rows are skipped at, the count is a sorted search.
-        skip = self.forget - np.arange(len(self.forget))
-        return np.asarray(index, dtype=np.int64) + np.searchsorted(skip, index, side="right")
+        # Retain index i is corpus row i + (forgotten rows at or before it), a sorted search.
+        return np.asarray(index, dtype=np.int64) + np.searchsorted(self._skipped_at, index, side="right")
 
     def index_of(self, rows: np.ndarray) -> np.ndarray:
         """The retain index of each corpus row; -1 for a row that is missing (-1) or forgotten."""
