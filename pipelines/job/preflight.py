@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.corpus_ids import RayScan
+from pipelines.runtime import ensure_ray
 from retrack.config.model_kind import ModelKind
 from retrack.config.spec import JobSpec
 from retrack.data.source import CorpusPlan
 from retrack.digest import ids_digest
+from retrack.errors import InputError
 from retrack.storage.location import Location
 from retrack.training.prepare import CorpusIndex, model_geometry, read_corpus_index
 
@@ -64,6 +66,7 @@ def preflight(spec: JobSpec, address: str | None = None) -> Preflight:
     from retrack.storage.cache import local_model_dir
     from retrack.training.loop import check_k
 
+    check_paths_reach_the_cluster(spec, address)
     endpoint = spec.storage.endpoint_url
     if endpoint:
         os.environ.setdefault("AWS_ENDPOINT_URL", endpoint)
@@ -97,3 +100,18 @@ def preflight(spec: JobSpec, address: str | None = None) -> Preflight:
     if spec.method.needs_neighbours:
         check_k(spec.method.k, corpus.count - len(forget_ids))
     return Preflight(corpus_index=corpus, model_dir=model_dir, forget_ids=forget_ids, geometry=geometry, holdout_source=holdout)
+
+
+def check_paths_reach_the_cluster(spec: JobSpec, address: str | None) -> None:
+    """Refuse local paths that Ray workers would read or write when the job runs on a cluster of
+    several nodes: each node (a pod) sees its own filesystem, so the job would fail in its first
+    task, or write outputs no other node finds. A local instance, or a one-node cluster, shares
+    the driver's files."""
+    local = spec.worker_local_paths()
+    if not local or not (address or os.environ.get("RAY_ADDRESS")):
+        return
+    nodes = sum(1 for n in ensure_ray(address).nodes() if n["Alive"])
+    if nodes > 1:
+        named = "; ".join(f"{k} = {v}" for k, v in local.items())
+        raise InputError(f"the Ray cluster has {nodes} nodes, which share no filesystem with the driver, but the spec names "
+                         f"local paths ({named}): put them on object storage and give s3:// URIs")

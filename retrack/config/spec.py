@@ -330,6 +330,13 @@ class JobSpec(UnlearnSpec):
     def run_name(self) -> str:
         return f"{self.request_id}-{self.config_hash()}"
 
+    def worker_local_paths(self) -> dict[str, str]:
+        """The fields naming local paths that Ray workers read or write (the forget file and pictures
+        are read by the driver alone)."""
+        fields = {"storage.root": self.storage.root, "corpus.uri": self.corpus.uri, "model.uri": self.model.uri,
+                  "evaluation.holdout_uri": self.evaluation.holdout_uri}
+        return {k: v for k, v in fields.items() if v is not None and not v.startswith("s3://")}
+
 
 def parse_spec(text: str, where: str) -> JobSpec:
     """Validate a YAML job spec's text (safe loading); errors name `where` and each offending field."""

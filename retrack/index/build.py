@@ -82,9 +82,6 @@ class Executor(Protocol):
                      progress: Progress | None) -> list[ShardRecord]:
         ...
 
-    @property
-    def threads(self) -> int: ...
-
 
 @dataclass
 class BuildResult:

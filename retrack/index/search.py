@@ -5,7 +5,8 @@
     rep = find_duplicates(index, forget_ids, threshold=0.5, policy="add")
     forget_ids = rep.forget_ids                        # with policy "add": the copies join the set
 
-Candidates come from the (possibly approximate) faiss index; every forget id is dropped from
+Candidates come from the faiss index (exact for flat and IVF-Flat indexes, `exact_ivf`; approximate
+for PQ codes and projected vectors); every forget id is dropped from
 them, and the rest are re-ranked exactly on the full vectors (float64). Distances are Euclidean
 in the model's space (pixels, or Stable Diffusion latents, flattened); an index of pooled latents
 is searched on those and re-ranked on the full latents stored beside it (`VectorIndex.full`).
@@ -25,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from retrack.errors import ForgetSetError, InputError
+from retrack.index.exact_ivf import exact_search
 from retrack.index.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class VectorIndex:
         self.manifest = manifest
         self.threads = threads
         self.full = full  # an index of pooled latents: the full latents by row, for the re-rank
+        self._search = None  # exact_search(index), made at the first search (after set_nprobe)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -71,6 +74,7 @@ class VectorIndex:
 
     def set_nprobe(self, nprobe: int | None) -> None:
         set_index_nprobe(self.index, nprobe)
+        self._search = None
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -81,8 +85,9 @@ class VectorIndex:
 
         if self.threads:
             faiss.omp_set_num_threads(self.threads)
-        k = min(int(k), len(self))
-        return self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+        if self._search is None:
+            self._search = exact_search(self.index)
+        return self._search(np.ascontiguousarray(q, dtype=np.float32), min(int(k), len(self)))
 
     def rows_of(self, forget_ids: Sequence[str]) -> np.ndarray:
         """Rows of the forget ids, in their order; refuses empty, repeated or unknown ids."""

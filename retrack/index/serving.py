@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from retrack.errors import StorageError
+from retrack.index.exact_ivf import exact_search
 from retrack.index.manifest import Manifest, ShardRecord
 from retrack.index.search import VectorIndex, id_positions, set_index_nprobe
 from retrack.index.shards import load_shard_ids, load_shard_index
@@ -24,9 +25,10 @@ class Shard:
     def __init__(self, root: Location, rec: ShardRecord, nprobe: int | None = None):
         self.index, self.ids = load_shard_index(root, rec), load_shard_ids(root, rec)
         set_index_nprobe(self.index, nprobe)
+        self._search = exact_search(self.index)
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(np.ascontiguousarray(q, dtype=np.float32), min(int(k), int(self.index.ntotal)))
+        return self._search(np.ascontiguousarray(q, dtype=np.float32), min(int(k), int(self.index.ntotal)))
 
     def positions(self, ids: pa.Array) -> np.ndarray:
         return id_positions(ids, self.ids)

@@ -342,7 +342,17 @@ def missing_bucket(cluster, inputs, request) -> tuple[dict, dict, str]:
     return inputs, {"corpus": {"uri": "s3://no-such-bucket/datasets/small"}}, f"bucket 'no-such-bucket' does not exist at {cluster.s3.endpoint}"
 
 
-@pytest.mark.parametrize("case", [missing_bucket, bad_webdataset, uncaptioned_sd], ids=lambda f: f.__name__)
+def local_paths(cluster, inputs, request) -> tuple[dict, dict, str]:
+    """A spec written for one machine: its outputs and model on the driver's disk."""
+    model = str(inputs["root"] / "original")
+    over = {"storage": {"root": str(cluster.driver_dir / LOCAL_ROOT)}, "model": {"uri": model}}
+    return inputs, over, f"share no filesystem with the driver, but the spec names local paths (storage.root = {cluster.driver_dir / LOCAL_ROOT}; model.uri = {model})"
+
+
+LOCAL_ROOT = "local-jobs"
+
+
+@pytest.mark.parametrize("case", [missing_bucket, bad_webdataset, uncaptioned_sd, local_paths], ids=lambda f: f.__name__)
 def test_bad_input_is_refused_before_any_stage(ray_cluster, small_on_s3, request, case):
     """Refused by the driver's preflight (exit 2) with a specific message; no stage ran and the
     job's prefix on S3 stays empty."""
@@ -354,6 +364,7 @@ def test_bad_input_is_refused_before_any_stage(ray_cluster, small_on_s3, request
     assert message in run.stderr, run.stderr
     assert not any(line.startswith("─") for line in run.stderr.splitlines()), run.stderr  # no stage started
     assert s3_keys(ray_cluster.s3, job_prefix(spec)) == []
+    assert not (ray_cluster.driver_dir / LOCAL_ROOT).exists()
 
 
 def test_a_shard_deleted_mid_run_fails_naming_it(ray_cluster, small_on_s3):

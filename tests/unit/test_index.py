@@ -113,6 +113,8 @@ def test_ivf_recall_at_10_against_exact_search(clustered, kind, min_recall):
     d_ref, ix = exact_knn(x[fr], x[keep], 10)
     recall = recall_at(nb.ids, [[ids[keep[j]] for j in row] for row in ix])
     assert recall >= min_recall, recall
+    if kind == "ivf":  # IVF-Flat is searched exactly (`ExactIVF`), whatever nprobe
+        assert recall == 1.0
     # Re-ranked on full vectors: every distance returned is the exact one, sorted.
     np.testing.assert_allclose(nb.distances, np.linalg.norm(nb.vectors - x[fr][:, None, :], axis=2), rtol=1e-5)
     assert (np.diff(nb.distances, axis=1) >= 0).all()
@@ -120,6 +122,37 @@ def test_ivf_recall_at_10_against_exact_search(clustered, kind, min_recall):
     idx.set_nprobe(32)
     exact = find_neighbours(idx, forget, k=10)
     assert recall_at(exact.ids, [[ids[keep[j]] for j in row] for row in ix]) >= (0.99 if kind == "ivf" else min_recall)
+
+
+def test_an_ivf_flat_index_answers_outliers_exactly_where_its_nprobe_misses_them():
+    """Queries far from the corpus (a planted picture) have neighbours spread over lists that a
+    small nprobe never reaches: the plain search misses them, `ExactIVF` finds exactly what a flat
+    search finds, for them and for queries like the corpus's items."""
+    import faiss
+
+    from retrack.index.exact_ivf import ExactIVF, exact_search
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 4, (40, 32))
+    x = (centres[rng.integers(0, 40, 20_000)] + rng.normal(0, 1, (20_000, 32))).astype(np.float32)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(32), 32, 64)
+    index.train(x)
+    index.add(x)
+    index.nprobe = 2
+    inliers = x[rng.choice(len(x), 50, replace=False)] + rng.normal(0, 0.1, (50, 32)).astype(np.float32)
+    outliers = rng.normal(0, 12, (50, 32)).astype(np.float32)
+    q = np.concatenate([inliers, outliers])
+    flat = faiss.IndexFlatL2(32)
+    flat.add(x)
+    d_true, i_true = flat.search(q, 10)
+    _, i_plain = index.search(q, 10)
+    assert recall_at(i_plain[50:].tolist(), i_true[50:].tolist()) < 0.9  # what nprobe 2 misses
+    assert ExactIVF.applies(index) and exact_search(index) != index.search
+    d, i = ExactIVF(index).search(q, 10)
+    np.testing.assert_array_equal(i, i_true)
+    np.testing.assert_allclose(d, d_true, rtol=1e-4, atol=1e-3)
+    assert index.nprobe == 2  # left as it was
+    assert not ExactIVF.applies(flat) and exact_search(flat) == flat.search
 
 
 def test_nprobe_is_calibrated_at_build_time_to_the_target_recall(clustered):
