@@ -25,14 +25,12 @@ class ExactIVF:
     """An IVF-Flat index (L2) searched exactly (see the module's docstring)."""
 
     def __init__(self, index):
-        import faiss
-
-        self.index = ivf = faiss.extract_index_ivf(index)
-        self.centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float64)
+        self.index = index
+        self.centroids = index.quantizer.reconstruct_n(0, index.nlist).astype(np.float64)
         self.norms = np.einsum("ij,ij->i", self.centroids, self.centroids)
-        self.empty = np.array([ivf.invlists.list_size(i) == 0 for i in range(ivf.nlist)])
+        self.empty = np.array([index.invlists.list_size(i) == 0 for i in range(index.nlist)])
         self.lists = int((~self.empty).sum())
-        self.start = max(1, int(ivf.nprobe))
+        self.start = max(1, int(index.nprobe))
 
     @staticmethod
     def applies(index) -> bool:
@@ -68,7 +66,7 @@ class ExactIVF:
                 assign = np.ascontiguousarray(order[todo, probed:probe])
                 self.index.nprobe = probe - probed  # faiss reads `nprobe` lists of the given assignment
                 d, lab = self.index.search_preassigned(q[todo], k, assign, np.take_along_axis(d2[todo], assign, 1).astype(np.float32))
-                d, lab = _merge(dist[todo], labels[todo], d, lab, k)
+                d, lab = merge_top_k([(dist[todo], labels[todo]), (d, lab)], k)
                 dist[todo], labels[todo] = d, lab
                 if probe >= self.lists:
                     break
@@ -80,12 +78,13 @@ class ExactIVF:
         return dist, labels
 
 
-def _merge(d1: np.ndarray, l1: np.ndarray, d2: np.ndarray, l2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest of two result sets over disjoint lists (a missing result: label -1, distance inf)."""
-    d = np.concatenate([np.where(l1 >= 0, d1, np.inf), np.where(l2 >= 0, d2, np.inf)], axis=1)
-    lab = np.concatenate([l1, l2], axis=1)
+def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the k nearest of result sets (squared distances, labels) over disjoint vectors;
+    a missing result has label -1 and counts as infinitely far."""
+    labels = np.concatenate([lab for _, lab in parts], axis=1)
+    d = np.where(labels >= 0, np.concatenate([d for d, _ in parts], axis=1), np.inf).astype(np.float32)
     order = np.argsort(d, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(d, order, 1).astype(np.float32), np.take_along_axis(lab, order, 1)
+    return np.take_along_axis(d, order, 1), np.take_along_axis(labels, order, 1)
 
 
 def exact_search(index):

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from retrack.errors import StorageError
-from retrack.index.exact_ivf import exact_search
+from retrack.index.exact_ivf import exact_search, merge_top_k
 from retrack.index.manifest import Manifest, ShardRecord
 from retrack.index.search import VectorIndex, id_positions, set_index_nprobe
 from retrack.index.shards import load_shard_ids, load_shard_index
@@ -57,11 +57,8 @@ class ShardedIndex(VectorIndex):
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), len(self))
         parts = self.gather([s.search(q, k) for s in self.shards])
-        d = np.concatenate([p[0] for p in parts], axis=1)
-        labels = np.concatenate([np.where(p[1] >= 0, p[1] + off, -1) for p, off in zip(parts, self.offsets)], axis=1)
-        d = np.where(labels >= 0, d, np.inf)  # a shard short of k results pads with -1
-        order = np.argsort(d, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(d, order, axis=1), np.take_along_axis(labels, order, axis=1)
+        # A shard short of k results pads with -1, kept as -1 (not offset) so the merge skips it.
+        return merge_top_k([(d, np.where(lab >= 0, lab + off, -1)) for (d, lab), off in zip(parts, self.offsets)], k)
 
     def positions(self, ids: pa.Array) -> np.ndarray:
         found = self.gather([s.positions(ids) for s in self.shards])
