@@ -7,8 +7,11 @@ encode corpus items as the cache's actors do, and the encodings go into a cache 
 Per resolution: `encode_sd_items` (the VAE in fp32, the text encoder under bf16 autocast, the
 function `pipelines.encoded_items` runs in its actors) on batches of random images with captions
 of 10 to 60 tokens; `--rounds` rounds of `--batches` timed batches after a warm-up; items/s (median
-over rounds), peak GPU memory (on a GPU); then one batch written as a cache part to local disk and read back
-(`retrack.data.item_cache`), its bytes per item. Random weights, nothing downloaded.
+over rounds), peak GPU memory (on a GPU). Beside it, in the same rounds, `encode_sd_captions` alone:
+what an item costs whose latent the actors read from the job's index instead (the read itself, a
+row of a memory-mapped file or one ranged GET, is not timed). Then one batch written as a cache part
+to local disk and read back (`retrack.data.item_cache`), its bytes per item. Random weights,
+nothing downloaded.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def sync() -> None:
 def bench(vae, text_encoder, tokenizer, resolution: int, batch: int, rounds: int, batches: int) -> dict:
     from retrack.data.item_cache import ItemCache
     from retrack.storage.location import Location
-    from retrack.training.items import encode_sd_items
+    from retrack.training.items import encode_sd_captions, encode_sd_items
 
     rng = np.random.default_rng(resolution)
     parts = [make_part(batch, resolution, rng) for _ in range(batches)]
@@ -61,13 +64,18 @@ def bench(vae, text_encoder, tokenizer, resolution: int, batch: int, rounds: int
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    rates = []
-    for _ in range(rounds):
+    rates, caption_rates = [], []
+    for _ in range(rounds):  # the two side by side in each round, so a slower spell slows both
         began = time.perf_counter()
         for part in parts:
             latents, conds = encode_sd_items(vae, text_encoder, tokenizer, part, resolution)
         sync()
         rates.append(batch * batches / (time.perf_counter() - began))
+        began = time.perf_counter()
+        for part in parts:
+            encode_sd_captions(text_encoder, tokenizer, part["caption"])
+        sync()
+        caption_rates.append(batch * batches / (time.perf_counter() - began))
     with tempfile.TemporaryDirectory() as tmp:
         cache = ItemCache(Location.parse(tmp), latents.shape[1:], conds.shape[1:])
         began = time.perf_counter()
@@ -79,7 +87,10 @@ def bench(vae, text_encoder, tokenizer, resolution: int, batch: int, rounds: int
         part_bytes = written.size()
     return {
         "resolution": resolution, "batch": batch, "latent_shape": list(latents.shape[1:]), "cond_shape": list(conds.shape[1:]),
-        "items_per_s": round(statistics.median(rates), 1), "items_per_s_rounds": [round(r, 1) for r in rates],
+        "items_per_s": round(statistics.median(rates), 2), "items_per_s_rounds": [round(r, 2) for r in rates],
+        "captions_only_items_per_s": round(statistics.median(caption_rates), 2),
+        "captions_only_items_per_s_rounds": [round(r, 2) for r in caption_rates],
+        "latent_from_index_speedup": round(statistics.median(c / r for c, r in zip(caption_rates, rates)), 1),
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if gpu else None,
         "cache_bytes_per_item": round(part_bytes / batch, 1),
         "cache_part": {"items": batch, "bytes": part_bytes, "write_s": round(write_s, 4), "read_s": round(read_s, 4)},

@@ -169,9 +169,9 @@ def unlearn(work: Path, kill_after_checkpoint: bool) -> dict:
     subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
     if not killed and proc.returncode != 0:
         raise SystemExit(f"retrack unlearn failed ({proc.returncode}):\n{''.join(out)[-4000:]}")
-    items = re.search(r"items: (\d+) from the item cache, (\d+) encoded", "".join(out))
+    items = re.search(r"items: (\d+) from the item cache, (\d+) with their latents from the index, (\d+) encoded", "".join(out))
     return {"seconds": round(seconds, 1), "peak_rss_gb": round(rss / 2**30, 2), "killed_after_first_checkpoint": killed,
-            **({"items": {"cached": int(items[1]), "encoded": int(items[2])}} if items else {})}
+            **({"items": {"cached": int(items[1]), "from_index": int(items[2]), "encoded": int(items[3])}} if items else {})}
 
 
 def checkpoint_io(checkpoint: str, model: str) -> dict:

@@ -6,8 +6,9 @@ either as an s3:// URI that each node copies once, or as its files through the o
 shared filesystem needed between nodes either way).
 
 Stable Diffusion (`evaluate_sd_request`): each model in turn is loaded once per scorer actor (one
-per GPU with bf16 autocast where the cluster has GPUs, one per CPU otherwise); the original's
-encode the forgotten items, their retained candidates and the held-out items, then each model's
+per GPU with bf16 autocast where the cluster has GPUs, one per CPU otherwise); the forgotten items
+and their retained candidates arrive as the latents the index holds, and the original's scorer
+encodes only the held-out items (not corpus items, so not in the index); then each model's
 scorers share out its generations (batched) for the forgotten and for retained captions and the
 per-item denoising losses, and `retrack.evaluation.sd` scores them. Captions travel only inside
 call arguments, never in task names, logs or the report.
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipelines.runtime import get
+from retrack.data.item_cache import ItemCache
 from retrack.evaluation.pixel import EvalReference, membership, score
 from retrack.evaluation.metrics import nearest_forget_distance
 from retrack.models.pixel import load_pixel_model
@@ -135,6 +137,7 @@ class Evaluation:
     verdict: Verdict
     membership: dict | None
     report_dir: Path
+    holdout_items: dict[str, int] | None = None  # Stable Diffusion: held-out items read from the item cache, and encoded now
 
 
 def evaluate_request(
@@ -176,13 +179,14 @@ def evaluate_request(
 
 @dataclass
 class SdItems:
-    """What the Stable Diffusion evaluation reads from the corpus. Held in memory on the driver
-    and passed to tasks only inside object references: never printed, logged or reported."""
+    """What the Stable Diffusion evaluation reads from the index and the corpus. Held in memory on
+    the driver and passed to tasks only inside object references: never printed, logged or
+    reported."""
 
-    forget_images: np.ndarray  # uint8 F x H x W x C, the forgotten items
+    forget_latents: np.ndarray  # F x D, the forgotten items' latents, flattened (the index's)
     forget_ids: list[str]
     forget_captions: list[str]
-    candidates: list[tuple[np.ndarray, list[str]]]  # per forgotten item: its nearest retained items (images, ids)
+    candidates: list[np.ndarray]  # per forgotten item: its nearest retained items' latents, K x D
     integrity_captions: list[str]  # retained captions, one same-seed pair of generations each
     holdout_images: np.ndarray | None = None  # non-members for the membership test
     holdout_ids: list[str] | None = None
@@ -191,8 +195,8 @@ class SdItems:
 
 class SdScorer:
     """One model (the original or the unlearned), loaded once per actor: on the actor's GPU, where
-    it was given one, with bf16 autocast for generation and losses; on its CPU otherwise. Item
-    latents are encoded in fp32 either way: the copy thresholds are distances between them."""
+    it was given one, with bf16 autocast for generation and losses; on its CPU otherwise. It
+    encodes held-out items as the item cache's actors encode (the VAE in fp32 either way)."""
 
     def __init__(self, source: dict):
         import torch
@@ -210,10 +214,16 @@ class SdScorer:
 
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
-    def encode(self, groups: dict[str, tuple[np.ndarray, list[str]]]) -> dict[str, np.ndarray]:
-        from retrack.evaluation.sd import item_latents
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.model.latent_shape
 
-        return {name: item_latents(self.model, images, ids) for name, (images, ids) in groups.items()}
+    def encode(self, images: np.ndarray, ids: list[str], captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Items' latents and caption embeddings in fp16, as the item cache keeps them."""
+        from retrack.models.latents import item_seed
+        from retrack.training.items import encode_sd_items
+
+        part = {"image": images, "seed": np.array([item_seed(i) for i in ids]), "caption": captions}
+        return encode_sd_items(self.model.vae, self.model.text_encoder, self.model.tokenizer, part, self.model.resolution)
 
     def generate(self, work: dict) -> tuple[np.ndarray, np.ndarray | None]:
         from retrack.evaluation.sd import generate_latents
@@ -268,10 +278,12 @@ def evaluate_sd_request(
     endpoint: str | None = None,
     num_tasks: int | None = None,
     progress: Report | None = None,
+    holdout_cache: ItemCache | None = None,
 ) -> Evaluation:
     """Score an unlearned Stable Diffusion against its original (local directories or s3:// URIs).
     `settings`: seed, forget_threshold (latent L2, None: calibrated per item), generations_per_caption,
-    inference_steps, guidance_scale (`retrack.spec.EvaluationSpec` and its `stable_diffusion`)."""
+    inference_steps, guidance_scale (`retrack.spec.EvaluationSpec` and its `stable_diffusion`).
+    `holdout_cache`: where the held-out items' encodings are kept between jobs."""
     import ray
 
     from retrack.evaluation.metrics import membership_test
@@ -279,11 +291,6 @@ def evaluate_sd_request(
 
     sd_settings = settings.stable_diffusion
     sources = [model_source(original, endpoint), model_source(unlearned, endpoint)]
-    # The VAE is frozen by unlearning: the original's encodes every item for both models.
-    groups = {"forget": (items.forget_images, items.forget_ids)}
-    groups |= {f"cand{j}": c for j, c in enumerate(items.candidates)}
-    if items.holdout_images is not None:
-        groups["holdout"] = (items.holdout_images, items.holdout_ids)
     # One job list for both models: generation k draws its noise from seed + k (paired by seed).
     prompts = list(dict.fromkeys(items.forget_captions))  # distinct forget captions: planted copies share one
     g = sd_settings.generations_per_caption
@@ -293,24 +300,26 @@ def evaluate_sd_request(
     shown = min(64, len(items.integrity_captions))
     decode = [False] * n_forget_gens + [k < shown for k in range(len(items.integrity_captions))]
 
-    # One model at a time, its scorers holding one copy each; the original's encode every item first.
+    # One model at a time, its scorers holding one copy each. The VAE is frozen by unlearning: the
+    # original's encodes the held-out items an earlier job did not keep, for both models.
     scorers = _scorers(sources[0], _task_count(len(captions), num_tasks))
-    latents = get(scorers[0].encode.remote(groups))
+    holdout, holdout_items = (None, None) if items.holdout_ids is None else _holdout_latents(scorers[0], items, holdout_cache)
+    shape = get(scorers[0].latent_shape.remote())
+    forget_latents = items.forget_latents.reshape(-1, *shape)
 
     prompt_of = np.array([prompts.index(c) for c in items.forget_captions])
     if settings.forget_threshold is not None:
         thresholds = np.full(len(prompt_of), float(settings.forget_threshold))
     else:
-        thresholds = copy_thresholds(latents["forget"], [latents[f"cand{j}"] for j in range(len(items.candidates))])
-    ref = ForgetReference(latents=latents["forget"], thresholds=thresholds, prompt_of=prompt_of, n_prompts=len(prompts))
+        thresholds = copy_thresholds(forget_latents, [c.reshape(-1, *shape) for c in items.candidates])
+    ref = ForgetReference(latents=forget_latents, thresholds=thresholds, prompt_of=prompt_of, n_prompts=len(prompts))
 
     def gen_work(part: slice) -> dict:
         return {"captions": captions[part], "seeds": seeds[part], "decode": decode[part],
                 "steps": sd_settings.inference_steps, "guidance": sd_settings.guidance_scale}
 
-    loss_latents = [latents["forget"]] + ([latents["holdout"]] if "holdout" in latents else [])
+    all_latents = forget_latents if holdout is None else np.concatenate([forget_latents, holdout])
     loss_captions = list(items.forget_captions) + list(items.holdout_captions or [])
-    all_latents = np.concatenate(loss_latents)
 
     def loss_work(part: slice) -> dict:
         return {"latents": all_latents[part], "captions": loss_captions[part], "seed": settings.seed}
@@ -357,4 +366,22 @@ def evaluate_sd_request(
     out = write_report(report_dir, request_id, metrics, verdict, member, before01, after01, redact,
                        {**context, "space": "VAE latents", "forget_prompts": len(prompts), "generations_per_prompt": g},
                        columns=SD_METRIC_KEYS, details=details)
-    return Evaluation(metrics=metrics, verdict=verdict, membership=member, report_dir=out)
+    return Evaluation(metrics=metrics, verdict=verdict, membership=member, report_dir=out, holdout_items=holdout_items)
+
+
+def _holdout_latents(scorer, items: SdItems, cache: ItemCache | None) -> tuple[np.ndarray, dict[str, int]]:
+    """The held-out items' latents (fp16, as the item cache keeps them, so every job scores the
+    same values) and how many were read from the cache and encoded: an earlier job's are read, the
+    rest encoded by the original's scorer and kept. The held-out set is small: read here."""
+    kept: dict[str, np.ndarray] = {}
+    for part in cache.parts() if cache is not None else []:
+        ids, latents, _ = cache.read(part, items.holdout_ids)
+        kept.update(zip(ids, latents))
+    new = [n for n, i in enumerate(items.holdout_ids) if i not in kept]
+    if new:
+        ids = [items.holdout_ids[n] for n in new]
+        latents, conds = get(scorer.encode.remote(items.holdout_images[new], ids, [items.holdout_captions[n] for n in new]))
+        if cache is not None:
+            cache.write(ids, latents, conds)
+        kept.update(zip(ids, latents))
+    return np.stack([kept[i] for i in items.holdout_ids]).astype(np.float32), {"cached": len(items.holdout_ids) - len(new), "encoded": len(new)}

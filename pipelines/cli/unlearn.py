@@ -67,6 +67,9 @@ def unlearn_command(
     gpu: bool = typer.Option(False, "--gpu"),
     cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker"),
     neighbours: Optional[str] = typer.Option(None, "--neighbours", help="Neighbours JSON from the index stage."),
+    index: Optional[str] = typer.Option(None, "--index", help=(
+        "Stable Diffusion: the corpus's index built with this model's VAE (`retrack index build --encoder vae`): "
+        "the items' latents are read from it, not encoded again.")),
     model_kind: str = typer.Option("auto", "--model-kind", help="auto (from the directory), pixel-ddpm (pixel) or stable-diffusion (sd)."),
     request_id: str = typer.Option("manual", "--request-id"),
     storage_path: Optional[str] = typer.Option(None, "--storage-path", help="Checkpoint storage (default: <output-dir>.runs)."),
@@ -91,7 +94,7 @@ def unlearn_command(
             scaling=ScalingSpec(num_workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker, max_failures=max_failures),
             storage=StorageSpec(root=storage),
         )
-        run = UnlearnRun(spec=spec, output_dir=output_dir, checkpoint_root=storage, neighbours_file=neighbours)
+        run = UnlearnRun(spec=spec, output_dir=output_dir, checkpoint_root=storage, neighbours_file=neighbours, index=index)
         from pipelines.progress import stage_progress
         from pipelines.unlearn.driver import unlearn
         from pipelines.unlearn.progress import step_progress
@@ -112,4 +115,5 @@ def unlearn_command(
     else:
         typer.echo(f"wrote {result.output_dir} (sha256 {result.digest}) after {result.steps} steps in {result.seconds:.1f}s")
         if result.items is not None:
-            typer.echo(f"items: {result.items['cached']} from the item cache, {result.items['encoded']} encoded")
+            typer.echo(f"items: {result.items['cached']} from the item cache, {result.items['from_index']} with their latents "
+                       f"from the index, {result.items['encoded']} encoded")

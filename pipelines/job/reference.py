@@ -1,6 +1,8 @@
 """What the evaluation reads of the corpus, fetched by row (`pipelines.items`), never the corpus
 itself: the forgotten items, their nearest retained items (from the index), and a seeded block
-sample of the retained items (`evaluation.reference_items`; all of a smaller corpus).
+sample of the retained items (`evaluation.reference_items`; all of a smaller corpus). For Stable
+Diffusion the latents of the first two come from the index itself, and only captions from the
+corpus.
 
 For a pixel DDPM the sample trains the feature network and gives the Fréchet reference
 statistics; both are kept under `<storage root>/references/<key>`, the key naming the corpus, the
@@ -86,23 +88,21 @@ def pixel_reference(ctx: "JobContext", forget: list[str]) -> tuple["EvalReferenc
 
 
 def sd_evaluation_items(ctx: "JobContext", forget: list[str]) -> "SdItems":
-    """What the Stable Diffusion evaluation reads from the corpus: the forgotten items, their
-    nearest retained items in the index (VAE latents: they calibrate each item's copy threshold),
-    retained captions from the seeded sample that are not also a forgotten item's caption (one
-    same-seed pair of generations each, for integrity), the held-out items."""
+    """What the Stable Diffusion evaluation reads: the forgotten items' and their nearest retained
+    items' latents from the job's index (which holds every item's latent, encoded once by the
+    model's VAE: they calibrate each item's copy threshold, and no VAE runs again for them), the
+    forgotten items' captions and retained captions from the seeded sample that are not also a
+    forgotten item's caption (one same-seed pair of generations each, for integrity) from the
+    corpus, the held-out items."""
     from pipelines.evaluate import SdItems
 
     spec, corpus, geometry = ctx.spec, ctx.pre.corpus_index, ctx.pre.geometry
     forget_rows = corpus.rows_of(forget)
     k = min(spec.evaluation.stable_diffusion.candidates, corpus.count - len(forget))
     nb = _nearest_retained(ctx, forget, k)
-    named = sorted({i for ids in nb.ids for i in ids})  # forgotten copies share candidates
-    row_of = dict(zip(named, corpus.rows_of(named).tolist()))  # one lookup in the id table for them all
-    cand_rows = [np.array([row_of[i] for i in ids], dtype=np.int64) for ids in nb.ids]
-    images = fetch_items(corpus, np.unique(np.concatenate([forget_rows, *cand_rows])), geometry)
-    at = {int(r): n for n, r in enumerate(images["row"])}
-    pick = lambda rows: images["image"][[at[int(r)] for r in rows]]  # noqa: E731
-    forget_captions = [str(images["caption"][at[int(r)]]) for r in forget_rows]
+    read = fetch_items(corpus, np.unique(forget_rows), geometry, images=False)
+    caption_of = dict(zip(read["row"].tolist(), read["caption"].tolist()))
+    forget_captions = [str(caption_of[int(r)]) for r in forget_rows]
     banned = set(forget_captions)
     pool = fetch_items(corpus, _retained_sample(ctx, forget_rows), geometry, images=False)["caption"]
     keep = [str(c) for c in pool if c not in banned]
@@ -112,10 +112,10 @@ def sd_evaluation_items(ctx: "JobContext", forget: list[str]) -> "SdItems":
     picked = np.random.default_rng(spec.evaluation.seed).choice(len(keep), n, replace=len(keep) < n)
     holdout = ctx.pre.holdout
     return SdItems(
-        forget_images=pick(forget_rows),
+        forget_latents=nb.forget_vectors,
         forget_ids=list(forget),
         forget_captions=forget_captions,
-        candidates=[(pick(rows), list(ids)) for rows, ids in zip(cand_rows, nb.ids)],
+        candidates=list(nb.vectors),
         integrity_captions=[keep[i] for i in picked],
         holdout_images=None if holdout is None else from_model_space(holdout.images),
         holdout_ids=None if holdout is None else holdout.ids,

@@ -19,6 +19,8 @@ from ray.train import DataConfig
 from pipelines.encoded_items import encoded_items, subset
 from pipelines.items import items_dataset
 from retrack.config.model_kind import ModelKind
+from retrack.index.manifest import Manifest
+from retrack.storage.location import Location
 from retrack.training.plan import needed_retain_rows
 from retrack.training.prepare import Prepared, item_cache
 
@@ -30,9 +32,10 @@ def retain_name(rank: int) -> str:
     return f"retain_{rank}"
 
 
-def build_datasets(prep: Prepared) -> tuple[dict[str, ray.data.Dataset], dict[str, int] | None]:
-    """The datasets, and for Stable Diffusion how many of their items the item cache held and how
-    many were encoded now."""
+def build_datasets(prep: Prepared, index: tuple[Location, Manifest] | None) -> tuple[dict[str, ray.data.Dataset], dict[str, int] | None]:
+    """The datasets (`index`: the run's index of its items' latents, from `latent_index`), and for
+    Stable Diffusion how many of their items the item cache held, how many took their latents from
+    the index (their captions encoded now) and how many were encoded now."""
     plan, train = prep.plan, prep.run.spec.train
     forget_wanted = {int(r): (-1, n) for n, r in enumerate(prep.forget_rows)}
     neighbour_rows = np.unique(plan.neighbours) if plan.neighbours is not None else np.zeros(0, np.int64)
@@ -50,7 +53,7 @@ def build_datasets(prep: Prepared) -> tuple[dict[str, ray.data.Dataset], dict[st
     for rows in ranks.values():
         wanted.update({int(prep.retain_rows[r]): (int(r), -1) for r in rows})
     spec = prep.run.spec
-    items = encoded_items(prep.corpus, wanted, item_cache(prep), spec.model.uri, prep.model_s3, spec.scaling.encode_batch_size)
+    items = encoded_items(prep.corpus, wanted, item_cache(prep), spec.model.uri, prep.model_s3, spec.scaling.encode_batch_size, index)
     out = {"forget": subset(items.dataset, neighbour_rows, forget=True)}
     out.update({retain_name(rank): subset(items.dataset, rows) for rank, rows in ranks.items()})
-    return out, {"cached": items.cached, "encoded": items.encoded}
+    return out, {"cached": items.cached, "from_index": items.from_index, "encoded": items.encoded}

@@ -38,7 +38,7 @@ from retrack.config.unlearn_run import UnlearnRun
 from retrack.errors import UnlearnFailedError, stopped_error
 from retrack.storage.location import S3Options, is_s3
 from retrack.training.output import existing_output, save_output
-from retrack.training.prepare import CorpusIndex, Prepared, prepare
+from retrack.training.prepare import CorpusIndex, Prepared, latent_index, prepare
 from retrack.training.run_storage import RunStorage
 
 
@@ -66,7 +66,9 @@ class UnlearnResult:
     model_kind: ModelKind
     resumed_from: list[int] = field(default_factory=list)  # the step each resumed attempt started from
     skipped: bool = False  # the output already existed for this config hash
-    items: dict[str, int] | None = None  # Stable Diffusion: items read from the item cache ('cached') and encoded now ('encoded')
+    # Stable Diffusion: items read from the item cache ('cached'), whose latents came from the index
+    # and captions were encoded now ('from_index'), and encoded now by the VAE and text encoder ('encoded')
+    items: dict[str, int] | None = None
 
 
 def unlearn(run: UnlearnRun, progress: Progress | None = None, address: str | None = None, monitor: TrainMonitor | None = None,
@@ -79,6 +81,7 @@ def unlearn(run: UnlearnRun, progress: Progress | None = None, address: str | No
     done = existing_output(prep)
     if done is not None:
         return UnlearnResult(run.output_dir, done, prep.run_name, prep.config_hash, run.spec.train.steps, [], 0.0, prep.plan.kind, skipped=True)
+    index = latent_index(prep)  # an index of other latents is refused before the cluster does anything
     ensure_ray(address)
     check_placement(run.spec.scaling)
     storage = _run_storage(prep)
@@ -86,7 +89,7 @@ def unlearn(run: UnlearnRun, progress: Progress | None = None, address: str | No
     if stopped is not None:
         raise stopped_error(stopped)
     storage.claim(run.spec.request_id)
-    datasets, items = build_datasets(prep)
+    datasets, items = build_datasets(prep, index)
     with ProgressRelay(progress) as relay:
         trainer = _trainer(prep, storage, datasets, monitor, relay.callback())
         start = time.perf_counter()

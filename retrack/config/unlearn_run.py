@@ -20,6 +20,10 @@ class UnlearnRun(StrictModel):
     item_cache: str | None = Field(None, description=(
         "Stable Diffusion: where items' latents and caption embeddings are cached (keyed by corpus and encoders, shared "
         "by every run that names it); default: '_item_cache' under checkpoint_root."))
+    index: str | None = Field(None, description=(
+        "Stable Diffusion: the corpus's index built with this model's VAE (a job's index stage; `retrack index build "
+        "--encoder vae`), which holds every item's latent: the latents of items the item cache lacks are read from it, "
+        "so no VAE runs, and only their captions are encoded."))
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in storage.")
 
     @property

@@ -29,7 +29,6 @@ import torch
 from retrack.errors import InputError
 from retrack.evaluation.metrics import denoising_loss, integrity, integrity_ratio, nearest_forget_distance
 from retrack.models.clip import tokenize
-from retrack.models.latents import encode_latents, item_seed
 from retrack.models.sd import StableDiffusion, encode_captions
 
 SD_METRIC_KEYS = ("forget_frequency", "forget_max_cosine", "forget_distance_ratio", "integrity", "integrity_ratio", "forget_loss")
@@ -103,13 +102,6 @@ def decode_latents(model: StableDiffusion, latents: torch.Tensor) -> np.ndarray:
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     z = torch.as_tensor(latents).to(next(vae.parameters()).device) / vae.config.scaling_factor + shift
     return ((vae.decode(z).sample.float().cpu().numpy() + 1.0) / 2.0).clip(0.0, 1.0)
-
-
-def item_latents(model: StableDiffusion, images_u8: np.ndarray, ids: Sequence[str]) -> np.ndarray:
-    """The latents items were trained on (`retrack.models.latents`)."""
-    if len(images_u8) == 0:
-        return np.zeros((0, *model.latent_shape), np.float32)
-    return encode_latents(model.vae, images_u8, [item_seed(i) for i in ids], model.resolution).numpy()
 
 
 def item_losses(model: StableDiffusion, latents: np.ndarray, captions: Sequence[str], n_draws: int = 64, seed: int = 0) -> np.ndarray:

@@ -7,6 +7,7 @@ count, shards with sizes and sha256 digests) and how (index type and parameters)
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -187,6 +188,10 @@ class Manifest:
     def latent_pool(self) -> int:
         """> 1: the index holds pooled latents, and neighbours are re-ranked on full ones."""
         return int(self.encoder["spec"].get("pool") or 1)
+
+    def row_offsets(self) -> list[int]:
+        """Where each shard's rows start among the index's rows (the last: the item count)."""
+        return list(itertools.accumulate((s.count for s in self.shards), initial=0))
 
     @property
     def index_params(self) -> IndexParams:

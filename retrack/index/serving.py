@@ -46,7 +46,7 @@ class ShardedIndex(VectorIndex):
                  gather: Callable[[list], list] = list, full: Callable[[np.ndarray], np.ndarray] | None = None):
         super().__init__(None, None, manifest.dim, vectors, manifest, full=full)
         self.shards, self.gather = shards, gather
-        self.offsets = np.cumsum([0] + [s.count for s in manifest.shards])
+        self.offsets = np.array(manifest.row_offsets())
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -91,7 +91,7 @@ class _ShardVectors:
     def __init__(self, root: Location, manifest: Manifest, latents: bool = False):
         self.dim = manifest.dim * manifest.latent_pool**2 if latents else manifest.dim
         self.dtype = np.dtype(np.float16 if latents else np.float32)
-        self.offsets = np.cumsum([0] + [s.count for s in manifest.shards])
+        self.offsets = np.array(manifest.row_offsets())
         self.files = [root / (s.latents if latents else s.vectors).name for s in manifest.shards]
         self._open: dict[int, object] = {}
 
@@ -144,6 +144,22 @@ def shard_latents(root: Location, manifest: Manifest) -> Callable[[np.ndarray], 
     if any(s.latents is None for s in manifest.shards):
         raise StorageError("this index holds pooled latents but not the full ones its neighbours are re-ranked on: rebuild it")
     return _ShardVectors(root, manifest, latents=True)
+
+
+def stored_full_vectors(root: Location, manifest: Manifest) -> Callable[[np.ndarray], np.ndarray]:
+    """Every item's full vector by row, as neighbours are re-ranked on it: a pooled-latent index's
+    full latents, else the indexed vectors (for a Stable Diffusion index, the items' latents)."""
+    return shard_latents(root, manifest) or shard_vectors(root, manifest)
+
+
+def rows_in_shards(root: Location, manifest: Manifest, numbers: list[int], ids: pa.Array) -> np.ndarray:
+    """The index row of each id held by one of the shards `numbers`, -1 for the others."""
+    offsets = manifest.row_offsets()
+    out = np.full(len(ids), -1, np.int64)
+    for n in numbers:
+        local = id_positions(ids, load_shard_ids(root, manifest.shards[n]))
+        out[local >= 0] = local[local >= 0] + offsets[n]
+    return out
 
 
 def open_index(uri: "str | Location", endpoint: str | None = None, nprobe: int | None = None,

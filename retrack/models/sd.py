@@ -246,16 +246,21 @@ def load_sd_unet(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return unet.float().to(device), DDPMScheduler.from_pretrained(root, subfolder="scheduler")
 
 
-def load_sd_encoders(path: str | Path, device: str | torch.device = "cpu") -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
-    """The frozen VAE, text encoder (fp32) and tokenizer of a Stable Diffusion directory."""
+def load_sd_text_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[CLIPTextModel, CLIPTokenizer]:
+    """The frozen text encoder (fp32) and the tokenizer of a Stable Diffusion directory."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = Path(path)
     variants = check_sd_model_dir(root)
-    vae = load_vae(root / "vae")
     text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", use_safetensors=True, variant=variants["text_encoder"])
     text_encoder = text_encoder.float().eval().requires_grad_(False).to(device)
-    return vae.to(device), text_encoder, CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+    return text_encoder, CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+
+
+def load_sd_encoders(path: str | Path, device: str | torch.device = "cpu") -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
+    """The frozen VAE, text encoder (fp32) and tokenizer of a Stable Diffusion directory."""
+    text_encoder, tokenizer = load_sd_text_encoder(path, device)
+    return load_vae(Path(path) / "vae").to(device), text_encoder, tokenizer
 
 
 def load_sd_model(path: str | Path, device: str | torch.device = "cpu") -> StableDiffusion:

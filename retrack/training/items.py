@@ -115,12 +115,18 @@ def encode_sd_items(vae, text_encoder, tokenizer, part: dict[str, np.ndarray], r
     """Decoded items (uint8 images, captions, per-item seeds) -> their latents and caption
     embeddings in fp16, as the item cache keeps them. The VAE runs in fp32 whatever the device:
     the index encodes the same latents, and an item has one latent everywhere."""
-    from retrack.models.clip import tokenize
     from retrack.models.latents import encode_latents
+
+    latents = encode_latents(vae, part["image"].astype(np.uint8), [int(s) for s in part["seed"]], resolution)
+    return latents.half().numpy(), encode_sd_captions(text_encoder, tokenizer, part["caption"])
+
+
+@torch.no_grad()
+def encode_sd_captions(text_encoder, tokenizer, captions: Sequence[str]) -> np.ndarray:
+    """Captions -> their embeddings in fp16, as the item cache keeps them (bf16 autocast on a GPU)."""
+    from retrack.models.clip import tokenize
     from retrack.models.sd import encode_captions
 
     device = next(text_encoder.parameters()).device
-    latents = encode_latents(vae, part["image"].astype(np.uint8), [int(s) for s in part["seed"]], resolution)
     with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
-        conds = encode_captions(text_encoder, tokenize(tokenizer, list(part["caption"])))
-    return latents.half().numpy(), conds.half().numpy()
+        return encode_captions(text_encoder, tokenize(tokenizer, list(captions))).half().numpy()

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from retrack.storage.location import Location, S3Options, is_s3
 from retrack.methods import method_class
 from retrack.training.neighbours import exact_neighbours, read_neighbours_file
 from retrack.training.plan import DataPlan
+
+if TYPE_CHECKING:
+    from retrack.index.manifest import Manifest
 
 
 @dataclass
@@ -186,6 +189,29 @@ def item_cache(prep: "Prepared") -> ItemCache:
     run = prep.run
     return ItemCache.for_model(Location.parse(run.item_cache_root, endpoint=run.spec.storage.endpoint_url),
                                prep.plan.corpus_fingerprint, prep.model_dir, prep.plan.item_shape[0])
+
+
+def latent_index(prep: "Prepared") -> "tuple[Location, Manifest] | None":
+    """The run's index (`UnlearnRun.index`) as the source of its items' latents: refused unless it
+    was built from this corpus with this model's VAE at its resolution (its latents are then the
+    ones the VAE would give, by the one latent rule). Checked only when the run trains."""
+    from retrack.index.serving import index_manifest
+    from retrack.models.encoders import EncoderSpec
+
+    run = prep.run
+    if run.index is None:
+        return None
+    if prep.plan.kind is not ModelKind.STABLE_DIFFUSION:
+        raise InputError("an index is read only by Stable Diffusion runs, for their items' latents: leave it out for a pixel DDPM")
+    root, manifest = index_manifest(run.index, endpoint=run.spec.storage.endpoint_url)
+    if manifest.corpus["digest"] != prep.plan.corpus_fingerprint:
+        raise InputError(f"index {run.index} was built from another corpus than {run.spec.corpus.uri} (or before it changed): "
+                         "give the index of this corpus, or none")
+    spec = manifest.encoder["spec"]
+    if spec.get("kind") != "vae" or manifest.encoder["digest"] != EncoderSpec(kind="vae", model_dir=str(prep.model_dir), pool=int(spec.get("pool") or 1)).digest():
+        raise InputError(f"index {run.index} does not hold this model's latents (it was built with another encoder, VAE or "
+                         "resolution): give the index built with this model's VAE, or none")
+    return root, manifest
 
 
 def prepare(run: UnlearnRun, corpus: CorpusIndex | None = None, runner: ScanRunner | None = None) -> Prepared:

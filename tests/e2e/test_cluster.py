@@ -196,7 +196,7 @@ def test_stable_diffusion_with_captions_in_an_image_folder_on_s3(ray_cluster, sd
     """A tiny Stable Diffusion that memorises a planted captioned item; its corpus and holdout as
     image folders whose metadata.jsonl carries the captions, the model and the forget file on S3.
     The index holds latents pooled 2x2 (a compact index), its candidates re-ranked on the full
-    latents stored beside it on S3. The planted item's copies are found in latent space and
+    latents stored beside it on S3, which training and evaluation read too. The planted item's copies are found in latent space and
     forgotten; the version is registered."""
     from mlflow import MlflowClient
 
@@ -219,6 +219,9 @@ def test_stable_diffusion_with_captions_in_an_image_folder_on_s3(ray_cluster, sd
     records = markers(s3, spec)
     assert sorted(records) == sorted(ALL_STAGES) and records["evaluate"]["verdict"] == "forgotten"
     assert records["neighbours"]["forget_count"] == COPIES
+    # The items' latents came from the index's full latents on S3 (read by the encoding actors): no VAE ran for them.
+    items = records["unlearn"]["items"]
+    assert items["from_index"] > COPIES and items["encoded"] == 0
     manifest = s3_json(s3, records["index"]["index_uri"].split(f"{s3.bucket}/", 1)[1] + "/manifest.json")
     assert manifest["encoder"]["spec"]["pool"] == 2 and manifest["dim"] == 4 * 4 * 4  # of 4x8x8 latents
     assert all(s["latents"]["size"] == s["count"] * 4 * 8 * 8 * 2 for s in manifest["shards"])

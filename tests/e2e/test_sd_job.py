@@ -101,9 +101,11 @@ def test_stable_diffusion_request_end_to_end(sd_inputs, tmp_path, monkeypatch, c
     content = forget_content(sd_inputs)
     findings = scan_tree(job / "report", content) + scan_tree(tmp_path / "art", content)
     # The item cache holds the items the run trained on, encoded once, but none it forgot (nor
-    # their latents: every row carries its id).
+    # their latents: every row carries its id). Their latents came from the job's index: no item
+    # went through the VAE again.
     unlearned = json.loads((job / "stages" / "unlearn.json").read_text())["items"]
-    assert unlearned["cached"] == 0 and unlearned["encoded"] > COPIES
+    assert unlearned["cached"] == 0 and unlearned["from_index"] > COPIES and unlearned["encoded"] == 0
+    assert json.loads((job / "stages" / "evaluate.json").read_text())["holdout_items"] == {"cached": 0, "encoded": 24}
     cache = tmp_path / "jobs" / "cache" / "items"
     assert len(list(cache.rglob("*.parquet"))) >= 1
     findings += scan_tree(cache, content)
@@ -118,4 +120,16 @@ def test_stable_diffusion_request_end_to_end(sd_inputs, tmp_path, monkeypatch, c
     again = run_job(spec)
     assert again.stages_skipped == ["index", "neighbours", "unlearn", "evaluate", "register"]
     assert len(client.search_model_versions("name = 'tiny-sd'")) == 1
+
+    # A second request on the same corpus and model encodes nothing with the VAE: the index is
+    # reused, the items it trains on come from the item cache but the forgotten ones (never kept),
+    # which take their latents from the index (only their captions are encoded), and the held-out
+    # items' encodings come from the cache.
+    second = make_spec(sd_inputs, tmp_path, request_id="req-sd-2")
+    assert run_job(second).verdict == "forgotten"
+    records = tmp_path / "jobs" / second.request_id / second.config_hash() / "stages"
+    assert json.loads((records / "index.json").read_text())["index_uri"] == json.loads((job / "stages" / "index.json").read_text())["index_uri"]
+    assert json.loads((records / "unlearn.json").read_text())["items"] == {
+        "cached": unlearned["from_index"] - COPIES, "from_index": COPIES, "encoded": 0}
+    assert json.loads((records / "evaluate.json").read_text())["holdout_items"] == {"cached": 24, "encoded": 0}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -30,7 +31,8 @@ from retrack.config.unlearn_run import UnlearnRun
 from retrack.data.corpus import read_corpus
 from retrack.data.forget import read_forget_ids
 from retrack.digest import directory_digest
-from retrack.errors import TrainingDivergedError
+from retrack.errors import InputError, TrainingDivergedError
+from retrack.index import EncoderSpec, build_index
 from retrack.models.pixel import DIGEST_FILE, load_pixel_model
 from retrack.training.loop import run_unlearning, split_for_unlearning
 from retrack.training.run_storage import CheckpointMismatchError
@@ -306,7 +308,7 @@ def test_tiny_stable_diffusion_stage_with_captions(ray_local, tiny_sd_job, tmp_p
     result equals the single-process update and is saved as a diffusers SD directory. The items are
     encoded once, into the item cache: a second run reads them from it."""
     from retrack.models import sd
-    from retrack.training.prepare import item_cache, prepare
+    from retrack.training.prepare import item_cache, latent_index, prepare
 
     root = tiny_sd_job
     req = stage_run(root / "model", root / "corpus", root / "forget.txt", tmp_path, "sd-out", kind="stable-diffusion", request_id="sd",
@@ -314,15 +316,42 @@ def test_tiny_stable_diffusion_stage_with_captions(ray_local, tiny_sd_job, tmp_p
     result = unlearn(req)
     assert result.model_kind is ModelKind.STABLE_DIFFUSION and result.steps == 3
     used = result.items["encoded"]
-    assert result.items == {"cached": 0, "encoded": used} and used >= 3 + 4  # the forget items and their neighbours at least
+    assert result.items == {"cached": 0, "from_index": 0, "encoded": used} and used >= 3 + 4  # the forget items and their neighbours at least
     reference, history = sd_single_process(prepare(req), req)
     assert_same_curve(result.history, history, keys=("loss", "loss_knn", "loss_retain"))
     # A second run on the same corpus and model (another output) encodes only the 3 items it
     # forgets, which are never kept: the rest come from the item cache, and it trains the same
     # (to float32 summation order).
     again = unlearn(req.model_copy(update={"output_dir": str(tmp_path / "sd-again"), "run_name": "sd-again"}))
-    assert again.items == {"cached": used - 3, "encoded": 3}
+    assert again.items == {"cached": used - 3, "from_index": 0, "encoded": 3}
     assert_same_curve(again.history, result.history, keys=("loss", "loss_knn", "loss_retain"))
+    # With the corpus's index of the model's latents (as a job's unlearn stage has it), no item goes
+    # through the VAE: on a new cache every latent comes from the index (only the captions are
+    # encoded), and the run trains the same. An index of other vectors is refused before any work.
+    build_index(root / "corpus", tmp_path / "vae-index", encoder=EncoderSpec(kind="vae", model_dir=str(root / "model")))
+    indexed = req.model_copy(update={"output_dir": str(tmp_path / "sd-indexed"), "run_name": "sd-indexed", "index": str(tmp_path / "vae-index"),
+                                     "item_cache": str(tmp_path / "another-cache")})
+    got = unlearn(indexed)
+    assert got.items == {"cached": 0, "from_index": used, "encoded": 0}
+    assert_same_curve(got.history, result.history, keys=("loss", "loss_knn", "loss_retain"))
+    # What a second run's items then cost: the retained ones come from the cache, the forgotten
+    # ones (never kept) take their latents from the index; nothing goes through the VAE.
+    prep = prepare(indexed)
+    cache, corpus = item_cache(prep), prep.corpus
+    held = sorted({i for part in cache.parts() for i in cache.ids_in(part)})
+    assert len(held) == used - 3
+    wanted = {int(r): (-1, n) for n, r in enumerate(prep.forget_rows)} | {int(r): (n, -1) for n, r in enumerate(corpus.rows_of(held))}
+    second = encoded_items(corpus, wanted, cache, indexed.spec.model.uri, None, 4, latent_index(prep))
+    assert (second.cached, second.from_index, second.encoded) == (used - 3, 3, 0)
+    build_index(root / "corpus", tmp_path / "pixel-index")
+    with pytest.raises(InputError, match="does not hold this model's latents"):
+        unlearn(indexed.model_copy(update={"output_dir": str(tmp_path / "x"), "run_name": "x", "index": str(tmp_path / "pixel-index")}))
+    shutil.copytree(root / "corpus", tmp_path / "fewer")
+    (sorted((tmp_path / "fewer").glob("*.parquet"))[-1]).unlink()
+    build_index(tmp_path / "fewer", tmp_path / "fewer-index", encoder=EncoderSpec(kind="vae", model_dir=str(root / "model")))
+    with pytest.raises(InputError, match="built from another corpus"):
+        unlearn(indexed.model_copy(update={"output_dir": str(tmp_path / "x"), "run_name": "x", "index": str(tmp_path / "fewer-index")}))
+    assert not (tmp_path / "x").exists()
     # A run that forgets an item the cache holds (one the runs above trained on) removes it before it reads.
     prep = prepare(req)
     cache, corpus = item_cache(prep), prep.corpus

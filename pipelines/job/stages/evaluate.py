@@ -6,7 +6,8 @@ the forgotten items, their nearest retained items and a seeded sample of retaine
 fetched (`pipelines.job.reference`). `pipelines.evaluate.evaluate_request` (pixel DDPMs) or
 `evaluate_sd_request` (Stable Diffusion) does the work.
 Writes the report (`report/` under the job prefix: metrics, sample grids); its record holds the
-verdict and the metrics.
+verdict and the metrics and, for Stable Diffusion, how many held-out items were read from the
+item cache and how many encoded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pipelines.job.context import JobContext
 from pipelines.job.reference import pixel_reference, sd_evaluation_items
 from pipelines.progress import Report, stage_progress
 from retrack.config.model_kind import ModelKind
+from retrack.data.item_cache import ItemCache
 
 
 def run(ctx: JobContext) -> dict:
@@ -47,13 +49,18 @@ def _evaluate_pixel(ctx: JobContext, progress: Report) -> dict:
 def _evaluate_sd(ctx: JobContext, progress: Report) -> dict:
     from pipelines.evaluate import evaluate_sd_request
 
-    spec, jobdir = ctx.spec, ctx.jobdir
+    spec, jobdir, pre = ctx.spec, ctx.jobdir, ctx.pre
     forget = ctx.forget_set()
     items = sd_evaluation_items(ctx, forget)
+    # The held-out items' encodings are kept beside the corpus items' (keyed by the held-out set).
+    cache = None if pre.holdout_source is None else \
+        ItemCache.for_model(ctx.storage / "cache" / "items", pre.holdout_source.digest(), pre.model_dir, pre.geometry[0])
     # s3:// models reach the Ray tasks as URIs (every node fetches them), local ones as their files.
     ev = evaluate_sd_request(
         ctx.original_for_workers(), ctx.unlearned_uri(), items, spec.evaluation, spec.evaluation.max_frequency_ratio, spec.evaluation.membership_alpha,
         jobdir.local / "report", spec.request_id, _context(ctx, forget), endpoint=spec.storage.endpoint_url, progress=progress,
+        holdout_cache=cache,
     )
     jobdir.publish("report")
-    return {"verdict": ev.verdict.label, "metrics": ev.metrics, "forget_threshold": spec.evaluation.forget_threshold}
+    return {"verdict": ev.verdict.label, "metrics": ev.metrics, "forget_threshold": spec.evaluation.forget_threshold,
+            **({} if ev.holdout_items is None else {"holdout_items": ev.holdout_items})}

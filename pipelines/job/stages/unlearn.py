@@ -1,12 +1,14 @@
 """[unlearn] Ray Train: TorchTrainer workers run the method (ReTrack by default) with DDP,
 checkpoint to storage and resume after a failure.
 
-Needs the original model, the corpus and the neighbours stage's forget set and neighbours, all
-by URI (the workers read them from storage themselves).
+Needs the original model, the corpus, the neighbours stage's forget set and neighbours and, for
+Stable Diffusion, the index stage's index (the items' latents), all by URI (the workers read them
+from storage themselves).
 `pipelines.unlearn.driver.unlearn` does the work (`train` below is the job's one call into it; tuning
 trials use it too). Writes the unlearned model (`model/` under the job prefix, completion marker last); its record holds
 the model's digest, the wall time, the step it resumed from and, for Stable Diffusion, how many
-items came from the item cache and how many were encoded.
+items came from the item cache, how many took their latents from the index (only their captions
+encoded) and how many were encoded.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from pipelines.job.context import JobContext
 from pipelines.progress import Report, stage_progress
+from retrack.config.model_kind import ModelKind
 
 if TYPE_CHECKING:
     from pipelines.unlearn.driver import TrainMonitor, UnlearnResult
@@ -43,6 +46,8 @@ def train(ctx: JobContext, output: str, run_name: str, monitor: "TrainMonitor | 
         output_dir=output,
         checkpoint_root=str(ctx.storage / "checkpoints"),
         item_cache=str(ctx.storage / "cache" / "items"),  # shared by every job on this storage
+        # Stable Diffusion: the index stage's index holds every item's latent (it was built with the model's VAE).
+        index=ctx.records["index"]["index_uri"] if spec.model.kind is ModelKind.STABLE_DIFFUSION else None,
         neighbours_file=str(remote / "neighbours.json") if spec.method.needs_neighbours else None,
         run_name=run_name,
     )
