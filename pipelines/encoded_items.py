@@ -39,7 +39,7 @@ def encoded_items(corpus: CorpusIndex, wanted_rows: dict[int, tuple[int, int]], 
                   model_s3: S3Options | None, batch_size: int, index: tuple[Location, Manifest] | None = None) -> EncodedItems:
     """The wanted corpus rows (row -> the (row, pos) tags each item carries), encoded; `index`:
     the corpus's index of the model's latents (`retrack.training.prepare.latent_index`)."""
-    # Their ids (the cache is keyed by id) and captions first: a read of the wanted rows alone, nothing decoded.
+    # Their ids (the cache is keyed by id) and captions first: the wanted rows alone, no image fetched.
     read = fetch_items(corpus, sorted(wanted_rows), corpus.source.image_shape, images=False)
     id_of = dict(zip(read["row"].tolist(), read["id"].tolist()))
     tags = {id_of[r]: t for r, t in wanted_rows.items()}

@@ -24,8 +24,9 @@ def _read_items(files: dict, source, **kwargs) -> dict:
 
 def items_dataset(corpus: CorpusIndex, wanted_rows: dict[int, tuple[int, int]], shape: tuple[int, int, int], images: bool = True) -> ray.data.Dataset:
     """The wanted corpus rows (row -> the (row, pos) tags each item carries), read by one task per
-    file that holds some; a retrack error in a read task surfaces as itself. Materialised, so that
-    no read competes later with the work that uses them."""
+    file that holds some (`images=False`: their ids, captions and labels, no image bytes fetched);
+    a retrack error in a read task surfaces as itself. Materialised, so that no read competes
+    later with the work that uses them."""
     ray_data_progress(ray.data.DataContext.get_current())
     groups = corpus.by_file(sorted(wanted_rows))
     tasks = [{"file": j, "positions": local.tolist(), "tags": [wanted_rows[int(corpus.starts[n] + p)] for p in local]}

@@ -337,11 +337,13 @@ def iter_file_batches(plan: CorpusPlan, f: SourceFile, batch_size: int) -> Itera
     yield from corpus_format(plan.format).read(plan.location_of(f), f, batch_size)
 
 
-def iter_file_rows(plan: CorpusPlan, f: SourceFile, batch_size: int = 256, rows: Sequence[int] | None = None) -> Iterator[dict]:
+def iter_file_rows(plan: CorpusPlan, f: SourceFile, batch_size: int = 256, rows: Sequence[int] | None = None,
+                   images: bool = True) -> Iterator[dict]:
     """The rows {id, image, caption, label} of one corpus file (or just those at the positions
-    `rows`, ascending), streamed."""
+    `rows`, ascending), streamed; without `images` no image bytes are fetched (image None)."""
     fmt = corpus_format(plan.format)
-    batches = fmt.read(plan.location_of(f), f, batch_size) if rows is None else fmt.read_rows(plan.location_of(f), f, rows)
+    loc = plan.location_of(f)
+    batches = fmt.read(loc, f, batch_size, images) if rows is None else fmt.read_rows(loc, f, rows, images)
     for b in batches:
         for row in zip(*b):
             yield dict(zip(("id", "image", "caption", "label"), row))

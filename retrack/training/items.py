@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 def decode_items(batch: dict, tags: Sequence[tuple[int, int]], shape: tuple[int, int, int], images: bool = True) -> dict:
     """Corpus rows decoded to uint8 HxWxC at the model's geometry, each with its tag (row, pos):
-    global retain index (or -1) and forget position (or -1). `images=False` keeps the captions
-    and labels alone (an all-zero image column of no size)."""
+    global retain index (or -1) and forget position (or -1). `images=False`: rows read without
+    their image bytes, captions and labels alone (an all-zero image column of no size)."""
     from retrack.models.latents import item_seed
 
     ids = list(batch["id"])
@@ -51,7 +51,7 @@ def read_items(files: dict, source: "CorpusPlan", shape: tuple[int, int, int], i
     rows, tags = [], []
     for n, positions, file_tags in zip(files["file"], files["positions"], files["tags"]):
         f = source.files[int(n)]
-        got = list(iter_file_rows(source, f, rows=np.asarray(positions, dtype=np.int64)))
+        got = list(iter_file_rows(source, f, rows=np.asarray(positions, dtype=np.int64), images=images))
         if len(got) != len(positions):
             raise CorpusError(f"corpus file {f.rel} holds {len(got)} of the {len(positions)} rows the job listed: it changed under the job")
         rows += got

@@ -309,15 +309,50 @@ def test_the_scan_writes_each_ids_file_and_row_to_the_id_table(captioned, name, 
 
 
 def test_rows_by_position_are_those_rows_in_every_format(captioned):
+    """By position, with or without their image bytes (captions, labels and ids alike)."""
     from retrack.data.source import iter_file_rows
 
     _, dirs = captioned
-    for name in ("parquet", "webdataset"):
+    for name in ("parquet", "webdataset", "imagefolder"):
         plan = scan_corpus(dirs[name], name)
         f = plan.files[1]
         every = list(iter_file_rows(plan, f))
-        got = list(iter_file_rows(plan, f, rows=[0, 7, 8, f.rows - 1]))
-        assert got == [every[n] for n in (0, 7, 8, f.rows - 1)], name
+        at = [0] if name == "imagefolder" else [0, 7, 8, f.rows - 1]
+        got = list(iter_file_rows(plan, f, rows=at))
+        assert got == [every[n] for n in at], name
+        assert all(r["image"] for r in got) and all(r["caption"] for r in got), name
+        bare = list(iter_file_rows(plan, f, rows=at, images=False))
+        assert bare == [{**every[n], "image": None} for n in at], name
+
+
+@pytest.mark.parametrize("name", ["parquet", "imagefolder"])
+def test_rows_read_without_images_never_fetch_the_image_bytes(captioned, tmp_path, name):
+    """The image bytes are made unreadable after the scan: rows without images still come back,
+    with them the read fails, so the first read never touched them."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from retrack.data.source import iter_file_rows
+
+    _, dirs = captioned
+    root = shutil.copytree(dirs[name], tmp_path / name)
+    plan = scan_corpus(root, name)
+    f = plan.files[1]
+    path = root / f.rel
+    if name == "parquet":
+        meta = pq.ParquetFile(path).metadata
+        data = bytearray(path.read_bytes())
+        for g in range(meta.num_row_groups):
+            col = meta.row_group(g).column(meta.schema.names.index("image"))
+            data[col.data_page_offset : col.data_page_offset + 64] = b"\xff" * 64
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
+    got = list(iter_file_rows(plan, f, rows=[0], images=False))
+    assert len(got) == 1 and got[0]["image"] is None and got[0]["caption"]
+    with pytest.raises((CorpusError, StorageError)):
+        list(iter_file_rows(plan, f, rows=[0]))
 
 
 def test_a_parquet_shard_is_read_only_in_the_row_groups_that_hold_the_rows(bench, tmp_path):

@@ -7,8 +7,11 @@
                                         of every file under the root; reads no image, refuses
                                         malformed input naming the file (and line or key)
     ids(loc, file)                   -> the ids of one file again (to name duplicate ids)
-    read(loc, file, batch_size)      -> RowBatch(ids, image bytes, captions, labels) of one file, streamed
-    read_rows(loc, file, rows)       -> the same for the given row positions only (a parquet shard
+    read(loc, file, batch_size, images)
+                                     -> RowBatch(ids, image bytes, captions, labels) of one file,
+                                        streamed; images=False: no image bytes fetched (None)
+    read_rows(loc, file, rows, images)
+                                     -> the same for the given row positions only (a parquet shard
                                         fetches just the row groups that hold them)
 
 Every format is read from a local path or S3 through `Location`, a file at a time and never whole.

@@ -83,10 +83,11 @@ def ids(loc: Location, f: SourceFile) -> list[str]:
     return [image_id(f.rel)]
 
 
-def read(loc: Location, f: SourceFile, batch_size: int) -> Iterator[RowBatch]:
-    yield RowBatch([image_id(f.rel)], [loc.read_bytes()], [f.caption], [f.label])
+def read(loc: Location, f: SourceFile, batch_size: int, images: bool = True) -> Iterator[RowBatch]:
+    """The file's one row; without `images` the file is not opened (the listing holds the rest)."""
+    yield RowBatch([image_id(f.rel)], [loc.read_bytes() if images else None], [f.caption], [f.label])
 
 
-def read_rows(loc: Location, f: SourceFile, rows: Sequence[int]) -> Iterator[RowBatch]:
+def read_rows(loc: Location, f: SourceFile, rows: Sequence[int], images: bool = True) -> Iterator[RowBatch]:
     """An image file is one row."""
-    return read(loc, f, 1)
+    return read(loc, f, 1, images)

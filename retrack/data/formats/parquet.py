@@ -65,29 +65,34 @@ def ids(loc: Location, f: SourceFile) -> list[str]:
 
 def _row_batch(batch: pa.RecordBatch | pa.Table, columns: list[str]) -> RowBatch:
     ids = batch.column("id").to_pylist()
-    col = {c: batch.column(c).to_pylist() if c in columns else [None] * len(ids) for c in ("caption", "label")}
-    return RowBatch(ids, batch.column("image").to_pylist(), col["caption"], col["label"])
+    col = {c: batch.column(c).to_pylist() if c in columns else [None] * len(ids) for c in ("image", "caption", "label")}
+    return RowBatch(ids, col["image"], col["caption"], col["label"])
 
 
-def read(loc: Location, f: SourceFile, batch_size: int) -> Iterator[RowBatch]:
+def _columns(pf: pq.ParquetFile, images: bool) -> list[str]:
+    """The columns read: without `images`, the image column's pages are never fetched."""
+    return [c for c in ("id", *(["image"] if images else []), "caption", "label") if c in pf.schema_arrow.names]
+
+
+def read(loc: Location, f: SourceFile, batch_size: int, images: bool = True) -> Iterator[RowBatch]:
     try:
         with loc.open_input() as fh:
             pf = pq.ParquetFile(fh)
-            columns = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
+            columns = _columns(pf, images)
             for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
                 yield _row_batch(batch, columns)
     except (pa.ArrowException, OSError) as exc:
         raise _unreadable(f.rel, exc) from None
 
 
-def read_rows(loc: Location, f: SourceFile, rows: Sequence[int]) -> Iterator[RowBatch]:
+def read_rows(loc: Location, f: SourceFile, rows: Sequence[int], images: bool = True) -> Iterator[RowBatch]:
     """The given rows of one shard (positions, ascending): only the row groups holding them are
     fetched (ranged reads on S3), so a few rows of a large shard cost a few row groups."""
     rows = np.asarray(rows, dtype=np.int64)
     try:
         with loc.open_input() as fh:
             pf = pq.ParquetFile(fh)
-            columns = [c for c in ("id", "image", "caption", "label") if c in pf.schema_arrow.names]
+            columns = _columns(pf, images)
             start = 0
             for g in range(pf.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows

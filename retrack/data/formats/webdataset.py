@@ -141,9 +141,10 @@ def ids(loc: Location, f: SourceFile) -> list[str]:
     return [s.key for s in samples(loc, f.rel, images=False)]
 
 
-def read(loc: Location, f: SourceFile, batch_size: int) -> Iterator[RowBatch]:
+def read(loc: Location, f: SourceFile, batch_size: int, images: bool = True) -> Iterator[RowBatch]:
+    """The shard's rows, streamed; without `images` no image member is kept (a tar is still read through)."""
     batch = RowBatch([], [], [], [])
-    for s in samples(loc, f.rel, images=True):
+    for s in samples(loc, f.rel, images=images):
         batch.ids.append(s.key)
         batch.images.append(s.image)
         batch.captions.append(s.caption)
@@ -155,6 +156,6 @@ def read(loc: Location, f: SourceFile, batch_size: int) -> Iterator[RowBatch]:
         yield batch
 
 
-def read_rows(loc: Location, f: SourceFile, rows: Sequence[int]) -> Iterator[RowBatch]:
+def read_rows(loc: Location, f: SourceFile, rows: Sequence[int], images: bool = True) -> Iterator[RowBatch]:
     """The given rows of one shard (positions, ascending); a tar is read through to find them."""
-    return rows_at(read(loc, f, 256), rows)
+    return rows_at(read(loc, f, 256, images), rows)
