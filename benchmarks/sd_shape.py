@@ -5,12 +5,15 @@
 An SD-1.5-shaped pipeline is built from the real component configs (UNet 860M parameters, the SD
 VAE, a CLIP ViT-L/14-shaped text encoder; random weights, nothing downloaded) with a UNet sample
 size of 32, so it denoises 32x32 latents of 256x256 images, and saved as the fp16 variant (as SD
-checkpoints ship). `retrack unlearn` (ReTrack, bf16 autocast, gradient checkpointing, a
-checkpoint after every update) then runs 2 updates on a 16-item captioned corpus; it is killed
-once its first checkpoint is complete and run again, so the second run resumes from it. Recorded:
-parameters, peak RSS of the whole process tree (driver, Ray, the training worker), seconds per
-update, checkpoint bytes and the seconds to write and read one, the resume, and the output
-loading in `StableDiffusionPipeline` and generating.
+checkpoints ship). The corpus, 16 captioned pictures, is indexed with the model's VAE and its
+neighbours found as a job's index and neighbours stages do (`retrack index build --encoder vae`,
+`retrack index neighbours`). `retrack unlearn --index --neighbours` (ReTrack, bf16 autocast,
+gradient checkpointing, a checkpoint after every update) then runs 2 updates, its items' latents
+read from the index and only their captions encoded; it is killed once its first checkpoint is
+complete and run again, so the second run resumes from it. Recorded: parameters, peak RSS of the
+whole process tree (driver, Ray, the training worker), the index's seconds, seconds per update,
+checkpoint bytes and the seconds to write and read one, the resume, where each run's items came
+from, and the output loading in `StableDiffusionPipeline` and generating.
 
 Each heavy step runs in its own process, so that no two hold the model at once.
 """
@@ -146,7 +149,8 @@ def unlearn(work: Path, kill_after_checkpoint: bool) -> dict:
     from retrack.training.checkpoint import STATE_FILE, checkpoint_name, verified_state
 
     argv = [str(Path(sys.executable).with_name("retrack")), "unlearn", "--model", str(work / "model"), "--corpus", str(work / "corpus"),
-            "--forget-ids", str(work / "forget.txt"), "--out", str(work / "out"), *TRAIN]
+            "--forget-ids", str(work / "forget.txt"), "--out", str(work / "out"), "--index", str(work / "index"),
+            "--neighbours", str(work / "neighbours.json"), *TRAIN]
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
@@ -172,6 +176,23 @@ def unlearn(work: Path, kill_after_checkpoint: bool) -> dict:
     items = re.search(r"items: (\d+) from the item cache, (\d+) with their latents from the index, (\d+) encoded", "".join(out))
     return {"seconds": round(seconds, 1), "peak_rss_gb": round(rss / 2**30, 2), "killed_after_first_checkpoint": killed,
             **({"items": {"cached": int(items[1]), "from_index": int(items[2]), "encoded": int(items[3])}} if items else {})}
+
+
+def index(work: Path) -> dict:
+    """The corpus's index of the model's latents (in this process tree, no Ray) and the forget
+    items' neighbours from it; seconds of each."""
+    retrack = str(Path(sys.executable).with_name("retrack"))
+    seconds = {}
+    for step, argv in (("build", ["index", "build", str(work / "corpus"), str(work / "index"), "--encoder", "vae",
+                                  "--vae-dir", str(work / "model"), "--local"]),
+                       ("neighbours", ["index", "neighbours", str(work / "index"), "--forget", str(work / "forget.txt"),
+                                       "-k", str(json.loads(TRAIN[-1])["k"]), "--out", str(work / "neighbours.json")])):
+        t = time.perf_counter()
+        done = subprocess.run([retrack, *argv], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"retrack index {step} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
+        seconds[f"{step}_seconds"] = round(time.perf_counter() - t, 1)
+    return seconds
 
 
 def checkpoint_io(checkpoint: str, model: str) -> dict:
@@ -232,6 +253,7 @@ def main() -> None:
     build_seconds = time.perf_counter() - t
     model_bytes = sum(p.stat().st_size for p in (work / "model").rglob("*") if p.is_file())
     write_corpus(work)
+    indexed = index(work)
     first = unlearn(work, kill_after_checkpoint=True)
     # The killed run's checkpoint (10 GB) is still being written back: its dirty pages count as
     # used memory, and Ray's memory monitor would kill the resumed run's worker for them.
@@ -244,10 +266,11 @@ def main() -> None:
     if len(final["history"]) != 2 or final["history"][0] != first_update:
         raise SystemExit(f"the second run did not resume from the first one's checkpoint: {final['history']}")
     # The items the first run encoded and kept (all it used but the forgotten ones): the resumed
-    # run reads them back and encodes only the forgotten ones, which are never kept.
+    # run reads them back; the forgotten ones, never kept, take their latents from the index again.
+    # No run puts an item through the VAE.
     parts = sorted((work / "out.runs" / "_item_cache").rglob("*.parquet"))
     cached = resumed.get("items", {}).get("cached", 0)
-    if resumed.get("items", {}).get("encoded") != FORGET or cached == 0:
+    if resumed.get("items") != {"cached": cached, "from_index": FORGET, "encoded": 0} or cached == 0:
         raise SystemExit(f"the resumed run did not read its retained items from the item cache: {resumed.get('items')}")
     checkpoint = states[-1].parent
     ckpt_bytes = sum(p.stat().st_size for p in checkpoint.iterdir())
@@ -260,6 +283,7 @@ def main() -> None:
                      "forget_items": FORGET, "unlearn_args": TRAIN, "parent_variant": "fp16"},
         "parameters": {**params, "total": sum(params.values())},
         "parent": {"build_and_save_seconds": round(build_seconds, 1), "bytes_fp16": model_bytes},
+        "index": indexed,
         "first_run": first,
         "resumed_run": {**resumed, "resumed_from_step": first_update["step"]},
         "peak_rss_gb": max(first["peak_rss_gb"], resumed["peak_rss_gb"]),
