@@ -247,6 +247,16 @@ def test_more_workers_than_the_cluster_can_place_fail_fast(ray_local, bench, mod
         unlearn(gpu)
 
 
+def test_an_index_of_latents_is_refused_for_a_pixel_ddpm(ray_local, bench, model_dir, tmp_path):
+    """Only a Stable Diffusion run reads its items' latents from an index: a pixel run naming one
+    is refused before the cluster does anything (the index is not even opened)."""
+    req = make_request(bench, model_dir, tmp_path).model_copy(update={"index": str(tmp_path / "no-such-index")})
+    with pytest.raises(InputError, match="read only by Stable Diffusion runs"):
+        unlearn(req)
+    # Only the corpus's id table, which the checks read, is under the run storage: no run was claimed.
+    assert not Path(req.output_dir).exists() and [p.name for p in (tmp_path / "runs").iterdir()] == ["_corpus_ids"]
+
+
 @pytest.fixture(scope="module")
 def tiny_sd_job(tiny_sd_dir, tmp_path_factory):
     """A tiny Stable Diffusion (real CLIP tokenizer) and a captioned corpus: 80 digits as 8x8 RGB
