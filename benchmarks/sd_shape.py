@@ -43,10 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESOLUTION = 256
-ITEMS, FORGET = 16, 2
+ITEMS, FORGET, K = 16, 2, 2
 TRAIN = ["--steps", "2", "--batch-size", "2", "--forget-batch-size", "1", "--lr", "1e-5", "--mixed-precision", "bf16",
          "--gradient-checkpointing", "--checkpoint-every", "1", "--workers", "1", "--cpus-per-worker", "2",
-         "--params", json.dumps({"k": 2, "lambda": 0.1})]
+         "--params", json.dumps({"k": K, "lambda": 0.1})]
 
 
 def sd15_unet_config(resolution: int) -> dict:
@@ -186,7 +186,7 @@ def index(work: Path) -> dict:
     for step, argv in (("build", ["index", "build", str(work / "corpus"), str(work / "index"), "--encoder", "vae",
                                   "--vae-dir", str(work / "model"), "--local"]),
                        ("neighbours", ["index", "neighbours", str(work / "index"), "--forget", str(work / "forget.txt"),
-                                       "-k", str(json.loads(TRAIN[-1])["k"]), "--out", str(work / "neighbours.json")])):
+                                       "-k", str(K), "--out", str(work / "neighbours.json")])):
         t = time.perf_counter()
         done = subprocess.run([retrack, *argv], capture_output=True, text=True)
         if done.returncode != 0:

@@ -170,17 +170,17 @@ class _EncodeItems:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model_dir = local_model_dir(model_uri, s3=model_s3)
+        self.index_latents = None if index is None else stored_full_vectors(*index)
         if index is None:
             self.vae, self.text_encoder, self.tokenizer = load_sd_encoders(model_dir, device)
         else:  # the latents are the index's: no VAE
             self.text_encoder, self.tokenizer = load_sd_text_encoder(model_dir, device)
-            self.index_latents = stored_full_vectors(*index)
-        self.cache, self.resolution, self.indexed = cache, resolution, index is not None
+        self.cache, self.resolution = cache, resolution
 
     def __call__(self, batch: dict) -> dict:
         from retrack.training.items import encode_sd_captions, encode_sd_items
 
-        if self.indexed:
+        if self.index_latents is not None:
             latents = self.index_latents(batch["index_row"]).reshape(-1, *self.cache.latent_shape).astype(np.float16)
             conds = encode_sd_captions(self.text_encoder, self.tokenizer, batch["caption"])
         else:

@@ -184,8 +184,7 @@ class SdItems:
     reported."""
 
     forget_latents: np.ndarray  # F x D, the forgotten items' latents, flattened (the index's)
-    forget_ids: list[str]
-    forget_captions: list[str]
+    forget_captions: list[str]  # in the order of forget_latents
     candidates: list[np.ndarray]  # per forgotten item: its nearest retained items' latents, K x D
     integrity_captions: list[str]  # retained captions, one same-seed pair of generations each
     holdout_images: np.ndarray | None = None  # non-members for the membership test
@@ -338,7 +337,7 @@ def evaluate_sd_request(
     pixels = [np.concatenate([px for _, px in parts if px is not None]) for parts in generated]
 
     prompt = np.repeat(np.arange(len(prompts)), g)
-    n_f = len(items.forget_ids)
+    n_f = len(items.forget_latents)
     metrics, per_prompt = {}, {}
     for name, z, loss in zip(("original", "unlearned"), gens, losses):
         metrics[name], per_prompt[name] = memorisation(z[:n_forget_gens], prompt, ref)

@@ -113,7 +113,6 @@ def sd_evaluation_items(ctx: "JobContext", forget: list[str]) -> "SdItems":
     holdout = ctx.pre.holdout
     return SdItems(
         forget_latents=nb.forget_vectors,
-        forget_ids=list(forget),
         forget_captions=forget_captions,
         candidates=list(nb.vectors),
         integrity_captions=[keep[i] for i in picked],

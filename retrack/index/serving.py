@@ -61,11 +61,7 @@ class ShardedIndex(VectorIndex):
         return merge_top_k([(d, np.where(lab >= 0, lab + off, -1)) for (d, lab), off in zip(parts, self.offsets)], k)
 
     def positions(self, ids: pa.Array) -> np.ndarray:
-        found = self.gather([s.positions(ids) for s in self.shards])
-        out = np.full(len(ids), -1, np.int64)
-        for pos, off in zip(found, self.offsets):
-            out = np.where(pos >= 0, pos + off, out)
-        return out
+        return _index_rows(zip(self.gather([s.positions(ids) for s in self.shards]), self.offsets), len(ids))
 
     def ids_of(self, rows: np.ndarray) -> list[str]:
         rows = np.asarray(rows, dtype=np.int64)
@@ -155,10 +151,15 @@ def stored_full_vectors(root: Location, manifest: Manifest) -> Callable[[np.ndar
 def rows_in_shards(root: Location, manifest: Manifest, numbers: list[int], ids: pa.Array) -> np.ndarray:
     """The index row of each id held by one of the shards `numbers`, -1 for the others."""
     offsets = manifest.row_offsets()
-    out = np.full(len(ids), -1, np.int64)
-    for n in numbers:
-        local = id_positions(ids, load_shard_ids(root, manifest.shards[n]))
-        out[local >= 0] = local[local >= 0] + offsets[n]
+    return _index_rows(((id_positions(ids, load_shard_ids(root, manifest.shards[n])), offsets[n]) for n in numbers), len(ids))
+
+
+def _index_rows(found, n: int) -> np.ndarray:
+    """Index rows from (a shard's positions of the ids, -1 where it lacks one; its row offset); -1
+    where no shard holds the id."""
+    out = np.full(n, -1, np.int64)
+    for pos, off in found:
+        out = np.where(pos >= 0, pos + off, out)
     return out
 
 
